@@ -1,0 +1,54 @@
+"""The Python API: the same verbs and option names as the command line.
+
+Examples:
+    >>> import cnnkit
+    >>> result = cnnkit.train("classify", data="digits", epochs=5)
+    >>> model = cnnkit.load(result.weights)
+    >>> model.predict(["digit.png"])[0].label
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from cnnkit.errors import CnnkitError
+
+TASKS = ("classify",)
+
+
+def _module(task: str):
+    if task == "classify":
+        from cnnkit.api import classify
+
+        return classify
+    import difflib
+
+    close = difflib.get_close_matches(task, TASKS, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise CnnkitError(f"unknown task '{task}'{hint}; tasks: {', '.join(TASKS)}")
+
+
+def train(task: str, **options: Any):
+    """Train a model for ``task`` with the options of ``cnnkit TASK train``."""
+    resume = options.pop("resume", None)
+    verbose = options.pop("verbose", True)
+    return _module(task).train(resume=resume, verbose=verbose, **options)
+
+
+def val(task: str, weights: str | Path, data: str, **options: Any) -> dict[str, Any]:
+    """Evaluate ``weights`` on ``data``; the options of ``cnnkit TASK val``."""
+    return _module(task).val(weights, data, **options)
+
+
+def predict(task: str, weights: str | Path, source: str | Path, **options: Any) -> list[dict[str, Any]]:
+    """Predict a file or folder; the options of ``cnnkit TASK predict``."""
+    return _module(task).predict(weights, source, **options)
+
+
+def load(path: str | Path, device: str = "cpu"):
+    """Rebuild a trained model from its weights and model card (any task)."""
+    from cnnkit.engine.checkpoint import load_weights
+
+    _, card = load_weights(path)
+    return _module(card.get("task", "?")).load(path, device)

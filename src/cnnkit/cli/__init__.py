@@ -1,0 +1,1 @@
+"""The command line: ``cnnkit TASK MODE [options]``. Parsing and printing only."""

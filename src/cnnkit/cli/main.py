@@ -1,0 +1,198 @@
+"""``cnnkit`` entry point: groups per task, modes per group, shared option names."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+
+import click
+
+from cnnkit import __version__
+from cnnkit.errors import CnnkitError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 110}
+
+
+class SuggestingGroup(click.Group):
+    """A group that answers a mistyped command with the closest names."""
+
+    def resolve_command(self, ctx, args):
+        name = args[0] if args else None
+        if name and name not in self.commands and not name.startswith("-"):
+            close = difflib.get_close_matches(name, list(self.commands), n=2, cutoff=0.5)
+            hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            raise click.UsageError(f"No such command '{name}'.{hint}", ctx)
+        return super().resolve_command(ctx, args)
+
+
+@click.group(cls=SuggestingGroup, context_settings=CONTEXT)
+@click.version_option(__version__, "--version", "-V", prog_name="cnnkit", message="%(prog)s %(version)s")
+def cli() -> None:
+    """cnnkit: convolutional networks for computer vision.
+
+    \b
+    Grammar:  cnnkit TASK MODE [--option value ...]
+    Example:  cnnkit classify train --data digits --epochs 20
+              cnnkit classify val --weights runs/classify/train --data digits --split test
+              cnnkit classify predict --weights runs/classify/train --source images/
+    """
+
+
+@cli.command(context_settings=CONTEXT)
+def info() -> None:
+    """Versions, devices and threads."""
+    import platform
+
+    import torch
+    import torchvision
+
+    from cnnkit.engine.progress import console
+
+    lines = [
+        ("cnnkit", __version__), ("python", platform.python_version()),
+        ("platform", platform.platform()), ("torch", torch.__version__),
+        ("torchvision", torchvision.__version__),
+    ]
+    for mod in ("timm", "torchmetrics", "safetensors", "sklearn", "PIL"):
+        try:
+            m = __import__(mod)
+            lines.append((mod, getattr(m, "__version__", "?")))
+        except ImportError:
+            lines.append((mod, "not installed"))
+    lines.append(("cuda", f"{torch.version.cuda} · {torch.cuda.device_count()} device(s)"
+                  if torch.cuda.is_available() else "not available"))
+    for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        lines.append((f"cuda:{i}", torch.cuda.get_device_name(i)))
+    mps = getattr(torch.backends, "mps", None)
+    lines.append(("mps", "available" if mps and mps.is_available() else "not available"))
+    from cnnkit.utils.device import select_device
+
+    lines.append(("default device", str(select_device("auto"))))
+    lines.append(("torch threads", str(torch.get_num_threads())))
+    import os
+
+    lines.append(("cpu cores", str(os.cpu_count())))
+    con = console()
+    width = max(len(k) for k, _ in lines)
+    for k, v in lines:
+        con.print(f"{k:<{width}}  {v}")
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("pattern", required=False)
+def models(pattern: str | None) -> None:
+    """List registered models (optionally matching a glob PATTERN)."""
+    from cnnkit.engine.progress import console
+    from cnnkit.models.registry import list_models, model_entry
+
+    con = console()
+    for name in list_models(pattern):
+        e = model_entry(name)
+        con.print(f"{name:<22} {e.family:<7} {e.description}")
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("--out", default="runs/demo", help="where the demo run goes")
+@click.option("--epochs", type=int, default=20, help="training epochs")
+@click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+def demo(out: str, epochs: int, device: str) -> None:
+    """Train a CNN on the bundled handwritten digits, test it, predict a few images."""
+    from cnnkit.cli.demo import run_demo
+
+    run_demo(out, epochs, device)
+
+
+@cli.group(cls=SuggestingGroup, context_settings=CONTEXT)
+def classify() -> None:
+    """Image classification (single label): train, val, predict."""
+
+
+def _train_command():
+    from cnnkit.api.classify import ClassifyConfig
+    from cnnkit.cli.options import config_options, explicit_options
+
+    @classify.command("train", context_settings=CONTEXT)
+    @config_options(ClassifyConfig)
+    @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+                  help="read options from a config.yaml (options given here override it)")
+    @click.option("--resume", type=click.Path(), default=None,
+                  help="continue a stopped run exactly (its folder or weights/last.ckpt)")
+    @click.pass_context
+    def train_cmd(ctx: click.Context, config_file: str | None, resume: str | None, **options) -> None:
+        """Train a classifier and write a run folder (weights, metrics, plots)."""
+        from cnnkit.api import classify as api
+
+        names = [f.name for f in dataclasses.fields(ClassifyConfig)]
+        if resume:
+            api.train(resume=resume, **explicit_options(ctx, names))
+            return
+        if config_file:
+            cfg = api.config_from_file(config_file, explicit_options(ctx, names))
+        else:
+            cfg = ClassifyConfig(**options)
+        api.train(cfg)
+
+    return train_cmd
+
+
+_train_command()
+
+
+@classify.command("val", context_settings=CONTEXT)
+@click.option("--weights", required=True, help="best.safetensors or its run folder")
+@click.option("--data", required=True, help="dataset: digits, shapes or an ImageFolder path")
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="val", help="which split")
+@click.option("--batch", type=int, default=64, help="batch size")
+@click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+@click.option("--workers", type=int, default=0, help="data-loading worker processes")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="also write the metrics to this JSON file")
+def val_cmd(weights, data, split, batch, device, workers, json_path) -> None:
+    """Evaluate weights on a dataset split (top-1, top-5, per-class, macro-F1, balanced accuracy)."""
+    from cnnkit.api import classify as api
+
+    api.val(weights, data, split=split, batch=batch, device=device, workers=workers, json_path=json_path)
+
+
+@classify.command("predict", context_settings=CONTEXT)
+@click.option("--weights", required=True, help="best.safetensors or its run folder")
+@click.option("--source", required=True, help="an image file or a folder (searched recursively)")
+@click.option("--topk", type=int, default=5, help="how many classes to list per image")
+@click.option("--batch", type=int, default=64, help="batch size")
+@click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help='write [{"path", "label", "score", "topk": [[label, score], ...]}] to this file')
+def predict_cmd(weights, source, topk, batch, device, json_path) -> None:
+    """Classify images and print a table (and optionally write JSON)."""
+    from cnnkit.api import classify as api
+
+    if topk < 1:
+        raise CnnkitError(f"--topk must be at least 1, got {topk}")
+    if batch < 1:
+        raise CnnkitError(f"--batch must be at least 1, got {batch}")
+    api.predict(weights, source, topk=topk, batch=batch, device=device, json_path=json_path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; user errors print one sentence and exit with code 2."""
+    try:
+        cli.main(args=argv, prog_name="cnnkit", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        return 130
+    except CnnkitError as e:
+        click.echo(f"Error: {e}", err=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Click options generated from the config dataclasses, so the CLI, ``config.yaml`` and the
+Python API share one set of names, defaults and help texts."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from cnnkit.engine.config import AMP_MODES, OPTIMIZERS, SCHEDULES
+
+CHOICES: dict[str, tuple[str, ...]] = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "amp": AMP_MODES}
+
+HELP: dict[str, str] = {
+    "data": "dataset: digits, shapes, or an ImageFolder path (root/train/<class>/..., optional val/ and test/)",
+    "model": "architecture from `cnnkit models` (smallcnn, resnet18, ...; timm:NAME for any timm model)",
+    "imgsz": "input size in pixels (square); default: the dataset's (digits 16, shapes 64, folders 224)",
+    "pretrained": "start from published ImageNet weights (torchvision/timm loaders; needs network once)",
+    "init": "start from these weights (a cnnkit .safetensors or a state-dict file): fine-tuning, not resuming",
+    "epochs": "number of epochs",
+    "batch": "batch size",
+    "lr": "peak learning rate",
+    "optimizer": "optimizer (sgd uses Nesterov momentum)",
+    "weight_decay": "weight decay (not applied to biases and norm layers)",
+    "momentum": "SGD momentum",
+    "schedule": "learning-rate schedule (cosine, step and constant use --warmup-epochs)",
+    "warmup_epochs": "linear warmup length in epochs (fractions allowed)",
+    "step_size": "epochs between decays with --schedule step",
+    "gamma": "decay factor with --schedule step",
+    "grad_clip": "clip the gradient norm to this value; 0 turns clipping off",
+    "accumulate": "accumulate gradients over N batches per optimizer step",
+    "ema": "keep an exponential moving average of the weights with this decay (e.g. 0.999); 0 is off",
+    "amp": "mixed precision; auto is bf16 on a CUDA GPU that supports it (else fp16), off on CPU",
+    "channels_last": "use the channels_last memory format (faster convolutions on recent GPUs)",
+    "patience": "stop after N epochs without improvement; 0 turns early stopping off",
+    "seed": "random seed (data order, augmentation, initialization)",
+    "device": "auto, cpu, cuda, cuda:N or mps",
+    "workers": "data-loading worker processes (0 loads in the main process)",
+    "out": "run directory (default: runs/TASK/trainN, the first free N)",
+    "name": "run name under runs/TASK/ (instead of trainN)",
+    "label_smoothing": "label smoothing of the cross-entropy loss",
+    "aug": "training augmentations, e.g. flip,rotate=15,scale=0.8:1.2,translate=0.1,crop=0.6,jitter=0.4,"
+           "erase=0.25,blur=1.5 or none; default: the dataset's (digits: affine; shapes: affine,flip; "
+           "folders: crop=0.6,flip)",
+    "drop_rate": "dropout before the classifier",
+    "val_fraction": "fraction of train/ held out for validation when a folder has no val/",
+    "channels": "1 (grayscale) or 3 (RGB); default: detected from the images",
+}
+
+
+def _base_type(tp: Any) -> tuple[type, bool]:
+    """(python type, optional?) of a dataclass field annotation."""
+    if isinstance(tp, str):
+        tp = eval(tp, {"int": int, "float": float, "str": str, "bool": bool, "None": None})  # noqa: S307
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def config_options(cls: type, skip: tuple[str, ...] = ()) -> Callable:
+    """A decorator adding one click option per dataclass field of ``cls``."""
+
+    def decorate(f: Callable) -> Callable:
+        for fld in reversed(dataclasses.fields(cls)):
+            if fld.name in skip:
+                continue
+            tp, optional = _base_type(fld.type)
+            flag = "--" + fld.name.replace("_", "-")
+            help_ = HELP.get(fld.name, "")
+            if tp is bool:
+                f = click.option(flag, fld.name, is_flag=True, default=fld.default, help=help_,
+                                 show_default=True)(f)
+            else:
+                choice = CHOICES.get(fld.name)
+                f = click.option(flag, fld.name, type=click.Choice(choice) if choice else tp,
+                                 default=fld.default, help=help_,
+                                 show_default=fld.default is not None)(f)
+        return f
+
+    return decorate
+
+
+def explicit_options(ctx: click.Context, names: list[str]) -> dict[str, Any]:
+    """The options the user actually typed (not defaults), for layering over a config file."""
+    from click.core import ParameterSource
+
+    return {n: ctx.params[n] for n in names
+            if ctx.get_parameter_source(n) not in (ParameterSource.DEFAULT, None)}

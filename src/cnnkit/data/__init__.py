@@ -1,0 +1,1 @@
+"""Datasets, formats, synthetic generators, transforms and samplers."""

@@ -1,0 +1,115 @@
+"""Classification data: resolve ``--data`` to datasets, transforms and loaders.
+
+``--data`` is a built-in name (``digits``, ``shapes``) or a folder (ImageFolder layout).
+Items are ``(uint8 (C, H, W), label)``; transforms run in the loader workers, and an image
+that cannot be decoded is skipped, counted and listed instead of stopping the run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from cnnkit.errors import DataError, ImageDecodeError
+
+BUILTIN = ("digits", "shapes")
+
+
+@dataclass
+class ClassificationData:
+    """Splits of one dataset plus what a model needs to know about it."""
+
+    name: str
+    classes: list[str]
+    channels: int
+    default_imgsz: int
+    splits: dict[str, Dataset] = field(default_factory=dict)
+
+    def split(self, name: str) -> Dataset:
+        if name not in self.splits:
+            raise DataError(f"dataset '{self.name}' has no '{name}' split (it has: "
+                            f"{', '.join(self.splits)})")
+        return self.splits[name]
+
+
+def load_classification_data(spec: str, seed: int = 0, val_fraction: float = 0.2,
+                             channels: int | None = None) -> ClassificationData:
+    """Resolve a ``--data`` value (built-in name or ImageFolder path)."""
+    if spec == "digits":
+        from cnnkit.data.digits import DigitsDataset
+
+        splits = {s: DigitsDataset(s) for s in ("train", "val", "test")}
+    elif spec == "shapes":
+        from cnnkit.data.shapes import ShapesClassification
+
+        splits = {s: ShapesClassification(s) for s in ("train", "val", "test")}
+    elif spec in ("", None):
+        raise DataError("no data given; pass --data digits, --data shapes or --data PATH")
+    else:
+        path = Path(spec)
+        if not path.exists() and "/" not in spec and "\\" not in spec and not path.suffix:
+            import difflib
+
+            close = difflib.get_close_matches(spec, BUILTIN, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise DataError(f"data '{spec}' is neither a built-in dataset ({', '.join(BUILTIN)}) "
+                            f"nor an existing folder; {hint}".rstrip("; ").rstrip())
+        from cnnkit.data.imagefolder import scan_image_folder
+
+        splits = scan_image_folder(path, val_fraction=val_fraction, seed=seed, channels=channels)
+    first = splits["train"]
+    return ClassificationData(name=getattr(first, "name", spec), classes=list(first.classes),
+                              channels=first.channels, default_imgsz=first.default_imgsz,
+                              splits=splits)
+
+
+class TransformedDataset(Dataset):
+    """Applies ``transform`` to the image; unreadable images become a ``Skipped`` marker."""
+
+    def __init__(self, base: Dataset, transform):
+        self.base = base
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        try:
+            img, label = self.base[i]
+        except ImageDecodeError as e:
+            return Skipped(e.path, e.reason)
+        return self.transform(img), label
+
+
+@dataclass
+class Skipped:
+    path: str
+    reason: str
+
+
+def collate_classification(items: list) -> dict:
+    """Stack ``(image, label)`` items into ``{"images", "targets", "skipped"}``."""
+    good = [it for it in items if not isinstance(it, Skipped)]
+    skipped = [(it.path, it.reason) for it in items if isinstance(it, Skipped)]
+    if good:
+        images = torch.stack([g[0] for g in good])
+        targets = torch.tensor([g[1] for g in good], dtype=torch.long)
+    else:
+        images, targets = torch.empty(0), torch.empty(0, dtype=torch.long)
+    return {"images": images, "targets": targets, "skipped": skipped}
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, workers: int,
+                collate_fn=collate_classification, generator: torch.Generator | None = None,
+                drop_last: bool = False, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader with cnnkit's conventions (seedable generator, no persistent workers).
+
+    Workers are not persistent so that every epoch's worker seeds come from the seeded
+    ``generator``: an epoch replays identically after ``--resume``.
+    """
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+                      collate_fn=collate_fn, generator=generator, drop_last=drop_last,
+                      pin_memory=pin_memory, persistent_workers=False)

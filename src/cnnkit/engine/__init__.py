@@ -1,0 +1,1 @@
+"""Training engine: Trainer, hooks, checkpoints, schedules, run directories."""

@@ -1,0 +1,111 @@
+"""Training configuration shared by every task.
+
+One flat dataclass whose field names are the command-line option names (``--epochs`` is
+``epochs``), so a key is findable with one grep and ``config.yaml`` reruns a training.
+Tasks subclass it to add their own fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cnnkit.errors import CnnkitError
+
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "onecycle", "step", "constant")
+AMP_MODES = ("auto", "off", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    """Options common to every ``cnnkit TASK train``."""
+
+    # data and model
+    data: str = "digits"
+    model: str = "smallcnn"
+    imgsz: int | None = None  # None: the dataset's default size
+    pretrained: bool = False
+    init: str | None = None  # start from these weights (fine-tuning), unlike resume
+    # optimization
+    epochs: int = 20
+    batch: int = 32
+    lr: float = 2e-3
+    optimizer: str = "adamw"
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    schedule: str = "cosine"
+    warmup_epochs: float = 1.0
+    step_size: int = 10  # epochs between decays for schedule=step
+    gamma: float = 0.1
+    grad_clip: float = 0.0  # max gradient norm; 0 turns clipping off
+    accumulate: int = 1  # optimizer step every N batches
+    ema: float = 0.0  # EMA decay of the weights (e.g. 0.999); 0 turns EMA off
+    amp: str = "auto"  # auto: bf16 on a CUDA GPU that supports it, off on CPU
+    channels_last: bool = False
+    patience: int = 0  # early stopping after N epochs without improvement; 0 turns it off
+    # run
+    seed: int = 0
+    device: str = "auto"
+    workers: int = 0
+    out: str | None = None  # run directory; default runs/TASK/trainN
+    name: str | None = None
+
+    def validate(self) -> None:
+        """Raise :class:`CnnkitError` for values that cannot work."""
+        checks = [
+            (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
+            (self.batch >= 1, f"--batch must be at least 1, got {self.batch}"),
+            (self.lr > 0, f"--lr must be positive, got {self.lr}"),
+            (self.imgsz is None or self.imgsz >= 8, f"--imgsz must be at least 8, got {self.imgsz}"),
+            (self.workers >= 0, f"--workers must be 0 or more, got {self.workers}"),
+            (self.accumulate >= 1, f"--accumulate must be at least 1, got {self.accumulate}"),
+            (0 <= self.ema < 1, f"--ema must be in [0, 1), got {self.ema}"),
+            (self.grad_clip >= 0, f"--grad-clip must be 0 or more, got {self.grad_clip}"),
+            (self.patience >= 0, f"--patience must be 0 or more, got {self.patience}"),
+            (self.warmup_epochs >= 0, f"--warmup-epochs must be 0 or more, got {self.warmup_epochs}"),
+            (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}"),
+            (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}"),
+            (self.amp in AMP_MODES, f"--amp must be one of {', '.join(AMP_MODES)}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise CnnkitError(msg)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names - {"task"})
+        if unknown:
+            import difflib
+
+            hints = [f"'{u}'" + (f" (did you mean '{c[0]}'?)" if (c := difflib.get_close_matches(u, names, 1)) else "")
+                     for u in unknown]
+            raise CnnkitError(f"{source} has unknown key(s) {', '.join(hints)}")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def save_yaml(self, path: str | Path, task: str) -> None:
+        from cnnkit.utils.io import write_text
+
+        write_text(path, yaml.safe_dump({"task": task, **self.to_dict()}, sort_keys=False))
+
+
+def read_yaml_config(path: str | Path) -> dict[str, Any]:
+    """Read a ``config.yaml`` into a dict, with a clear error for bad files."""
+    p = Path(path)
+    if not p.is_file():
+        raise CnnkitError(f"config file '{p}' does not exist")
+    try:
+        d = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise CnnkitError(f"config file '{p}' is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(d, dict):
+        raise CnnkitError(f"config file '{p}' must hold a mapping of option names to values")
+    return d

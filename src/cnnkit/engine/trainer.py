@@ -1,0 +1,314 @@
+"""A task-agnostic training loop.
+
+Plain by design: the loss lives in the task, extras live in hooks. What it does for every
+task: optimizer and LR schedule, AMP (bf16/fp16) on GPU, ``channels_last``, gradient
+accumulation and clipping, EMA weights, seeded epochs (an epoch replays identically after
+``--resume``), non-finite-loss protection with rollback, best/last checkpoints.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+from cnnkit.engine.checkpoint import save_checkpoint, save_weights
+from cnnkit.engine.config import TrainConfig
+from cnnkit.engine.hooks import Hook
+from cnnkit.engine.schedule import build_optimizer, build_scheduler
+from cnnkit.errors import TrainingError
+from cnnkit.tasks.base import Task
+from cnnkit.utils.seed import epoch_seed, get_rng_state, seed_everything, set_rng_state
+
+
+def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``--amp`` on ``device`` (None: full precision)."""
+    if mode == "off" or device.type == "cpu" and mode == "auto":
+        return None
+    if mode == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return None
+    return torch.bfloat16 if mode == "bf16" else torch.float16
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, task: Task, device: torch.device,
+             amp_dtype: torch.dtype | None = None, channels_last: bool = False,
+             keep: int = 0) -> tuple[dict[str, Any], list[tuple[torch.Tensor, Any, dict]], list]:
+    """Run ``model`` over ``loader`` and compute the task's metrics.
+
+    Returns:
+        ``(metrics, kept, skipped)``: the metrics dict; the first ``keep`` (image, output,
+        target) triples for drawing; and ``(path, reason)`` of images that could not be read.
+    """
+    was_training = model.training
+    model.eval()
+    state = task.metrics(device)
+    kept: list = []
+    skipped: list = []
+    for batch in loader:
+        skipped += batch.get("skipped", [])
+        if task.batch_size(batch) == 0:
+            continue
+        batch = task.to_device(batch, device, channels_last)
+        with _autocast(device, amp_dtype):
+            out = task.forward(model, batch)
+        state.update(out, batch)
+        if len(kept) < keep:
+            n = min(keep - len(kept), task.batch_size(batch))
+            kept += [(batch["images"][i].float().cpu(), out[i].float().cpu(), batch["targets"][i].cpu())
+                     for i in range(n)]
+    model.train(was_training)
+    return state.compute(), kept, skipped
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+class Trainer:
+    """Trains ``model`` on ``task`` with the optimization settings of ``cfg``.
+
+    Args:
+        task: defines forward, loss and metrics.
+        model: any ``nn.Module`` the task can run.
+        train_loader: must carry a ``torch.Generator`` (``generator=``) so epochs are seedable.
+        val_loader: evaluated after every epoch; its monitored metric picks the best weights.
+        cfg: the optimization and run settings.
+        device: where to train.
+        run_dir: where ``weights/`` go; None keeps everything in memory (tests, notebooks).
+        card: model card written beside the best weights (metrics are added).
+        hooks: extra :class:`Hook` objects, called in order.
+    """
+
+    def __init__(self, task: Task, model: nn.Module, train_loader: DataLoader,
+                 val_loader: DataLoader | None, cfg: TrainConfig, device: torch.device,
+                 run_dir: Path | None = None, card: dict[str, Any] | None = None,
+                 hooks: Sequence[Hook] = ()):
+        self.task, self.cfg, self.device = task, cfg, device
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.card = dict(card or {})
+        self.hooks = list(hooks)
+        self.amp_dtype = resolve_amp(cfg.amp, device)
+        self.model = model.to(device)
+        if cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = build_optimizer(self.model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum)
+        self.steps_per_epoch = max(1, math.ceil(len(train_loader) / cfg.accumulate))
+        self.scheduler = build_scheduler(
+            self.optimizer, cfg.schedule, cfg.epochs * self.steps_per_epoch,
+            int(round(cfg.warmup_epochs * self.steps_per_epoch)), cfg.step_size * self.steps_per_epoch, cfg.gamma)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+        self.ema = None
+        if cfg.ema > 0:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+        # progress state, read by hooks
+        self.epoch = 0  # epochs completed
+        self.global_step = 0  # optimizer steps taken
+        self.history: list[dict[str, Any]] = []
+        self.lr_history: list[float] = []
+        self.best_metric: float | None = None
+        self.best_epoch = 0
+        self.improved = False
+        self.should_stop = False
+        self.stop_reason = ""
+        self.last_metrics: dict[str, Any] = {}
+        self.step_loss = float("nan")
+        self.step_images = 0
+        self.skipped: dict[str, str] = {}
+        self.nonfinite_steps = 0
+        self._good_state = self._snapshot()
+
+    # ---- public API -------------------------------------------------------------------
+    @property
+    def eval_model(self) -> nn.Module:
+        """The model that is evaluated and saved: the EMA copy when EMA is on."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def fit(self) -> dict[str, Any]:
+        """Train from ``self.epoch`` to ``cfg.epochs``; returns the best epoch's metrics."""
+        for h in self.hooks:
+            h.before_train(self)
+        while self.epoch < self.cfg.epochs and not self.should_stop:
+            self._run_epoch()
+        for h in self.hooks:
+            h.after_train(self)
+        return self.best_metrics()
+
+    def best_metrics(self) -> dict[str, Any]:
+        for row in self.history:
+            if row["epoch"] == self.best_epoch:
+                return row
+        return self.history[-1] if self.history else {}
+
+    # ---- one epoch ----------------------------------------------------------------------
+    def _run_epoch(self) -> None:
+        cfg = self.cfg
+        seed = epoch_seed(cfg.seed, self.epoch)
+        seed_everything(seed)
+        if self.train_loader.generator is not None:
+            self.train_loader.generator.manual_seed(seed)
+        for h in self.hooks:
+            h.before_epoch(self)
+        self.model.train()
+        t0 = time.perf_counter()
+        loss_sum, n_images, n_batches = 0.0, 0, len(self.train_loader)
+        self.optimizer.zero_grad(set_to_none=True)
+        for i, batch in enumerate(self.train_loader):
+            for path, reason in batch.get("skipped", []):
+                self.skipped[path] = reason
+            bs = self.task.batch_size(batch)
+            boundary = (i + 1) % cfg.accumulate == 0 or i + 1 == n_batches
+            if bs > 0:
+                loss = self._forward_backward(batch)
+                if loss is not None:
+                    loss_sum += loss * bs
+                    n_images += bs
+            if boundary:
+                self._optimizer_step()
+            self.step_loss = loss_sum / max(1, n_images)
+            self.step_images = bs
+            for h in self.hooks:
+                h.after_step(self)
+        train_time = time.perf_counter() - t0
+        self.epoch += 1
+        row: dict[str, Any] = {"epoch": self.epoch, "train_loss": loss_sum / max(1, n_images),
+                               "lr": self.optimizer.param_groups[0]["lr"]}
+        metrics: dict[str, Any] = {}
+        if self.val_loader is not None:
+            metrics, _, skipped = evaluate(self.eval_model, self.val_loader, self.task, self.device,
+                                           self.amp_dtype, cfg.channels_last)
+            for path, reason in skipped:
+                self.skipped[path] = reason
+            row["val_loss"] = metrics.get("loss", float("nan"))
+            row.update({k: v for k, v in metrics.items() if isinstance(v, float) and k != "loss"})
+        row["train_time_s"] = train_time
+        row["images_per_s"] = n_images / train_time if train_time > 0 else 0.0
+        self.last_metrics = metrics
+        self.history.append(row)
+        self._update_best(row)
+        self._good_state = self._snapshot()
+        self._save()
+        for h in self.hooks:
+            h.after_epoch(self)
+        if self.run_dir is not None:
+            self._save_last()  # after the hooks, so their state (e.g. early stopping) is included
+
+    def _forward_backward(self, batch: dict) -> float | None:
+        batch = self.task.to_device(batch, self.device, self.cfg.channels_last)
+        with _autocast(self.device, self.amp_dtype):
+            out = self.task.forward(self.model, batch)
+            losses = self.task.loss(out, batch)
+        loss = losses["loss"]
+        if not torch.isfinite(loss):
+            self._on_nonfinite()
+            return None
+        self.scaler.scale(loss / self.cfg.accumulate).backward()
+        return float(loss.detach())
+
+    def _optimizer_step(self) -> None:
+        has_grad = any(p.grad is not None for g in self.optimizer.param_groups for p in g["params"])
+        if has_grad:
+            if self.cfg.grad_clip > 0:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            if self.ema is not None:
+                self.ema.update_parameters(self.model)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr_history.append(self.optimizer.param_groups[0]["lr"])
+        self.scheduler.step()  # the schedule follows steps even when one is skipped
+        self.global_step += 1
+
+    # ---- non-finite protection -----------------------------------------------------------
+    def _snapshot(self) -> dict[str, Any]:
+        return {
+            "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "ema": copy.deepcopy(self.ema.state_dict()) if self.ema is not None else None,
+        }
+
+    def _on_nonfinite(self) -> None:
+        """Skip the step; if the weights themselves went bad, roll back to the last good epoch."""
+        self.nonfinite_steps += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        bad_weights = any(not torch.isfinite(p).all() for p in self.model.parameters())
+        if bad_weights:
+            self.model.load_state_dict(self._good_state["model"])
+            self.optimizer.load_state_dict(self._good_state["optimizer"])
+            if self.ema is not None:
+                self.ema.load_state_dict(self._good_state["ema"])
+        limit = max(10, len(self.train_loader) // 4)
+        if self.nonfinite_steps > limit:
+            where = f"; the last good weights are in {self.run_dir / 'weights'}" if self.run_dir else ""
+            raise TrainingError(f"the loss was NaN or infinite in {self.nonfinite_steps} steps, so "
+                                f"training stopped at epoch {self.epoch + 1}{where}; lower --lr or "
+                                "set --grad-clip")
+
+    # ---- best / checkpoints --------------------------------------------------------------
+    def _update_best(self, row: dict[str, Any]) -> None:
+        key = self.task.monitor if self.task.monitor in row else "val_loss"
+        if key not in row:
+            key = "train_loss"
+        value = row[key]
+        maximize = self.task.monitor_mode == "max" and key == self.task.monitor
+        better = (self.best_metric is None or (value > self.best_metric if maximize else value < self.best_metric))
+        self.improved = bool(better and math.isfinite(value))
+        if self.improved:
+            self.best_metric, self.best_epoch = value, self.epoch
+
+    def _save(self) -> None:
+        if self.run_dir is None or not self.improved:
+            return
+        state = self.eval_model.state_dict()
+        if not all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
+            return  # never publish non-finite weights
+        metrics = {k: v for k, v in self.history[-1].items() if isinstance(v, (int, float))}
+        card = {**self.card, "metrics": metrics, "epoch": self.epoch}
+        save_weights(self.run_dir / "weights" / "best.safetensors", state, card)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed for an exact resume."""
+        return {
+            "epoch": self.epoch, "global_step": self.global_step,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "rng": get_rng_state(), "history": self.history, "lr_history": self.lr_history,
+            "best_metric": self.best_metric, "best_epoch": self.best_epoch,
+            "skipped": self.skipped, "nonfinite_steps": self.nonfinite_steps,
+            "hooks": [h.state_dict() for h in self.hooks], "config": self.cfg.to_dict(), "card": self.card,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        set_rng_state(state["rng"])
+        self.epoch, self.global_step = state["epoch"], state["global_step"]
+        self.history, self.lr_history = list(state["history"]), list(state["lr_history"])
+        self.best_metric, self.best_epoch = state["best_metric"], state["best_epoch"]
+        self.skipped = dict(state.get("skipped", {}))
+        self.nonfinite_steps = state.get("nonfinite_steps", 0)
+        for h, hs in zip(self.hooks, state.get("hooks", [])):
+            h.load_state_dict(hs)
+        self._good_state = self._snapshot()
+
+    def _save_last(self) -> None:
+        save_checkpoint(self.run_dir / "weights" / "last.ckpt", self.state_dict())

@@ -1,0 +1,75 @@
+"""torchvision/timm families, built through timm so that every family shares one interface.
+
+timm implements resnet, mobilenetv3, efficientnet, densenet and convnext with the same
+``forward_features`` / ``forward_head`` / ``reset_classifier`` API and any ``in_chans``;
+with ``pretrained=True`` its own loader fetches the published weights (for resnets the
+``tv_in1k`` tags are torchvision's original ImageNet weights).
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from cnnkit.errors import ModelError
+from cnnkit.models.registry import ModelEntry, register_model
+
+# cnnkit name -> timm name (with the pretrained tag used when pretrained=True)
+FAMILIES: dict[str, str] = {
+    "resnet18": "resnet18.tv_in1k",
+    "resnet34": "resnet34.tv_in1k",
+    "resnet50": "resnet50.tv_in1k",
+    "mobilenet_v3_small": "mobilenetv3_small_100.lamb_in1k",
+    "mobilenet_v3_large": "mobilenetv3_large_100.ra_in1k",
+    "efficientnet_b0": "efficientnet_b0.ra_in1k",
+    "densenet121": "densenet121.tv_in1k",
+    "convnext_tiny": "convnext_tiny.fb_in1k",
+}
+
+
+def build_timm(timm_name: str, num_classes: int, in_chans: int, pretrained: bool, **kwargs) -> nn.Module:
+    """Create a timm model, turning a failed weight download into one clear sentence."""
+    import timm
+
+    try:
+        return timm.create_model(timm_name, pretrained=pretrained, num_classes=num_classes,
+                                 in_chans=in_chans, **kwargs)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise ModelError(f"timm has no model '{timm_name}'; see timm.list_models()") from None
+        if not pretrained:
+            raise
+        raise _offline_error(timm_name, e) from None
+    except (OSError, ValueError, ImportError) as e:  # hub/network errors are OSError subclasses
+        if not pretrained:
+            raise
+        raise _offline_error(timm_name, e) from None
+
+
+def _offline_error(timm_name: str, e: Exception) -> ModelError:
+    reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+    return ModelError(f"pretrained weights for '{timm_name}' could not be downloaded ({reason}); "
+                      "check the network, or start from local weights with --init PATH "
+                      "(a cnnkit .safetensors or a timm/torchvision state dict)")
+
+
+def _make_entry(name: str, timm_name: str) -> None:
+    def fn(num_classes: int = 1000, in_chans: int = 3, pretrained: bool = False, **kwargs) -> nn.Module:
+        return build_timm(timm_name, num_classes, in_chans, pretrained, **kwargs)
+
+    fn.__name__ = name
+    fn.__doc__ = f"{name} (timm '{timm_name.split('.')[0]}', pretrained tag '{timm_name}')."
+    register_model(fn, name=name, family="timm")
+
+
+for _name, _timm in FAMILIES.items():
+    _make_entry(_name, _timm)
+
+
+def timm_entry(name: str) -> ModelEntry:
+    """An unregistered entry for ``timm:NAME`` (any model timm knows)."""
+    timm_name = name.split(":", 1)[1]
+
+    def fn(num_classes: int = 1000, in_chans: int = 3, pretrained: bool = False, **kwargs) -> nn.Module:
+        return build_timm(timm_name, num_classes, in_chans, pretrained, **kwargs)
+
+    return ModelEntry(name, fn, "timm", False, f"timm model '{timm_name}'")

@@ -1,0 +1,1 @@
+"""One module per task: its model, loss, metrics, decoding and drawing."""
