@@ -127,7 +127,7 @@ class Lighting:
     ry: float = 0.0
 
 
-@dataclass
+@dataclass(eq=False)
 class Scene:
     """A rendered image with per-object ground truth (N objects, H x W image).
 
@@ -190,7 +190,7 @@ def _raster(parts, radius: float, cx: float, cy: float, imgsz: int):
     Returns ((y0, y1, x0, x1), uint8 coverage 0..255 of that box), or (None, None) if empty."""
     x0, y0 = max(0, math.floor(cx - radius) - 1), max(0, math.floor(cy - radius) - 1)
     x1, y1 = min(imgsz, math.ceil(cx + radius) + 1), min(imgsz, math.ceil(cy + radius) + 1)
-    if x1 <= x0 or y1 <= y0:
+    if x1 <= x0 or y1 <= y0 or not radius > 0:
         return None, None
     im = Image.new("L", ((x1 - x0) * _SS, (y1 - y0) * _SS), 0)
     draw = ImageDraw.Draw(im)
@@ -198,10 +198,6 @@ def _raster(parts, radius: float, cx: float, cy: float, imgsz: int):
         # PIL fills every pixel an outline touches; eroding by 0.4 sub-pixel removes that bias
         draw.polygon(_erode((verts - (x0, y0)) * _SS, 0.4).ravel().tolist(), fill=fill)
     return (y0, y1, x0, x1), np.asarray(im.reduce(_SS))
-
-
-def _shape_parts(o: ShapeSpec):
-    return [(_place(v, o.cx, o.cy, o.size, o.size, o.angle), f) for v, f in _UNIT[o.cls]]
 
 
 def _occluder_raster(oc: Occluder, imgsz: int):
@@ -248,7 +244,7 @@ def sample_background(params: SceneParams, rng: np.random.Generator) -> np.ndarr
     small = c0 + (c1 - c0) * ramp[..., None]
     small += _rgb(rng.normal(0, 32 * params.clutter, (k, k, nc)))
     small = np.clip(small, 0, 255).astype(np.uint8)
-    im = Image.fromarray(small).resize((s, s), Image.BILINEAR)
+    im = Image.fromarray(small).resize((s, s), Image.Resampling.BILINEAR)
     n = int(rng.poisson(params.clutter * 10 * s / 64))
     if n:
         w = rng.uniform(0.3, 1.0, (n, 1))  # how far each colour departs from the background
@@ -327,8 +323,10 @@ def _sample_occluders(objects, full, bg, params, rng) -> list:
         u = (xs + 0.5 - o.cx) * c + (ys + 0.5 - o.cy) * sn  # along the approach direction
         v = (ys + 0.5 - o.cy) * c - (xs + 0.5 - o.cx) * sn
         rect = rng.random() < 0.5
-        along = o.size * rng.uniform(1.2, 2.2)
-        across, off = o.size * rng.uniform(0.8, 2.0), o.size * rng.uniform(-0.3, 0.3)
+        short = o.size * rng.uniform(0.7, 1.1)  # elongated, so never square- or circle-like
+        long = short * rng.uniform(1.6, 2.5)
+        along, across = (short, long) if rng.random() < 0.5 else (long, short)
+        off = o.size * rng.uniform(-0.3, 0.3)
         target = params.max_occlusion * rng.uniform(0.2, 1.0)
 
         def frac(t: float) -> float:  # share of the object under the patch with near edge at t
@@ -339,7 +337,7 @@ def _sample_occluders(objects, full, bg, params, rng) -> list:
             return float(inside.mean())
 
         for _ in range(3):
-            lo, hi = o.size - along, o.size  # frac(hi) == 0
+            lo, hi = 1.15 * o.size - along, o.size  # always pokes out: never a "hole"
             for _ in range(12):
                 mid = (lo + hi) / 2
                 lo, hi = (mid, hi) if frac(mid) > target else (lo, mid)
@@ -363,15 +361,9 @@ def _sample_occluders(objects, full, bg, params, rng) -> list:
     return out
 
 
-def render_scene(
-    objects: list[ShapeSpec],
-    params: SceneParams,
-    rng: np.random.Generator,
-    *,
-    background: np.ndarray | None = None,
-    occluders: list[Occluder] | None = None,
-    lighting: Lighting | None = None,
-) -> Scene:
+def render_scene(objects: list[ShapeSpec], params: SceneParams, rng: np.random.Generator, *,
+                 background: np.ndarray | None = None, occluders: list[Occluder] | None = None,
+                 lighting: Lighting | None = None) -> Scene:
     """Render objects (in z-order: later ones on top) and compute their ground truth.
 
     Draws the background (gradient, texture, clutter), the objects, the occluders, then applies
@@ -394,7 +386,8 @@ def render_scene(
     img = bg.transpose(2, 0, 1).astype(np.float32, order="C")  # planar: fast broadcasting
     full = np.zeros((n, s, s), bool)
     for k, o in enumerate(objects):
-        box, cov = _raster(_shape_parts(o), o.size, o.cx, o.cy, s)
+        parts = [(_place(v, o.cx, o.cy, o.size, o.size, o.angle), f) for v, f in _UNIT[o.cls]]
+        box, cov = _raster(parts, o.size, o.cx, o.cy, s)
         if box is not None:
             _composite(img, box, cov, o.color)
             full[k, box[0]:box[1], box[2]:box[3]] = cov >= 128
@@ -445,9 +438,8 @@ def _sample_objects(params, rng, bg, classes=None) -> list[ShapeSpec]:
         for attempt in range(60):
             m = min(r, s / 2)  # keep the circumscribed circle inside the image
             cx, cy = rng.uniform(m, s - m, 2)
-            if params.allow_overlap or all(
-                math.hypot(cx - o.cx, cy - o.cy) >= r + o.size for o in objects
-            ):
+            if params.allow_overlap or all(math.hypot(cx - o.cx, cy - o.cy) >= r + o.size
+                                           for o in objects):
                 break
             if attempt % 10 == 9:
                 r *= 0.85
@@ -467,9 +459,8 @@ def _sample_objects(params, rng, bg, classes=None) -> list[ShapeSpec]:
     return objects
 
 
-def sample_scene(
-    params: SceneParams, rng: np.random.Generator, classes: Sequence[int] | None = None
-) -> Scene:
+def sample_scene(params: SceneParams, rng: np.random.Generator,
+                 classes: Sequence[int] | None = None) -> Scene:
     """Sample a random scene: background, objects, then :func:`render_scene`.
 
     Objects get a random class, a circumscribed diameter from ``params.size_range``, a centre
@@ -504,9 +495,8 @@ def _step(o: ShapeSpec, imgsz: int) -> ShapeSpec:
                    angle=(o.angle + o.spin) % 360)
 
 
-def sample_sequence(
-    params: SceneParams, rng: np.random.Generator, num_frames: int, speed: float = 2.0
-) -> list[Scene]:
+def sample_sequence(params: SceneParams, rng: np.random.Generator, num_frames: int,
+                    speed: float = 2.0) -> list[Scene]:
     """Sample a video of moving shapes for tracking.
 
     Each object moves at ``speed * U(0.5, 1.5)`` px/frame in a random direction, spins up to

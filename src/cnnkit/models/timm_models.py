@@ -30,6 +30,8 @@ def build_timm(timm_name: str, num_classes: int, in_chans: int, pretrained: bool
     """Create a timm model, turning a failed weight download into one clear sentence."""
     import timm
 
+    if pretrained:
+        _check_hub(timm_name)
     try:
         return timm.create_model(timm_name, pretrained=pretrained, num_classes=num_classes,
                                  in_chans=in_chans, **kwargs)
@@ -43,6 +45,29 @@ def build_timm(timm_name: str, num_classes: int, in_chans: int, pretrained: bool
         if not pretrained:
             raise
         raise _offline_error(timm_name, e) from None
+
+
+HUB_HOST = ("huggingface.co", 443)
+
+
+def _check_hub(timm_name: str, timeout: float = 3.0) -> None:
+    """Fail fast (one sentence) when the weight hub is unreachable, instead of minutes of retries.
+
+    With ``HF_HUB_OFFLINE=1`` the check is skipped and timm loads weights already in the local
+    Hugging Face cache.
+    """
+    import os
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return
+    try:
+        socket.create_connection(HUB_HOST, timeout=timeout).close()
+    except OSError:
+        raise ModelError(f"pretrained weights for '{timm_name}' need a download and there is no network; "
+                         "start from local weights with --init PATH (a cnnkit .safetensors or a "
+                         "timm/torchvision state dict), or set HF_HUB_OFFLINE=1 to use weights already "
+                         "in the Hugging Face cache") from None
 
 
 def _offline_error(timm_name: str, e: Exception) -> ModelError:
