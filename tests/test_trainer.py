@@ -92,7 +92,7 @@ def test_diverging_loss_stops_with_one_sentence(tmp_path, monkeypatch):
 
 def test_ema_accumulation_clip_and_sgd_train(tmp_path):
     r = train(ClassifyConfig(**FAST, ema=0.9, accumulate=2, grad_clip=1.0, optimizer="sgd", lr=0.05,
-                             schedule="step", step_size=1, out=str(tmp_path / "ema")), verbose=False)
+                             schedule="step", step_size=1, warmup_epochs=0, out=str(tmp_path / "ema")), verbose=False)
     ck = load_checkpoint(r.run_dir)
     assert ck["ema"] is not None
     n_batches = -(-1257 // 64)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -230,7 +231,9 @@ class Trainer:
                 self.ema.update_parameters(self.model)
         self.optimizer.zero_grad(set_to_none=True)
         self.lr_history.append(self.optimizer.param_groups[0]["lr"])
-        self.scheduler.step()  # the schedule follows steps even when one is skipped
+        with warnings.catch_warnings():  # a skipped step still advances the schedule, on purpose
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+            self.scheduler.step()
         self.global_step += 1
 
     # ---- non-finite protection -----------------------------------------------------------
