@@ -205,3 +205,10 @@ def test_sigkill_during_training_never_leaves_an_unloadable_checkpoint(tmp_path)
         proc.wait()
         ck = load_checkpoint(out)
         assert ck["epoch"] >= 1
+
+
+def test_channels_last_and_bf16_autocast_on_cpu(tmp_path):
+    r = train(ClassifyConfig(**FAST, channels_last=True, amp="bf16", out=str(tmp_path / "cl")), verbose=False)
+    assert r.metrics["top1"] > 0.7
+    ck = load_checkpoint(r.run_dir)
+    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
