@@ -37,8 +37,11 @@ def test_learns_digits_and_writes_run_dir(digits_run):
     card = json.loads((run / "weights/best.json").read_text())
     assert card["task"] == "classify" and card["arch"] == "smallcnn" and card["in_chans"] == 1
     assert card["classes"] == [str(i) for i in range(10)] and card["imgsz"] == [16, 16]
-    assert card["metrics"]["top1"] == pytest.approx(max(
-        float(r.split(",")[4]) for r in (run / "metrics.csv").read_text().splitlines()[1:]), abs=1e-5)
+    import csv
+
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert card["metrics"]["top1"] == pytest.approx(max(float(r["top1"]) for r in rows), abs=1e-5)
+    assert {"epoch", "train_loss", "train_acc", "val_loss", "top1", "lr"} <= set(rows[0])
     assert len((run / "metrics.csv").read_text().splitlines()) == 4  # header + 3 epochs
 
 

@@ -49,23 +49,37 @@ class ProgressHook(Hook):
     def before_epoch(self, trainer: Trainer) -> None:
         self.progress = Progress(
             TextColumn("epoch {task.fields[ep]}"), BarColumn(bar_width=24), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} img/s"),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[metric]}"),
+            TextColumn("{task.fields[speed]} img/s"),
             TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-            console=self.con, transient=self.con.is_terminal)
+            console=self.con, transient=self.con.is_terminal, auto_refresh=self.con.is_terminal,
+            refresh_per_second=4)
         self.progress.start()
         self.task_id = self.progress.add_task(
             "train", total=len(trainer.train_loader), ep=f"{trainer.epoch + 1}/{trainer.cfg.epochs}",
-            loss="-", speed="-")
+            loss="-", metric="", speed="-")
         self.images, self.t0 = 0, time.perf_counter()
+        self.pending, self.last_update = 0, self.t0
 
     def after_step(self, trainer: Trainer) -> None:
+        # Throttled: formatting and updating the bar every step costs a few % on small models.
         self.images += trainer.step_images
-        dt = time.perf_counter() - self.t0
-        self.progress.update(self.task_id, advance=1, loss=f"{trainer.step_loss:.4f}",
-                             speed=f"{self.images / dt:.0f}" if dt > 0 else "-")
+        self.pending += 1
+        now = time.perf_counter()
+        if now - self.last_update < 0.25:
+            return
+        self._update(trainer, now)
+
+    def _update(self, trainer: Trainer, now: float) -> None:
+        dt = now - self.t0
+        metric = f"{trainer.step_metric[0]} {trainer.step_metric[1]:.4f}" if trainer.step_metric else ""
+        self.progress.update(self.task_id, advance=self.pending, loss=f"{trainer.step_loss:.4f}",
+                             metric=metric, speed=f"{self.images / dt:.0f}" if dt > 0 else "-")
+        self.pending, self.last_update = 0, now
 
     def after_epoch(self, trainer: Trainer) -> None:
         if self.progress is not None:
+            self._update(trainer, time.perf_counter())
             self.progress.stop()
         row = trainer.history[-1]
         parts = [f"epoch {row['epoch']}/{trainer.cfg.epochs}", f"train_loss {row['train_loss']:.4f}"]

@@ -76,6 +76,29 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
+class WarmupEMA:
+    """EMA update for ``AveragedModel`` whose decay ramps up as ``min(decay, (1 + n) / (10 + n))``.
+
+    Without the ramp a decay of 0.999 keeps the average near the random initialisation for
+    thousands of steps, which short runs never get past (timm's ModelEmaV3 warms up the same
+    way; torch's ``get_ema_multi_avg_fn`` has no warmup).
+    """
+
+    def __init__(self, decay: float):
+        self.decay = decay
+
+    @torch.no_grad()
+    def __call__(self, ema_params: list[torch.Tensor], params: list[torch.Tensor], n: torch.Tensor) -> None:
+        n = float(n)
+        decay = min(self.decay, (1.0 + n) / (10.0 + n))
+        floats = [(e, p) for e, p in zip(ema_params, params) if e.is_floating_point()]
+        if floats:
+            torch._foreach_lerp_([e for e, _ in floats], [p for _, p in floats], 1.0 - decay)
+        for e, p in zip(ema_params, params):
+            if not e.is_floating_point():
+                e.copy_(p)
+
+
 class Trainer:
     """Trains ``model`` on ``task`` with the optimization settings of ``cfg``.
 
@@ -112,9 +135,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.ema = None
         if cfg.ema > 0:
-            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+            from torch.optim.swa_utils import AveragedModel
 
-            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+            self.ema = AveragedModel(self.model, multi_avg_fn=WarmupEMA(cfg.ema), use_buffers=True)
         # progress state, read by hooks
         self.epoch = 0  # epochs completed
         self.global_step = 0  # optimizer steps taken
@@ -128,6 +151,8 @@ class Trainer:
         self.last_metrics: dict[str, Any] = {}
         self.step_loss = float("nan")
         self.step_images = 0
+        self.step_metric: tuple[str, float] | None = None  # running train metric of this epoch
+        self._metric_sum, self._metric_count = 0.0, 0
         self.skipped: dict[str, str] = {}
         self.nonfinite_steps = 0
         self._good_state = self._snapshot()
@@ -166,6 +191,7 @@ class Trainer:
         self.model.train()
         t0 = time.perf_counter()
         loss_sum, n_images, n_batches = 0.0, 0, len(self.train_loader)
+        self._metric_sum, self._metric_count, self.step_metric = 0.0, 0, None
         self.optimizer.zero_grad(set_to_none=True)
         for i, batch in enumerate(self.train_loader):
             for path, reason in batch.get("skipped", []):
@@ -185,8 +211,10 @@ class Trainer:
                 h.after_step(self)
         train_time = time.perf_counter() - t0
         self.epoch += 1
-        row: dict[str, Any] = {"epoch": self.epoch, "train_loss": loss_sum / max(1, n_images),
-                               "lr": self.optimizer.param_groups[0]["lr"]}
+        row: dict[str, Any] = {"epoch": self.epoch, "train_loss": loss_sum / max(1, n_images)}
+        if self.step_metric is not None:
+            row[f"train_{self.step_metric[0]}"] = self.step_metric[1]
+        row["lr"] = self.optimizer.param_groups[0]["lr"]
         metrics: dict[str, Any] = {}
         if self.val_loader is not None:
             metrics, _, skipped = evaluate(self.eval_model, self.val_loader, self.task, self.device,
@@ -213,11 +241,19 @@ class Trainer:
             out = self.task.forward(self.model, batch)
             losses = self.task.loss(out, batch)
         loss = losses["loss"]
+        sm = self.task.step_metric(out, batch)
+        if sm is not None:
+            name, value, count = sm
+            self._metric_sum += value * count
+            self._metric_count += count
+            self.step_metric = (name, self._metric_sum / max(1, self._metric_count))
         if not torch.isfinite(loss):
             self._on_nonfinite()
             return None
-        self.scaler.scale(loss / self.cfg.accumulate).backward()
-        return float(loss.detach())
+        if self.cfg.accumulate > 1:
+            loss = loss / self.cfg.accumulate
+        self.scaler.scale(loss).backward()
+        return float(losses["loss"].detach())
 
     def _optimizer_step(self) -> None:
         has_grad = any(p.grad is not None for g in self.optimizer.param_groups for p in g["params"])
@@ -231,9 +267,12 @@ class Trainer:
                 self.ema.update_parameters(self.model)
         self.optimizer.zero_grad(set_to_none=True)
         self.lr_history.append(self.optimizer.param_groups[0]["lr"])
-        with warnings.catch_warnings():  # a skipped step still advances the schedule, on purpose
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+        if has_grad:
             self.scheduler.step()
+        else:
+            with warnings.catch_warnings():  # a skipped step still advances the schedule, on purpose
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+                self.scheduler.step()
         self.global_step += 1
 
     # ---- non-finite protection -----------------------------------------------------------

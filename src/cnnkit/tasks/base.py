@@ -56,6 +56,10 @@ class Task:
     def metrics(self) -> MetricState:
         raise NotImplementedError
 
+    def step_metric(self, output: Any, batch: dict) -> tuple[str, float, int] | None:
+        """A cheap training-batch metric for the progress bar: ``(name, value, count)``."""
+        return None
+
     def summary(self, metrics: dict[str, Any]) -> str:
         """One short line for progress displays."""
         return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))

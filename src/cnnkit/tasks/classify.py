@@ -97,6 +97,11 @@ class ClassifyTask(Task):
         ce = F.cross_entropy(output.float(), batch["targets"], label_smoothing=self.label_smoothing)
         return {"loss": ce}
 
+    def step_metric(self, output: torch.Tensor, batch: dict) -> tuple[str, float, int]:
+        targets = batch["targets"]
+        correct = (output.detach().argmax(1) == targets).sum().item()
+        return "acc", correct / max(1, targets.numel()), int(targets.numel())
+
     def metrics(self, device: torch.device | str = "cpu") -> ClassificationMetrics:
         return ClassificationMetrics(self.classes, device)
 
