@@ -74,7 +74,7 @@ def test_smallcnn_has_no_pretrained_weights():
 
 
 def test_timm_passthrough():
-    m = create_model("timm:resnet10t", 4, in_chans=3)
+    m = create_model("timm:resnet10t", 4, in_chans=3).eval()
     assert m(torch.randn(1, 3, 32, 32)).shape == (1, 4)
     with pytest.raises(ModelError, match="timm has no model 'nonexistent_net'"):
         create_model("timm:nonexistent_net", 4)
