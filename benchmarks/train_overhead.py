@@ -56,12 +56,12 @@ def bare(cfg: ClassifyConfig) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def ours(cfg: ClassifyConfig) -> float:
+def ours(cfg: ClassifyConfig, progress: bool = True) -> float:
     dl, data = loader(cfg)
     torch.manual_seed(0)
     model = create_model(cfg.model, len(data.classes), data.channels)
-    hook = ProgressHook(Console(file=io.StringIO(), force_terminal=False))
-    trainer = Trainer(ClassifyTask(data.classes, 0.1), model, dl, None, cfg, torch.device("cpu"), hooks=[hook])
+    hooks = [ProgressHook(Console(file=io.StringIO(), force_terminal=False))] if progress else []
+    trainer = Trainer(ClassifyTask(data.classes, 0.1), model, dl, None, cfg, torch.device("cpu"), hooks=hooks)
     t0 = time.perf_counter()
     trainer.fit()
     return cfg.epochs * len(dl.dataset) / (time.perf_counter() - t0)
@@ -74,6 +74,7 @@ def main() -> None:
     ap.add_argument("--model", default="smallcnn")
     ap.add_argument("--imgsz", type=int, default=16)
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--no-progress", action="store_true", help="run the Trainer without its progress bar")
     args = ap.parse_args()
     cfg = ClassifyConfig(data="digits", model=args.model, imgsz=args.imgsz, batch=args.batch,
                          epochs=args.epochs, workers=0, warmup_epochs=1.0, schedule="cosine", ema=0.0)
@@ -81,9 +82,9 @@ def main() -> None:
     for i in range(args.repeats):  # alternate the order so neither side always runs first
         if i % 2 == 0:
             b.append(bare(cfg))
-            o.append(ours(cfg))
+            o.append(ours(cfg, not args.no_progress))
         else:
-            o.append(ours(cfg))
+            o.append(ours(cfg, not args.no_progress))
             b.append(bare(cfg))
         print(f"repeat {i + 1}: bare {b[-1]:.0f} img/s · cnnkit Trainer {o[-1]:.0f} img/s", flush=True)
     ratio = statistics.median(o) / statistics.median(b)
