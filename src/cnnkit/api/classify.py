@@ -51,6 +51,8 @@ class ClassifyConfig(TrainConfig):
     drop_rate: float = 0.2
     val_fraction: float = 0.2  # held out from train/ when a folder has no val/
     channels: int | None = None  # None: detect (1 for all-grayscale folders, else 3)
+    attention: str | None = None  # se, cbam or eca blocks in the backbone (smallcnn, resnets)
+    pool: str = "avg"  # global pooling: avg, max, avgmax, lp, gem, spp
 
     def validate(self) -> None:
         super().validate()
@@ -234,7 +236,7 @@ def train(cfg: ClassifyConfig | None = None, *, resume: str | Path | None = None
     aug = cfg.aug if cfg.aug is not None else _default_aug(data)
     train_tf = pre.train_transform(parse_aug(aug, imgsz))
     task = ClassifyTask(data.classes, cfg.label_smoothing)
-    model_kwargs = {"drop_rate": cfg.drop_rate}
+    model_kwargs = {"drop_rate": cfg.drop_rate, "attention": cfg.attention, "pool": cfg.pool}
     model = ClassifyTask.build_model(cfg.model, len(data.classes), data.channels, cfg.pretrained,
                                      **model_kwargs)
     if cfg.init and ckpt is None:

@@ -12,8 +12,10 @@ from typing import Any
 import click
 
 from cnnkit.engine.config import AMP_MODES, OPTIMIZERS, SCHEDULES
+from cnnkit.models.blocks import ATTENTION, POOLS
 
-CHOICES: dict[str, tuple[str, ...]] = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "amp": AMP_MODES}
+CHOICES: dict[str, tuple[str, ...]] = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "amp": AMP_MODES,
+                                       "attention": ("none", *ATTENTION), "pool": POOLS}
 
 HELP: dict[str, str] = {
     "data": "dataset: digits, shapes, or an ImageFolder path (root/train/<class>/..., optional val/ and test/)",
@@ -49,6 +51,8 @@ HELP: dict[str, str] = {
     "drop_rate": "dropout before the classifier",
     "val_fraction": "fraction of train/ held out for validation when a folder has no val/",
     "channels": "1 (grayscale) or 3 (RGB); default: detected from the images",
+    "attention": "insert attention blocks: se, cbam or eca (smallcnn after every stage; resnets in every block)",
+    "pool": "global pooling: avg, max, avgmax, lp (power mean p=3), gem (learnable p), spp (1+2x2+4x4 pyramid)",
 }
 
 

@@ -35,14 +35,18 @@ class SmallCNN(nn.Module):
         in_chans: input channels (1 or 3).
         width: channels of the first stage; later stages use 2x and 4x.
         drop_rate: dropout before the classifier.
+        attention: ``se``, ``cbam`` or ``eca`` block after every stage; None for none.
+        pool: global pooling, one of ``avg max avgmax lp gem spp``.
 
     Shape:
         input ``(B, in_chans, H, W)`` with H, W >= 4; output ``(B, num_classes)``.
     """
 
     def __init__(self, num_classes: int = 10, in_chans: int = 3, width: int = 32,
-                 drop_rate: float = 0.2):
+                 drop_rate: float = 0.2, attention: str | None = None, pool: str = "avg"):
         super().__init__()
+        from cnnkit.models.blocks import make_attention, make_pool
+
         w = (width, width * 2, width * 4, width * 4)
         self.num_classes = num_classes
         self.num_features = w[-1]
@@ -53,9 +57,12 @@ class SmallCNN(nn.Module):
             nn.Sequential(_MaybePool(), _conv_bn(w[1], w[2]), _conv_bn(w[2], w[2])),
             nn.Sequential(_MaybePool(), _conv_bn(w[2], w[3]), _conv_bn(w[3], w[3])),
         )
-        self.global_pool = nn.AdaptiveAvgPool2d(1)
+        for stage, c in zip(self.stages, w):  # attention after each stage (identity when off)
+            stage.append(make_attention(attention, c))
+        self.global_pool, mult = make_pool(pool)
+        self.num_features = w[-1] * mult
         self.drop = nn.Dropout(drop_rate)
-        self.fc = nn.Linear(w[-1], num_classes)
+        self.fc = nn.Linear(self.num_features, num_classes)
         self.feature_info = [dict(num_chs=c, reduction=r, module=f"stages.{i}")
                              for i, (c, r) in enumerate(zip(w, (1, 2, 4, 8)))]
         self.pretrained_cfg = {"mean": None, "std": None, "input_size": None}
@@ -67,7 +74,7 @@ class SmallCNN(nn.Module):
         return self.stages(self.stem(x))  # (B, 4*width, H/8, W/8), at least 4x4 unless smaller in
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.global_pool(x).flatten(1)  # (B, 4*width)
+        x = self.global_pool(x).flatten(1)  # (B, num_features)
         return x if pre_logits else self.fc(self.drop(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

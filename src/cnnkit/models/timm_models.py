@@ -26,15 +26,34 @@ FAMILIES: dict[str, str] = {
 }
 
 
-def build_timm(timm_name: str, num_classes: int, in_chans: int, pretrained: bool, **kwargs) -> nn.Module:
-    """Create a timm model, turning a failed weight download into one clear sentence."""
+def build_timm(timm_name: str, num_classes: int, in_chans: int, pretrained: bool,
+               attention: str | None = None, pool: str = "avg", **kwargs) -> nn.Module:
+    """Create a timm model, turning a failed weight download into one clear sentence.
+
+    ``attention`` goes into every residual block (resnets only, through timm's
+    ``block_args``); ``pool`` replaces the global pooling (any family).
+    """
     import timm
 
+    from cnnkit.models.blocks import ATTENTION, make_pool
+
+    if attention not in (None, "", "none"):
+        if not timm_name.startswith("resnet"):
+            raise ModelError(f"--attention is supported for smallcnn and the resnet family, not "
+                             f"'{timm_name.split('.')[0]}'")
+        if attention not in ATTENTION:
+            raise ModelError(f"unknown attention '{attention}'; choose from {', '.join(ATTENTION)}")
+        kwargs["block_args"] = dict(attn_layer=attention)
+    if pool in ("avg", "max", "avgmax"):
+        kwargs["global_pool"] = pool
     if pretrained:
         _check_hub(timm_name)
     try:
-        return timm.create_model(timm_name, pretrained=pretrained, num_classes=num_classes,
-                                 in_chans=in_chans, **kwargs)
+        model = timm.create_model(timm_name, pretrained=pretrained, num_classes=num_classes,
+                                  in_chans=in_chans, **kwargs)
+        if pool not in ("avg", "max", "avgmax"):
+            _swap_pool(model, pool, num_classes)
+        return model
     except RuntimeError as e:
         if "Unknown model" in str(e):
             raise ModelError(f"timm has no model '{timm_name}'; see timm.list_models()") from None
@@ -45,6 +64,22 @@ def build_timm(timm_name: str, num_classes: int, in_chans: int, pretrained: bool
         if not pretrained:
             raise
         raise _offline_error(timm_name, e) from None
+
+
+def _swap_pool(model: nn.Module, name: str, num_classes: int) -> None:
+    """Replace a timm classifier's global pool (resnet, densenet, efficientnet style heads)."""
+    from cnnkit.models.blocks import make_pool
+
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if (not isinstance(getattr(model, "global_pool", None), nn.Module) or not isinstance(head, nn.Linear)
+            or head.in_features != getattr(model, "num_features", -1)):
+        raise ModelError(f"--pool {name} is not supported for '{type(model).__name__}' (its head is not "
+                         "pool + linear); use avg, max or avgmax")
+    pool, mult = make_pool(name)
+    model.global_pool = pool
+    model.num_features = model.num_features * mult
+    # (not timm's reset_classifier: it would rebuild timm's own pool from a pool_type name)
+    setattr(model, model.pretrained_cfg.get("classifier", "fc"), nn.Linear(model.num_features, num_classes))
 
 
 HUB_HOST = ("huggingface.co", 443)
