@@ -28,7 +28,7 @@ def test_read_image_gray_and_rgb(tmp_path):
     rgb.save(tmp_path / "a.png")
     t = read_image(tmp_path / "a.png", channels=3)
     assert t.dtype == torch.uint8 and t.shape == (3, 10, 12)
-    assert torch.equal(t, torch.from_numpy(np.asarray(rgb)).permute(2, 0, 1))
+    assert torch.equal(t, torch.from_numpy(np.array(rgb)).permute(2, 0, 1))
     g = read_image(tmp_path / "a.png", channels=1)
     assert g.shape == (1, 10, 12)
     assert torch.equal(g[0], torch.from_numpy(np.asarray(rgb.convert("L"))))
