@@ -31,7 +31,7 @@ def test_read_image_gray_and_rgb(tmp_path):
     assert torch.equal(t, torch.from_numpy(np.array(rgb)).permute(2, 0, 1))
     g = read_image(tmp_path / "a.png", channels=1)
     assert g.shape == (1, 10, 12)
-    assert torch.equal(g[0], torch.from_numpy(np.asarray(rgb.convert("L"))))
+    assert torch.equal(g[0], torch.from_numpy(np.array(rgb.convert("L"))))
     assert read_image(tmp_path / "a.png", channels=None).shape[0] == 3
     rgb.convert("L").save(tmp_path / "g.png")
     assert read_image(tmp_path / "g.png", channels=None).shape[0] == 1
