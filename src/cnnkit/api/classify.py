@@ -175,23 +175,22 @@ def _load_init(model: torch.nn.Module, path: str, in_chans: int, num_classes: in
         state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
     else:
         raise ModelError(f"--init weights '{path}' do not exist")
-    head = model.get_classifier()
-    head_keys = {k for k, _ in model.named_parameters() if any(k.endswith(n) for n, _ in head.named_parameters())}
+    arch = getattr(model, "cnnkit_arch", "?")
     own = model.state_dict()
+    if not set(state) & set(own):
+        raise ModelError(f"--init weights '{path}' share no parameter names with model '{arch}'")
+    head = model.get_classifier()
+    head_prefix = next(n for n, m in model.named_modules() if m is head) + "."
     mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    if any(k not in head_keys and not k.startswith(tuple(h.rsplit(".", 1)[0] for h in head_keys))
-           for k in mismatched):
-        raise ModelError(f"--init weights '{path}' do not fit model '{getattr(model, 'cnnkit_arch', '?')}' "
-                         f"(shape mismatch in {mismatched[0]}); use the architecture they were trained with")
+    body = [k for k in mismatched if not k.startswith(head_prefix)]
+    if body:
+        raise ModelError(f"--init weights '{path}' do not fit model '{arch}' (shape mismatch in "
+                         f"{body[0]}); use the architecture they were trained with")
     note = ""
     if mismatched:
         state = {k: v for k, v in state.items() if k not in mismatched}
         note = f"the classifier head was rebuilt for {num_classes} classes"
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k not in mismatched]
-    if missing and len(missing) == len(own):
-        raise ModelError(f"--init weights '{path}' share no parameter names with model "
-                         f"'{getattr(model, 'cnnkit_arch', '?')}'")
+    model.load_state_dict(state, strict=False)
     return note
 
 
