@@ -108,35 +108,49 @@ def classify() -> None:
     """Image classification (single label): train, val, predict."""
 
 
-def _train_command():
-    from cnnkit.api.classify import ClassifyConfig
+def add_train_command(group: click.Group, cfg_cls: type, api_module: str) -> click.Command:
+    """``cnnkit TASK train``: options generated from ``cfg_cls``, plus ``--config`` and ``--resume``.
+
+    ``api_module`` (imported on use, to keep ``--help`` fast) provides ``train(cfg, resume=...)``
+    and ``config_from_file(path, overrides)``.
+    """
+    import importlib
+
     from cnnkit.cli.options import config_options, explicit_options
 
-    @classify.command("train", context_settings=CONTEXT)
-    @config_options(ClassifyConfig)
+    task = group.name
+
+    @group.command("train", context_settings=CONTEXT)
+    @config_options(cfg_cls)
     @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
                   help="read options from a config.yaml (options given here override it)")
     @click.option("--resume", type=click.Path(), default=None,
                   help="continue a stopped run exactly (its folder or weights/last.ckpt)")
     @click.pass_context
     def train_cmd(ctx: click.Context, config_file: str | None, resume: str | None, **options) -> None:
-        """Train a classifier and write a run folder (weights, metrics, plots)."""
-        from cnnkit.api import classify as api
-
-        names = [f.name for f in dataclasses.fields(ClassifyConfig)]
+        api = importlib.import_module(api_module)
+        names = [f.name for f in dataclasses.fields(cfg_cls)]
         if resume:
             api.train(resume=resume, **explicit_options(ctx, names))
             return
         if config_file:
             cfg = api.config_from_file(config_file, explicit_options(ctx, names))
         else:
-            cfg = ClassifyConfig(**options)
+            cfg = cfg_cls(**options)
         api.train(cfg)
 
+    train_cmd.help = f"Train a {task} model and write a run folder (weights, metrics, plots)."
     return train_cmd
 
 
-_train_command()
+def _add_classify_train() -> None:
+    from cnnkit.api.classify import ClassifyConfig
+
+    add_train_command(classify, ClassifyConfig, "cnnkit.api.classify").help = (
+        "Train a classifier and write a run folder (weights, metrics, plots).")
+
+
+_add_classify_train()
 
 
 @classify.command("val", context_settings=CONTEXT)

@@ -1,0 +1,107 @@
+"""Workflow pieces every task's ``train``/``val``/``predict`` shares.
+
+A task's API module (``api/classify.py``, ``api/multilabel.py``, ...) builds its data, task
+and model, then uses these helpers for the parts that are the same everywhere: resolving a
+config or a ``--resume``, opening the run folder, the standard hooks, running the Trainer
+with a clean interrupt message, and listing prediction sources.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, TypeVar
+
+from cnnkit.engine.checkpoint import load_checkpoint
+from cnnkit.engine.config import TrainConfig, read_yaml_config
+from cnnkit.engine.hooks import EarlyStopping, Hook, MetricsCSV
+from cnnkit.engine.progress import ProgressHook, console
+from cnnkit.engine.run import RunDir, new_run_dir
+from cnnkit.errors import CnnkitError, DataError
+
+C = TypeVar("C", bound=TrainConfig)
+
+
+def resolve_config(cls: type[C], task: str, cfg: C | None, resume: str | Path | None,
+                   overrides: dict[str, Any], verbose: bool = True) -> tuple[C, dict | None, RunDir | None]:
+    """The config to train with, and for ``--resume`` the checkpoint and its run folder.
+
+    A resumed run continues unchanged: only ``device`` and ``workers`` may be overridden.
+    """
+    if resume is None:
+        cfg = cfg or cls()
+        if overrides:
+            cfg = cls.from_dict({**cfg.to_dict(), **overrides}, source="train()")
+        cfg.validate()
+        return cfg, None, None
+    ckpt = load_checkpoint(resume)
+    saved = dict(ckpt["config"])
+    cfg = cls.from_dict(saved, source=f"checkpoint '{resume}'")
+    for k in ("device", "workers"):
+        if k in overrides:
+            setattr(cfg, k, overrides.pop(k))
+    if overrides and verbose:
+        console().print(f"[yellow]note:[/] --resume continues the saved run unchanged; ignoring "
+                        f"{', '.join(sorted(overrides))}")
+    rp = Path(resume)
+    root = rp if rp.is_dir() else rp.parent.parent if rp.parent.name == "weights" else rp.parent
+    cfg.validate()
+    return cfg, ckpt, RunDir(root)
+
+
+def config_from_file(cls: type[C], task: str, path: str | Path, overrides: dict[str, Any]) -> C:
+    """A config from ``config.yaml`` with explicitly given options on top."""
+    d = read_yaml_config(path)
+    if d.get("task", task) != task:
+        raise CnnkitError(f"config '{path}' is for task '{d['task']}', not {task}")
+    return cls.from_dict({**d, **overrides}, source=f"config '{path}'")
+
+
+def open_run(cfg: TrainConfig, task: str, run: RunDir | None) -> RunDir:
+    """The run folder: the resumed one, or a new one with ``config.yaml`` written."""
+    if run is not None:
+        return run
+    run = new_run_dir(task, cfg.out, cfg.name)
+    cfg.save_yaml(run.config, task)
+    return run
+
+
+def standard_hooks(cfg: TrainConfig, run: RunDir, verbose: bool, extra: list[Hook] | None = None) -> list[Hook]:
+    """Progress bar (when verbose), ``metrics.csv``, early stopping, then ``extra`` hooks."""
+    hooks: list[Hook] = [ProgressHook(console())] if verbose else []
+    hooks += list(extra or [])
+    hooks.append(MetricsCSV(run.metrics_csv))
+    if cfg.patience:
+        hooks.append(EarlyStopping(cfg.patience))
+    return hooks
+
+
+def run_trainer(trainer, ckpt: dict | None, run: RunDir, task: str, verbose: bool) -> float:
+    """Restore ``ckpt`` (when resuming), train, and return the training time in seconds."""
+    con = console()
+    if ckpt is not None:
+        trainer.load_state_dict(ckpt)
+        if trainer.epoch >= trainer.cfg.epochs and verbose:
+            con.print(f"run '{run.root}' already finished {trainer.epoch} epochs; re-evaluating the best weights")
+    t0 = time.perf_counter()
+    try:
+        trainer.fit()
+    except KeyboardInterrupt:
+        con.print(f"\n[yellow]interrupted[/]; resume with: cnnkit {task} train --resume {run.root}")
+        raise
+    return time.perf_counter() - t0
+
+
+def list_sources(source: str | Path) -> list[Path]:
+    """Image files of a file or folder source (folders are searched recursively)."""
+    from cnnkit.data.decode import is_image_file
+
+    p = Path(source)
+    if not p.exists():
+        raise DataError(f"source '{p}' does not exist")
+    if p.is_file():
+        return [p]
+    files = sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f) and not f.name.startswith("."))
+    if not files:
+        raise DataError(f"no images found in folder '{p}'")
+    return files
