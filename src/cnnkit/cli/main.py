@@ -188,6 +188,11 @@ def predict_cmd(weights, source, topk, batch, device, json_path) -> None:
     api.predict(weights, source, topk=topk, batch=batch, device=device, json_path=json_path)
 
 
+from cnnkit.cli.features import register as _register_features  # noqa: E402
+
+_register_features(classify)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; user errors print one sentence and exit with code 2."""
     try:
