@@ -15,11 +15,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 
 import cnnkit
 from cnnkit.data.classification import (ClassificationData, TransformedDataset,
                                         load_classification_data, make_loader)
-from cnnkit.data.decode import ImageLike, is_image_file, read_image
+from cnnkit.data.decode import ImageLike, read_image
+from cnnkit.data.mix import make_batch_mix
+from cnnkit.data.sampling import (LabelView, bootstrap, class_counts, class_weights, long_tail,
+                                  make_sampler, noisy_labels)
 from cnnkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess, parse_aug
 from cnnkit.api._common import config_from_file as _config_from_file
 from cnnkit.api._common import list_sources, open_run, resolve_config, run_trainer, standard_hooks
@@ -39,6 +43,42 @@ DATA_DEFAULTS = {"digits": {"aug": "affine"}, "shapes": {"aug": "affine,flip"}}
 FOLDER_AUG = "crop=0.6,flip"
 
 
+IMBALANCE = ("weighted-sampler", "oversample", "undersample", "class-weights", "class-balanced", "focal",
+             "ohem", "smote")
+SAMPLERS = ("weighted-sampler", "oversample", "undersample")
+
+
+def parse_imbalance(spec: str | None) -> dict[str, float | None]:
+    """``--imbalance`` as ``{name: value or None}``, e.g. ``"oversample,focal=2"``.
+
+    At most one sampler (weighted-sampler, oversample, undersample) and one of class-weights /
+    class-balanced. Values: ``class-balanced=BETA`` (0.999), ``focal=GAMMA`` (2),
+    ``ohem=FRACTION`` (0.5 of each batch kept).
+    """
+    out: dict[str, float | None] = {}
+    for token in [t.strip() for t in (spec or "").split(",") if t.strip() and t.strip() != "none"]:
+        name, _, value = token.partition("=")
+        if name not in IMBALANCE:
+            import difflib
+
+            close = difflib.get_close_matches(name, IMBALANCE, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise CnnkitError(f"unknown --imbalance strategy '{name}'{hint}; choose from {', '.join(IMBALANCE)}")
+        try:
+            out[name] = float(value) if value else None
+        except ValueError:
+            raise CnnkitError(f"--imbalance {name}={value} needs a number") from None
+    if sum(k in out for k in SAMPLERS) > 1:
+        raise CnnkitError("--imbalance takes one sampler: weighted-sampler, oversample or undersample")
+    if "class-weights" in out and "class-balanced" in out:
+        raise CnnkitError("--imbalance takes class-weights or class-balanced, not both")
+    if (v := out.get("ohem")) is not None and not 0 < v < 1:
+        raise CnnkitError(f"--imbalance ohem=F keeps a fraction F of each batch, in (0, 1); got {v}")
+    if (v := out.get("class-balanced")) is not None and not 0 < v < 1:
+        raise CnnkitError(f"--imbalance class-balanced=BETA needs BETA in (0, 1); got {v}")
+    return out
+
+
 @dataclass
 class ClassifyConfig(TrainConfig):
     """``cnnkit classify train`` options (the shared ones plus classification's own)."""
@@ -54,9 +94,35 @@ class ClassifyConfig(TrainConfig):
     channels: int | None = None  # None: detect (1 for all-grayscale folders, else 3)
     attention: str | None = None  # se, cbam or eca blocks in the backbone (smallcnn, resnets)
     pool: str = "avg"  # global pooling: avg, max, avgmax, lp, gem, spp
+    # loss, mixing and data-level experiments
+    loss: str = "ce"  # ce, sce (symmetric CE) or gce (generalized CE); focal comes with --imbalance focal
+    mixup: float = 0.0  # mixup Beta(alpha, alpha); 0 is off
+    cutmix: float = 0.0  # CutMix Beta(alpha, alpha); 0 is off
+    batch_aug: str | None = None  # whole-batch augmentation on the training device (GPU), e.g. flip,rotate=15
+    imbalance: str | None = None  # e.g. weighted-sampler, class-weights, focal=2, ohem=0.5, smote
+    imbalance_ratio: float = 1.0  # make the train split long-tailed: the rarest class keeps this fraction
+    label_noise: float = 0.0  # flip this fraction of train and val labels (experiments)
+    noise_type: str = "symmetric"  # symmetric or pairflip (class k -> k+1)
+    bootstrap: bool = False  # train on a bootstrap sample of the train split (bagging)
 
     def validate(self) -> None:
         super().validate()
+        from cnnkit.data.sampling import NOISE_TYPES
+        from cnnkit.tasks.losses import LOSSES
+
+        if self.loss not in LOSSES or self.loss == "focal":
+            raise CnnkitError(f"--loss must be ce, sce or gce, got '{self.loss}' (focal: --imbalance focal)")
+        if self.mixup < 0 or self.cutmix < 0:
+            raise CnnkitError("--mixup and --cutmix take a Beta alpha of 0 or more")
+        if not 0 < self.imbalance_ratio <= 1:
+            raise CnnkitError(f"--imbalance-ratio must be in (0, 1], got {self.imbalance_ratio}")
+        if not 0 <= self.label_noise < 1:
+            raise CnnkitError(f"--label-noise must be in [0, 1), got {self.label_noise}")
+        if self.noise_type not in NOISE_TYPES:
+            raise CnnkitError(f"--noise-type must be one of {', '.join(NOISE_TYPES)}, got '{self.noise_type}'")
+        imb = parse_imbalance(self.imbalance)
+        if "focal" in imb and self.loss != "ce":
+            raise CnnkitError(f"--imbalance focal replaces the loss; it cannot be combined with --loss {self.loss}")
         if not 0 <= self.label_smoothing < 1:
             raise CnnkitError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if not 0 < self.val_fraction < 1:
@@ -218,23 +284,39 @@ def train(cfg: ClassifyConfig | None = None, *, resume: str | Path | None = None
     pre = Preprocess(imgsz, mean, std, data.channels)
     aug = cfg.aug if cfg.aug is not None else _default_aug(data)
     train_tf = pre.train_transform(parse_aug(aug, imgsz))
-    task = ClassifyTask(data.classes, cfg.label_smoothing)
+    imb = parse_imbalance(cfg.imbalance)
+    train_split, val_split = _experiment_splits(cfg, data)
+    num_classes = len(data.classes)
+    task = _make_task(cfg, data.classes, train_split.targets, imb)
     model_kwargs = {"drop_rate": cfg.drop_rate, "attention": cfg.attention, "pool": cfg.pool}
-    model = ClassifyTask.build_model(cfg.model, len(data.classes), data.channels, cfg.pretrained,
-                                     **model_kwargs)
+    model = ClassifyTask.build_model(cfg.model, num_classes, data.channels, cfg.pretrained, **model_kwargs)
     if cfg.init and ckpt is None:
-        note = _load_init(model, cfg.init, data.channels, len(data.classes))
+        note = _load_init(model, cfg.init, data.channels, num_classes)
         if verbose and note:
             con.print(f"[yellow]note:[/] {note}")
 
     gen = torch.Generator().manual_seed(cfg.seed)
-    train_ds = TransformedDataset(data.split("train"), train_tf)
-    val_ds = TransformedDataset(data.split("val"), pre.eval_transform())
-    pin = device.type == "cuda"
-    train_loader = make_loader(train_ds, cfg.batch, True, cfg.workers, task.collate, gen, pin_memory=pin)
-    val_loader = make_loader(val_ds, cfg.batch * 2, False, cfg.workers, task.collate, pin_memory=pin)
+    train_ds = TransformedDataset(train_split, train_tf)
+    val_ds = TransformedDataset(val_split, pre.eval_transform())
     if len(train_ds) == 0:
         raise DataError(f"the train split of '{cfg.data}' has no images")
+    sampler_name = next((k for k in SAMPLERS if k in imb), None)
+    sampler = make_sampler(sampler_name, train_split.targets, num_classes, gen) if sampler_name else None
+    pin = device.type == "cuda"
+    train_loader = make_loader(train_ds, cfg.batch, True, cfg.workers, task.collate, gen, pin_memory=pin,
+                               sampler=sampler)
+    val_loader = make_loader(val_ds, cfg.batch * 2, False, cfg.workers, task.collate, pin_memory=pin)
+    batch_transforms = []
+    if cfg.batch_aug:
+        from cnnkit.data.batch_aug import BatchAugment
+
+        batch_transforms.append(BatchAugment.from_spec(cfg.batch_aug, imgsz))
+    if (mix := make_batch_mix(num_classes, cfg.mixup, cfg.cutmix)) is not None:
+        batch_transforms.append(mix)
+    if verbose and (cfg.imbalance_ratio < 1 or cfg.label_noise > 0 or cfg.bootstrap or sampler_name):
+        con.print(f"train split: {len(train_split)} images, per class "
+                  f"{class_counts(train_split.targets, num_classes).tolist()}"
+                  + (f"; sampler {sampler_name}" if sampler_name else ""))
 
     run = open_run(cfg, "classify", run)
     card = {
@@ -246,261 +328,117 @@ def train(cfg: ClassifyConfig | None = None, *, resume: str | Path | None = None
                     "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")},
     }
     trainer = Trainer(task, model, train_loader, val_loader, cfg, device, run.root, card,
-                      standard_hooks(cfg, run, verbose))
+                      standard_hooks(cfg, run, verbose), batch_transforms)
     train_time = run_trainer(trainer, ckpt, run, "classify", verbose)
-    return _finish(cfg, run, data, pre, task, trainer, device, train_time, verbose)
+    if "smote" in imb:
+        t0 = time.perf_counter()
+        _smote_head(run, TransformedDataset(train_split, pre.eval_transform()), task, cfg, device, verbose)
+        train_time += time.perf_counter() - t0
+    return _finish(cfg, run, data, val_split, pre, task, trainer, device, train_time, verbose)
 
 
-def _finish(cfg: ClassifyConfig, run: RunDir, data: ClassificationData, pre: Preprocess,
-            task: ClassifyTask, trainer: Trainer, device: torch.device, train_time: float,
-            verbose: bool) -> TrainResult:
-    """Evaluate the best weights on val (and test), write results.json and plots."""
-    from cnnkit.utils.plotting import plot_confusion, plot_curves
+def _experiment_splits(cfg: ClassifyConfig, data: ClassificationData) -> tuple[Dataset, Dataset]:
+    """The train and val splits after --imbalance-ratio, --label-noise and --bootstrap.
 
-    con = console()
-    best = load(run.best, device=str(device))
-    amp = resolve_amp(cfg.amp, device)
-    val_loader = make_loader(TransformedDataset(data.split("val"), pre.eval_transform()), cfg.batch * 2,
-                             False, cfg.workers, task.collate)
-    val_metrics, kept, _ = evaluate(best.model, val_loader, task, device, amp, keep=32)
-    test_metrics = None
-    if "test" in data.splits:
-        test_loader = make_loader(TransformedDataset(data.split("test"), pre.eval_transform()),
-                                  cfg.batch * 2, False, cfg.workers, task.collate)
-        test_metrics, _, _ = evaluate(best.model, test_loader, task, device, amp)
-    results = {**_public(val_metrics), "split": "val", "best_epoch": trainer.best_epoch,
-               "epochs_run": trainer.epoch, "train_time_s": round(train_time, 2),
-               "weights": str(run.best)}
-    if test_metrics is not None:
-        results["test"] = _public(test_metrics)
-    if trainer.skipped:
-        results["skipped_images"] = [{"path": p, "reason": r} for p, r in sorted(trainer.skipped.items())]
-    write_json(run.results, results)
-    plot_curves(trainer.history, run.plots / "results.png", ["top1", "macro_f1", "balanced_accuracy"])
-    plot_confusion(val_metrics["confusion_matrix"], data.classes, run.plots / "confusion_matrix.png",
-                   title=f"confusion matrix (val, epoch {trainer.best_epoch})")
-    _plot_predictions(kept, task, pre, run.plots / "val_predictions.png")
-    if verbose:
-        con.print(per_class_table(val_metrics, f"validation (best epoch {trainer.best_epoch})"))
-        line = f"val top1 {val_metrics['top1']:.4f}  macro_f1 {val_metrics['macro_f1']:.4f}"
-        if test_metrics is not None:
-            line += f"  ·  test top1 {test_metrics['top1']:.4f}  macro_f1 {test_metrics['macro_f1']:.4f}"
-        con.print(line)
-        if trainer.skipped:
-            con.print(f"[yellow]skipped {len(trainer.skipped)} unreadable image(s):[/]")
-            for p, r in sorted(trainer.skipped.items()):
-                con.print(f"  {p}: {r}")
-        con.print(f"results in {run.root}/ (weights/best.safetensors, metrics.csv, results.json, plots/)")
-    return TrainResult(run.root, results, results.get("test"), trainer.best_epoch, dict(trainer.skipped))
-
-
-def _public(metrics: dict[str, Any]) -> dict[str, Any]:
-    keys = ("top1", "top5", "macro_f1", "balanced_accuracy", "loss", "num_images", "per_class",
-            "confusion_matrix")
-    return {k: metrics[k] for k in keys if k in metrics}
-
-
-def _plot_predictions(kept: list, task: ClassifyTask, pre: Preprocess, path: Path) -> None:
-    from cnnkit.utils.plotting import denormalize, plot_image_grid
-
-    if not kept:
-        return
-    images, titles, colors = [], [], []
-    for img, out, target in kept:
-        pred = task.decode(out[None])[0]
-        truth = task.classes[int(target)]
-        images.append(denormalize(img, pre.mean, pre.std))
-        titles.append(f"{pred.label} {pred.score:.2f}" + ("" if pred.label == truth else f"\n(true {truth})"))
-        colors.append("green" if pred.label == truth else "red")
-    plot_image_grid(images, titles, path, colors)
-
-
-def config_from_file(path: str | Path, overrides: dict[str, Any]) -> ClassifyConfig:
-    """A config from ``config.yaml`` with explicitly given options on top."""
-    return _config_from_file(ClassifyConfig, "classify", path, overrides)
-
-
-# ---------------------------------------------------------------------------------------
-# Validation and prediction
-# ---------------------------------------------------------------------------------------
-def val(weights: str | Path, data: str, split: str = "val", batch: int = 64, device: str = "auto",
-        workers: int = 0, json_path: str | Path | None = None, verbose: bool = True) -> dict[str, Any]:
-    """Evaluate weights on a dataset split; the twin of ``cnnkit classify val``."""
-    if batch < 1:
-        raise CnnkitError(f"--batch must be at least 1, got {batch}")
-    model = load(weights, device)
-    ds = load_classification_data(data, channels=model.channels)
-    if list(ds.classes) != model.classes:
-        if len(ds.classes) != len(model.classes):
-            raise ModelError(f"weights '{weights}' were trained on {len(model.classes)} classes but "
-                             f"data '{data}' has {len(ds.classes)}; evaluate on data with the same classes")
-        raise ModelError(f"weights '{weights}' were trained on classes {model.classes} but data "
-                         f"'{data}' has {ds.classes}; evaluate on data with the same classes")
-    loader = make_loader(TransformedDataset(ds.split(split), model.preprocess.eval_transform()), batch,
-                         False, workers, model.task.collate)
-    metrics, _, skipped = evaluate(model.model, loader, model.task, model.device)
-    result = {**_public(metrics), "split": split, "data": data, "weights": str(resolve_weights(weights))}
-    if skipped:
-        result["skipped_images"] = [{"path": p, "reason": r} for p, r in skipped]
-    if json_path:
-        write_json(json_path, result)
-    if verbose:
-        con = console()
-        con.print(per_class_table(metrics, f"{data} · {split} · {metrics.get('num_images', 0)} images"))
-        con.print(f"top1 {metrics['top1']:.4f}  top5 {metrics['top5']:.4f}  macro_f1 {metrics['macro_f1']:.4f}  "
-                  f"balanced_accuracy {metrics['balanced_accuracy']:.4f}")
-        for p, r in skipped:
-            con.print(f"[yellow]skipped[/] {p}: {r}")
-    return result
-
-
-def predict(self, images: ImageLike | Sequence[ImageLike], topk: int = 5,
-                batch: int = 64) -> list[Prediction]:
-        """Classify images (paths, bytes, PIL images, arrays or tensors).
-
-        Returns one :class:`~cnnkit.tasks.classify.Prediction` per image, in order.
-        """
-        if isinstance(images, (str, Path, bytes)) or not isinstance(images, Sequence):
-            images = [images]
-        out: list[Prediction] = []
-        for i in range(0, len(images), batch):
-            chunk = images[i:i + batch]
-            x = torch.stack([self.prepare(im) for im in chunk])
-            paths = [str(p) if isinstance(p, (str, Path)) else None for p in chunk]
-            out += self.task.decode(self.logits(x), paths, topk)
-        return out
-
-
-def load(path: str | Path, device: str | None = "cpu") -> ClassifierModel:
-    """Rebuild a classifier from ``best.safetensors`` (+ its ``.json`` card) or a run folder."""
-    state, card = load_weights(path)
-    if card.get("task") != "classify":
-        raise ModelError(f"weights '{path}' are for task '{card.get('task')}', not classify")
-    model = ClassifyTask.build_model(card["arch"], len(card["classes"]), int(card["in_chans"]),
-                                     **card.get("model_kwargs", {}))
-    try:
-        model.load_state_dict(state)
-    except RuntimeError:
-        raise ModelError(f"weights '{path}' do not match the '{card['arch']}' architecture in "
-                         "their model card") from None
-    return ClassifierModel(model, card, select_device(device))
-
-
-# ---------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------
-def _stats(data: ClassificationData, pretrained: bool) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    if data.name == "digits" and not pretrained:
-        ds = data.splits["train"]
-        x = ds.images.float() / 255.0
-        return (round(float(x.mean()), 4),), (round(float(x.std()), 4),)
-    if data.channels == 1:
-        return (0.449,), (0.226,)
-    return IMAGENET_MEAN, IMAGENET_STD
-
-
-def _default_aug(data: ClassificationData) -> str:
-    return DATA_DEFAULTS.get(data.name, {}).get("aug", FOLDER_AUG)
-
-
-def _load_init(model: torch.nn.Module, path: str, in_chans: int, num_classes: int) -> str:
-    """Load starting weights (``--init``); rebuild the head when the class count differs."""
-    p = Path(path)
-    if p.suffix == ".safetensors" or p.is_dir():
-        state, card = load_weights(p)
-        if int(card.get("in_chans", in_chans)) != in_chans:
-            raise ModelError(f"--init weights '{path}' take {card['in_chans']}-channel images but the "
-                             f"data has {in_chans} channel(s); pass --channels {card['in_chans']}")
-    elif p.is_file():
-        state = torch.load(p, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
-    else:
-        raise ModelError(f"--init weights '{path}' do not exist")
-    arch = getattr(model, "cnnkit_arch", "?")
-    own = model.state_dict()
-    if not set(state) & set(own):
-        raise ModelError(f"--init weights '{path}' share no parameter names with model '{arch}'")
-    head = model.get_classifier()
-    head_prefix = next(n for n, m in model.named_modules() if m is head) + "."
-    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    body = [k for k in mismatched if not k.startswith(head_prefix)]
-    if body:
-        raise ModelError(f"--init weights '{path}' do not fit model '{arch}' (shape mismatch in "
-                         f"{body[0]}); use the architecture they were trained with")
-    note = ""
-    if mismatched:
-        state = {k: v for k, v in state.items() if k not in mismatched}
-        note = f"the classifier head was rebuilt for {num_classes} classes"
-    model.load_state_dict(state, strict=False)
-    return note
-
-
-def train(cfg: ClassifyConfig | None = None, *, resume: str | Path | None = None,
-          verbose: bool = True, **overrides: Any) -> TrainResult:
-    """Train a classifier; the Python twin of ``cnnkit classify train``.
-
-    Args:
-        cfg: a full config; or pass options as keywords (``data="digits", epochs=5``).
-        resume: a run folder or ``last.ckpt`` to continue exactly where it stopped.
-        verbose: print progress and tables.
-
-    Returns:
-        :class:`TrainResult` with the run folder and the best epoch's validation metrics.
+    Label noise goes into train and val alike (both are "your labelled data"); test, when
+    there is one, stays clean, so it measures what the noise cost.
     """
-    con = console()
-    cfg, ckpt, run = resolve_config(ClassifyConfig, "classify", cfg, resume, overrides, verbose)
-    device = select_device(cfg.device)
-    seed_everything(cfg.seed)
-    data = load_classification_data(cfg.data, seed=cfg.seed, val_fraction=cfg.val_fraction,
-                                    channels=cfg.channels)
-    imgsz = cfg.imgsz or data.default_imgsz
-    mean, std = _stats(data, cfg.pretrained)
-    pre = Preprocess(imgsz, mean, std, data.channels)
-    aug = cfg.aug if cfg.aug is not None else _default_aug(data)
-    train_tf = pre.train_transform(parse_aug(aug, imgsz))
-    task = ClassifyTask(data.classes, cfg.label_smoothing)
-    model_kwargs = {"drop_rate": cfg.drop_rate, "attention": cfg.attention, "pool": cfg.pool}
-    model = ClassifyTask.build_model(cfg.model, len(data.classes), data.channels, cfg.pretrained,
-                                     **model_kwargs)
-    if cfg.init and ckpt is None:
-        note = _load_init(model, cfg.init, data.channels, len(data.classes))
-        if verbose and note:
-            con.print(f"[yellow]note:[/] {note}")
-
-    gen = torch.Generator().manual_seed(cfg.seed)
-    train_ds = TransformedDataset(data.split("train"), train_tf)
-    val_ds = TransformedDataset(data.split("val"), pre.eval_transform())
-    pin = device.type == "cuda"
-    train_loader = make_loader(train_ds, cfg.batch, True, cfg.workers, task.collate, gen, pin_memory=pin)
-    val_loader = make_loader(val_ds, cfg.batch * 2, False, cfg.workers, task.collate, pin_memory=pin)
-    if len(train_ds) == 0:
-        raise DataError(f"the train split of '{cfg.data}' has no images")
-
-    run = open_run(cfg, "classify", run)
-    card = {
-        "task": "classify", "arch": cfg.model, "model_kwargs": model_kwargs,
-        "classes": data.classes, "num_classes": len(data.classes), "in_chans": data.channels,
-        "imgsz": [imgsz, imgsz], "preprocess": pre.to_dict(), "cnnkit_version": cnnkit.__version__,
-        "trained": {"data": cfg.data, "epochs": cfg.epochs, "seed": cfg.seed, "aug": aug,
-                    "pretrained": cfg.pretrained, "init": cfg.init,
-                    "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")},
-    }
-    trainer = Trainer(task, model, train_loader, val_loader, cfg, device, run.root, card,
-                      standard_hooks(cfg, run, verbose))
-    train_time = run_trainer(trainer, ckpt, run, "classify", verbose)
-    return _finish(cfg, run, data, pre, task, trainer, device, train_time, verbose)
+    train, val = data.split("train"), data.split("val")
+    k = len(data.classes)
+    if cfg.imbalance_ratio < 1:
+        train = LabelView(train, long_tail(train.targets, k, cfg.imbalance_ratio, cfg.seed))
+    if cfg.label_noise > 0:
+        train = LabelView(train, range(len(train)),
+                          noisy_labels(train.targets, k, cfg.label_noise, cfg.noise_type, cfg.seed))
+        val = LabelView(val, range(len(val)),
+                        noisy_labels(val.targets, k, cfg.label_noise, cfg.noise_type, cfg.seed + 1))
+    if cfg.bootstrap:
+        train = LabelView(train, bootstrap(len(train), cfg.seed))
+    return train, val
 
 
-def _finish(cfg: ClassifyConfig, run: RunDir, data: ClassificationData, pre: Preprocess,
-            task: ClassifyTask, trainer: Trainer, device: torch.device, train_time: float,
-            verbose: bool) -> TrainResult:
+def _make_task(cfg: ClassifyConfig, classes: list[str], targets: list[int],
+               imb: dict[str, float | None]) -> ClassifyTask:
+    weights = None
+    if "class-weights" in imb:
+        weights = class_weights(targets, len(classes), "inverse")
+    elif "class-balanced" in imb:
+        weights = class_weights(targets, len(classes), "effective", imb["class-balanced"] or 0.999)
+    loss = "focal" if "focal" in imb else cfg.loss
+    return ClassifyTask(classes, cfg.label_smoothing, loss=loss, class_weights=weights,
+                        ohem=(imb["ohem"] or 0.5) if "ohem" in imb else 0.0,
+                        focal_gamma=imb.get("focal") or 2.0)
+
+
+@torch.no_grad()
+def _embed(model: torch.nn.Module, ds: Dataset, task: ClassifyTask, device: torch.device,
+           batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Pre-logit embeddings ``(N, D)`` and labels of a dataset (unreadable images left out)."""
+    feats, labels = [], []
+    model.eval()
+    for b in make_loader(ds, batch, False, 0, task.collate):
+        if len(b["targets"]) == 0:
+            continue
+        x = b["images"].to(device)
+        feats.append(model.forward_head(model.forward_features(x), pre_logits=True).float().cpu())
+        labels.append(b["targets"])
+    return torch.cat(feats).numpy(), torch.cat(labels).numpy()
+
+
+def _smote_head(run: RunDir, train_ds: Dataset, task: ClassifyTask, cfg: ClassifyConfig,
+                device: torch.device, verbose: bool) -> None:
+    """``--imbalance smote``: SMOTE in feature space, then retrain the linear head on it.
+
+    The trained network embeds every training image (no augmentation); imbalanced-learn's
+    SMOTE adds synthetic minority embeddings between neighbours of the same class until every
+    class matches the largest; the classifier head is retrained on the balanced embeddings
+    (full-batch L-BFGS from the trained head) and the best weights are rewritten.
+    """
+    from imblearn.over_sampling import SMOTE
+
+    from cnnkit.engine.checkpoint import save_weights
+
+    best = load(run.best, device=str(device))
+    head = best.model.get_classifier()
+    if not isinstance(head, torch.nn.Linear):
+        raise ModelError(f"--imbalance smote retrains a linear classifier head; '{cfg.model}' has "
+                         f"{type(head).__name__}")
+    x, y = _embed(best.model, train_ds, task, device)
+    counts = np.bincount(y)
+    smallest = int(counts[counts > 0].min())
+    if smallest < 2:
+        raise DataError("--imbalance smote needs at least 2 training images in every class")
+    xs, ys = SMOTE(k_neighbors=min(5, smallest - 1), random_state=cfg.seed).fit_resample(x, y)
+    xt, yt = torch.as_tensor(xs, dtype=torch.float32, device=device), torch.as_tensor(ys, device=device)
+    head.train()
+    opt = torch.optim.LBFGS(head.parameters(), lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
+    decay = 1e-4
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(head(xt), yt) + decay * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    state, card = load_weights(run.best)
+    state.update({k: v.detach().cpu() for k, v in best.model.state_dict().items()})
+    card["trained"] = {**card.get("trained", {}), "smote": {"real": int(len(y)), "synthetic": int(len(ys) - len(y))}}
+    save_weights(run.best, state, card)
+    if verbose:
+        console().print(f"smote: {len(ys) - len(y)} synthetic embeddings added; classifier head retrained")
+
+
+def _finish(cfg: ClassifyConfig, run: RunDir, data: ClassificationData, val_split: Dataset,
+            pre: Preprocess, task: ClassifyTask, trainer: Trainer, device: torch.device,
+            train_time: float, verbose: bool) -> TrainResult:
     """Evaluate the best weights on val (and test), write results.json and plots."""
     from cnnkit.utils.plotting import plot_confusion, plot_curves
 
     con = console()
     best = load(run.best, device=str(device))
     amp = resolve_amp(cfg.amp, device)
-    val_loader = make_loader(TransformedDataset(data.split("val"), pre.eval_transform()), cfg.batch * 2,
+    val_loader = make_loader(TransformedDataset(val_split, pre.eval_transform()), cfg.batch * 2,
                              False, cfg.workers, task.collate)
     val_metrics, kept, _ = evaluate(best.model, val_loader, task, device, amp, keep=32)
     test_metrics = None
@@ -563,23 +501,81 @@ def config_from_file(path: str | Path, overrides: dict[str, Any]) -> ClassifyCon
 # ---------------------------------------------------------------------------------------
 # Validation and prediction
 # ---------------------------------------------------------------------------------------
-def val(weights: str | Path, data: str, split: str = "val", batch: int = 64, device: str = "auto",
-        workers: int = 0, json_path: str | Path | None = None, verbose: bool = True) -> dict[str, Any]:
-    """Evaluate weights on a dataset split; the twin of ``cnnkit classify val``."""
+def load_ensemble(weights: str | Path | Sequence[str | Path], device: str | None = "cpu",
+                  ensemble: str = "mean", tta: str | None = None) -> ClassifierModel:
+    """Load one or more weights as one classifier: an ensemble (``mean`` or ``vote``) and/or TTA.
+
+    One weights file without TTA is exactly :func:`load`. Several must be classifiers of the same
+    classes in the same order and with the same channels; they may differ in architecture and
+    input size (see :func:`cnnkit.methods.ensemble.build_ensemble`). The model's card records
+    what was combined: ``card["ensemble"] = {"mode", "members"}`` and ``card["tta"]`` (views).
+
+    Examples:
+        >>> model = load_ensemble(["runs/a", "runs/b", "runs/c"], ensemble="vote", tta="scale")
+        >>> model.predict("digit.png")[0].label
+    """
+    from cnnkit.methods.ensemble import ENSEMBLE_MODES, build_ensemble, parse_tta
+
+    paths = [weights] if isinstance(weights, (str, Path)) else list(weights)
+    if not paths:
+        raise CnnkitError("--weights needs at least one weights file or run folder")
+    if ensemble not in ENSEMBLE_MODES:
+        raise CnnkitError(f"--ensemble must be one of {', '.join(ENSEMBLE_MODES)}, got '{ensemble}'")
+    views = parse_tta(tta)
+    members = [load(p, device) for p in paths]
+    first = members[0]
+    for path, m in zip(paths[1:], members[1:]):
+        if m.classes != first.classes:
+            ours, theirs = ((f"{len(m.classes)} classes", f"{len(first.classes)}")
+                            if len(m.classes) != len(first.classes) else (f"classes {m.classes}", f"{first.classes}"))
+            raise ModelError(f"weights '{path}' were trained on {ours} but '{paths[0]}' on {theirs}; "
+                             "ensemble members need the same classes in the same order")
+    if len(members) == 1 and len(views) == 1:
+        return first
+    module, pre = build_ensemble([m.model for m in members], [m.preprocess for m in members], ensemble, views)
+    card = {**first.card, "preprocess": pre.to_dict(), "imgsz": [pre.imgsz, pre.imgsz]}
+    if len(members) > 1:
+        card["ensemble"] = {"mode": ensemble, "members": [str(resolve_weights(p)) for p in paths]}
+    if len(views) > 1:
+        card["tta"] = [v.name for v in views]
+    return ClassifierModel(module, card, first.device)
+
+
+def val(weights: str | Path | Sequence[str | Path], data: str, split: str = "val", batch: int = 64,
+        device: str = "auto", workers: int = 0, json_path: str | Path | None = None, verbose: bool = True,
+        ensemble: str = "mean", tta: str | None = None) -> dict[str, Any]:
+    """Evaluate weights on a dataset split; the twin of ``cnnkit classify val``.
+
+    Several ``weights`` are evaluated as one ensemble (``ensemble="mean"`` or ``"vote"``, see
+    :func:`load_ensemble`); the result then also has ``ensemble`` (mode and members),
+    ``members_top1`` (each member alone, with the same preprocessing and TTA) and
+    ``mean_member_top1``. ``tta`` (e.g. ``"scale"``) averages over test-time views and adds
+    ``tta`` (the view names) to the result.
+    """
     if batch < 1:
         raise CnnkitError(f"--batch must be at least 1, got {batch}")
-    model = load(weights, device)
+    paths = [weights] if isinstance(weights, (str, Path)) else list(weights)
+    model = load_ensemble(paths, device, ensemble, tta)
+    name = f"weights '{paths[0]}'" if len(paths) == 1 else f"the {len(paths)} ensemble weights"
     ds = load_classification_data(data, channels=model.channels)
     if list(ds.classes) != model.classes:
         if len(ds.classes) != len(model.classes):
-            raise ModelError(f"weights '{weights}' were trained on {len(model.classes)} classes but "
+            raise ModelError(f"{name} were trained on {len(model.classes)} classes but "
                              f"data '{data}' has {len(ds.classes)}; evaluate on data with the same classes")
-        raise ModelError(f"weights '{weights}' were trained on classes {model.classes} but data "
+        raise ModelError(f"{name} were trained on classes {model.classes} but data "
                          f"'{data}' has {ds.classes}; evaluate on data with the same classes")
     loader = make_loader(TransformedDataset(ds.split(split), model.preprocess.eval_transform()), batch,
                          False, workers, model.task.collate)
     metrics, _, skipped = evaluate(model.model, loader, model.task, model.device)
-    result = {**_public(metrics), "split": split, "data": data, "weights": str(resolve_weights(weights))}
+    resolved = [str(resolve_weights(p)) for p in paths]
+    result = {**_public(metrics), "split": split, "data": data,
+              "weights": resolved[0] if len(resolved) == 1 else resolved}
+    if "ensemble" in model.card:
+        tops = [evaluate(m, loader, model.task, model.device)[0]["top1"] for m in model.model.members]
+        result.update(ensemble=model.card["ensemble"], members_top1=tops,
+                      mean_member_top1=sum(tops) / len(tops))
+    if "tta" in model.card:
+        result["tta"] = model.card["tta"]
     if skipped:
         result["skipped_images"] = [{"path": p, "reason": r} for p, r in skipped]
     if json_path:
@@ -589,33 +585,29 @@ def val(weights: str | Path, data: str, split: str = "val", batch: int = 64, dev
         con.print(per_class_table(metrics, f"{data} · {split} · {metrics.get('num_images', 0)} images"))
         con.print(f"top1 {metrics['top1']:.4f}  top5 {metrics['top5']:.4f}  macro_f1 {metrics['macro_f1']:.4f}  "
                   f"balanced_accuracy {metrics['balanced_accuracy']:.4f}")
+        if "ensemble" in result:
+            con.print(f"ensemble of {len(paths)} ({ensemble}): top1 {metrics['top1']:.4f} · members "
+                      + " ".join(f"{t:.4f}" for t in result["members_top1"])
+                      + f" (mean {result['mean_member_top1']:.4f}, gain "
+                      f"{metrics['top1'] - result['mean_member_top1']:+.4f})")
+        if "tta" in result:
+            con.print(f"tta: {len(result['tta'])} views ({', '.join(result['tta'])})")
         for p, r in skipped:
             con.print(f"[yellow]skipped[/] {p}: {r}")
     return result
 
 
-def list_sources(source: str | Path) -> list[Path]:
-    """Image files of a file or folder source (folders are searched recursively)."""
-    p = Path(source)
-    if not p.exists():
-        raise DataError(f"source '{p}' does not exist")
-    if p.is_file():
-        return [p]
-    files = sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f) and not f.name.startswith("."))
-    if not files:
-        raise DataError(f"no images found in folder '{p}'")
-    return files
-
-
-def predict(weights: str | Path, source: str | Path | Iterable, topk: int = 5, batch: int = 64,
-            device: str = "auto", json_path: str | Path | None = None,
-            verbose: bool = True) -> list[dict[str, Any]]:
+def predict(weights: str | Path | Sequence[str | Path], source: str | Path | Iterable, topk: int = 5,
+            batch: int = 64, device: str = "auto", json_path: str | Path | None = None,
+            verbose: bool = True, ensemble: str = "mean", tta: str | None = None) -> list[dict[str, Any]]:
     """Classify a file or folder of images; the twin of ``cnnkit classify predict``.
 
-    Unreadable files inside a folder are reported and skipped; a single unreadable file is an
-    error.
+    Several ``weights`` predict as one ensemble (``ensemble="mean"`` or ``"vote"``) and ``tta``
+    averages over test-time views (see :func:`load_ensemble`); scores are then the combined
+    probabilities. Unreadable files inside a folder are reported and skipped; a single
+    unreadable file is an error.
     """
-    model = load(weights, device)
+    model = load_ensemble(weights, device, ensemble, tta)
     files = list_sources(source)
     results: list[dict[str, Any]] = []
     skipped: list[tuple[str, str]] = []
@@ -641,7 +633,12 @@ def predict(weights: str | Path, source: str | Path | Iterable, topk: int = 5, b
         from rich.table import Table
 
         con = console()
-        table = Table(title=f"{len(results)} image(s) · {elapsed * 1000 / max(1, len(results)):.1f} ms/image")
+        extra = ""
+        if "ensemble" in model.card:
+            extra += f" · ensemble of {len(model.card['ensemble']['members'])} ({ensemble})"
+        if "tta" in model.card:
+            extra += f" · tta {len(model.card['tta'])} views"
+        table = Table(title=f"{len(results)} image(s) · {elapsed * 1000 / max(1, len(results)):.1f} ms/image{extra}")
         for col in ("path", "label", "score", f"top{min(topk, len(model.classes))}"):
             table.add_column(col)
         for r in results:

@@ -15,7 +15,8 @@ from cnnkit.engine.config import AMP_MODES, OPTIMIZERS, SCHEDULES
 from cnnkit.models.blocks import ATTENTION, POOLS
 
 CHOICES: dict[str, tuple[str, ...]] = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "amp": AMP_MODES,
-                                       "attention": ("none", *ATTENTION), "pool": POOLS}
+                                       "attention": ("none", *ATTENTION), "pool": POOLS,
+                                       "loss": ("ce", "sce", "gce"), "noise_type": ("symmetric", "pairflip")}
 
 HELP: dict[str, str] = {
     "data": "dataset: digits, shapes, or an ImageFolder path (root/train/<class>/..., optional val/ and test/)",
@@ -23,6 +24,10 @@ HELP: dict[str, str] = {
     "imgsz": "input size in pixels (square); default: the dataset's (digits 16, shapes 64, folders 224)",
     "pretrained": "start from published ImageNet weights (torchvision/timm loaders; needs network once)",
     "init": "start from these weights (a cnnkit .safetensors or a state-dict file): fine-tuning, not resuming",
+    "freeze": "freeze 'backbone' (all but the head) or N (the stem and the first N stages), BN statistics included",
+    "unfreeze_at": "epoch at which frozen layers start training (gradual fine-tuning); 0 keeps them frozen",
+    "layer_decay": "layer-wise LR decay: each depth group below the head gets this factor times the LR above; 1 is off",
+    "linear_probe": "train only a linear head on frozen features (the backbone and its BN statistics stay fixed)",
     "epochs": "number of epochs",
     "batch": "batch size",
     "lr": "peak learning rate",
@@ -39,6 +44,8 @@ HELP: dict[str, str] = {
     "amp": "mixed precision; auto is bf16 on a CUDA GPU that supports it (else fp16), off on CPU",
     "channels_last": "use the channels_last memory format (faster convolutions on recent GPUs)",
     "patience": "stop after N epochs without improvement; 0 turns early stopping off",
+    "snapshots": "snapshot ensemble: with --schedule cyclic, N cosine cycles and weights/snapshotK.safetensors "
+                 "saved at the end of each (ensemble them with val --weights)",
     "seed": "random seed (data order, augmentation, initialization)",
     "device": "auto, cpu, cuda, cuda:N or mps",
     "workers": "data-loading worker processes (0 loads in the main process)",
@@ -46,12 +53,24 @@ HELP: dict[str, str] = {
     "name": "run name under runs/TASK/ (instead of trainN)",
     "label_smoothing": "label smoothing of the cross-entropy loss",
     "aug": "training augmentations, e.g. flip,rotate=15,scale=0.8:1.2,translate=0.1,crop=0.6,jitter=0.4,"
-           "erase=0.25,blur=1.5 or none; default: the dataset's (digits: affine; shapes: affine,flip; "
+           "erase=0.25,blur=1.5,noise=0.05,gamma=0.7:1.5,shadow=0.5,randaugment[=N:M],trivialaugment,"
+           "autoaugment (cutout = erase) or none; default: the dataset's (digits: affine; shapes: affine,flip; "
            "folders: crop=0.6,flip)",
     "drop_rate": "dropout before the classifier",
     "val_fraction": "fraction of train/ held out for validation when a folder has no val/",
     "channels": "1 (grayscale) or 3 (RGB); default: detected from the images",
     "attention": "insert attention blocks: se, cbam or eca (smallcnn after every stage; resnets in every block)",
+    "loss": "ce (cross-entropy), sce (symmetric CE) or gce (generalized CE); sce and gce resist label noise",
+    "mixup": "mixup with Beta(A, A) mixing weights; 0 is off (e.g. 0.2)",
+    "cutmix": "CutMix with Beta(A, A) box areas; 0 is off (e.g. 1.0); with --mixup each batch uses one of the two",
+    "batch_aug": "augment whole batches on the training device (GPU), e.g. flip,rotate=15,scale=0.9:1.1,jitter=0.2",
+    "imbalance": "class-imbalance strategies, comma-separated: one sampler (weighted-sampler, oversample, "
+                 "undersample), class-weights or class-balanced[=BETA], focal[=GAMMA], ohem[=FRACTION], smote",
+    "imbalance_ratio": "make the train split long-tailed for experiments: the last class keeps this fraction "
+                       "(exponential profile; 1 leaves the data as it is)",
+    "label_noise": "flip this fraction of the train and val labels for experiments (test stays clean)",
+    "noise_type": "symmetric (to any other class) or pairflip (class k to k+1)",
+    "bootstrap": "train on a bootstrap sample of the train split (bagging members: use different --seed)",
     "pool": "global pooling: avg, max, avgmax, lp (power mean p=3), gem (learnable p), spp (1+2x2+4x4 pyramid)",
 }
 

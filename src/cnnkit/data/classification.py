@@ -104,12 +104,13 @@ def collate_classification(items: list) -> dict:
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, workers: int,
                 collate_fn=collate_classification, generator: torch.Generator | None = None,
-                drop_last: bool = False, pin_memory: bool = False) -> DataLoader:
+                drop_last: bool = False, pin_memory: bool = False, sampler=None) -> DataLoader:
     """A DataLoader with cnnkit's conventions (seedable generator, no persistent workers).
 
     Workers are not persistent so that every epoch's worker seeds come from the seeded
-    ``generator``: an epoch replays identically after ``--resume``.
+    ``generator``: an epoch replays identically after ``--resume``. A ``sampler`` (class
+    rebalancing) replaces shuffling; give it the same ``generator`` so it replays too.
     """
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                      collate_fn=collate_fn, generator=generator, drop_last=drop_last,
-                      pin_memory=pin_memory, persistent_workers=False)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
+                      sampler=sampler, num_workers=workers, collate_fn=collate_fn, generator=generator,
+                      drop_last=drop_last, pin_memory=pin_memory, persistent_workers=False)

@@ -17,7 +17,7 @@ import yaml
 from cnnkit.errors import CnnkitError
 
 OPTIMIZERS = ("adamw", "sgd")
-SCHEDULES = ("cosine", "onecycle", "step", "constant")
+SCHEDULES = ("cosine", "onecycle", "step", "constant", "cyclic")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 
 
@@ -31,6 +31,11 @@ class TrainConfig:
     imgsz: int | None = None  # None: the dataset's default size
     pretrained: bool = False
     init: str | None = None  # start from these weights (fine-tuning), unlike resume
+    # fine-tuning
+    freeze: str | None = None  # "backbone" or N (the stem and the first N stages)
+    unfreeze_at: int = 0  # epoch at which frozen layers start training; 0 keeps them frozen
+    layer_decay: float = 1.0  # layer-wise LR decay per depth group below the head; 1 is off
+    linear_probe: bool = False  # frozen backbone (BN statistics too) + a trained linear head
     # optimization
     epochs: int = 20
     batch: int = 32
@@ -48,6 +53,7 @@ class TrainConfig:
     amp: str = "auto"  # auto: bf16 on a CUDA GPU that supports it, off on CPU
     channels_last: bool = False
     patience: int = 0  # early stopping after N epochs without improvement; 0 turns it off
+    snapshots: int = 0  # with --schedule cyclic: N cycles, weights saved at the end of each
     # run
     seed: int = 0
     device: str = "auto"
@@ -75,6 +81,22 @@ class TrainConfig:
         for ok, msg in checks:
             if not ok:
                 raise CnnkitError(msg)
+        if self.freeze not in (None, "", "none", "backbone", "all") and not str(self.freeze).isdigit():
+            raise CnnkitError(f"--freeze must be 'backbone' or a number of stages, got '{self.freeze}'")
+        if not 0 < self.layer_decay <= 1:
+            raise CnnkitError(f"--layer-decay must be in (0, 1], got {self.layer_decay}")
+        if self.unfreeze_at < 0:
+            raise CnnkitError(f"--unfreeze-at must be 0 or more, got {self.unfreeze_at}")
+        if self.unfreeze_at and not (self.freeze or self.linear_probe):
+            raise CnnkitError("--unfreeze-at needs --freeze or --linear-probe (nothing is frozen)")
+        if self.linear_probe and self.freeze not in (None, "", "none", "backbone", "all"):
+            raise CnnkitError("--linear-probe freezes the whole backbone; drop --freeze")
+        if (self.schedule == "cyclic") != (self.snapshots > 0):
+            raise CnnkitError("--schedule cyclic and --snapshots N go together (N cosine cycles, one "
+                              "snapshot at the end of each)")
+        if self.snapshots and (self.snapshots > self.epochs or self.epochs % self.snapshots):
+            raise CnnkitError(f"--snapshots {self.snapshots} must divide --epochs {self.epochs} "
+                              "(each cycle is a whole number of epochs)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -69,3 +69,49 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.6g}"
     return str(v)
+
+
+class Freeze(Hook):
+    """``--freeze`` / ``--linear-probe``: frozen parameters (and their BN statistics) until
+    epoch ``unfreeze_at`` (0: for the whole run). The optimizer holds every parameter, so
+    unfreezing needs no new optimizer; the state follows ``trainer.epoch``, so resume is exact.
+    """
+
+    def __init__(self, spec: str | int, unfreeze_at: int = 0):
+        self.spec, self.unfreeze_at = spec, unfreeze_at
+        self.names: set[str] = set()
+
+    def _frozen_now(self, trainer: Trainer) -> bool:
+        return not self.unfreeze_at or trainer.epoch < self.unfreeze_at
+
+    def before_train(self, trainer: Trainer) -> None:
+        from cnnkit.models.finetune import frozen_names, set_frozen
+
+        self.names = frozen_names(trainer.model, self.spec) if self._frozen_now(trainer) else set()
+        set_frozen(trainer.model, self.names)
+
+    def before_epoch(self, trainer: Trainer) -> None:
+        from cnnkit.models.finetune import freeze_norm_stats, set_frozen
+
+        if self.names and not self._frozen_now(trainer):
+            self.names = set()
+            set_frozen(trainer.model, self.names)
+        freeze_norm_stats(trainer.model, self.names)
+
+
+class Snapshots(Hook):
+    """Save the weights at the end of every cyclic-LR cycle (snapshot ensembles) as
+    ``weights/snapshotK.safetensors``; ``cnnkit classify val --weights ...snapshot*`` ensembles them."""
+
+    def __init__(self, every: int):
+        self.every = every
+
+    def after_epoch(self, trainer: Trainer) -> None:
+        if trainer.run_dir is None or trainer.epoch % self.every:
+            return
+        from cnnkit.engine.checkpoint import save_weights
+
+        k = trainer.epoch // self.every
+        metrics = {k2: v for k2, v in trainer.history[-1].items() if isinstance(v, (int, float))}
+        save_weights(trainer.run_dir / "weights" / f"snapshot{k}.safetensors", trainer.model.state_dict(),
+                     {**trainer.card, "metrics": metrics, "epoch": trainer.epoch, "snapshot": k})

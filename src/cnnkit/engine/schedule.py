@@ -20,14 +20,22 @@ class WarmupSchedule:
     from 1/25 of the peak, cosine down to 1/250000 of it); ignores ``--warmup-epochs``.
     ``step``: warmup, then multiply by ``gamma`` every ``step`` steps.
     ``constant``: warmup, then 1.
+    ``cyclic``: ``cycles`` cosine cycles from 1 down to ``final``, restarting at 1 (the snapshot
+    ensemble schedule of Huang et al., 2017: a snapshot is taken at each cycle's minimum);
+    no warmup.
     """
 
     def __init__(self, kind: str, total: int, warmup: int, step: int = 1, gamma: float = 0.1,
-                 start: float = 0.04, final: float = 1e-3):
+                 start: float = 0.04, final: float = 1e-3, cycles: int = 1):
         self.kind, self.total, self.warmup = kind, max(1, total), max(0, warmup)
         self.step, self.gamma, self.start, self.final = max(1, step), gamma, start, final
+        self.cycles = max(1, cycles)
 
     def __call__(self, s: int) -> float:
+        if self.kind == "cyclic":
+            length = self.total / self.cycles
+            t = min(1.0, (s % length) / max(1.0, length - 1))
+            return self.final + (1 - self.final) * 0.5 * (1 + math.cos(math.pi * t))
         if s < self.warmup:
             return self.start + (1 - self.start) * s / self.warmup
         if self.kind in ("onecycle", "cosine"):
@@ -39,8 +47,10 @@ class WarmupSchedule:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, total_steps: int, warmup_steps: int,
-                    step_steps: int, gamma: float) -> torch.optim.lr_scheduler.LambdaLR:
-    if kind == "onecycle":
+                    step_steps: int, gamma: float, cycles: int = 1) -> torch.optim.lr_scheduler.LambdaLR:
+    if kind == "cyclic":
+        fn = WarmupSchedule(kind, total_steps, 0, final=1e-3, cycles=cycles)
+    elif kind == "onecycle":
         fn = WarmupSchedule(kind, total_steps, int(0.3 * total_steps), start=1 / 25, final=4e-6)
     else:
         warmup_steps = min(warmup_steps, max(0, total_steps - 1))
@@ -49,15 +59,25 @@ def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, total_steps: in
 
 
 def build_optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay: float,
-                    momentum: float) -> torch.optim.Optimizer:
-    """SGD (Nesterov) or AdamW; no weight decay on biases and normalization weights."""
-    decay, no_decay = [], []
+                    momentum: float, layer_decay: float = 1.0) -> torch.optim.Optimizer:
+    """SGD (Nesterov) or AdamW; no weight decay on biases and normalization weights.
+
+    Every parameter is in the optimizer, frozen ones too (they have no gradient, so no step
+    touches them), which is what lets ``--unfreeze-at`` turn them on mid-run. With
+    ``layer_decay < 1`` each depth group below the head gets ``layer_decay`` times the LR of
+    the group above it (layer-wise LR decay, as in BEiT/ConvNeXt fine-tuning).
+    """
+    scales: dict[str, float] = {}
+    if layer_decay != 1.0:
+        from cnnkit.models.finetune import layer_decay_scales
+
+        scales = layer_decay_scales(model, layer_decay)
+    buckets: dict[tuple[bool, float], list] = {}
     for n, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or n.endswith(".bias") else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+        no_decay = p.ndim <= 1 or n.endswith(".bias")
+        buckets.setdefault((no_decay, scales.get(n, 1.0)), []).append(p)
+    groups = [{"params": ps, "weight_decay": 0.0 if nd else weight_decay, "lr": lr * scale}
+              for (nd, scale), ps in sorted(buckets.items(), key=lambda kv: (kv[0][1] != 1.0, kv[0]))]
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0)
     return torch.optim.AdamW(groups, lr=lr)

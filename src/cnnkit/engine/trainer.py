@@ -112,26 +112,31 @@ class Trainer:
         run_dir: where ``weights/`` go; None keeps everything in memory (tests, notebooks).
         card: model card written beside the best weights (metrics are added).
         hooks: extra :class:`Hook` objects, called in order.
+        batch_transforms: callables ``batch -> batch`` applied to every training batch on
+            ``device`` (whole-batch augmentation, mixup/cutmix), in order.
     """
 
     def __init__(self, task: Task, model: nn.Module, train_loader: DataLoader,
                  val_loader: DataLoader | None, cfg: TrainConfig, device: torch.device,
                  run_dir: Path | None = None, card: dict[str, Any] | None = None,
-                 hooks: Sequence[Hook] = ()):
+                 hooks: Sequence[Hook] = (), batch_transforms: Sequence = ()):
         self.task, self.cfg, self.device = task, cfg, device
         self.train_loader, self.val_loader = train_loader, val_loader
         self.run_dir = Path(run_dir) if run_dir else None
         self.card = dict(card or {})
         self.hooks = list(hooks)
+        self.batch_transforms = list(batch_transforms)
         self.amp_dtype = resolve_amp(cfg.amp, device)
         self.model = model.to(device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.optimizer = build_optimizer(self.model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum)
+        self.optimizer = build_optimizer(self.model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum,
+                                         cfg.layer_decay)
         self.steps_per_epoch = max(1, math.ceil(len(train_loader) / cfg.accumulate))
         self.scheduler = build_scheduler(
             self.optimizer, cfg.schedule, cfg.epochs * self.steps_per_epoch,
-            int(round(cfg.warmup_epochs * self.steps_per_epoch)), cfg.step_size * self.steps_per_epoch, cfg.gamma)
+            int(round(cfg.warmup_epochs * self.steps_per_epoch)), cfg.step_size * self.steps_per_epoch, cfg.gamma,
+            cycles=max(1, cfg.snapshots))
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.ema = None
         if cfg.ema > 0:
@@ -186,9 +191,9 @@ class Trainer:
         seed_everything(seed)
         if self.train_loader.generator is not None:
             self.train_loader.generator.manual_seed(seed)
-        for h in self.hooks:
-            h.before_epoch(self)
         self.model.train()
+        for h in self.hooks:  # after train(), so a hook can put frozen BN layers back in eval mode
+            h.before_epoch(self)
         t0 = time.perf_counter()
         loss_sum, n_images, n_batches = 0.0, 0, len(self.train_loader)
         self._metric_sum, self._metric_count, self.step_metric = 0.0, 0, None
@@ -237,6 +242,8 @@ class Trainer:
 
     def _forward_backward(self, batch: dict) -> float | None:
         batch = self.task.to_device(batch, self.device, self.cfg.channels_last)
+        for transform in self.batch_transforms:
+            batch = transform(batch)
         with _autocast(self.device, self.amp_dtype):
             out = self.task.forward(self.model, batch)
             losses = self.task.loss(out, batch)

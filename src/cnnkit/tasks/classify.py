@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from cnnkit.data.classification import collate_classification
 from cnnkit.tasks.base import Task
+from cnnkit.tasks.losses import classification_loss
 
 
 class ClassificationMetrics:
@@ -86,19 +87,27 @@ class ClassifyTask(Task):
     monitor = "top1"
     monitor_mode = "max"
 
-    def __init__(self, classes: list[str], label_smoothing: float = 0.0):
+    def __init__(self, classes: list[str], label_smoothing: float = 0.0, loss: str = "ce",
+                 class_weights: torch.Tensor | None = None, ohem: float = 0.0, focal_gamma: float = 2.0,
+                 gce_q: float = 0.7):
         self.classes = list(classes)
         self.label_smoothing = label_smoothing
+        self.loss_kind, self.ohem, self.focal_gamma, self.gce_q = loss, ohem, focal_gamma, gce_q
+        self.class_weights = class_weights
 
     def collate(self, items: list) -> dict:
         return collate_classification(items)
 
     def loss(self, output: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
-        ce = F.cross_entropy(output.float(), batch["targets"], label_smoothing=self.label_smoothing)
-        return {"loss": ce}
+        """The configured loss (see :mod:`cnnkit.tasks.losses`); targets may be soft (mixup)."""
+        loss = classification_loss(output, batch["targets"], self.loss_kind, self.label_smoothing,
+                                   self.class_weights, self.ohem, self.focal_gamma, self.gce_q)
+        return {"loss": loss}
 
     def step_metric(self, output: torch.Tensor, batch: dict) -> tuple[str, float, int]:
         targets = batch["targets"]
+        if targets.ndim == 2:  # mixed samples: the dominant label
+            targets = targets.argmax(1)
         correct = (output.detach().argmax(1) == targets).sum().item()
         return "acc", correct / max(1, targets.numel()), int(targets.numel())
 

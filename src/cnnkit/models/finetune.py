@@ -1,0 +1,116 @@
+"""Fine-tuning controls that work on any registry model: stages, freezing, layer-wise LR decay.
+
+A model's parameters are split into depth groups from its ``feature_info`` (timm's and
+smallcnn's list of stage modules): the stem (everything before the first stage), one group
+per stage (anything between stages joins the stage before it, e.g. densenet transitions), and
+the head (the classifier from ``get_classifier()``; layers after the last stage, such as
+efficientnet's ``conv_head``, join the last stage).
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from cnnkit.errors import CnnkitError
+
+
+def _feature_modules(model: nn.Module) -> list[str]:
+    info = getattr(model, "feature_info", None)
+    if info is None:
+        return []
+    entries = info.info if hasattr(info, "info") else info  # timm FeatureInfo or a list of dicts
+    modules = dict(model.named_modules())
+    out = []
+    for e in entries:
+        name = e.get("module") if isinstance(e, dict) else None
+        m = modules.get(name)
+        # a stem's closing norm/activation (resnet 'act1', mobilenet 'bn1', densenet 'norm0') is
+        # listed as a feature stage by timm, but it is part of the stem
+        if m is not None and any(isinstance(c, nn.Conv2d) for c in m.modules()):
+            out.append(name)
+    return out
+
+
+def _head_prefix(model: nn.Module) -> str | None:
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if not isinstance(head, nn.Module):
+        return None
+    return next((n + "." for n, m in model.named_modules() if m is head and n), None)
+
+
+def parameter_groups(model: nn.Module) -> list[list[str]]:
+    """Parameter names by depth: ``[stem, stage 1, ..., stage S, head]`` (S >= 1).
+
+    Models without ``feature_info`` get ``[all but the head, head]``.
+    """
+    stages = _feature_modules(model)
+    head = _head_prefix(model)
+    names = [n for n, _ in model.named_parameters()]
+    body = [n for n in names if not (head and n.startswith(head))]
+    heads = [n for n in names if head and n.startswith(head)]
+    groups: list[list[str]] = [[] for _ in range(len(stages) + 1)]
+    current = 0
+    for n in body:
+        for i, mod in enumerate(stages):
+            if n.startswith(mod + "."):
+                current = max(current, i + 1)
+                break
+        groups[current].append(n)
+    groups = [groups[0]] + [g for g in groups[1:] if g]  # stages without parameters (timm 'act1')
+    if len(groups) == 1:
+        groups.append([])
+    return groups + [heads]
+
+
+def num_stages(model: nn.Module) -> int:
+    """How many stages ``--freeze N`` can count (the stem is frozen with the first)."""
+    return len(parameter_groups(model)) - 2
+
+
+def frozen_names(model: nn.Module, spec: str | int | None) -> set[str]:
+    """Parameter names that ``--freeze`` turns off.
+
+    ``backbone`` (or ``all``): everything but the classifier head. ``N``: the stem and the first
+    ``N`` stages. ``0``/None: nothing.
+    """
+    if spec in (None, "", "none", 0, "0"):
+        return set()
+    groups = parameter_groups(model)
+    if str(spec) in ("backbone", "all"):
+        return {n for g in groups[:-1] for n in g}
+    try:
+        n = int(spec)
+    except (TypeError, ValueError):
+        raise CnnkitError(f"--freeze must be 'backbone' or a number of stages, got '{spec}'") from None
+    stages = len(groups) - 2
+    if not 0 <= n <= stages:
+        raise CnnkitError(f"--freeze {n}: this model has {stages} stages; use 0-{stages} or 'backbone'")
+    return {name for g in groups[: n + 1] for name in g}
+
+
+def set_frozen(model: nn.Module, names: set[str]) -> None:
+    """Turn gradients off for ``names`` (and on for every other parameter)."""
+    for n, p in model.named_parameters():
+        p.requires_grad_(n not in names)
+
+
+def freeze_norm_stats(model: nn.Module, names: set[str]) -> None:
+    """Put batch-norm layers whose weights are frozen into eval mode (running stats fixed).
+
+    Call after ``model.train()``; a frozen backbone whose BN statistics keep moving is not
+    frozen (the classic linear-probe mistake).
+    """
+    if not names:
+        return
+    for mod_name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            w = f"{mod_name}.weight" if mod_name else "weight"
+            if w in names or (m.weight is None and any(n.startswith(mod_name + ".") for n in names)):
+                m.eval()
+
+
+def layer_decay_scales(model: nn.Module, decay: float) -> dict[str, float]:
+    """LR multiplier per parameter for layer-wise LR decay: the head 1, each group below ``decay`` times less."""
+    groups = parameter_groups(model)
+    depth = len(groups) - 1
+    return {n: decay ** (depth - i) for i, g in enumerate(groups) for n in g}
