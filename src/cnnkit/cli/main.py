@@ -192,6 +192,10 @@ from cnnkit.cli.features import register as _register_features  # noqa: E402
 
 _register_features(classify)
 
+from cnnkit.cli.augment import augment  # noqa: E402
+
+cli.add_command(augment)
+
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; user errors print one sentence and exit with code 2."""
