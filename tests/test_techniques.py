@@ -283,3 +283,57 @@ def test_batch_mix_soft_targets():
     tr = _trainer(batch_transforms=[BatchMix(3, cutmix=1.0)], epochs=1)
     tr.fit()
     assert math.isfinite(tr.history[-1]["train_loss"])
+
+
+# ---- missing data and channel conversion ---------------------------------------------------
+@pytest.mark.parametrize("mode", ["pixel", "patch"])
+def test_missing_mask_share(mode):
+    from cnnkit.data.missing import missing_mask
+
+    g = torch.Generator().manual_seed(0)
+    m = missing_mask((64, 64), 0.3, mode, generator=g)
+    share = 1 - m.mean().item()
+    assert set(m.unique().tolist()) <= {0.0, 1.0} and 0.25 < share < 0.4
+    assert missing_mask((64, 64), 0.0, mode).min() == 1
+
+
+def test_drop_pixels_mask_channel_marks_the_holes():
+    from cnnkit.data.missing import DropPixels
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 32, 32) + 5  # no natural zeros
+    out = DropPixels(0.4, "patch", mask_channel=True)(x)
+    assert out.shape == (4, 32, 32)
+    holes = out[3] == 0
+    assert holes.any() and torch.all(out[:3, holes] == 0) and torch.equal(out[:3, ~holes], x[:, ~holes])
+    assert DropPixels(0.4, "pixel")(x).shape == (3, 32, 32)
+
+
+def test_preprocess_mask_channel_round_trip():
+    from cnnkit.data.transforms import Preprocess
+
+    pre = Preprocess(16, (0.5,), (0.25,), 1, mask_channel=True)
+    assert Preprocess.from_dict(pre.to_dict()) == pre and pre.model_channels == 2
+    out = pre.eval_transform()(torch.zeros(1, 8, 8, dtype=torch.uint8))
+    assert out.shape == (2, 16, 16) and torch.all(out[1] == 1)
+
+
+def test_channel_view_gray_to_rgb():
+    from cnnkit.data.classification import load_classification_data
+
+    d = load_classification_data("digits", channels=3)
+    img, label = d.split("train")[0]
+    assert d.channels == 3 and img.shape[0] == 3 and torch.equal(img[0], img[2])
+
+
+def test_missing_curve_cli(digits_run, cli, tmp_path):
+    png, js = tmp_path / "curve.png", tmp_path / "curve.json"
+    r = cli("classify", "val", "--weights", digits_run, "--data", "digits", "--missing", "0,0.5",
+            "--plot", png, "--json", js)
+    assert r.code == 0, r.err
+    import json
+
+    d = json.loads(js.read_text())
+    (curve,) = d["top1"].values()
+    assert curve[0] > curve[1] + 0.05  # half the image gone hurts a model never trained for it
+    assert png.stat().st_size > 5000

@@ -104,6 +104,9 @@ class ClassifyConfig(TrainConfig):
     label_noise: float = 0.0  # flip this fraction of train and val labels (experiments)
     noise_type: str = "symmetric"  # symmetric or pairflip (class k -> k+1)
     bootstrap: bool = False  # train on a bootstrap sample of the train split (bagging)
+    missing: float = 0.0  # drop up to this share of every training image (each image draws from [0, P])
+    missing_mode: str = "patch"  # pixel or patch
+    missing_input: str = "zero"  # zero: zero-fill holes; mask: also feed the observation mask as a channel
 
     def validate(self) -> None:
         super().validate()
@@ -120,6 +123,13 @@ class ClassifyConfig(TrainConfig):
             raise CnnkitError(f"--label-noise must be in [0, 1), got {self.label_noise}")
         if self.noise_type not in NOISE_TYPES:
             raise CnnkitError(f"--noise-type must be one of {', '.join(NOISE_TYPES)}, got '{self.noise_type}'")
+        from cnnkit.data.missing import MISSING_INPUTS, MISSING_MODES
+
+        if not 0 <= self.missing < 1:
+            raise CnnkitError(f"--missing must be in [0, 1), got {self.missing}")
+        if self.missing_mode not in MISSING_MODES or self.missing_input not in MISSING_INPUTS:
+            raise CnnkitError(f"--missing-mode must be one of {', '.join(MISSING_MODES)} and --missing-input "
+                              f"one of {', '.join(MISSING_INPUTS)}")
         imb = parse_imbalance(self.imbalance)
         if "focal" in imb and self.loss != "ce":
             raise CnnkitError(f"--imbalance focal replaces the loss; it cannot be combined with --loss {self.loss}")
@@ -202,7 +212,8 @@ def load(path: str | Path, device: str | None = "cpu") -> ClassifierModel:
     state, card = load_weights(path)
     if card.get("task") != "classify":
         raise ModelError(f"weights '{path}' are for task '{card.get('task')}', not classify")
-    model = ClassifyTask.build_model(card["arch"], len(card["classes"]), int(card["in_chans"]),
+    in_chans = int(card["in_chans"]) + int(bool(card.get("preprocess", {}).get("mask_channel", False)))
+    model = ClassifyTask.build_model(card["arch"], len(card["classes"]), in_chans,
                                      **card.get("model_kwargs", {}))
     try:
         model.load_state_dict(state)
@@ -218,8 +229,8 @@ def load(path: str | Path, device: str | None = "cpu") -> ClassifierModel:
 def _stats(data: ClassificationData, pretrained: bool) -> tuple[tuple[float, ...], tuple[float, ...]]:
     if data.name == "digits" and not pretrained:
         ds = data.splits["train"]
-        x = ds.images.float() / 255.0
-        return (round(float(x.mean()), 4),), (round(float(x.std()), 4),)
+        x = getattr(ds, "base", ds).images.float() / 255.0  # (ChannelView: the gray source)
+        return (round(float(x.mean()), 4),) * data.channels, (round(float(x.std()), 4),) * data.channels
     if data.channels == 1:
         return (0.449,), (0.226,)
     return IMAGENET_MEAN, IMAGENET_STD
@@ -281,15 +292,17 @@ def train(cfg: ClassifyConfig | None = None, *, resume: str | Path | None = None
                                     channels=cfg.channels)
     imgsz = cfg.imgsz or data.default_imgsz
     mean, std = _stats(data, cfg.pretrained)
-    pre = Preprocess(imgsz, mean, std, data.channels)
-    aug = cfg.aug if cfg.aug is not None else _default_aug(data)
-    train_tf = pre.train_transform(parse_aug(aug, imgsz))
+    pre = Preprocess(imgsz, mean, std, data.channels, mask_channel=cfg.missing_input == "mask")
+    # with --batch-aug the default per-image augmentation is off (it would augment twice)
+    aug = cfg.aug if cfg.aug is not None else ("none" if cfg.batch_aug else _default_aug(data))
+    train_tf = pre.train_transform(parse_aug(aug, imgsz), cfg.missing, cfg.missing_mode)
     imb = parse_imbalance(cfg.imbalance)
     train_split, val_split = _experiment_splits(cfg, data)
     num_classes = len(data.classes)
     task = _make_task(cfg, data.classes, train_split.targets, imb)
     model_kwargs = {"drop_rate": cfg.drop_rate, "attention": cfg.attention, "pool": cfg.pool}
-    model = ClassifyTask.build_model(cfg.model, num_classes, data.channels, cfg.pretrained, **model_kwargs)
+    model = ClassifyTask.build_model(cfg.model, num_classes, pre.model_channels, cfg.pretrained,
+                                     **model_kwargs)
     if cfg.init and ckpt is None:
         note = _load_init(model, cfg.init, data.channels, num_classes)
         if verbose and note:
@@ -310,7 +323,7 @@ def train(cfg: ClassifyConfig | None = None, *, resume: str | Path | None = None
     if cfg.batch_aug:
         from cnnkit.data.batch_aug import BatchAugment
 
-        batch_transforms.append(BatchAugment.from_spec(cfg.batch_aug, imgsz))
+        batch_transforms.append(BatchAugment.from_spec(cfg.batch_aug, mean, std))
     if (mix := make_batch_mix(num_classes, cfg.mixup, cfg.cutmix)) is not None:
         batch_transforms.append(mix)
     if verbose and (cfg.imbalance_ratio < 1 or cfg.label_noise > 0 or cfg.bootstrap or sampler_name):
@@ -487,7 +500,7 @@ def _plot_predictions(kept: list, task: ClassifyTask, pre: Preprocess, path: Pat
     for img, out, target in kept:
         pred = task.decode(out[None])[0]
         truth = task.classes[int(target)]
-        images.append(denormalize(img, pre.mean, pre.std))
+        images.append(denormalize(img[:pre.channels], pre.mean, pre.std))  # (no mask channel)
         titles.append(f"{pred.label} {pred.score:.2f}" + ("" if pred.label == truth else f"\n(true {truth})"))
         colors.append("green" if pred.label == truth else "red")
     plot_image_grid(images, titles, path, colors)
@@ -650,3 +663,67 @@ def predict(weights: str | Path | Sequence[str | Path], source: str | Path | Ite
         if json_path:
             con.print(f"predictions written to {json_path}")
     return results
+
+
+def missing_curve(weights: Sequence[str | Path], data: str, ratios: Sequence[float], split: str = "val",
+                  mode: str = "patch", batch: int = 128, device: str = "auto", seed: int = 0,
+                  plot: str | Path | None = None, json_path: str | Path | None = None,
+                  verbose: bool = True) -> dict[str, Any]:
+    """Top-1 accuracy of each model against the share of missing pixels (``val --missing``).
+
+    Every model sees the same holes: the masks are drawn from ``seed`` afresh for each ratio.
+    A model trained with ``--missing-input mask`` also gets the observation mask; others get
+    zero-filled holes. Writes the curve as a PNG when ``plot`` is given.
+    """
+    from cnnkit.data.missing import MISSING_MODES
+    from cnnkit.utils.plotting import plot_lines
+
+    if mode not in MISSING_MODES:
+        raise CnnkitError(f"--missing-mode must be one of {', '.join(MISSING_MODES)}, got '{mode}'")
+    if not ratios or any(not 0 <= r < 1 for r in ratios):
+        raise CnnkitError(f"--missing takes ratios in [0, 1), e.g. 0,0.1,0.3,0.5; got {list(ratios)}")
+    curves: dict[str, list[float]] = {}
+    for w in weights:
+        model = load(w, device)
+        ds = load_classification_data(data, channels=model.channels)
+        _check_classes(model, ds.classes, w, data)
+        name = str(resolve_weights(w).parent.parent.name if resolve_weights(w).parent.name == "weights" else w)
+        name += " (mask input)" if model.preprocess.mask_channel else " (zero-filled)"
+        curve = []
+        for r in ratios:
+            torch.manual_seed(seed)
+            loader = make_loader(TransformedDataset(ds.split(split), model.preprocess.eval_transform(r, mode)),
+                                 batch, False, 0, model.task.collate)
+            metrics, _, _ = evaluate(model.model, loader, model.task, model.device)
+            curve.append(round(metrics["top1"], 4))
+        curves[name] = curve
+    result = {"data": data, "split": split, "mode": mode, "ratios": list(ratios), "top1": curves}
+    if plot:
+        plot_lines(list(ratios), curves, plot, xlabel=f"missing share ({mode}es)" if mode == "patch" else
+                   "missing share (pixels)", ylabel=f"top-1 ({split})", title=f"{data}: accuracy vs missing data")
+        result["plot"] = str(plot)
+    if json_path:
+        write_json(json_path, result)
+    if verbose:
+        from rich.table import Table
+
+        table = Table(title=f"{data} · {split} · top-1 vs missing share ({mode})")
+        table.add_column("model")
+        for r in ratios:
+            table.add_column(f"{r:g}", justify="right")
+        for name, c in curves.items():
+            table.add_row(name, *[f"{v:.4f}" for v in c])
+        console().print(table)
+        if plot:
+            console().print(f"curve written to {plot}")
+    return result
+
+
+def _check_classes(model: ClassifierModel, classes: list[str], weights: str | Path, data: str) -> None:
+    if list(classes) == model.classes:
+        return
+    if len(classes) != len(model.classes):
+        raise ModelError(f"weights '{weights}' were trained on {len(model.classes)} classes but data "
+                         f"'{data}' has {len(classes)}; evaluate on data with the same classes")
+    raise ModelError(f"weights '{weights}' were trained on classes {model.classes} but data '{data}' has "
+                     f"{classes}; evaluate on data with the same classes")

@@ -153,44 +153,83 @@ def _add_classify_train() -> None:
 _add_classify_train()
 
 
+from cnnkit.cli.multivalue import MultiValueOption  # noqa: E402
+
+WEIGHTS_HELP = ("best.safetensors or its run folder; several (--weights A B C, or a shell glob such as "
+                "run/weights/snapshot*.safetensors) are combined into an ensemble")
+ENSEMBLE_HELP = ("how several --weights combine: mean (average probabilities) or vote (majority of the "
+                 "members' top-1, ties broken by mean probability)")
+TTA_HELP = ("test-time augmentation, views averaged with the original: flip (horizontal), vflip, "
+            "scale[=S] (zoom by 1-S and 1+S, default 0.1), comma-separated (every combination is a view); "
+            "use views that keep the label: scale for digits and text (a flipped digit is another "
+            "symbol), flip,scale for objects such as shapes")
+
+
 @classify.command("val", context_settings=CONTEXT)
-@click.option("--weights", required=True, help="best.safetensors or its run folder")
+@click.option("--weights", cls=MultiValueOption, required=True, help=WEIGHTS_HELP)
 @click.option("--data", required=True, help="dataset: digits, shapes or an ImageFolder path")
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="val", help="which split")
 @click.option("--batch", type=int, default=64, help="batch size")
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
 @click.option("--workers", type=int, default=0, help="data-loading worker processes")
+@click.option("--ensemble", type=click.Choice(["mean", "vote"]), default="mean", help=ENSEMBLE_HELP)
+@click.option("--tta", default=None, help=TTA_HELP)
+@click.option("--missing", default=None,
+              help="missing-data curve: comma-separated shares of each image to drop (e.g. 0,0.1,0.3,0.5); "
+                   "several --weights are then compared, not ensembled")
+@click.option("--missing-mode", type=click.Choice(["pixel", "patch"]), default="patch",
+              help="with --missing: drop single pixels or square patches")
+@click.option("--plot", type=click.Path(dir_okay=False), default="missing_curve.png",
+              help="with --missing: where the accuracy-vs-missing PNG goes")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="also write the metrics to this JSON file")
-def val_cmd(weights, data, split, batch, device, workers, json_path) -> None:
-    """Evaluate weights on a dataset split (top-1, top-5, per-class, macro-F1, balanced accuracy)."""
+def val_cmd(weights, data, split, batch, device, workers, ensemble, tta, missing, missing_mode, plot,
+            json_path) -> None:
+    """Evaluate weights (or an ensemble of several) on a dataset split (top-1, top-5, per-class,
+    macro-F1, balanced accuracy; with several weights also each member's top-1)."""
     from cnnkit.api import classify as api
 
-    api.val(weights, data, split=split, batch=batch, device=device, workers=workers, json_path=json_path)
+    if missing is not None:
+        try:
+            ratios = [float(r) for r in missing.split(",") if r.strip()]
+        except ValueError:
+            raise CnnkitError(f"--missing takes comma-separated numbers, e.g. 0,0.1,0.3,0.5; got '{missing}'") from None
+        api.missing_curve(list(weights), data, ratios, split=split, mode=missing_mode, batch=batch,
+                          device=device, plot=plot, json_path=json_path)
+        return
+    api.val(list(weights), data, split=split, batch=batch, device=device, workers=workers,
+            ensemble=ensemble, tta=tta, json_path=json_path)
 
 
 @classify.command("predict", context_settings=CONTEXT)
-@click.option("--weights", required=True, help="best.safetensors or its run folder")
+@click.option("--weights", cls=MultiValueOption, required=True, help=WEIGHTS_HELP)
 @click.option("--source", required=True, help="an image file or a folder (searched recursively)")
 @click.option("--topk", type=int, default=5, help="how many classes to list per image")
 @click.option("--batch", type=int, default=64, help="batch size")
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+@click.option("--ensemble", type=click.Choice(["mean", "vote"]), default="mean", help=ENSEMBLE_HELP)
+@click.option("--tta", default=None, help=TTA_HELP)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help='write [{"path", "label", "score", "topk": [[label, score], ...]}] to this file')
-def predict_cmd(weights, source, topk, batch, device, json_path) -> None:
-    """Classify images and print a table (and optionally write JSON)."""
+def predict_cmd(weights, source, topk, batch, device, ensemble, tta, json_path) -> None:
+    """Classify images with one model or an ensemble; print a table (and optionally write JSON)."""
     from cnnkit.api import classify as api
 
     if topk < 1:
         raise CnnkitError(f"--topk must be at least 1, got {topk}")
     if batch < 1:
         raise CnnkitError(f"--batch must be at least 1, got {batch}")
-    api.predict(weights, source, topk=topk, batch=batch, device=device, json_path=json_path)
+    api.predict(list(weights), source, topk=topk, batch=batch, device=device, ensemble=ensemble,
+                tta=tta, json_path=json_path)
 
 
 from cnnkit.cli.features import register as _register_features  # noqa: E402
 
 _register_features(classify)
+
+from cnnkit.cli.multilabel import register as _register_multilabel  # noqa: E402
+
+_register_multilabel(cli)
 
 from cnnkit.cli.augment import augment  # noqa: E402
 

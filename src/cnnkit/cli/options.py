@@ -16,7 +16,8 @@ from cnnkit.models.blocks import ATTENTION, POOLS
 
 CHOICES: dict[str, tuple[str, ...]] = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "amp": AMP_MODES,
                                        "attention": ("none", *ATTENTION), "pool": POOLS,
-                                       "loss": ("ce", "sce", "gce"), "noise_type": ("symmetric", "pairflip")}
+                                       "loss": ("ce", "sce", "gce"), "noise_type": ("symmetric", "pairflip"),
+                                       "missing_mode": ("pixel", "patch"), "missing_input": ("zero", "mask")}
 
 HELP: dict[str, str] = {
     "data": "dataset: digits, shapes, or an ImageFolder path (root/train/<class>/..., optional val/ and test/)",
@@ -63,13 +64,17 @@ HELP: dict[str, str] = {
     "loss": "ce (cross-entropy), sce (symmetric CE) or gce (generalized CE); sce and gce resist label noise",
     "mixup": "mixup with Beta(A, A) mixing weights; 0 is off (e.g. 0.2)",
     "cutmix": "CutMix with Beta(A, A) box areas; 0 is off (e.g. 1.0); with --mixup each batch uses one of the two",
-    "batch_aug": "augment whole batches on the training device (GPU), e.g. flip,rotate=15,scale=0.9:1.1,jitter=0.2",
+    "batch_aug": "augment whole batches on the training device (GPU), e.g. flip,rotate=15,scale=0.9:1.1,jitter=0.2; "
+                 "turns the default --aug off",
     "imbalance": "class-imbalance strategies, comma-separated: one sampler (weighted-sampler, oversample, "
                  "undersample), class-weights or class-balanced[=BETA], focal[=GAMMA], ohem[=FRACTION], smote",
     "imbalance_ratio": "make the train split long-tailed for experiments: the last class keeps this fraction "
                        "(exponential profile; 1 leaves the data as it is)",
     "label_noise": "flip this fraction of the train and val labels for experiments (test stays clean)",
     "noise_type": "symmetric (to any other class) or pairflip (class k to k+1)",
+    "missing": "missing-data training: drop up to this share of every image (each draws a share in [0, P])",
+    "missing_mode": "what goes missing: single pixels or square patches",
+    "missing_input": "zero: holes are zero-filled; mask: the model also gets the observation mask as an extra channel",
     "bootstrap": "train on a bootstrap sample of the train split (bagging members: use different --seed)",
     "pool": "global pooling: avg, max, avgmax, lp (power mean p=3), gem (learnable p), spp (1+2x2+4x4 pyramid)",
 }

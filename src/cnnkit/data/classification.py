@@ -60,10 +60,38 @@ def load_classification_data(spec: str, seed: int = 0, val_fraction: float = 0.2
         from cnnkit.data.imagefolder import scan_image_folder
 
         splits = scan_image_folder(path, val_fraction=val_fraction, seed=seed, channels=channels)
+    if channels is not None and channels != splits["train"].channels:
+        splits = {k: ChannelView(v, channels) for k, v in splits.items()}
     first = splits["train"]
     return ClassificationData(name=getattr(first, "name", spec), classes=list(first.classes),
                               channels=first.channels, default_imgsz=first.default_imgsz,
                               splits=splits)
+
+
+class ChannelView(Dataset):
+    """A built-in dataset with its images converted to ``channels`` (gray <-> RGB).
+
+    Lets ``--channels 3`` feed 1-channel digits to a network pretrained on RGB images (the
+    gray channel is repeated; RGB becomes gray with ITU-R 601 luma weights).
+    """
+
+    def __init__(self, base: Dataset, channels: int):
+        self.base, self.channels = base, channels
+        for attr in ("classes", "name", "default_imgsz", "targets", "paths"):
+            if hasattr(base, attr):
+                setattr(self, attr, getattr(base, attr))
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        img, label = self.base[i]
+        if img.shape[0] == 1 and self.channels == 3:
+            img = img.expand(3, -1, -1).contiguous()
+        elif img.shape[0] == 3 and self.channels == 1:
+            w = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
+            img = (img.float() * w).sum(0, keepdim=True).round().clamp(0, 255).to(img.dtype)
+        return img, label
 
 
 class TransformedDataset(Dataset):

@@ -39,6 +39,7 @@ class Preprocess:
     std: tuple[float, ...]
     channels: int = 3
     resize: str = "squash"
+    mask_channel: bool = False  # the model takes an extra observation-mask channel (--missing-input mask)
 
     def transforms(self) -> list[v2.Transform]:
         return [v2.Resize((self.imgsz, self.imgsz), antialias=True)]
@@ -49,11 +50,27 @@ class Preprocess:
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
         return self.eval_transform()(img)
 
-    def eval_transform(self) -> v2.Compose:
-        return v2.Compose(self.transforms() + self.normalize())
+    def _missing(self, ratio: float | tuple[float, float], mode: str) -> list:
+        from cnnkit.data.missing import AddMaskChannel, DropPixels
 
-    def train_transform(self, aug: list[v2.Transform]) -> v2.Compose:
-        return v2.Compose(self.transforms() + aug + self.normalize())
+        if ratio == 0 or ratio == (0, 0):
+            return [AddMaskChannel()] if self.mask_channel else []
+        return [DropPixels(ratio, mode, self.mask_channel)]
+
+    def eval_transform(self, missing: float = 0.0, missing_mode: str = "patch") -> v2.Compose:
+        """Resize and normalize; ``missing > 0`` also drops that share of every image."""
+        return v2.Compose(self.transforms() + self.normalize() + self._missing(missing, missing_mode))
+
+    def train_transform(self, aug: list[v2.Transform], missing: float = 0.0,
+                        missing_mode: str = "patch") -> v2.Compose:
+        """Resize, augment, normalize; ``missing > 0`` drops a share drawn from ``[0, missing]``."""
+        return v2.Compose(self.transforms() + aug + self.normalize()
+                          + self._missing((0.0, missing) if missing else 0.0, missing_mode))
+
+    @property
+    def model_channels(self) -> int:
+        """Input channels of the network: the image's, plus one for the mask channel."""
+        return self.channels + int(self.mask_channel)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -63,7 +80,8 @@ class Preprocess:
     @classmethod
     def from_dict(cls, d: dict) -> Preprocess:
         return cls(imgsz=int(d["imgsz"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
-                   channels=int(d.get("channels", 3)), resize=d.get("resize", "squash"))
+                   channels=int(d.get("channels", 3)), resize=d.get("resize", "squash"),
+                   mask_channel=bool(d.get("mask_channel", False)))
 
 
 def _range(value: str, default: tuple[float, float], name: str) -> tuple[float, float]:

@@ -83,7 +83,7 @@ def create_model(name: str, num_classes: int, in_chans: int = 3, pretrained: boo
     Args:
         name: a name from :func:`list_models`, or ``timm:NAME`` for any timm model.
         num_classes: size of the classifier output.
-        in_chans: 1 for grayscale input, 3 for RGB.
+        in_chans: 1 for grayscale input, 3 for RGB (one more with a missing-data mask channel).
         pretrained: load published weights through torchvision/timm's own loaders (needs
             network access the first time; the weights are cached afterwards).
         **kwargs: passed to the model constructor (for example ``drop_rate``).
@@ -95,8 +95,8 @@ def create_model(name: str, num_classes: int, in_chans: int = 3, pretrained: boo
     """
     if num_classes < 1:
         raise ModelError(f"num_classes must be at least 1, got {num_classes}")
-    if in_chans not in (1, 3) and not name.startswith("timm:"):
-        raise ModelError(f"in_chans must be 1 or 3, got {in_chans}")
+    if in_chans < 1:
+        raise ModelError(f"in_chans must be at least 1, got {in_chans}")
     entry = model_entry(name)
     model = entry.fn(num_classes=num_classes, in_chans=in_chans, pretrained=pretrained, **kwargs)
     model.cnnkit_arch = name

@@ -94,3 +94,16 @@ def denormalize(img, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     x = x * np.asarray(std, dtype=np.float32)[:, None, None] + np.asarray(mean, dtype=np.float32)[:, None, None]
     x = np.clip(x, 0, 1)
     return x[0] if x.shape[0] == 1 else x.transpose(1, 2, 0)
+
+
+def plot_lines(x: Sequence[float], series: dict[str, Sequence[float]], path: str | Path, xlabel: str = "",
+               ylabel: str = "", title: str = "") -> None:
+    """One line per named series over shared x values (e.g. accuracy against missing share)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, ys in series.items():
+        ax.plot(x, ys, "-o", ms=4, label=name)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, Path(path))

@@ -1,0 +1,159 @@
+"""Classification techniques, measured: class imbalance, label noise, transfer learning.
+
+    python benchmarks/techniques.py imbalance   # long-tailed digits (last class at 5%)
+    python benchmarks/techniques.py noise       # 40% symmetric label noise on digits
+    python benchmarks/techniques.py transfer    # shapes-pretrained vs scratch on 20 images/class
+    python benchmarks/techniques.py missing     # accuracy vs missing share: zero-fill vs mask channel
+    python benchmarks/techniques.py all
+
+Every run is a normal ``cnnkit.api.classify.train`` call; figures are test-split metrics of
+the best-on-val weights. Results go to ``benchmarks/results/techniques_<name>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _train(out: Path, **kw) -> dict:
+    from cnnkit.api.classify import ClassifyConfig, train
+
+    t0 = time.perf_counter()
+    r = train(ClassifyConfig(out=str(out), **kw), verbose=False)
+    test = r.test_metrics or r.metrics
+    return {"test": test, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def minority_recall(metrics: dict, classes: list[str]) -> float:
+    return float(np.mean([metrics["per_class"][c]["recall"] for c in classes]))
+
+
+# ---- imbalance -------------------------------------------------------------------------------
+IMBALANCE_STRATEGIES = ("none", "weighted-sampler", "oversample", "class-weights", "class-balanced",
+                        "focal", "ohem", "smote")
+
+
+def imbalance(epochs: int = 20, ratio: float = 0.05, seeds=(0,), strategies=IMBALANCE_STRATEGIES) -> dict:
+    """Long-tailed digits: class k keeps ratio**(k/9) of its train images; val and test stay balanced."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in seeds:
+            for s in strategies:
+                r = _train(Path(tmp) / f"{s}-{seed}", data="digits", epochs=epochs, seed=seed,
+                           imbalance_ratio=ratio, imbalance=None if s == "none" else s)
+                t = r["test"]
+                rows.append({"strategy": s, "seed": seed, "top1": t["top1"],
+                             "balanced_accuracy": t["balanced_accuracy"], "macro_f1": t["macro_f1"],
+                             "minority_recall": minority_recall(t, ["7", "8", "9"]),
+                             "recall_9": t["per_class"]["9"]["recall"], "seconds": r["seconds"]})
+                print(json.dumps(rows[-1]), flush=True)
+    return {"epochs": epochs, "ratio": ratio, "rows": rows}
+
+
+# ---- label noise -----------------------------------------------------------------------------
+def noise(epochs: int = 20, p: float = 0.4, seeds=(0,), losses=("ce", "sce", "gce")) -> dict:
+    """Symmetric noise in train and val labels; the test split stays clean."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in seeds:
+            for loss in losses:
+                r = _train(Path(tmp) / f"{loss}-{seed}", data="digits", epochs=epochs, seed=seed,
+                           label_noise=p, loss=loss, label_smoothing=0.0)
+                rows.append({"loss": loss, "seed": seed, "clean_test_top1": r["test"]["top1"],
+                             "seconds": r["seconds"]})
+                print(json.dumps(rows[-1]), flush=True)
+    return {"epochs": epochs, "noise": p, "rows": rows}
+
+
+# ---- transfer learning -----------------------------------------------------------------------
+def write_shapes_folder(root: Path, classes: list[int], per_class: dict[str, int], seed: int, imgsz: int = 64) -> Path:
+    """An ImageFolder of ``shapes`` renders for a subset of the shape classes."""
+    from PIL import Image
+
+    from cnnkit.data.shapes import SHAPE_CLASSES, classification_params, sample_scene
+
+    params = classification_params(imgsz)
+    for si, (split, n) in enumerate(per_class.items()):
+        for c in classes:
+            d = root / split / SHAPE_CLASSES[c]
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                rng = np.random.default_rng([seed, si, c, i])
+                Image.fromarray(sample_scene(params, rng, classes=[c]).image).save(d / f"{i}.png")
+    return root
+
+
+def transfer(pre_epochs: int = 15, ft_epochs: int = 15, shots: int = 20, seeds=(0,)) -> dict:
+    """Pretrain smallcnn on shapes classes 0-3 (400 images each), fine-tune on classes 4-7 with
+    ``shots`` images per class; compare with the same net from scratch at equal epochs."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        src = write_shapes_folder(tmp / "source", [0, 1, 2, 3], {"train": 400, "val": 50}, seed=1)
+        pre = _train(tmp / "pre", data=str(src), epochs=pre_epochs)
+        print(json.dumps({"pretrain_val_top1": pre["test"]["top1"], "seconds": pre["seconds"]}), flush=True)
+        for seed in seeds:
+            tgt = write_shapes_folder(tmp / f"target{seed}", [4, 5, 6, 7],
+                                      {"train": shots, "val": 20, "test": 100}, seed=100 + seed)
+            for mode, kw in (("scratch", {}), ("finetune", {"init": str(tmp / "pre")}),
+                             ("linear-probe", {"init": str(tmp / "pre"), "linear_probe": True}),
+                             ("finetune-llrd", {"init": str(tmp / "pre"), "layer_decay": 0.6})):
+                r = _train(tmp / f"{mode}-{seed}", data=str(tgt), epochs=ft_epochs, seed=seed, **kw)
+                rows.append({"mode": mode, "seed": seed, "test_top1": r["test"]["top1"], "seconds": r["seconds"]})
+                print(json.dumps(rows[-1]), flush=True)
+    return {"pretrain": {"val_top1": pre["test"]["top1"], "epochs": pre_epochs, "seconds": pre["seconds"]},
+            "ft_epochs": ft_epochs, "shots": shots, "rows": rows}
+
+
+# ---- missing data ----------------------------------------------------------------------------
+def missing(epochs: int = 20, p: float = 0.6, seeds=(0,), ratios=(0.0, 0.1, 0.3, 0.5, 0.7)) -> dict:
+    """Digits with square patches missing: a plain model, a zero-fill model trained with
+    ``--missing P`` and a mask-channel model trained the same way, on the same holes."""
+    from cnnkit.api.classify import missing_curve
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in seeds:
+            runs = []
+            for name, kw in (("plain", {}), ("zero-fill", {"missing": p}),
+                             ("mask-channel", {"missing": p, "missing_input": "mask"})):
+                out = Path(tmp) / f"{name}-{seed}"
+                _train(out, data="digits", epochs=epochs, seed=seed, **kw)
+                runs.append(str(out))
+            curve = missing_curve(runs, "digits", list(ratios), split="test", verbose=False,
+                                  plot=RESULTS / f"missing_curve_seed{seed}.png")
+            rows.append({"seed": seed, **curve})
+            print(json.dumps(rows[-1]), flush=True)
+    return {"epochs": epochs, "train_missing": p, "rows": rows}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("which", choices=["imbalance", "noise", "transfer", "missing", "all"])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--epochs", type=int, default=20)
+    args = ap.parse_args()
+    RESULTS.mkdir(exist_ok=True)
+    todo = ["imbalance", "noise", "transfer", "missing"] if args.which == "all" else [args.which]
+    for name in todo:
+        if name == "transfer":
+            out = transfer(ft_epochs=args.epochs, seeds=args.seeds)
+        else:
+            out = globals()[name](epochs=args.epochs, seeds=args.seeds)
+        (RESULTS / f"techniques_{name}.json").write_text(json.dumps(out, indent=1))
+        print(f"wrote {RESULTS / f'techniques_{name}.json'}")
+
+
+if __name__ == "__main__":
+    main()
