@@ -14,7 +14,7 @@ from typing import Any
 
 from cnnkit.errors import CnnkitError
 
-TASKS = ("classify",)
+TASKS = ("classify", "multilabel")
 
 
 def _module(task: str):
@@ -22,6 +22,10 @@ def _module(task: str):
         from cnnkit.api import classify
 
         return classify
+    if task == "multilabel":
+        from cnnkit.api import multilabel
+
+        return multilabel
     import difflib
 
     close = difflib.get_close_matches(task, TASKS, n=1)
