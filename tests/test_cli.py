@@ -6,7 +6,6 @@ import json
 import re
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from conftest import run_subprocess

@@ -110,3 +110,27 @@ def list_sources(source: str | Path) -> list[Path]:
     if not files:
         raise DataError(f"no images found in folder '{p}'")
     return files
+
+
+def image_batches(files: list[Path], batch: int, prepare, skipped: list[tuple[str, str]]):
+    """Yield ``(images (B, C, H, W), paths)`` for ``files``, decoded and preprocessed by ``prepare``.
+
+    An unreadable file in a list of several is appended to ``skipped`` as ``(path, reason)``;
+    a single unreadable file raises its :class:`~cnnkit.errors.ImageDecodeError`.
+    """
+    import torch
+
+    from cnnkit.errors import ImageDecodeError
+
+    for i in range(0, len(files), batch):
+        xs, paths = [], []
+        for f in files[i:i + batch]:
+            try:
+                xs.append(prepare(f))
+                paths.append(str(f))
+            except ImageDecodeError as e:
+                if len(files) == 1:
+                    raise
+                skipped.append((str(f), e.reason))
+        if xs:
+            yield torch.stack(xs), paths

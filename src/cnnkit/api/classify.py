@@ -26,13 +26,13 @@ from cnnkit.data.sampling import (LabelView, bootstrap, class_counts, class_weig
                                   make_sampler, noisy_labels)
 from cnnkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess, parse_aug
 from cnnkit.api._common import config_from_file as _config_from_file
-from cnnkit.api._common import list_sources, open_run, resolve_config, run_trainer, standard_hooks
+from cnnkit.api._common import image_batches, list_sources, open_run, resolve_config, run_trainer, standard_hooks
 from cnnkit.engine.checkpoint import load_weights, resolve_weights
 from cnnkit.engine.config import TrainConfig
 from cnnkit.engine.progress import console, per_class_table
 from cnnkit.engine.run import RunDir
 from cnnkit.engine.trainer import Trainer, evaluate, resolve_amp
-from cnnkit.errors import CnnkitError, DataError, ImageDecodeError, ModelError
+from cnnkit.errors import CnnkitError, DataError, ModelError
 from cnnkit.tasks.classify import ClassifyTask, Prediction
 from cnnkit.utils.device import select_device
 from cnnkit.utils.io import write_json
@@ -625,18 +625,8 @@ def predict(weights: str | Path | Sequence[str | Path], source: str | Path | Ite
     results: list[dict[str, Any]] = []
     skipped: list[tuple[str, str]] = []
     t0 = time.perf_counter()
-    for i in range(0, len(files), batch):
-        xs, paths = [], []
-        for f in files[i:i + batch]:
-            try:
-                xs.append(model.prepare(f))
-                paths.append(str(f))
-            except ImageDecodeError as e:
-                if len(files) == 1:
-                    raise
-                skipped.append((str(f), e.reason))
-        if xs:
-            results += [p.to_dict() for p in model.task.decode(model.logits(torch.stack(xs)), paths, topk)]
+    for x, paths in image_batches(files, batch, model.prepare, skipped):
+        results += [p.to_dict() for p in model.task.decode(model.logits(x), paths, topk)]
     elapsed = time.perf_counter() - t0
     for r in results:
         r.pop("class_id", None)

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from cnnkit.api.classify import ClassifierModel, list_sources, load
+from cnnkit.api._common import image_batches, list_sources
+from cnnkit.api.classify import ClassifierModel, load
 from cnnkit.errors import CnnkitError, DataError, ImageDecodeError
 from cnnkit.methods import features as F
 from cnnkit.utils.io import atomic_write, write_json
@@ -72,18 +72,9 @@ def extract_files(model: ClassifierModel, files: list[Path], layer: str, pooled:
     chunks: list[np.ndarray] = []
     paths: list[str] = []
     skipped: list[tuple[str, str]] = []
-    for i in range(0, len(files), batch):
-        xs = []
-        for f in files[i:i + batch]:
-            try:
-                xs.append(model.prepare(f))
-                paths.append(str(f))
-            except ImageDecodeError as e:
-                if len(files) == 1:
-                    raise
-                skipped.append((str(f), e.reason))
-        if xs:
-            chunks.append(F.extract(model.model, torch.stack(xs), layer, pooled, batch).numpy())
+    for x, names in image_batches(files, batch, model.prepare, skipped):
+        paths += names
+        chunks.append(F.extract(model.model, x, layer, pooled, batch).numpy())
     if not chunks:
         raise DataError(f"none of the {len(files)} images could be read")
     return FeatureSet(np.concatenate(chunks), paths, layer, pooled, skipped)

@@ -21,7 +21,7 @@ import torch
 
 import cnnkit
 from cnnkit.api._common import config_from_file as _config_from_file
-from cnnkit.api._common import list_sources, open_run, resolve_config, run_trainer, standard_hooks
+from cnnkit.api._common import image_batches, list_sources, open_run, resolve_config, run_trainer, standard_hooks
 from cnnkit.api.classify import ClassifierModel, TrainResult, _load_init, _stats
 from cnnkit.data.classification import ClassificationData, TransformedDataset, make_loader
 from cnnkit.data.decode import ImageLike
@@ -32,7 +32,7 @@ from cnnkit.engine.config import TrainConfig
 from cnnkit.engine.progress import console
 from cnnkit.engine.run import RunDir
 from cnnkit.engine.trainer import Trainer, evaluate, resolve_amp
-from cnnkit.errors import CnnkitError, DataError, ImageDecodeError, ModelError
+from cnnkit.errors import CnnkitError, DataError, ModelError
 from cnnkit.tasks.multilabel import LOSSES, MultiLabelPrediction, MultiLabelTask
 from cnnkit.utils.device import select_device
 from cnnkit.utils.io import write_json
@@ -361,18 +361,8 @@ def predict(weights: str | Path, source: str | Path, batch: int = 64, device: st
     results: list[dict[str, Any]] = []
     skipped: list[tuple[str, str]] = []
     t0 = time.perf_counter()
-    for i in range(0, len(files), batch):
-        xs, paths = [], []
-        for f in files[i:i + batch]:
-            try:
-                xs.append(model.prepare(f))
-                paths.append(str(f))
-            except ImageDecodeError as e:
-                if len(files) == 1:
-                    raise
-                skipped.append((str(f), e.reason))
-        if xs:
-            results += [p.to_dict() for p in model.task.decode(model.logits(torch.stack(xs)), paths)]
+    for x, paths in image_batches(files, batch, model.prepare, skipped):
+        results += [p.to_dict() for p in model.task.decode(model.logits(x), paths)]
     elapsed = time.perf_counter() - t0
     if json_path:
         write_json(json_path, results)

@@ -35,7 +35,7 @@ def build_timm(timm_name: str, num_classes: int, in_chans: int, pretrained: bool
     """
     import timm
 
-    from cnnkit.models.blocks import ATTENTION, make_pool
+    from cnnkit.models.blocks import ATTENTION
 
     if attention not in (None, "", "none"):
         if not timm_name.startswith("resnet"):
