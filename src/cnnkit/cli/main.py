@@ -166,7 +166,7 @@ TTA_HELP = ("test-time augmentation, views averaged with the original: flip (hor
 
 
 @classify.command("val", context_settings=CONTEXT)
-@click.option("--weights", cls=MultiValueOption, required=True, help=WEIGHTS_HELP)
+@click.option("--weights", cls=MultiValueOption, metavar="PATH...", required=True, help=WEIGHTS_HELP)
 @click.option("--data", required=True, help="dataset: digits, shapes or an ImageFolder path")
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="val", help="which split")
 @click.option("--batch", type=int, default=64, help="batch size")
@@ -202,7 +202,7 @@ def val_cmd(weights, data, split, batch, device, workers, ensemble, tta, missing
 
 
 @classify.command("predict", context_settings=CONTEXT)
-@click.option("--weights", cls=MultiValueOption, required=True, help=WEIGHTS_HELP)
+@click.option("--weights", cls=MultiValueOption, metavar="PATH...", required=True, help=WEIGHTS_HELP)
 @click.option("--source", required=True, help="an image file or a folder (searched recursively)")
 @click.option("--topk", type=int, default=5, help="how many classes to list per image")
 @click.option("--batch", type=int, default=64, help="batch size")
