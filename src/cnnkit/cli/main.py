@@ -105,7 +105,7 @@ def demo(out: str, epochs: int, device: str) -> None:
 
 @cli.group(cls=SuggestingGroup, context_settings=CONTEXT)
 def classify() -> None:
-    """Image classification (single label): train, val, predict."""
+    """Image classification (single label): train, val, predict, features, visualize."""
 
 
 def add_train_command(group: click.Group, cfg_cls: type, api_module: str) -> click.Command:
