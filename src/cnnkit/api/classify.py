@@ -26,7 +26,7 @@ from cnnkit.data.sampling import (LabelView, bootstrap, class_counts, class_weig
                                   make_sampler, noisy_labels)
 from cnnkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess, parse_aug
 from cnnkit.api._common import config_from_file as _config_from_file
-from cnnkit.api._common import image_batches, list_sources, open_run, resolve_config, run_trainer, standard_hooks
+from cnnkit.api._common import image_batches, list_sources, load_task_model, open_run, resolve_config, run_trainer, standard_hooks
 from cnnkit.engine.checkpoint import load_weights, resolve_weights
 from cnnkit.engine.config import TrainConfig
 from cnnkit.engine.progress import console, per_class_table
@@ -209,17 +209,7 @@ class ClassifierModel:
 
 def load(path: str | Path, device: str | None = "cpu") -> ClassifierModel:
     """Rebuild a classifier from ``best.safetensors`` (+ its ``.json`` card) or a run folder."""
-    state, card = load_weights(path)
-    if card.get("task") != "classify":
-        raise ModelError(f"weights '{path}' are for task '{card.get('task')}', not classify")
-    in_chans = int(card["in_chans"]) + int(bool(card.get("preprocess", {}).get("mask_channel", False)))
-    model = ClassifyTask.build_model(card["arch"], len(card["classes"]), in_chans,
-                                     **card.get("model_kwargs", {}))
-    try:
-        model.load_state_dict(state)
-    except RuntimeError:
-        raise ModelError(f"weights '{path}' do not match the '{card['arch']}' architecture in "
-                         "their model card") from None
+    model, card = load_task_model(path, "classify", ClassifyTask.build_model)
     return ClassifierModel(model, card, select_device(device))
 
 

@@ -21,7 +21,7 @@ import torch
 
 import cnnkit
 from cnnkit.api._common import config_from_file as _config_from_file
-from cnnkit.api._common import image_batches, list_sources, open_run, resolve_config, run_trainer, standard_hooks
+from cnnkit.api._common import image_batches, list_sources, load_task_model, open_run, resolve_config, run_trainer, standard_hooks
 from cnnkit.api.classify import ClassifierModel, TrainResult, _load_init, _stats
 from cnnkit.data.classification import ClassificationData, TransformedDataset, make_loader
 from cnnkit.data.decode import ImageLike
@@ -32,7 +32,7 @@ from cnnkit.engine.config import TrainConfig
 from cnnkit.engine.progress import console
 from cnnkit.engine.run import RunDir
 from cnnkit.engine.trainer import Trainer, evaluate, resolve_amp
-from cnnkit.errors import CnnkitError, DataError, ModelError
+from cnnkit.errors import CnnkitError, DataError
 from cnnkit.tasks.multilabel import LOSSES, MultiLabelPrediction, MultiLabelTask
 from cnnkit.utils.device import select_device
 from cnnkit.utils.io import write_json
@@ -121,16 +121,7 @@ class MultiLabelModel(ClassifierModel):
 
 def load(path: str | Path, device: str | None = "cpu") -> MultiLabelModel:
     """Rebuild a multi-label classifier from ``best.safetensors`` (+ its card) or a run folder."""
-    state, card = load_weights(path)
-    if card.get("task") != "multilabel":
-        raise ModelError(f"weights '{path}' are for task '{card.get('task')}', not multilabel")
-    model = MultiLabelTask.build_model(card["arch"], len(card["classes"]), int(card["in_chans"]),
-                                       **card.get("model_kwargs", {}))
-    try:
-        model.load_state_dict(state)
-    except RuntimeError:
-        raise ModelError(f"weights '{path}' do not match the '{card['arch']}' architecture in "
-                         "their model card") from None
+    model, card = load_task_model(path, "multilabel", MultiLabelTask.build_model)
     return MultiLabelModel(model, card, select_device(device))
 
 
