@@ -235,6 +235,10 @@ from cnnkit.cli.augment import augment  # noqa: E402
 
 cli.add_command(augment)
 
+from cnnkit.cli.convert import convert  # noqa: E402
+
+cli.add_command(convert)
+
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; user errors print one sentence and exit with code 2."""

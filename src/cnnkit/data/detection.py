@@ -88,6 +88,7 @@ class DetectionData:
     names: list[str]
     splits: dict[str, list[DetRecord]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    category_ids: list[int] | None = None  # COCO category id of each class index; None: index + 1
 
     def split(self, name: str) -> list[DetRecord]:
         if name not in self.splits:

@@ -1,0 +1,96 @@
+"""``cnnkit convert``: one detection dataset format into another (a reader plus a writer)."""
+
+from __future__ import annotations
+
+import click
+from click.core import ParameterSource
+
+from cnnkit.errors import CnnkitError
+
+# The same help and default-display settings as ``cnnkit.cli.main`` (not imported from there: main
+# imports this module while it is itself being imported).
+CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 110}
+SHAPES_OPTIONS = ("imgsz", "sizes", "seed", "classes", "max_objects")
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("src")
+@click.option("--to", "to_fmt", type=click.Choice(["yolo", "coco"]), required=True,
+              help="format to write: yolo (data.yaml, images/, labels/) or coco (coco.yaml, images/, "
+                   "annotations/*.json)")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="folder to write (new or empty)")
+@click.option("--from", "from_fmt", type=click.Choice(["auto", "yolo", "coco", "voc"]), default="auto",
+              help="format of SRC; auto: a folder with Annotations/ is VOC, a .json is COCO, a YAML whose "
+                   "splits name annotations is COCO, another YAML is YOLO")
+@click.option("--overwrite", is_flag=True,
+              help="write into a non-empty --out, replacing the images/, labels/ or annotations/ and the "
+                   "dataset YAML there")
+@click.option("--imgsz", type=int, default=None, help="shapes only: image side [default: 320]")
+@click.option("--sizes", default=None,
+              help="shapes only: images per split, e.g. train=200,val=50 (only the splits named are "
+                   "written) [default: train=400,val=100,test=100]")
+@click.option("--seed", type=int, default=0, help="shapes only: dataset seed")
+@click.option("--classes", type=int, default=8, help="shapes only: use the first N of the 8 shape classes")
+@click.option("--max-objects", type=int, default=6, help="shapes only: at most this many objects per image")
+@click.pass_context
+def convert(ctx: click.Context, src: str, to_fmt: str, out: str, from_fmt: str, overwrite: bool,
+            imgsz: int | None, sizes: str | None, seed: int, classes: int, max_objects: int) -> None:
+    """Convert the detection dataset SRC to YOLO or COCO.
+
+    SRC is a YOLO data.yaml, a COCO .json file, a COCO YAML (per split: images, annotations), a
+    Pascal VOC folder, or `shapes` (the built-in generated scenes, shaped by the shapes-only
+    options). Prints the images and boxes per split, each problem found in the labels once, and
+    the dataset file written.
+
+    \b
+    Examples:
+      cnnkit convert shapes --to yolo --out shapes-yolo --sizes train=200,val=50 --classes 3
+      cnnkit convert VOCdevkit/VOC2012 --to coco --out voc-coco
+      cnnkit convert coco/annotations/instances_val2017.json --to yolo --out coco-yolo
+    """
+    from cnnkit.data.formats import read_detection, write_detection
+
+    given = [f"--{n.replace('_', '-')}" for n in SHAPES_OPTIONS
+             if ctx.get_parameter_source(n) == ParameterSource.COMMANDLINE]
+    if src == "shapes":
+        if from_fmt != "auto":
+            raise CnnkitError(f"--from {from_fmt} does not apply to shapes (the built-in generated scenes)")
+        data = _shapes(imgsz, sizes, seed, classes, max_objects)
+    else:
+        if given:
+            raise CnnkitError(f"{', '.join(given)} apply only to the built-in `shapes` data, not to '{src}'")
+        data = read_detection(src, from_fmt)
+    click.echo(f"{data.name}: {len(data.names)} classes ({_short(data.names)})")
+    for split, records in data.splits.items():
+        boxes = sum(len(r.boxes) for r in records)
+        click.echo(f"  {split:<5} {len(records):>7} images {boxes:>8} boxes")
+    for w in data.warnings:
+        click.echo(f"warning: {w}")
+    path = write_detection(data, out, to_fmt, overwrite=overwrite)
+    click.echo(f"wrote {path}")
+
+
+def _shapes(imgsz: int | None, sizes: str | None, seed: int, classes: int, max_objects: int):
+    from cnnkit.data.detection import SHAPES_DET_SIZES, shapes_detection
+
+    if imgsz is not None and not 32 <= imgsz <= 4096:
+        raise CnnkitError(f"--imgsz must be between 32 and 4096, got {imgsz}")
+    if max_objects < 1:
+        raise CnnkitError(f"--max-objects must be at least 1, got {max_objects}")
+    counts = dict(SHAPES_DET_SIZES)
+    if sizes:
+        counts = {}
+        for item in sizes.split(","):
+            name, _, n = item.strip().partition("=")
+            if name not in SHAPES_DET_SIZES or not n.strip().isdigit() or int(n) < 1:
+                raise CnnkitError(f"--sizes takes split=count pairs with splits {', '.join(SHAPES_DET_SIZES)} and "
+                                  f"counts >= 1, e.g. train=200,val=50; got '{sizes}'")
+            counts[name] = int(n)
+    data = shapes_detection(imgsz, {s: counts.get(s, 0) for s in SHAPES_DET_SIZES}, seed=seed,
+                            num_classes=classes, max_objects=max_objects)
+    data.splits = {s: r for s, r in data.splits.items() if s in counts}
+    return data
+
+
+def _short(names: list[str], limit: int = 8) -> str:
+    return ", ".join(names[:limit]) + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
