@@ -82,6 +82,8 @@ def test_round_trip_shapes_yolo_coco_yolo(shapes, tmp_path):
     c = read_coco(write_coco(y1, tmp_path / "c"))
     assert_same_boxes(shapes, c)
     assert c.category_ids == [1, 2, 3]
+    lone = read_detection(tmp_path / "c" / "annotations" / "val.json")  # finds ../images/val by itself
+    assert_same_boxes(DetectionData("v", shapes.names, {"val": shapes.split("val")}), lone)
     y2 = read_detection(write_detection(c, tmp_path / "y2", "yolo"))
     assert_same_boxes(shapes, y2)
     assert y1.warnings == c.warnings == y2.warnings == []
@@ -399,6 +401,12 @@ def test_cli_convert(cli, tmp_path):
     assert r.code == 0, r.err
     data = read_coco(tmp_path / "c" / "coco.yaml")
     assert data.names == ["circle", "ring"] and [len(v) for v in data.splits.values()] == [3, 2]
+    (tmp_path / "y" / "labels" / "train" / "000001.txt").unlink()
+    (tmp_path / "y" / "labels" / "train" / "000002.txt").write_text("7 0.5 0.5 0.1 0.1\n")
+    r = cli("convert", tmp_path / "y" / "data.yaml", "--to", "yolo", "--out", tmp_path / "y2")
+    assert r.code == 0 and r.out.count("warning: ") == 2
+    assert "warning: 1 image has no label file; it was read as an image without objects (images/train/000001.png)" \
+        in r.out
     r = cli("convert", tmp_path / "nope.yaml", "--to", "coco", "--out", tmp_path / "x")
     assert r.code == 2 and len(r.err.strip().splitlines()) == 1 and "does not exist" in r.err
     r = cli("convert", tmp_path / "y" / "data.yaml", "--to", "coco", "--out", tmp_path / "x", "--imgsz", 64)
