@@ -379,9 +379,14 @@ class DetectionEvaluator:
         # Detections: area NaN, so `area < lo or area > hi` is False for every range and an
         # unmatched detection is never ignored (it is a false positive in every bucket).
         occ_dt = [dict(d, area=float("nan")) for d in dt]
-        rng = [[float(i), float(i)] for i in range(len(OCCLUSION_BUCKETS))]
-        names = [b[0] for b in OCCLUSION_BUCKETS]
-        ev = _run_cocoeval(occ_gt, occ_dt, area_rng=rng, area_lbl=names, max_dets=[MAX_DETS])
-        prec = ev.eval["precision"]
-        return {name: {"map50_95": _mean_ap(prec[:, :, :, i, -1]), "map50": _mean_ap(prec[0, :, :, i, -1]),
-                       "num_gt": int((buckets == i).sum())} for i, name in enumerate(names)}
+        used = [i for i in range(len(OCCLUSION_BUCKETS)) if (buckets == i).any()]  # empty ones: no AP
+        ev = _run_cocoeval(occ_gt, occ_dt, area_rng=[[float(i), float(i)] for i in used],
+                           area_lbl=[OCCLUSION_BUCKETS[i][0] for i in used], max_dets=[MAX_DETS])
+        prec = ev.eval["precision"]  # (T, R, K, buckets used, 1)
+        out = {}
+        for i, (name, _, _) in enumerate(OCCLUSION_BUCKETS):
+            a = used.index(i) if i in used else None
+            out[name] = {"map50_95": None if a is None else _mean_ap(prec[:, :, :, a, -1]),
+                         "map50": None if a is None else _mean_ap(prec[0, :, :, a, -1]),
+                         "num_gt": int((buckets == i).sum())}
+        return out
