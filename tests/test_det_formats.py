@@ -365,6 +365,7 @@ def test_voc_splits_and_bad_files(tmp_path):
         png(root / "JPEGImages" / f"{stem}.jpg", 50, 40)
         (root / "Annotations" / f"{stem}.xml").write_text(VOC_XML.format(stem=stem))
     (root / "Annotations" / "c.xml").write_text("<annotation><object>")  # broken
+    (root / "Annotations" / "b.xml").write_text(VOC_XML.format(stem="b").replace("b.jpg", "b"))  # no extension
     (root / "Annotations" / "d.xml").write_text(VOC_XML.format(stem="d").replace("<xmax>20", "<xmax>x"))
     png(root / "JPEGImages" / "d.jpg", 50, 40)
     (root / "ImageSets" / "Main").mkdir(parents=True)

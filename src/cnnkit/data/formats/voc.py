@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cnnkit.data.decode import is_image_file
 from cnnkit.data.detection import DetectionData, DetRecord
 from cnnkit.data.formats import BOX_MESSAGES, SPLITS, Problems, fit_box, image_size, shown
 from cnnkit.errors import DataError, ImageDecodeError
@@ -40,7 +41,7 @@ def read_voc(path: str | Path, names: list[str] | None = None) -> DetectionData:
 
     Splits come from ``ImageSets/Main/{train,val,test}.txt`` when any of them exists (only
     ``trainval.txt``: it becomes ``train``); otherwise every annotation is in ``train``. The
-    image is ``JPEGImages/<filename>`` from the XML (or ``<stem>.jpg``); its size is read from
+    image is ``JPEGImages/<filename>`` from the XML (else the image named like the XML); its size is read from
     the file, as training reads it. Objects marked ``difficult`` are kept as ordinary objects
     (VOC's own mAP ignores them; cnnkit trains and scores on them). Class names are the sorted
     unique ``<name>`` values of all files, unless ``names`` is given (then objects of other
@@ -111,6 +112,8 @@ def _record(x: ET.Element, stem: str, root: Path, index: dict[str, int], image_i
             problems: Problems) -> DetRecord | None:
     filename = (x.findtext("filename") or "").strip() or f"{stem}.jpg"
     path = root / "JPEGImages" / filename
+    if not path.exists():  # a <filename> without or with another extension: look for the stem
+        path = next((p for p in sorted(path.parent.glob(f"{stem}.*")) if is_image_file(p)), path)
     try:
         w, h = image_size(path)
     except ImageDecodeError as e:

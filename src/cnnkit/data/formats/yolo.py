@@ -133,7 +133,7 @@ def _split_images(spec: Any, root: Path, split: str, yaml_path: Path) -> list[Pa
         if p.is_dir():
             out += sorted(f for f in p.rglob("*") if is_image_file(f) and f.is_file())
         elif p.suffix.lower() == ".txt":
-            for line in p.read_text(encoding="utf-8").splitlines():
+            for line in p.read_text(encoding="utf-8-sig").splitlines():
                 if line.strip():
                     out.append(Path(os.path.normpath(p.parent / line.strip())))
         else:
@@ -163,7 +163,7 @@ def _read_split(images: list[Path], num_classes: int, root: Path, problems: Prob
         if not lab.is_file():
             problems.add("nolabel", shown(img, root))
         else:
-            text = lab.read_text(encoding="utf-8", errors="replace")
+            text = lab.read_text(encoding="utf-8-sig", errors="replace")
             for ln, line in enumerate(text.splitlines(), 1):
                 obj = _parse_line(line, w, h, num_classes, f"{shown(lab, root)} line {ln}", problems)
                 if obj is not None:
