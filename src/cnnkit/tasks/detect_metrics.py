@@ -152,6 +152,8 @@ def coco_ground_truth(image_ids: Sequence[int], sizes: Sequence[tuple[int, int]]
     cat_ids = _category_map(len(names), category_ids)
     images, anns = [], []
     occlusion = occlusion if occlusion is not None else [None] * len(image_ids)
+    if not len(image_ids) == len(sizes) == len(boxes) == len(labels) == len(occlusion):
+        raise DataError("coco_ground_truth needs one size, boxes, labels (and occlusion) entry per image id")
     for img, (w, h), b, lab, occ in zip(image_ids, sizes, boxes, labels, occlusion):
         img = int(img)
         images.append({"id": img, "width": int(w), "height": int(h)})
@@ -165,6 +167,8 @@ def coco_ground_truth(image_ids: Sequence[int], sizes: Sequence[tuple[int, int]]
         area = (xywh[:, 2] * xywh[:, 3]).tolist()
         occ_list = None if occ is None else [None if np.isnan(o) else o
                                              for o in _array(occ, np.float64, None, "occlusion").tolist()]
+        if occ_list is not None and len(occ_list) != len(lab):
+            raise DataError(f"image {img}: {len(occ_list)} occlusion values for {len(lab)} boxes")
         for j, (bb, c, a) in enumerate(zip(xywh.tolist(), cat_ids[lab].tolist(), area)):
             ann = {"id": len(anns) + 1, "image_id": img, "category_id": c, "bbox": bb, "area": a, "iscrowd": 0}
             if occ_list is not None:
@@ -254,8 +258,9 @@ class DetectionEvaluator:
     area-range mechanism (the same that gives AP-small): a second ``COCOeval`` whose ground
     truth carries the bucket index as its ``area`` and whose ``areaRng`` are the buckets;
     detections get ``area`` NaN, which no range comparison excludes, so pycocotools never
-    ignores an unmatched detection. Matching prefers in-bucket objects over ignored ones, as
-    for crowd regions. Means are over classes with objects in the bucket.
+    ignores an unmatched detection. Matching prefers in-bucket objects over ignored ones, and
+    an ignored object absorbs one detection only (a second detection on it is a false
+    positive, as any duplicate is). Means are over classes with objects in the bucket.
 
     Example:
         >>> ev = DetectionEvaluator(["person"])
