@@ -14,7 +14,7 @@ from typing import Any
 
 from cnnkit.errors import CnnkitError
 
-TASKS = ("classify", "multilabel")
+TASKS = ("classify", "multilabel", "detect")
 
 
 def _module(task: str):
@@ -26,6 +26,10 @@ def _module(task: str):
         from cnnkit.api import multilabel
 
         return multilabel
+    if task == "detect":
+        from cnnkit.api import detect
+
+        return detect
     import difflib
 
     close = difflib.get_close_matches(task, TASKS, n=1)

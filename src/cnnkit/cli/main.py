@@ -231,6 +231,10 @@ from cnnkit.cli.multilabel import register as _register_multilabel  # noqa: E402
 
 _register_multilabel(cli)
 
+from cnnkit.cli.detect import register as _register_detect  # noqa: E402
+
+_register_detect(cli)
+
 from cnnkit.cli.augment import augment  # noqa: E402
 
 cli.add_command(augment)

@@ -138,7 +138,7 @@ def shapes_detection(imgsz: int | None = None, sizes: dict[str, int] | None = No
 
     Args:
         imgsz: image side (default 320).
-        sizes: images per split (default 400 / 100 / 100).
+        sizes: images per split (default train 400, val 100, test 100); only the splits named are made.
         seed: dataset seed; splits never share images.
         num_classes: use the first N of the 8 shape classes (circle, ring, triangle, ...).
         max_objects: at most this many objects per image.
@@ -149,7 +149,7 @@ def shapes_detection(imgsz: int | None = None, sizes: dict[str, int] | None = No
     if not 1 <= num_classes <= len(SHAPE_CLASSES):
         raise DataError(f"shapes has 1 to {len(SHAPE_CLASSES)} classes, got {num_classes}")
     params = shapes_detection_params(imgsz or SHAPES_DET_IMGSZ, max_objects, num_classes)
-    sizes = {**SHAPES_DET_SIZES, **(sizes or {})}
+    sizes = dict(SHAPES_DET_SIZES) if sizes is None else dict(sizes)
     splits = {sp: [shapes_scene_record(params, seed, sp, i, num_classes, masks) for i in range(n)]
               for sp, n in sizes.items()}
     return DetectionData("shapes", list(SHAPE_CLASSES[:num_classes]), splits)

@@ -1,0 +1,580 @@
+"""Object detection workflows behind ``cnnkit detect train|val|predict|anchors``.
+
+Wires detection data (:mod:`cnnkit.data.detection` and the readers in ``data/formats``),
+the detectors (:mod:`cnnkit.models.detection.zoo`), the task (:mod:`cnnkit.tasks.detect`)
+and the Trainer together.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import cnnkit
+from cnnkit.api._common import config_from_file as _config_from_file
+from cnnkit.api._common import list_sources, load_task_model, open_run, resolve_config, run_trainer, standard_hooks
+from cnnkit.api.classify import TrainResult
+from cnnkit.data.classification import make_loader
+from cnnkit.data.detection import (DetectionData, DetectionDataset, letterbox, load_detection_data,
+                                   parse_det_aug)
+from cnnkit.engine.checkpoint import resolve_weights
+from cnnkit.engine.config import TrainConfig
+from cnnkit.engine.hooks import Hook
+from cnnkit.engine.progress import console
+from cnnkit.engine.trainer import Trainer, evaluate, resolve_amp
+from cnnkit.errors import CnnkitError, DataError
+from cnnkit.tasks.detect import DetectMetrics, DetectTask, draw_detections, to_original
+from cnnkit.utils.device import select_device
+from cnnkit.utils.io import write_json
+from cnnkit.utils.seed import seed_everything
+
+DEFAULT_AUG = "flip,scale=0.7:1.3,translate=0.1,jitter=0.3"
+
+
+@dataclass
+class DetectConfig(TrainConfig):
+    """``cnnkit detect train`` options (the shared ones plus detection's own)."""
+
+    data: str = "shapes"
+    model: str = "fastdet"  # fastdet, fasterrcnn, retinanet, ssd or ssdlite
+    backbone: str | None = None  # registry model for fasterrcnn/retinanet/ssd/ssdlite (default per model)
+    width: int = 16  # fastdet: stem channels (stages use 2x .. 16x)
+    anchors: str | None = None  # anchors file from `cnnkit detect anchors` (fasterrcnn, retinanet)
+    aug: str | None = None  # box-aware augmentation; None: flip,scale=0.7:1.3,translate=0.1,jitter=0.3
+    mosaic: float = 0.5  # share of training images that are 2x2 mosaics of four
+    epochs: int = 30
+    batch: int = 16
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    warmup_epochs: float = 2.0
+    grad_clip: float = 10.0
+    ema: float = 0.99
+    time: float = 0.0  # training time budget in minutes; when > 0 it sets the number of epochs
+    iou: float = 0.6  # NMS IoU during validation
+    max_det: int = 100
+    # built-in shapes data
+    classes: int = 8  # shapes: how many of the 8 shape classes
+    max_objects: int = 6  # shapes: at most this many objects per image
+
+    def validate(self) -> None:
+        super().validate()
+        from cnnkit.models.detection.zoo import DETECTORS
+
+        if self.model not in DETECTORS:
+            import difflib
+
+            close = difflib.get_close_matches(self.model, DETECTORS, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise CnnkitError(f"unknown detector '{self.model}'{hint}; choose from {', '.join(DETECTORS)}")
+        if not 0 <= self.mosaic <= 1:
+            raise CnnkitError(f"--mosaic must be in [0, 1], got {self.mosaic}")
+        if self.time < 0:
+            raise CnnkitError(f"--time must be 0 (off) or a number of minutes, got {self.time}")
+        if not 0 < self.iou <= 1:
+            raise CnnkitError(f"--iou must be in (0, 1], got {self.iou}")
+        if self.imgsz is not None and self.imgsz % 32:
+            raise CnnkitError(f"--imgsz must be a multiple of 32 for detection, got {self.imgsz}")
+        if self.width < 4:
+            raise CnnkitError(f"--width must be at least 4, got {self.width}")
+
+
+def config_from_file(path: str | Path, overrides: dict[str, Any]) -> DetectConfig:
+    return _config_from_file(DetectConfig, "detect", path, overrides)
+
+
+def build_model(arch: str, num_classes: int, in_chans: int = 3, imgsz: int = 320, backbone: str | None = None,
+                anchors: list | None = None, width: int = 16, pretrained: bool = False) -> torch.nn.Module:
+    """The detector of a model card (``in_chans`` is always 3 for detection)."""
+    from cnnkit.models.detection.zoo import build_detector
+
+    kwargs = {"width": width} if arch == "fastdet" else {}
+    return build_detector(arch, num_classes, imgsz, backbone, pretrained, anchors, **kwargs)
+
+
+def _data(cfg_data: str, seed: int, imgsz: int | None, classes: int = 8, max_objects: int = 6,
+          verbose: bool = True) -> DetectionData:
+    data = load_detection_data(cfg_data, imgsz, seed=seed, num_classes=classes, max_objects=max_objects) \
+        if cfg_data == "shapes" else load_detection_data(cfg_data)
+    if verbose:
+        for w in data.warnings:
+            console().print(f"[yellow]warning:[/] {w}")
+    return data
+
+
+def _default_imgsz(data: DetectionData) -> int:
+    return 320
+
+
+class TimeBudget(Hook):
+    """Hook for ``--time``: after each epoch, set the number of epochs that fit in the budget
+    (mean epoch time so far, validation included) and stretch the LR schedule to it, as
+    Ultralytics' ``time=`` does; stop when the budget is spent."""
+
+    def __init__(self, minutes: float):
+        self.budget = minutes * 60.0
+        self.used = 0.0
+        self._t0 = 0.0
+
+    def before_train(self, trainer) -> None:
+        self._t0 = time.perf_counter()
+
+    def before_epoch(self, trainer) -> None:
+        self._t0 = time.perf_counter()
+
+    def after_epoch(self, trainer) -> None:
+        self.used += time.perf_counter() - self._t0
+        per_epoch = self.used / max(1, trainer.epoch)
+        epochs = max(trainer.epoch, int(self.budget / per_epoch))
+        if self.used >= self.budget or epochs <= trainer.epoch:
+            trainer.should_stop = True
+            trainer.stop_reason = f"time budget of {self.budget / 60:.1f} min spent after {trainer.epoch} epochs"
+            epochs = trainer.epoch
+        trainer.cfg.epochs = epochs
+        for fn in trainer.scheduler.lr_lambdas:
+            fn.total = max(1, epochs * trainer.steps_per_epoch)
+
+    def state_dict(self) -> dict:
+        return {"used": self.used}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.used = float(state.get("used", 0.0))
+
+
+def train(cfg: DetectConfig | None = None, *, resume: str | Path | None = None, verbose: bool = True,
+          **overrides: Any) -> TrainResult:
+    """Train a detector; the Python twin of ``cnnkit detect train``.
+
+    Returns:
+        :class:`~cnnkit.api.classify.TrainResult`; ``metrics`` holds the validation
+        ``map50_95``, ``map50``, ``map75``, ``per_class_ap``, size and occlusion APs.
+
+    Examples:
+        >>> result = cnnkit.train("detect", data="shapes", model="fastdet", epochs=30)
+        >>> result.metrics["map50"]
+    """
+    from cnnkit.models.detection.anchors import read_anchors, scale_anchors
+
+    con = console()
+    cfg, ckpt, run = resolve_config(DetectConfig, "detect", cfg, resume, overrides, verbose)
+    device = select_device(cfg.device)
+    seed_everything(cfg.seed)
+    data = _data(cfg.data, cfg.seed, cfg.imgsz, cfg.classes, cfg.max_objects, verbose)
+    imgsz = cfg.imgsz or _default_imgsz(data)
+    train_recs, val_recs = data.split("train"), data.split("val")
+    if not train_recs:
+        raise DataError(f"the train split of '{cfg.data}' has no images")
+    if not val_recs:
+        raise DataError(f"the val split of '{cfg.data}' has no images")
+    anchors = None
+    if cfg.anchors:
+        levels, a_imgsz = read_anchors(cfg.anchors)
+        anchors = [np.asarray(lv, np.float64).tolist() for lv in scale_anchors(levels, a_imgsz, imgsz)]
+    aug = cfg.aug if cfg.aug is not None else DEFAULT_AUG
+    model_kwargs = {"imgsz": imgsz, "backbone": cfg.backbone, "anchors": anchors}
+    if cfg.model == "fastdet":
+        model_kwargs["width"] = cfg.width
+    model = build_model(cfg.model, len(data.names), 3, pretrained=cfg.pretrained, **model_kwargs)
+    if cfg.init and ckpt is None:
+        note = _load_init(model, cfg.init)
+        if verbose and note:
+            con.print(f"[yellow]note:[/] {note}")
+    task = DetectTask(data.names, data.category_ids if hasattr(data, "category_ids") else None)
+    model.set_thresholds(0.001, cfg.iou, cfg.max_det)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    train_ds = DetectionDataset(train_recs, imgsz, parse_det_aug(aug, imgsz), cfg.mosaic)
+    val_ds = DetectionDataset(val_recs, imgsz)
+    pin = device.type == "cuda"
+    train_loader = make_loader(train_ds, cfg.batch, True, cfg.workers, task.collate, gen, drop_last=len(train_ds) > cfg.batch,
+                               pin_memory=pin)
+    val_loader = make_loader(val_ds, cfg.batch * 2, False, cfg.workers, task.collate, pin_memory=pin)
+    run = open_run(cfg, "detect", run)
+    card = {
+        "task": "detect", "arch": cfg.model, "model_kwargs": model_kwargs,
+        "classes": data.names, "num_classes": len(data.names), "in_chans": 3, "imgsz": [imgsz, imgsz],
+        "preprocess": {"resize": "letterbox", "imgsz": imgsz, "pad": 114, "input": "rgb 0-1"},
+        "category_ids": getattr(data, "category_ids", None), "cnnkit_version": cnnkit.__version__,
+        "trained": {"data": cfg.data, "epochs": cfg.epochs, "seed": cfg.seed, "aug": aug, "mosaic": cfg.mosaic,
+                    "pretrained": cfg.pretrained, "init": cfg.init,
+                    "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")},
+    }
+    extra = [TimeBudget(cfg.time)] if cfg.time > 0 else []
+    trainer = Trainer(task, model, train_loader, val_loader, cfg, device, run.root, card,
+                      standard_hooks(cfg, run, verbose, extra))
+    train_time = run_trainer(trainer, ckpt, run, "detect", verbose)
+    return _finish(cfg, run, data, trainer, device, train_time, verbose)
+
+
+def _load_init(model: torch.nn.Module, init: str) -> str | None:
+    """Start from a detector's or a classifier's weights: every tensor whose name and shape
+    match is copied (a classifier checkpoint fills the backbone)."""
+    from cnnkit.engine.checkpoint import load_weights
+
+    state, card = load_weights(init)
+    own = model.state_dict()
+    prefixes = ["", "net.backbone.features.body.", "net.backbone.fpn.features.body."]
+    copied = {}
+    for k, v in state.items():
+        for p in prefixes:
+            if p + k in own and own[p + k].shape == v.shape:
+                copied[p + k] = v
+                break
+    if not copied:
+        raise CnnkitError(f"no tensor of --init '{init}' matches this detector's layers")
+    model.load_state_dict(copied, strict=False)
+    return f"--init copied {len(copied)} of {len(own)} tensors from '{init}' ({card.get('task')} {card.get('arch')})"
+
+
+def _finish(cfg: DetectConfig, run, data: DetectionData, trainer: Trainer, device: torch.device,
+            train_time: float, verbose: bool) -> TrainResult:
+    from cnnkit.utils.plotting import plot_curves
+
+    con = console()
+    best = load(run.best, device=str(device))
+    amp = resolve_amp(cfg.amp, device)
+    val_metrics = best.evaluate(data.split("val"), batch=cfg.batch * 2, workers=cfg.workers, amp=amp)
+    test_metrics = None
+    if data.splits.get("test"):
+        test_metrics = best.evaluate(data.split("test"), batch=cfg.batch * 2, workers=cfg.workers, amp=amp)
+    results = {**val_metrics, "split": "val", "best_epoch": trainer.best_epoch, "epochs_run": trainer.epoch,
+               "train_time_s": round(train_time, 2), "weights": str(run.best)}
+    if trainer.stop_reason:
+        results["stop_reason"] = trainer.stop_reason
+    if test_metrics is not None:
+        results["test"] = test_metrics
+    if trainer.skipped:
+        results["skipped_images"] = [{"path": p, "reason": r} for p, r in sorted(trainer.skipped.items())]
+    write_json(run.results, results)
+    plot_curves(trainer.history, run.plots / "results.png", ["map50_95", "map50"])
+    best.draw_samples(data.split("val")[:16], run.plots / "val_predictions.png")
+    if verbose:
+        con.print(metrics_table(val_metrics, f"validation (best epoch {trainer.best_epoch})"))
+        line = _line(val_metrics, "val")
+        if test_metrics is not None:
+            line += "  ·  " + _line(test_metrics, "test")
+        con.print(line + f"  ·  trained {train_time:.0f} s")
+        con.print(f"results in {run.root}/ (weights/best.safetensors, metrics.csv, results.json, plots/)")
+    return TrainResult(run.root, results, test_metrics, trainer.best_epoch, dict(trainer.skipped))
+
+
+def _line(m: dict[str, Any], split: str) -> str:
+    return f"{split} mAP50-95 {m['map50_95']:.4f}  mAP50 {m['map50']:.4f}  mAP75 {m['map75']:.4f}"
+
+
+def metrics_table(m: dict[str, Any], title: str):
+    """Per-class AP plus AP by object size and by occlusion, as a rich table."""
+    from rich.table import Table
+
+    t = Table(title=title, title_justify="left")
+    t.add_column("group")
+    t.add_column("AP50-95", justify="right")
+    t.add_column("AP50", justify="right")
+    t.add_column("objects", justify="right")
+
+    def f(v):
+        return "-" if v is None else f"{v:.3f}"
+
+    counts = m.get("per_class_gt", {})
+    for name, ap in m.get("per_class_ap", {}).items():
+        t.add_row(name, f(ap), f(m.get("per_class_ap50", {}).get(name)), str(counts.get(name, "")))
+    for key, label in (("size_ap", "size"), ("occlusion_ap", "occluded")):
+        for bucket, v in (m.get(key) or {}).items():
+            t.add_row(f"{label} {bucket}", f(v.get("map50_95")), f(v.get("map50")), str(v.get("num_gt", "")))
+    return t
+
+
+# ---------------------------------------------------------------------------------------
+# Loading and using a trained detector
+@dataclass
+class Detection:
+    box: list[float]
+    score: float
+    class_id: int
+    class_name: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"box": [round(v, 2) for v in self.box], "score": round(self.score, 5),
+                "class_id": self.class_id, "class_name": self.class_name}
+
+
+@dataclass
+class DetectionResult:
+    """Detections of one image in its original pixel coordinates."""
+
+    path: str
+    width: int
+    height: int
+    detections: list[Detection] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "width": self.width, "height": self.height,
+                "detections": [d.to_dict() for d in self.detections]}
+
+
+class DetectModel:
+    """A trained detector with its model card: ``predict``, ``evaluate``, ``draw_samples``."""
+
+    def __init__(self, model: torch.nn.Module, card: dict[str, Any], device: torch.device):
+        self.model, self.card, self.device = model.to(device).eval(), card, device
+        self.classes: list[str] = list(card["classes"])
+        self.imgsz = int(card["imgsz"][0])
+        self.timing = {"preprocess_ms": 0.0, "inference_ms": 0.0, "postprocess_ms": 0.0, "images": 0}
+
+    # ---- evaluation ---------------------------------------------------------------------
+    def evaluate(self, records, batch: int = 32, workers: int = 0, amp=None, conf: float = 0.001,
+                 iou: float | None = None, keep_predictions: bool = False):
+        """COCO metrics of ``records`` (original-image pixels); with ``keep_predictions`` also
+        returns the raw predictions for ``--save-json``."""
+        task = DetectTask(self.classes, self.card.get("category_ids"))
+        self.model.set_thresholds(conf, iou if iou is not None else self.card.get("iou", 0.6),
+                                  int(self.card.get("max_det", 100)))
+        loader = make_loader(DetectionDataset(records, self.imgsz), batch, False, workers, task.collate)
+        state = DetectMetrics(self.classes, self.card.get("category_ids"), keep_predictions)
+        skipped: list = []
+        with torch.no_grad():
+            for b in loader:
+                skipped += b.get("skipped", [])
+                if not len(b["targets"]):
+                    continue
+                b = task.to_device(b, self.device)
+                with _autocast(self.device, amp):
+                    out = self.model(b["images"])
+                state.update(out, b)
+        metrics = state.compute()
+        if skipped:
+            metrics["skipped_images"] = [{"path": p, "reason": r} for p, r in skipped]
+        return (metrics, state.predictions) if keep_predictions else metrics
+
+    # ---- prediction ---------------------------------------------------------------------
+    def predict(self, source, conf: float = 0.25, iou: float = 0.5, max_det: int = 100,
+                batch: int = 1) -> list[DetectionResult]:
+        """Detect objects in an image file, a folder, a list of paths or a uint8 (3, H, W)
+        tensor / (H, W, 3) array. Timing per stage accumulates in ``self.timing``."""
+        from cnnkit.data.decode import read_image
+        from cnnkit.errors import ImageDecodeError
+
+        if isinstance(source, (str, Path)):
+            items: list = list_sources(source)
+        elif isinstance(source, (list, tuple)):
+            items = list(source)
+        else:
+            items = [source]
+        self.model.set_thresholds(conf, iou, max_det)
+        results: list[DetectionResult] = []
+        self.skipped: list[tuple[str, str]] = []
+        for i in range(0, len(items), batch):
+            t0 = time.perf_counter()
+            xs, metas = [], []
+            for it in items[i:i + batch]:
+                name = str(it) if isinstance(it, (str, Path)) else f"<image {i}>"
+                try:
+                    img = read_image(it, channels=3).contiguous()
+                except ImageDecodeError as e:
+                    if len(items) == 1:
+                        raise
+                    self.skipped.append((e.path, e.reason))
+                    continue
+                h, w = img.shape[-2:]
+                x, _, scale = letterbox(img, self.imgsz)
+                xs.append(x)
+                metas.append((name, h, w, scale))
+            if not xs:
+                continue
+            x = torch.stack(xs).to(self.device).float().div_(255)
+            t1 = time.perf_counter()
+            with torch.no_grad():
+                if hasattr(self.model, "raw"):  # fastdet: network, then decoding + NMS
+                    cls, box, pts, strides = self.model.raw(x)
+                    _sync(self.device)
+                    t2 = time.perf_counter()
+                    out = self.model.postprocess(cls, self.model.decode(box, pts, strides))
+                else:  # torchvision models run NMS inside their forward
+                    out = self.model(x)
+                    _sync(self.device)
+                    t2 = time.perf_counter()
+            for o, (name, h, w, scale) in zip(out, metas):
+                b = to_original(o["boxes"].cpu(), scale, h, w).tolist()
+                dets = [Detection(bb, float(s), int(c), self.classes[int(c)])
+                        for bb, s, c in zip(b, o["scores"].cpu().tolist(), o["labels"].cpu().tolist())]
+                results.append(DetectionResult(name, w, h, dets))
+            t3 = time.perf_counter()
+            n = len(xs)
+            self.timing["preprocess_ms"] += (t1 - t0) * 1e3
+            self.timing["inference_ms"] += (t2 - t1) * 1e3
+            self.timing["postprocess_ms"] += (t3 - t2) * 1e3
+            self.timing["images"] += n
+        return results
+
+    def draw(self, result: DetectionResult, image=None) -> torch.Tensor:
+        """The image of ``result`` with its boxes drawn (uint8 (3, H, W))."""
+        from cnnkit.data.decode import read_image
+
+        img = read_image(image if image is not None else result.path, channels=3).contiguous()
+        return draw_detections(img, [d.box for d in result.detections], [d.class_id for d in result.detections],
+                               [d.score for d in result.detections], self.classes)
+
+    def draw_samples(self, records, path: Path, conf: float = 0.25) -> None:
+        """A grid of ``records`` with predicted boxes (GT in white) as a PNG."""
+        from torchvision.utils import make_grid, save_image
+
+        from cnnkit.data.detection import DetectionDataset as _DS
+
+        if not records:
+            return
+        ds = _DS(records, self.imgsz)
+        tiles = []
+        self.model.set_thresholds(conf, 0.5, 100)
+        for i in range(len(records)):
+            x, t = ds[i]
+            if x is None:
+                continue
+            with torch.no_grad():
+                o = self.model(x[None].to(self.device).float() / 255)[0]
+            img = draw_detections(x, t["boxes"], [0] * len(t["boxes"]), [1.0] * len(t["boxes"]),
+                                  ["gt"], width=1) if len(t["boxes"]) else x
+            img = draw_detections(img, o["boxes"].cpu(), o["labels"].cpu(), o["scores"].cpu(), self.classes)
+            tiles.append(img)
+        if tiles:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            save_image(make_grid(torch.stack(tiles).float() / 255, nrow=4, padding=2), str(path))
+
+
+def _autocast(device: torch.device, dtype):
+    from contextlib import nullcontext
+
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def load(path: str | Path, device: str = "cpu") -> DetectModel:
+    """Rebuild a trained detector from ``best.safetensors`` (or its run folder)."""
+    model, card = load_task_model(path, "detect", build_model)
+    return DetectModel(model, card, select_device(device))
+
+
+def val(weights: str | Path, data: str, split: str = "val", batch: int = 32, device: str = "auto",
+        workers: int = 0, conf: float = 0.001, iou: float = 0.6, json_path: str | Path | None = None,
+        save_json: str | Path | None = None, verbose: bool = True) -> dict[str, Any]:
+    """Evaluate a detector on a dataset split: COCO mAP@[.5:.95], mAP50, mAP75, per-class AP,
+    AR, AP by object size and by occlusion. ``save_json`` writes the detections in COCO
+    results format."""
+    from cnnkit.tasks.detect_metrics import coco_results
+
+    m = load(weights, device)
+    card = m.card
+    if data == "shapes":
+        trained = card.get("trained", {})
+        ds = _data("shapes", trained.get("seed", 0), m.imgsz, card["num_classes"], 6, verbose)
+    else:
+        ds = _data(data, 0, None, verbose=verbose)
+    if list(ds.names) != m.classes:
+        raise DataError(f"the classes of '{data}' ({', '.join(ds.names)}) differ from the model's "
+                        f"({', '.join(m.classes)})")
+    records = ds.split(split)
+    if not records:
+        raise DataError(f"the {split} split of '{data}' has no images")
+    metrics, preds = m.evaluate(records, batch, workers, resolve_amp("auto", m.device), conf, iou, keep_predictions=True)
+    metrics.update(split=split, weights=str(resolve_weights(weights)), num_images=len(records))
+    if save_json:
+        ids = [p[0] for p in preds]
+        res = coco_results(ids, [p[1] for p in preds], [p[2] for p in preds], [p[3] for p in preds],
+                           card.get("category_ids"))
+        write_json(save_json, res)
+    if json_path:
+        write_json(json_path, metrics)
+    if verbose:
+        con = console()
+        con.print(metrics_table(metrics, f"{split} split of {data} ({len(records)} images)"))
+        con.print(_line(metrics, split))
+        if save_json:
+            con.print(f"COCO-format detections in {save_json}")
+    return metrics
+
+
+def predict(weights: str | Path, source: str | Path, conf: float = 0.25, iou: float = 0.5, max_det: int = 100,
+            device: str = "auto", json_path: str | Path | None = None, save_dir: str | Path | None = None,
+            verbose: bool = True) -> list[dict[str, Any]]:
+    """Detect objects in a file or folder; print a line per image and the time per stage;
+    ``json_path`` writes the list of results, ``save_dir`` PNGs with the boxes drawn."""
+    m = load(weights, device)
+    files = list_sources(source)
+    results = m.predict(files, conf=conf, iou=iou, max_det=max_det)
+    con = console()
+    if save_dir:
+        from PIL import Image
+
+        out = Path(save_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for r in results:
+            img = m.draw(r)
+            Image.fromarray(img.permute(1, 2, 0).numpy()).save(out / (Path(r.path).stem + ".png"))
+    rows = [r.to_dict() for r in results]
+    if json_path:
+        write_json(json_path, rows)
+    if verbose:
+        for r in results:
+            counts: dict[str, int] = {}
+            for d in r.detections:
+                counts[d.class_name] = counts.get(d.class_name, 0) + 1
+            what = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no objects"
+            con.print(f"{r.path}: {r.width}x{r.height}, {what}")
+        t = m.timing
+        n = max(1, t["images"])
+        con.print(f"speed: {t['preprocess_ms'] / n:.1f} ms preprocess, {t['inference_ms'] / n:.1f} ms inference, "
+                  f"{t['postprocess_ms'] / n:.1f} ms postprocess per image at {m.imgsz}x{m.imgsz}")
+        for p, reason in m.skipped:
+            con.print(f"[yellow]skipped[/] {p}: {reason}")
+        if save_dir:
+            con.print(f"drawn boxes in {save_dir}/")
+    return rows
+
+
+def anchors(data: str, k: int | None = None, model: str = "fasterrcnn", imgsz: int | None = None,
+            out: str | Path = "anchors.yaml", thr: float = 0.5, seed: int = 0, verbose: bool = True) -> dict[str, Any]:
+    """Fit anchors to a dataset's boxes by k-means with IoU distance and compare best-possible
+    recall of the default and the fitted anchors; write them for ``--anchors``."""
+    from cnnkit.data.detection import all_boxes_wh
+    from cnnkit.models.detection.anchors import (anchor_pairs, best_possible_recall, kmeans_anchors,
+                                                 mean_best_iou, split_levels, write_anchors)
+    from cnnkit.models.detection.zoo import default_anchors
+
+    if model not in ("fasterrcnn", "retinanet"):
+        raise CnnkitError(f"anchors are fitted for fasterrcnn or retinanet, not '{model}' (fastdet is anchor-free)")
+    ds = _data(data, seed, imgsz, verbose=verbose) if data != "shapes" else _data("shapes", seed, imgsz)
+    size = imgsz or _default_imgsz(ds)
+    wh = all_boxes_wh(ds.split("train"), size)
+    wh = wh[(wh > 0).all(1)]
+    if len(wh) == 0:
+        raise DataError(f"the train split of '{data}' has no boxes to fit anchors to")
+    sizes, ratios = default_anchors(model, size)
+    current = np.concatenate(anchor_pairs(sizes, ratios))
+    levels = 5
+    k = k or (15 if model == "retinanet" else 15)
+    fitted = kmeans_anchors(wh, k, seed=seed)
+    per_level = split_levels(fitted, levels)
+    report = {
+        "boxes": int(len(wh)), "imgsz": size, "model": model, "k": k, "thr": thr,
+        "current": {"anchors": len(current), "bpr": best_possible_recall(wh, current, thr),
+                    "mean_best_iou": mean_best_iou(wh, current)},
+        "fitted": {"anchors": len(fitted), "bpr": best_possible_recall(wh, fitted, thr),
+                   "mean_best_iou": mean_best_iou(wh, fitted)},
+    }
+    write_anchors(out, per_level, size, meta=report)
+    report["file"] = str(out)
+    if verbose:
+        con = console()
+        con.print(f"{len(wh)} boxes at {size} px; best-possible recall at shape-IoU >= {thr}:")
+        for key in ("current", "fitted"):
+            r = report[key]
+            con.print(f"  {key:<8} {r['anchors']:>3} anchors  BPR {r['bpr']:.4f}  mean best IoU {r['mean_best_iou']:.4f}")
+        con.print(f"wrote {out}; train with --anchors {out} (--model {model})")
+    return report

@@ -1,0 +1,111 @@
+"""``cnnkit detect train|val|predict|anchors``: argument parsing only."""
+
+from __future__ import annotations
+
+import click
+
+TRAIN_HELP = {
+    "data": "dataset: shapes (generated scenes), an Ultralytics data.yaml, a COCO YAML "
+            "({train: {images, annotations}, val: ...}) or a Pascal VOC folder",
+    "model": "detector: fastdet (anchor-free, fast on CPU), fasterrcnn (two-stage, RPN + RoIAlign), "
+             "retinanet (anchors, focal loss), ssd, ssdlite",
+    "backbone": "registry model under fasterrcnn/retinanet/ssd/ssdlite (resnet18, mobilenet_v3_large, ...); "
+                "default resnet18 (ssdlite: mobilenet_v3_large)",
+    "imgsz": "images are letterboxed to this square size (a multiple of 32); default 320",
+    "width": "fastdet: channels of the stem (stages use 2x to 16x); 16 is about 3 M parameters",
+    "anchors": "anchors file written by `cnnkit detect anchors` (fasterrcnn, retinanet)",
+    "aug": "box-aware augmentation: flip, vflip, rotate=DEG, scale=LO:HI, translate=F, crop=LO, jitter=S, "
+           "blur, noise, gamma, shadow, cutout=P, occlude=P (patches over objects), ... or none; "
+           "default: flip,scale=0.7:1.3,translate=0.1,jitter=0.3",
+    "mosaic": "share of training images made of four images in a 2x2 mosaic, cropped around a random centre",
+    "time": "training time budget in minutes (validation included); sets the number of epochs after each "
+            "epoch and stretches the LR schedule to it; 0 is off",
+    "iou": "NMS IoU threshold during validation",
+    "max_det": "detections kept per image",
+    "classes": "shapes: how many of the 8 shape classes to use",
+    "max_objects": "shapes: at most this many objects per image",
+    "pretrained": "ImageNet weights for the backbone (registry loader; needs network once)",
+    "init": "start from a detector's or a classifier's weights (matching layers are copied; a classifier "
+            "fills the backbone)",
+}
+
+
+def register(parent: click.Group) -> click.Group:
+    """Add the ``detect`` group to ``parent`` and return it."""
+    from cnnkit.api.detect import DetectConfig
+    from cnnkit.cli.main import CONTEXT, SuggestingGroup, add_train_command
+    from cnnkit.models.detection.zoo import DETECTORS
+
+    @parent.group("detect", cls=SuggestingGroup, context_settings=CONTEXT)
+    def detect() -> None:
+        """Object detection (boxes): train, val, predict, anchors."""
+
+    train_cmd = add_train_command(detect, DetectConfig, "cnnkit.api.detect")
+    train_cmd.help = ("Train a detector (fastdet, Faster R-CNN, RetinaNet, SSD) and write a run folder "
+                      "(weights, metrics, plots).")
+    for param in train_cmd.params:
+        if param.name in TRAIN_HELP:
+            param.help = TRAIN_HELP[param.name]
+        if param.name == "model":
+            param.type = click.Choice(DETECTORS)
+
+    @detect.command("val", context_settings=CONTEXT)
+    @click.option("--weights", required=True, help="best.safetensors or its run folder")
+    @click.option("--data", required=True, help="shapes, a YOLO data.yaml, a COCO YAML/JSON or a VOC folder")
+    @click.option("--split", type=click.Choice(["train", "val", "test"]), default="val", help="which split")
+    @click.option("--batch", type=int, default=32, help="batch size")
+    @click.option("--conf", type=float, default=0.001, help="score threshold (low, so AP sees the whole curve)")
+    @click.option("--iou", type=float, default=0.6, help="NMS IoU threshold")
+    @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    @click.option("--workers", type=int, default=0, help="data-loading worker processes")
+    @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+                  help="also write the metrics to this JSON file")
+    @click.option("--save-json", type=click.Path(dir_okay=False), default=None,
+                  help="write the detections in COCO results format "
+                       '([{"image_id", "category_id", "bbox": [x, y, w, h], "score"}])')
+    def val_cmd(weights, data, split, batch, conf, iou, device, workers, json_path, save_json) -> None:
+        """COCO mAP@[.5:.95], mAP50, mAP75, per-class AP, AR, and AP by object size and by occlusion."""
+        from cnnkit.api import detect as api
+
+        api.val(weights, data, split=split, batch=batch, device=device, workers=workers, conf=conf, iou=iou,
+                json_path=json_path, save_json=save_json)
+
+    @detect.command("predict", context_settings=CONTEXT)
+    @click.option("--weights", required=True, help="best.safetensors or its run folder")
+    @click.option("--source", required=True, help="an image file or a folder (searched recursively)")
+    @click.option("--conf", type=float, default=0.25, help="score threshold")
+    @click.option("--iou", type=float, default=0.5, help="NMS IoU threshold")
+    @click.option("--max-det", type=int, default=100, help="detections kept per image")
+    @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+                  help='write [{"path", "width", "height", "detections": [{"box": [x1, y1, x2, y2], "score", '
+                       '"class_id", "class_name"}]}] (original-image pixels)')
+    @click.option("--save-dir", type=click.Path(file_okay=False), default=None,
+                  help="write each image with its boxes drawn as PNG here")
+    def predict_cmd(weights, source, conf, iou, max_det, device, json_path, save_dir) -> None:
+        """Detect objects in images; print one line per image and the time per stage."""
+        from cnnkit.api import detect as api
+        from cnnkit.errors import CnnkitError
+
+        if not 0 <= conf <= 1 or not 0 < iou <= 1:
+            raise CnnkitError("--conf must be in [0, 1] and --iou in (0, 1]")
+        api.predict(weights, source, conf=conf, iou=iou, max_det=max_det, device=device, json_path=json_path,
+                    save_dir=save_dir)
+
+    @detect.command("anchors", context_settings=CONTEXT)
+    @click.option("--data", required=True, help="shapes, a YOLO data.yaml, a COCO YAML/JSON or a VOC folder")
+    @click.option("--model", type=click.Choice(["fasterrcnn", "retinanet"]), default="fasterrcnn",
+                  help="whose default anchors to compare with (and how many levels to fill)")
+    @click.option("--k", type=int, default=None, help="number of anchors to fit (default 15: 3 per level)")
+    @click.option("--imgsz", type=int, default=None, help="letterbox size the anchors are for (default 320)")
+    @click.option("--thr", type=float, default=0.5, help="shape-IoU a box needs with an anchor to count as recalled")
+    @click.option("--out", type=click.Path(dir_okay=False), default="anchors.yaml", help="where to write them")
+    @click.option("--seed", type=int, default=0, help="k-means seed")
+    def anchors_cmd(data, model, k, imgsz, thr, out, seed) -> None:
+        """Fit anchors to a dataset's boxes (k-means, 1 - IoU distance); print best-possible recall of
+        the current and the fitted anchors; write them for `detect train --anchors FILE`."""
+        from cnnkit.api import detect as api
+
+        api.anchors(data, k=k, model=model, imgsz=imgsz, out=out, thr=thr, seed=seed)
+
+    return detect

@@ -1,0 +1,289 @@
+"""``fastdet``: cnnkit's anchor-free one-stage detector for CPUs and edge devices.
+
+Design (the recipe of the anchor-free YOLO family, written here so that it trains through
+cnnkit's Trainer and exports as one plain ``nn.Module``):
+
+- backbone: Conv-BN-SiLU stem and four stride-2 stages of CSP blocks (two 1x1 convs around
+  a chain of residual 3x3 bottlenecks whose outputs are all concatenated), SPPF on top;
+- neck: a path-aggregation pyramid (top-down then bottom-up) giving strides 8, 16, 32;
+- head: decoupled per level, a classification branch (sigmoid per class, no objectness) and
+  a box branch predicting the four distances to the box sides as a distribution over
+  ``reg_max`` bins (distribution focal loss, Li et al. 2020);
+- assignment: task-aligned (TOOD, Feng et al. 2021): for each object the ``topk`` anchor
+  points inside it with the highest ``score^0.5 * IoU^6``; classification targets are that
+  alignment normalised to the object's best IoU, so scores rank boxes by localisation quality;
+- losses: BCE for classes, complete-IoU (torchvision's ``complete_box_iou_loss``) and DFL for
+  boxes; decoding uses torchvision's ``batched_nms``.
+
+Why hand-written: torchvision has no anchor-free detector of this kind (its FCOS uses a
+ResNet-FPN and centerness, several times the CPU cost), and the peers that have one
+(Ultralytics, PP-YOLOE) are whole frameworks; the model and its loss are ~300 lines here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.ops import batched_nms, box_iou, complete_box_iou_loss
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Conv(nn.Sequential):
+    """Conv2d (no bias) + BatchNorm + SiLU."""
+
+    def __init__(self, c1: int, c2: int, k: int = 3, s: int = 1):
+        super().__init__(nn.Conv2d(c1, c2, k, s, k // 2, bias=False), nn.BatchNorm2d(c2, eps=1e-3, momentum=0.03),
+                         nn.SiLU(inplace=True))
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, c: int, shortcut: bool = True):
+        super().__init__()
+        self.cv1, self.cv2 = Conv(c, c, 3), Conv(c, c, 3)
+        self.add = shortcut
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.cv2(self.cv1(x))
+        return x + y if self.add else y
+
+
+class CSP(nn.Module):
+    """Split, run ``n`` bottlenecks on one half, concatenate every intermediate, fuse (C2f)."""
+
+    def __init__(self, c1: int, c2: int, n: int = 1, shortcut: bool = True):
+        super().__init__()
+        self.c = c2 // 2
+        self.cv1 = Conv(c1, 2 * self.c, 1)
+        self.cv2 = Conv((2 + n) * self.c, c2, 1)
+        self.m = nn.ModuleList(Bottleneck(self.c, shortcut) for _ in range(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = list(self.cv1(x).chunk(2, 1))
+        for m in self.m:
+            y.append(m(y[-1]))
+        return self.cv2(torch.cat(y, 1))
+
+
+class SPPF(nn.Module):
+    """Spatial pyramid pooling (fast): three chained 5x5 max pools, concatenated."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.cv1, self.cv2 = Conv(c, c // 2, 1), Conv(c // 2 * 4, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.cv1(x)
+        y1 = F.max_pool2d(x, 5, 1, 2)
+        y2 = F.max_pool2d(y1, 5, 1, 2)
+        return self.cv2(torch.cat([x, y1, y2, F.max_pool2d(y2, 5, 1, 2)], 1))
+
+
+class FastDet(nn.Module):
+    """Anchor-free detector; see the module docstring.
+
+    Args:
+        num_classes: object classes.
+        width: channels of the stem; stages use 2x, 4x, 8x, 16x (16 gives 32..256).
+        depth: bottlenecks per CSP block multiplier (1: 1, 2, 2, 1 in the four stages).
+        reg_max: bins of the box-side distributions (distances up to ``reg_max - 1`` strides).
+        topk: anchor points assigned per object.
+
+    Shape:
+        input float ``(B, 3, S, S)`` in [0, 1], S a multiple of 32.
+    """
+
+    strides = (8, 16, 32)
+
+    def __init__(self, num_classes: int, width: int = 16, depth: float = 1.0, reg_max: int = 16,
+                 topk: int = 10, box_gain: float = 7.5, cls_gain: float = 0.5, dfl_gain: float = 1.5):
+        super().__init__()
+        self.num_classes, self.reg_max, self.topk = num_classes, reg_max, topk
+        self.gains = (box_gain, cls_gain, dfl_gain)
+        self.conf, self.iou, self.max_det = 0.001, 0.6, 100
+        w = [width * m for m in (1, 2, 4, 8, 16)]
+        n = [max(1, round(k * depth)) for k in (1, 2, 2, 1)]
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.stem = Conv(3, w[0], 3, 2)
+        self.stage1 = nn.Sequential(Conv(w[0], w[1], 3, 2), CSP(w[1], w[1], n[0]))
+        self.stage2 = nn.Sequential(Conv(w[1], w[2], 3, 2), CSP(w[2], w[2], n[1]))  # P3, stride 8
+        self.stage3 = nn.Sequential(Conv(w[2], w[3], 3, 2), CSP(w[3], w[3], n[2]))  # P4, stride 16
+        self.stage4 = nn.Sequential(Conv(w[3], w[4], 3, 2), CSP(w[4], w[4], n[3]), SPPF(w[4]))  # P5
+        self.td4 = CSP(w[4] + w[3], w[3], n[0], shortcut=False)
+        self.td3 = CSP(w[3] + w[2], w[2], n[0], shortcut=False)
+        self.down3 = Conv(w[2], w[2], 3, 2)
+        self.bu4 = CSP(w[2] + w[3], w[3], n[0], shortcut=False)
+        self.down4 = Conv(w[3], w[3], 3, 2)
+        self.bu5 = CSP(w[3] + w[4], w[4], n[0], shortcut=False)
+        chans = (w[2], w[3], w[4])
+        cb = max(16, chans[0] // 4, 4 * reg_max)
+        cc = max(chans[0], min(num_classes, 100))
+        self.box_head = nn.ModuleList(nn.Sequential(Conv(c, cb), Conv(cb, cb), nn.Conv2d(cb, 4 * reg_max, 1))
+                                      for c in chans)
+        self.cls_head = nn.ModuleList(nn.Sequential(Conv(c, cc), Conv(cc, cc), nn.Conv2d(cc, num_classes, 1))
+                                      for c in chans)
+        self.register_buffer("proj", torch.arange(reg_max, dtype=torch.float32), persistent=False)
+        self._init_bias(640)
+
+    def _init_bias(self, imgsz: int) -> None:
+        """Start with ~5 objects per image spread over the anchor points (prior probability),
+        so the first steps are not spent unlearning a 0.5 score everywhere."""
+        for box, cls, s in zip(self.box_head, self.cls_head, self.strides):
+            nn.init.constant_(box[-1].bias, 1.0)
+            nn.init.constant_(cls[-1].bias, math.log(5 / self.num_classes / (imgsz / s) ** 2))
+
+    # ---- network ------------------------------------------------------------------------
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = (x - self.mean) / self.std
+        p3 = self.stage2(self.stage1(self.stem(x)))
+        p4 = self.stage3(p3)
+        p5 = self.stage4(p4)
+        t4 = self.td4(torch.cat([F.interpolate(p5, size=p4.shape[-2:], mode="nearest"), p4], 1))
+        n3 = self.td3(torch.cat([F.interpolate(t4, size=p3.shape[-2:], mode="nearest"), p3], 1))
+        n4 = self.bu4(torch.cat([self.down3(n3), t4], 1))
+        n5 = self.bu5(torch.cat([self.down4(n4), p5], 1))
+        return [n3, n4, n5]
+
+    def raw(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(cls_logits (B, A, C), box_logits (B, A, 4, reg_max), points (A, 2), strides (A,))``
+        over all A anchor points of the three levels."""
+        cls, box, pts, strides = [], [], [], []
+        for f, bh, ch, s in zip(self.features(x), self.box_head, self.cls_head, self.strides):
+            b, _, h, w = f.shape
+            cls.append(ch(f).flatten(2).transpose(1, 2))
+            box.append(bh(f).view(b, 4, self.reg_max, h * w).permute(0, 3, 1, 2))
+            ys, xs = torch.meshgrid(torch.arange(h, device=f.device, dtype=torch.float32),
+                                    torch.arange(w, device=f.device, dtype=torch.float32), indexing="ij")
+            pts.append(torch.stack([xs.flatten(), ys.flatten()], 1).add_(0.5).mul_(s))
+            strides.append(torch.full((h * w,), float(s), device=f.device))
+        return torch.cat(cls, 1), torch.cat(box, 1), torch.cat(pts), torch.cat(strides)
+
+    def decode(self, box_logits: torch.Tensor, points: torch.Tensor, strides: torch.Tensor) -> torch.Tensor:
+        """Box logits -> xyxy pixels (expected distance under each side's distribution)."""
+        dist = box_logits.float().softmax(-1) @ self.proj  # (B, A, 4) in strides
+        dist = dist * strides[None, :, None]
+        return torch.cat([points - dist[..., :2], points + dist[..., 2:]], -1)
+
+    def forward(self, images: torch.Tensor, targets: list[dict] | None = None):
+        cls, box, pts, strides = self.raw(images)
+        if self.training:
+            if targets is None:
+                raise ValueError("training needs targets")
+            return self.loss(cls, box, pts, strides, targets)
+        return self.postprocess(cls, self.decode(box, pts, strides))
+
+    def set_thresholds(self, conf: float, iou: float, max_det: int) -> None:
+        self.conf, self.iou, self.max_det = conf, iou, max_det
+
+    @torch.no_grad()
+    def postprocess(self, cls: torch.Tensor, boxes: torch.Tensor) -> list[dict]:
+        """Per image: every (point, class) above ``conf`` (at most 3000), class-wise NMS, the
+        best ``max_det``."""
+        out = []
+        scores_all = cls.float().sigmoid()
+        for scores, bx in zip(scores_all, boxes):
+            a, c = torch.nonzero(scores > self.conf, as_tuple=True)
+            sc = scores[a, c]
+            if sc.numel() > 3000:
+                sc, keep = sc.topk(3000)
+                a, c = a[keep], c[keep]
+            b = bx[a]
+            keep = batched_nms(b, sc, c, self.iou)[: self.max_det]
+            out.append({"boxes": b[keep], "scores": sc[keep], "labels": c[keep]})
+        return out
+
+    # ---- training -----------------------------------------------------------------------
+    def loss(self, cls: torch.Tensor, box: torch.Tensor, pts: torch.Tensor, strides: torch.Tensor,
+             targets: list[dict]) -> dict[str, torch.Tensor]:
+        B, A, C = cls.shape
+        M = max(1, max(len(t["boxes"]) for t in targets))
+        gt_boxes = cls.new_zeros(B, M, 4, dtype=torch.float32)
+        gt_labels = torch.zeros(B, M, dtype=torch.long, device=cls.device)
+        gt_mask = torch.zeros(B, M, dtype=torch.bool, device=cls.device)
+        for i, t in enumerate(targets):
+            n = len(t["boxes"])
+            gt_boxes[i, :n], gt_labels[i, :n], gt_mask[i, :n] = t["boxes"], t["labels"], True
+        pred_boxes = self.decode(box, pts, strides)
+        with torch.no_grad():
+            tgt_boxes, tgt_scores, fg = task_aligned_assign(
+                cls.detach().float().sigmoid(), pred_boxes.detach(), pts, gt_boxes, gt_labels, gt_mask,
+                self.topk)
+        norm = tgt_scores.sum().clamp(min=1.0)
+        loss_cls = F.binary_cross_entropy_with_logits(cls.float(), tgt_scores, reduction="sum") / norm
+        if fg.any():
+            weight = tgt_scores.sum(-1)[fg]
+            loss_box = (complete_box_iou_loss(pred_boxes[fg], tgt_boxes[fg], reduction="none") * weight).sum() / norm
+            s = strides[None].expand(B, A)[fg][:, None]
+            p = pts[None].expand(B, A, 2)[fg]
+            t = tgt_boxes[fg]
+            ltrb = torch.cat([p - t[:, :2], t[:, 2:] - p], 1) / s
+            loss_dfl = (dfl(box[fg].float(), ltrb.clamp(0, self.reg_max - 1.01)) * weight).sum() / norm
+        else:
+            loss_box = loss_dfl = pred_boxes.sum() * 0.0
+        gb, gc, gd = self.gains
+        total = gb * loss_box + gc * loss_cls + gd * loss_dfl
+        return {"loss": total, "box": loss_box.detach(), "cls": loss_cls.detach(), "dfl": loss_dfl.detach()}
+
+
+def dfl(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Distribution focal loss: cross-entropy to the two bins around each continuous target,
+    weighted by closeness. ``logits`` (N, 4, R), ``target`` (N, 4) in bins -> (N,)."""
+    left = target.long()
+    wl = left + 1 - target
+    lp = F.log_softmax(logits, -1)
+    ce_l = -lp.gather(-1, left[..., None]).squeeze(-1)
+    ce_r = -lp.gather(-1, (left + 1)[..., None]).squeeze(-1)
+    return (ce_l * wl + ce_r * (1 - wl)).mean(-1)
+
+
+def task_aligned_assign(scores: torch.Tensor, pred_boxes: torch.Tensor, points: torch.Tensor,
+                        gt_boxes: torch.Tensor, gt_labels: torch.Tensor, gt_mask: torch.Tensor,
+                        topk: int = 10, alpha: float = 0.5, beta: float = 6.0, eps: float = 1e-9):
+    """Task-aligned assignment (TOOD). Shapes: scores (B, A, C), pred_boxes (B, A, 4), points
+    (A, 2), gt_boxes (B, M, 4), gt_labels (B, M), gt_mask (B, M) bool.
+
+    Returns ``(target_boxes (B, A, 4), target_scores (B, A, C), fg (B, A) bool)``.
+    """
+    B, A, C = scores.shape
+    M = gt_boxes.shape[1]
+    lt = points[None, None] - gt_boxes[..., None, :2]
+    rb = gt_boxes[..., None, 2:] - points[None, None]
+    inside = (torch.cat([lt, rb], -1).amin(-1) > eps) & gt_mask[..., None]  # (B, M, A)
+    iou = torch.stack([box_iou(g, p) for g, p in zip(gt_boxes, pred_boxes)]).clamp(min=0)  # (B, M, A)
+    iou = iou * inside
+    cls_score = scores.gather(2, gt_labels[:, None, :].expand(B, A, M)).transpose(1, 2)  # (B, M, A)
+    align = cls_score.pow(alpha) * iou.pow(beta) * inside
+    k = min(topk, A)
+    top = align.topk(k, dim=-1).indices
+    pos = torch.zeros_like(inside).scatter_(-1, top, True) & inside & (align > 0)
+    # small objects may have no point with a positive alignment yet: take their nearest
+    # inside points by IoU-free topk on the inside mask so every object gets gradients
+    empty = (pos.sum(-1) == 0) & gt_mask
+    if empty.any():
+        centre = (gt_boxes[..., :2] + gt_boxes[..., 2:]) / 2
+        d = (points[None, None] - centre[..., None, :]).pow(2).sum(-1)
+        d = d.masked_fill(~inside, float("inf"))
+        near = d.topk(min(3, A), dim=-1, largest=False).indices
+        extra = torch.zeros_like(inside).scatter_(-1, near, True) & inside
+        pos = torch.where(empty[..., None], extra, pos)
+    # a point claimed by several objects goes to the one it overlaps most
+    multi = pos.sum(1, keepdim=True) > 1
+    if multi.any():
+        best = iou.argmax(1, keepdim=True)
+        only = torch.zeros_like(pos).scatter_(1, best, True)
+        pos = torch.where(multi, only & pos.any(1, keepdim=True), pos)
+    fg = pos.any(1)  # (B, A)
+    idx = pos.float().argmax(1)  # (B, A) object index of each point
+    tgt_boxes = gt_boxes.gather(1, idx[..., None].expand(B, A, 4))
+    tgt_labels = gt_labels.gather(1, idx)
+    align = align * pos
+    norm = (align * iou.amax(-1, keepdim=True) / (align.amax(-1, keepdim=True) + eps)).amax(1)  # (B, A)
+    # points assigned by the fallback have zero alignment: give them their IoU as the target
+    norm = torch.where(fg & (norm <= 0), (iou * pos).amax(1).clamp(min=0.05), norm)
+    tgt_scores = F.one_hot(tgt_labels, C).float() * (norm * fg)[..., None]
+    return tgt_boxes, tgt_scores, fg

@@ -1,0 +1,114 @@
+"""Object detection as a task: batches of letterboxed images with box targets, the detector's
+own loss dict, COCO metrics in original-image pixels, and drawing.
+
+Every detector (:mod:`cnnkit.models.detection.zoo`) takes float images in [0, 1] and returns
+losses in training mode and ``{"boxes", "scores", "labels"}`` per image in eval mode, so this
+task is the same for Faster R-CNN, RetinaNet, SSD and fastdet.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from cnnkit.data.detection import collate as _collate
+from cnnkit.tasks.base import Task
+
+
+def to_original(boxes: torch.Tensor, scale: float, height: int, width: int) -> torch.Tensor:
+    """Letterboxed pixels -> pixels of the original image (clipped to it)."""
+    b = boxes.float() / scale
+    b[:, 0::2] = b[:, 0::2].clamp(0, width)
+    b[:, 1::2] = b[:, 1::2].clamp(0, height)
+    return b
+
+
+class DetectMetrics:
+    """Collects predictions and ground truth of a pass and scores them with pycocotools."""
+
+    def __init__(self, names: list[str], category_ids: list[int] | None = None, keep_predictions: bool = False):
+        from cnnkit.tasks.detect_metrics import DetectionEvaluator
+
+        self.evaluator = DetectionEvaluator(names, category_ids)
+        self.keep_predictions = keep_predictions
+        self.predictions: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
+        self.loss_sum, self.count = 0.0, 0
+
+    def update(self, output: list[dict], batch: dict) -> None:
+        for pred, t in zip(output, batch["targets"]):
+            h, w = t["orig_size"]
+            pb = to_original(pred["boxes"].detach().cpu(), t["scale"], h, w).numpy()
+            gb = to_original(t["boxes"].detach().cpu(), t["scale"], h, w).numpy()
+            ps, pl = pred["scores"].detach().float().cpu().numpy(), pred["labels"].detach().cpu().numpy()
+            self.evaluator.add(t["image_id"], w, h, gb, t["labels"].cpu().numpy(), pb, ps, pl,
+                               gt_occlusion=t["occlusion"].cpu().numpy())
+            if self.keep_predictions:
+                self.predictions.append((t["image_id"], pb, ps, pl))
+
+    def compute(self) -> dict[str, Any]:
+        return self.evaluator.compute()
+
+
+class DetectTask(Task):
+    """Detection: ``batch = {"images": uint8 (B, 3, S, S), "targets": [dict]}``."""
+
+    name = "detect"
+    monitor = "map50_95"
+    monitor_mode = "max"
+
+    def __init__(self, names: list[str], category_ids: list[int] | None = None):
+        self.names = list(names)
+        self.category_ids = category_ids
+
+    def collate(self, items: list) -> dict:
+        return _collate(items)
+
+    def to_device(self, batch: dict, device: torch.device, channels_last: bool = False) -> dict:
+        out = dict(batch)
+        x = batch["images"].to(device, non_blocking=True).float().div_(255)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out["images"] = x
+        out["targets"] = [{**t, "boxes": t["boxes"].to(device), "labels": t["labels"].to(device)}
+                          for t in batch["targets"]]
+        return out
+
+    def forward(self, model: nn.Module, batch: dict) -> Any:
+        if model.training:
+            return model(batch["images"], batch["targets"])
+        return model(batch["images"])
+
+    def loss(self, output: dict, batch: dict) -> dict[str, torch.Tensor]:
+        if "loss" in output:
+            return output
+        total = sum(output.values())
+        return {"loss": total, **{k: v.detach() for k, v in output.items()}}
+
+    def metrics(self, device: torch.device | None = None) -> DetectMetrics:
+        return DetectMetrics(self.names, self.category_ids)
+
+    def summary(self, metrics: dict[str, Any]) -> str:
+        return ", ".join(f"{k} {metrics[k]:.4f}" for k in ("map50_95", "map50") if isinstance(metrics.get(k), float))
+
+
+_PALETTE = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+            (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255))
+
+
+def class_color(k: int) -> tuple[int, int, int]:
+    return _PALETTE[k % len(_PALETTE)]
+
+
+def draw_detections(image: torch.Tensor, boxes, labels, scores, names: list[str], width: int = 2) -> torch.Tensor:
+    """uint8 (3, H, W) image with boxes and ``name score`` captions (torchvision's drawing)."""
+    from torchvision.utils import draw_bounding_boxes
+
+    boxes = torch.as_tensor(np.asarray(boxes, np.float32)).reshape(-1, 4)
+    if len(boxes) == 0:
+        return image
+    captions = [f"{names[int(c)]} {float(s):.2f}" for c, s in zip(labels, scores)]
+    colors = [class_color(int(c)) for c in labels]
+    return draw_bounding_boxes(image, boxes, captions, colors=colors, width=width)
