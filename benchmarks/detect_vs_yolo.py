@@ -14,8 +14,9 @@ batch 1 at 320 px, one image file at a time (read, preprocess, model, NMS), afte
 Ultralytics never enters cnnkit's environment: ``_yolo_runner.py`` runs under
 ``benchmarks/.venv-yolo/bin/python`` (same torch pins), offline, with the same number of torch
 threads as cnnkit (Ultralytics would otherwise drop to ``cpu_count - 1`` = 1 thread on 2 cores)
-and ``--workers`` dataloader processes (default 0, the faster of 0 and 2 on 2 cores; see the
-runner's docstring for how ``time=`` works). Without ``--work`` everything is written to a temp
+and ``--workers`` dataloader processes (default 0, as cnnkit's: on 2 cores and 2 threads, 0 and 2
+workers tied within noise, 9.9 and 9.7 versus 8.4 and 9.8 images/s over one epoch, and 2 workers
+oversubscribe the cores). The runner's docstring says how ``time=`` works. Without ``--work`` everything is written to a temp
 folder under ``benchmarks/results/`` that is removed at the end; results go to
 ``benchmarks/results/detect_vs_yolo.json``.
 """
