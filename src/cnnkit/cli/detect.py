@@ -15,12 +15,13 @@ TRAIN_HELP = {
     "width": "fastdet: channels of the stem (stages use 2x to 16x); 16 is about 3 M parameters",
     "anchors": "anchors file written by `cnnkit detect anchors` (fasterrcnn, retinanet)",
     "aug": "box-aware augmentation: flip, vflip, rotate=DEG, scale=LO:HI, translate=F, crop=LO, jitter=S, "
-           "blur, noise, gamma, shadow, cutout=P, occlude=P (patches over objects), ... or none; "
-           "default: flip,scale=0.7:1.3,translate=0.1,jitter=0.3",
+           "color=S (no hue, 3x cheaper than jitter), blur, noise, gamma, shadow, cutout=P, occlude=P (patches "
+           "over objects), ... or none; default: flip,scale=0.7:1.3,translate=0.1,color=0.3",
     "mosaic": "share of training images made of four images in a 2x2 mosaic, cropped around a random centre",
     "time": "training time budget in minutes (validation included); sets the number of epochs after each "
             "epoch and stretches the LR schedule to it; 0 is off",
     "iou": "NMS IoU threshold during validation",
+    "nms": "NMS during validation: hard, or soft (Gaussian soft-NMS: overlapping boxes keep a lowered score)",
     "max_det": "detections kept per image",
     "classes": "shapes: how many of the 8 shape classes to use",
     "max_objects": "shapes: at most this many objects per image",
@@ -48,6 +49,8 @@ def register(parent: click.Group) -> click.Group:
             param.help = TRAIN_HELP[param.name]
         if param.name == "model":
             param.type = click.Choice(DETECTORS)
+        if param.name == "nms":
+            param.type = click.Choice(["hard", "soft"])
 
     @detect.command("val", context_settings=CONTEXT)
     @click.option("--weights", required=True, help="best.safetensors or its run folder")
@@ -56,6 +59,9 @@ def register(parent: click.Group) -> click.Group:
     @click.option("--batch", type=int, default=32, help="batch size")
     @click.option("--conf", type=float, default=0.001, help="score threshold (low, so AP sees the whole curve)")
     @click.option("--iou", type=float, default=0.6, help="NMS IoU threshold")
+    @click.option("--nms", type=click.Choice(["hard", "soft"]), default=None,
+                  help="hard NMS, or soft (Gaussian soft-NMS: overlapping boxes keep a lowered score); "
+                       "default: as in training")
     @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     @click.option("--workers", type=int, default=0, help="data-loading worker processes")
     @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
@@ -63,12 +69,12 @@ def register(parent: click.Group) -> click.Group:
     @click.option("--save-json", type=click.Path(dir_okay=False), default=None,
                   help="write the detections in COCO results format "
                        '([{"image_id", "category_id", "bbox": [x, y, w, h], "score"}])')
-    def val_cmd(weights, data, split, batch, conf, iou, device, workers, json_path, save_json) -> None:
+    def val_cmd(weights, data, split, batch, conf, iou, nms, device, workers, json_path, save_json) -> None:
         """COCO mAP@[.5:.95], mAP50, mAP75, per-class AP, AR, and AP by object size and by occlusion."""
         from cnnkit.api import detect as api
 
         api.val(weights, data, split=split, batch=batch, device=device, workers=workers, conf=conf, iou=iou,
-                json_path=json_path, save_json=save_json)
+                json_path=json_path, save_json=save_json, nms=nms)
 
     @detect.command("predict", context_settings=CONTEXT)
     @click.option("--weights", required=True, help="best.safetensors or its run folder")
@@ -76,13 +82,15 @@ def register(parent: click.Group) -> click.Group:
     @click.option("--conf", type=float, default=0.25, help="score threshold")
     @click.option("--iou", type=float, default=0.5, help="NMS IoU threshold")
     @click.option("--max-det", type=int, default=100, help="detections kept per image")
+    @click.option("--nms", type=click.Choice(["hard", "soft"]), default="hard",
+                  help="hard NMS, or soft (Gaussian soft-NMS: overlapping boxes keep a lowered score)")
     @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
                   help='write [{"path", "width", "height", "detections": [{"box": [x1, y1, x2, y2], "score", '
                        '"class_id", "class_name"}]}] (original-image pixels)')
     @click.option("--save-dir", type=click.Path(file_okay=False), default=None,
                   help="write each image with its boxes drawn as PNG here")
-    def predict_cmd(weights, source, conf, iou, max_det, device, json_path, save_dir) -> None:
+    def predict_cmd(weights, source, conf, iou, max_det, nms, device, json_path, save_dir) -> None:
         """Detect objects in images; print one line per image and the time per stage."""
         from cnnkit.api import detect as api
         from cnnkit.errors import CnnkitError
@@ -90,7 +98,7 @@ def register(parent: click.Group) -> click.Group:
         if not 0 <= conf <= 1 or not 0 < iou <= 1:
             raise CnnkitError("--conf must be in [0, 1] and --iou in (0, 1]")
         api.predict(weights, source, conf=conf, iou=iou, max_det=max_det, device=device, json_path=json_path,
-                    save_dir=save_dir)
+                    save_dir=save_dir, nms=nms)
 
     @detect.command("anchors", context_settings=CONTEXT)
     @click.option("--data", required=True, help="shapes, a YOLO data.yaml, a COCO YAML/JSON or a VOC folder")

@@ -28,6 +28,7 @@ from torchvision.transforms.v2 import functional as F
 
 from cnnkit.errors import DataError, ImageDecodeError
 
+CACHE_BYTES = 2 << 30  # letterboxed images are cached in RAM up to this size
 PAD_VALUE = 114  # grey letterbox padding (as YOLO), so padding is neither black nor white
 OCCLUSION_BUCKETS = (("none", 0.0, 0.0), ("<30%", 0.0, 0.3), ("30-60%", 0.3, 0.6), (">60%", 0.6, 1.0))
 
@@ -236,18 +237,25 @@ class RandomOcclusion(v2.Transform):
 
 def parse_det_aug(spec: str | None, imgsz: int) -> list:
     """Detection augmentation: every :func:`~cnnkit.data.transforms.parse_aug` name (boxes move
-    with geometric ones) plus ``occlude=P`` (:class:`RandomOcclusion`). ``mosaic`` is a
+    with geometric ones) plus ``occlude=P`` (:class:`RandomOcclusion`) and ``color=S``
+    (brightness, contrast and saturation by up to S; ``jitter`` also turns the hue, which costs
+    three times as much on a CPU). ``mosaic`` is a
     dataset option (``--mosaic P``), not an item transform."""
     from cnnkit.data.transforms import AUG_NAMES, _prob, parse_aug, split_aug, unknown_aug
+
+    from cnnkit.data.transforms import _num
 
     rest, out = [], []
     for name, value in split_aug(spec):
         if name == "occlude":
             out.append(RandomOcclusion(_prob(value, 0.5, name)))
+        elif name == "color":
+            c = _num(value, 0.3, name)
+            out.append(v2.ColorJitter(brightness=c, contrast=c, saturation=c))
         elif name == "mosaic":
             raise DataError("mosaic is not an item augmentation; use --mosaic P")
         elif name not in AUG_NAMES:
-            raise unknown_aug(name, AUG_NAMES + ("occlude",))
+            raise unknown_aug(name, AUG_NAMES + ("occlude", "color"))
         else:
             rest.append(f"{name}={value}" if value else name)
     return parse_aug(",".join(rest), imgsz) + out
@@ -261,26 +269,45 @@ class DetectionDataset(Dataset):
     ``(H, W)``, ``path``. With ``aug`` the boxes follow the transforms and boxes that end up
     smaller than 2 px are dropped; with ``mosaic > 0`` that share of items is a 2x2 mosaic of
     four random records cropped around a random centre. An unreadable image gives
-    ``(None, reason)`` and :func:`collate` lists it in ``skipped``.
+    ``(None, reason)`` and :func:`collate` lists it in ``skipped``. Letterboxed images are
+    cached in memory (``cache=None``: when they fit in 2 GB), so later epochs skip decoding;
+    with loader workers each worker keeps its own cache for one epoch.
     """
 
-    def __init__(self, records: list[DetRecord], imgsz: int, aug: list | None = None, mosaic: float = 0.0):
+    def __init__(self, records: list[DetRecord], imgsz: int, aug: list | None = None, mosaic: float = 0.0,
+                 cache: bool | None = None):
         self.records, self.imgsz, self.mosaic = records, imgsz, mosaic
         self.aug = v2.Compose(list(aug) + [v2.SanitizeBoundingBoxes(min_size=2, labels_getter=_labels_getter)]) \
             if aug else None
+        if cache is None:  # keep decoded, letterboxed images in memory when they take under 2 GB
+            cache = len(records) * 3 * imgsz * imgsz <= CACHE_BYTES
+        self.cache: dict[int, torch.Tensor] | None = {} if cache else None
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def _letterboxed(self, i: int):
+    def _image(self, i: int) -> torch.Tensor:
+        """Decoded and letterboxed uint8 image ``i`` (from the cache after the first read)."""
+        if self.cache is not None and i in self.cache:
+            return self.cache[i]
         rec = self.records[i]
         img = rec.load()
         h, w = img.shape[-2:]
         if (h, w) != (rec.height, rec.width):
             raise ImageDecodeError(rec.name, f"its size {w}x{h} differs from the {rec.width}x{rec.height} "
                                    "given in the annotations")
-        boxes = torch.from_numpy(rec.boxes.copy())
-        img, boxes, scale = letterbox(img, self.imgsz, boxes)
+        img = letterbox(img, self.imgsz)[0].contiguous()
+        if self.cache is not None:
+            self.cache[i] = img
+        return img
+
+    def _letterboxed(self, i: int):
+        rec = self.records[i]
+        img = self._image(i)
+        scale, nh, nw = letterbox_params(rec.height, rec.width, self.imgsz)
+        boxes = torch.from_numpy(rec.boxes.copy()) * torch.tensor(
+            [nw / rec.width, nh / rec.height, nw / rec.width, nh / rec.height])
+        h, w = rec.height, rec.width
         target = {"boxes": boxes, "labels": torch.from_numpy(rec.labels.copy()),
                   "occlusion": torch.from_numpy(rec.occlusion.copy()), "image_id": rec.image_id,
                   "scale": scale, "orig_size": (int(h), int(w)), "path": rec.path or rec.name}
@@ -291,8 +318,10 @@ class DetectionDataset(Dataset):
         idx = [i] + torch.randint(len(self.records), (3,)).tolist()
         canvas = torch.full((3, 2 * s, 2 * s), PAD_VALUE, dtype=torch.uint8)
         boxes, labels, occ = [], [], []
+        t0 = None
         for k, j in enumerate(idx):
             img, t = self._letterboxed(j)
+            t0 = t if t0 is None else t0
             ox, oy = (k % 2) * s, (k // 2) * s
             canvas[:, oy:oy + s, ox:ox + s] = img
             boxes.append(t["boxes"] + torch.tensor([ox, oy, ox, oy], dtype=torch.float32))
@@ -306,7 +335,6 @@ class DetectionDataset(Dataset):
         b = b.clamp(0, s)
         area1 = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
         keep = area1 >= 0.25 * area0.clamp(min=1e-6)  # drop objects mostly cut away by the crop
-        _, t0 = self._letterboxed(i)
         t0.update(boxes=b[keep], labels=torch.cat(labels)[keep], occlusion=torch.cat(occ)[keep], scale=1.0)
         return img, t0
 

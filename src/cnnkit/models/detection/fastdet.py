@@ -13,7 +13,7 @@ cnnkit's Trainer and exports as one plain ``nn.Module``):
   points inside it with the highest ``score^0.5 * IoU^6``; classification targets are that
   alignment normalised to the object's best IoU, so scores rank boxes by localisation quality;
 - losses: BCE for classes, complete-IoU (torchvision's ``complete_box_iou_loss``) and DFL for
-  boxes; decoding uses torchvision's ``batched_nms``.
+  boxes; decoding uses torchvision's ``batched_nms`` (or soft-NMS).
 
 Why hand-written: torchvision has no anchor-free detector of this kind (its FCOS uses a
 ResNet-FPN and centerness, several times the CPU cost), and the peers that have one
@@ -27,7 +27,9 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.ops import batched_nms, box_iou, complete_box_iou_loss
+from torchvision.ops import box_iou, complete_box_iou_loss
+
+from cnnkit.models.detection.nms import suppress
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -104,7 +106,7 @@ class FastDet(nn.Module):
         super().__init__()
         self.num_classes, self.reg_max, self.topk = num_classes, reg_max, topk
         self.gains = (box_gain, cls_gain, dfl_gain)
-        self.conf, self.iou, self.max_det = 0.001, 0.6, 100
+        self.conf, self.iou, self.max_det, self.nms = 0.001, 0.6, 100, "hard"
         w = [width * m for m in (1, 2, 4, 8, 16)]
         n = [max(1, round(k * depth)) for k in (1, 2, 2, 1)]
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
@@ -177,13 +179,27 @@ class FastDet(nn.Module):
             return self.loss(cls, box, pts, strides, targets)
         return self.postprocess(cls, self.decode(box, pts, strides))
 
-    def set_thresholds(self, conf: float, iou: float, max_det: int) -> None:
-        self.conf, self.iou, self.max_det = conf, iou, max_det
+    def set_thresholds(self, conf: float, iou: float, max_det: int, nms: str = "hard") -> None:
+        """Score threshold, NMS IoU, detections per image and NMS method (``hard`` or ``soft``)."""
+        self.conf, self.iou, self.max_det, self.nms = conf, iou, max_det, nms
+
+    @torch.no_grad()
+    def fuse(self) -> FastDet:
+        """Fold every BatchNorm into the convolution before it (inference only: the result
+        computes the same function in eval mode with one layer less per block)."""
+        from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+        self.eval()
+        for m in self.modules():
+            if isinstance(m, Conv) and isinstance(m[1], nn.BatchNorm2d):
+                m[0] = fuse_conv_bn_eval(m[0], m[1])
+                m[1] = nn.Identity()
+        return self
 
     @torch.no_grad()
     def postprocess(self, cls: torch.Tensor, boxes: torch.Tensor) -> list[dict]:
-        """Per image: every (point, class) above ``conf`` (at most 3000), class-wise NMS, the
-        best ``max_det``."""
+        """Per image: every (point, class) above ``conf`` (at most 3000), class-wise NMS (hard or
+        soft, :mod:`~cnnkit.models.detection.nms`), the best ``max_det``."""
         out = []
         scores_all = cls.float().sigmoid()
         for scores, bx in zip(scores_all, boxes):
@@ -193,8 +209,8 @@ class FastDet(nn.Module):
                 sc, keep = sc.topk(3000)
                 a, c = a[keep], c[keep]
             b = bx[a]
-            keep = batched_nms(b, sc, c, self.iou)[: self.max_det]
-            out.append({"boxes": b[keep], "scores": sc[keep], "labels": c[keep]})
+            keep, kept = suppress(b, sc, c, self.iou, self.max_det, self.nms, self.conf)
+            out.append({"boxes": b[keep], "scores": kept, "labels": c[keep]})
         return out
 
     # ---- training -----------------------------------------------------------------------

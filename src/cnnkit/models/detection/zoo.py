@@ -48,6 +48,7 @@ class Detector(nn.Module):
         super().__init__()
         self.net = net
         self.background = background
+        self.nms, self.iou, self.conf, self.max_det = "hard", 0.5, 0.05, 100
 
     def forward(self, images: torch.Tensor, targets: list[dict] | None = None) -> Any:
         imgs = list(images)
@@ -60,15 +61,33 @@ class Detector(nn.Module):
         out = self.net(imgs)
         if self.background:
             out = [{**o, "labels": o["labels"] - 1} for o in out]
+        if self.nms == "soft":  # torchvision ran no suppression (IoU 1.0): soft-NMS here
+            from cnnkit.models.detection.nms import soft_nms
+
+            res = []
+            for o in out:
+                keep, scores = soft_nms(o["boxes"], o["scores"], o["labels"], self.iou, min_score=self.conf,
+                                        max_det=self.max_det)
+                res.append({**o, "boxes": o["boxes"][keep], "scores": scores, "labels": o["labels"][keep]})
+            out = res
         return out
 
-    def set_thresholds(self, conf: float, iou: float, max_det: int) -> None:
-        """Score threshold, NMS IoU and detections per image used in eval mode."""
+    def set_thresholds(self, conf: float, iou: float, max_det: int, nms: str = "hard") -> None:
+        """Score threshold, NMS IoU, detections per image and NMS method (``hard``: torchvision's
+        own, inside the model; ``soft``: the model keeps up to 1000 boxes without suppression and
+        :func:`~cnnkit.models.detection.nms.soft_nms` decays their scores) used in eval mode."""
+        from cnnkit.models.detection.nms import NMS_METHODS
+
+        if nms not in NMS_METHODS:
+            raise ModelError(f"NMS method must be one of {', '.join(NMS_METHODS)}, got {nms!r}")
+        self.nms, self.iou, self.conf, self.max_det = nms, iou, conf, max_det
+        inner_iou, inner_max = (1.0, max(1000, max_det)) if nms == "soft" else (iou, max_det)
         n = self.net
         if hasattr(n, "roi_heads"):
-            n.roi_heads.score_thresh, n.roi_heads.nms_thresh, n.roi_heads.detections_per_img = conf, iou, max_det
+            n.roi_heads.score_thresh, n.roi_heads.nms_thresh, n.roi_heads.detections_per_img = \
+                conf, inner_iou, inner_max
         else:
-            n.score_thresh, n.nms_thresh, n.detections_per_img = conf, iou, max_det
+            n.score_thresh, n.nms_thresh, n.detections_per_img = conf, inner_iou, inner_max
 
 
 def _pair_generator(levels):
