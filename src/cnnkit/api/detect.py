@@ -207,6 +207,7 @@ def train(cfg: DetectConfig | None = None, *, resume: str | Path | None = None, 
         "category_ids": getattr(data, "category_ids", None), "cnnkit_version": cnnkit.__version__,
         "iou": cfg.iou, "nms": cfg.nms, "max_det": cfg.max_det,
         "trained": {"data": cfg.data, "epochs": cfg.epochs, "seed": cfg.seed, "aug": aug, "mosaic": cfg.mosaic,
+                    "classes": cfg.classes, "max_objects": cfg.max_objects,
                     "pretrained": cfg.pretrained, "init": cfg.init,
                     "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")},
     }
@@ -486,7 +487,8 @@ def val(weights: str | Path, data: str, split: str = "val", batch: int = 32, dev
     card = m.card
     if data == "shapes":
         trained = card.get("trained", {})
-        ds = _data("shapes", trained.get("seed", 0), m.imgsz, card["num_classes"], 6, verbose)
+        ds = _data("shapes", trained.get("seed", 0), m.imgsz, card["num_classes"], trained.get("max_objects", 6),
+                   verbose)
     else:
         ds = _data(data, 0, None, verbose=verbose)
     if list(ds.names) != m.classes:
