@@ -298,3 +298,20 @@ def test_soft_nms_in_every_detector_keeps_overlapping_boxes():
             assert len(out["boxes"]) <= 1000 and (out["scores"][:-1] >= out["scores"][1:]).all()
             pairs[method] = overlapping_pairs(out)
         assert pairs["hard"] == 0 and pairs["soft"] > 0, (arch, pairs)
+
+
+@pytest.mark.parametrize("arch", ["fasterrcnn", "retinanet", "ssd"])
+def test_registry_backbone_detectors_survive_deepcopy(arch):
+    """EMA keeps a deep copy of the model: the copy must compute its own features (the hooks
+    on the backbone stages once filled the original's dict, and the copy raised KeyError)."""
+    import copy
+
+    model = build_detector(arch, 2, 64, backbone="resnet18").eval()
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(0.5)
+        x = torch.rand(1, 3, 64, 64)
+        a = model.net.backbone(x) if arch != "ssd" else model.net.backbone.fpn(x)
+        b = twin.net.backbone(x) if arch != "ssd" else twin.net.backbone.fpn(x)
+    assert list(a) == list(b) and not torch.allclose(a["0"], b["0"])

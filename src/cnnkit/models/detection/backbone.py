@@ -54,23 +54,27 @@ class MultiScaleBackbone(nn.Module):
         self.strides = tuple(strides)
         self.modules_ = [by_stride[s]["module"] for s in strides]
         self.channels = [by_stride[s]["num_chs"] for s in strides]
-        self._feats: dict[str, torch.Tensor] = {}
         named = dict(body.named_modules())
-        for name in self.modules_:
-            named[name].register_forward_hook(self._hook(name))
-        self._last = self.modules_[-1]
-
-    def _hook(self, name: str):
-        def fn(module, inputs, output):
-            self._feats[name] = output
-        return fn
+        # a plain list, not a ModuleList: the modules stay registered once, under body; deepcopy
+        # (EMA, ensembles) maps them to the copy's own modules through its memo
+        self._targets = [named[name] for name in self.modules_]
+        for m in self._targets:
+            m.register_forward_hook(_keep_output)
 
     def forward(self, x: torch.Tensor) -> OrderedDict:
-        self._feats = {}
         self.body.forward_features(x)
-        out = OrderedDict((str(i), self._feats[m]) for i, m in enumerate(self.modules_))
-        self._feats = {}
+        out = OrderedDict()
+        for i, m in enumerate(self._targets):
+            out[str(i)] = m._cnnkit_output
+            m._cnnkit_output = None  # do not keep the maps alive between calls
         return out
+
+
+def _keep_output(module: nn.Module, inputs, output) -> None:
+    """Forward hook: the stage's output, kept on the stage itself. A module-level function
+    rather than a closure over the extractor, so a deep copy of the model (EMA weights) fills
+    its own stages instead of the original's."""
+    module._cnnkit_output = output
 
 
 class BackboneFPN(nn.Module):
