@@ -101,8 +101,9 @@ def config_options(cls: type, skip: tuple[str, ...] = ()) -> Callable:
             tp, optional = _base_type(fld.type)
             flag = "--" + fld.name.replace("_", "-")
             help_ = HELP.get(fld.name, "")
-            if tp is bool:
-                f = click.option(flag, fld.name, is_flag=True, default=fld.default, help=help_,
+            if tp is bool:  # a flag that is on by default also gets its --no- form to turn it off
+                decl = f"{flag}/--no-{flag[2:]}" if fld.default else flag
+                f = click.option(decl, fld.name, is_flag=True, default=fld.default, help=help_,
                                  show_default=True)(f)
             else:
                 choice = CHOICES.get(fld.name)
