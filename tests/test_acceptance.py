@@ -1,7 +1,7 @@
 """Acceptance: the default digits training beats 98.5% top-1 on the fixed test split.
 
-One seed is not a fair bar: the test split has 270 images (one image is 0.0037) and the
-oneDNN kernels differ between CPUs, so the same seed lands 6 images apart on two machines
+One seed is not a fair bar: the test split has 270 images (one image is 0.0037), and the same
+seed with the same pins lands 6 images apart on two machines (most likely different CPU kernels)
 (seed 0: 0.9963 on the machine BENCHMARKS.md was measured on, 0.9778 on an AMD EPYC with the
 same pins). The bar is on the mean of three seeds (there: 0.990; on the EPYC: 0.986).
 """
