@@ -35,6 +35,7 @@ def register(parent: click.Group) -> click.Group:
     """Add the ``detect`` group to ``parent`` and return it."""
     from cnnkit.api.detect import DetectConfig
     from cnnkit.cli.main import CONTEXT, SuggestingGroup, add_train_command
+    from cnnkit.models.detection.nms import NMS_METHODS
     from cnnkit.models.detection.zoo import DETECTORS
 
     @parent.group("detect", cls=SuggestingGroup, context_settings=CONTEXT)
@@ -50,7 +51,7 @@ def register(parent: click.Group) -> click.Group:
         if param.name == "model":
             param.type = click.Choice(DETECTORS)
         if param.name == "nms":
-            param.type = click.Choice(["hard", "soft"])
+            param.type = click.Choice(NMS_METHODS)
 
     @detect.command("val", context_settings=CONTEXT)
     @click.option("--weights", required=True, help="best.safetensors or its run folder")
@@ -59,7 +60,7 @@ def register(parent: click.Group) -> click.Group:
     @click.option("--batch", type=int, default=32, help="batch size")
     @click.option("--conf", type=float, default=0.001, help="score threshold (low, so AP sees the whole curve)")
     @click.option("--iou", type=float, default=0.6, help="NMS IoU threshold")
-    @click.option("--nms", type=click.Choice(["hard", "soft"]), default=None,
+    @click.option("--nms", type=click.Choice(NMS_METHODS), default=None,
                   help="hard NMS, or soft (Gaussian soft-NMS: overlapping boxes keep a lowered score); "
                        "default: as in training")
     @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
@@ -82,7 +83,7 @@ def register(parent: click.Group) -> click.Group:
     @click.option("--conf", type=float, default=0.25, help="score threshold")
     @click.option("--iou", type=float, default=0.5, help="NMS IoU threshold")
     @click.option("--max-det", type=int, default=100, help="detections kept per image")
-    @click.option("--nms", type=click.Choice(["hard", "soft"]), default="hard",
+    @click.option("--nms", type=click.Choice(NMS_METHODS), default="hard",
                   help="hard NMS, or soft (Gaussian soft-NMS: overlapping boxes keep a lowered score)")
     @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,

@@ -241,9 +241,7 @@ def parse_det_aug(spec: str | None, imgsz: int) -> list:
     (brightness, contrast and saturation by up to S; ``jitter`` also turns the hue, which costs
     three times as much on a CPU). ``mosaic`` is a
     dataset option (``--mosaic P``), not an item transform."""
-    from cnnkit.data.transforms import AUG_NAMES, _prob, parse_aug, split_aug, unknown_aug
-
-    from cnnkit.data.transforms import _num
+    from cnnkit.data.transforms import AUG_NAMES, _num, _prob, parse_aug, split_aug, unknown_aug
 
     rest, out = [], []
     for name, value in split_aug(spec):
@@ -305,9 +303,8 @@ class DetectionDataset(Dataset):
         rec = self.records[i]
         img = self._image(i)
         scale, nh, nw = letterbox_params(rec.height, rec.width, self.imgsz)
-        boxes = torch.from_numpy(rec.boxes.copy()) * torch.tensor(
-            [nw / rec.width, nh / rec.height, nw / rec.width, nh / rec.height])
         h, w = rec.height, rec.width
+        boxes = torch.from_numpy(rec.boxes.copy()) * torch.tensor([nw / w, nh / h, nw / w, nh / h])
         target = {"boxes": boxes, "labels": torch.from_numpy(rec.labels.copy()),
                   "occlusion": torch.from_numpy(rec.occlusion.copy()), "image_id": rec.image_id,
                   "scale": scale, "orig_size": (int(h), int(w)), "path": rec.path or rec.name}

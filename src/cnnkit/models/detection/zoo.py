@@ -149,8 +149,8 @@ def build_detector(arch: str, num_classes: int, imgsz: int, backbone: str | None
         from torchvision.models.detection.rpn import RPNHead
 
         # proposal and RoI sampling sized for small images with tens of objects, not COCO at
-        # 800 px (torchvision: 2000 proposals, 512 RoIs per image): measured 2.1x faster
-        # training steps at 320 px (2.7 vs 1.3 images/s on 2 CPU cores)
+        # 800 px (torchvision: 2000 proposals, 512 RoIs per image): 1.8x faster training steps
+        # at 320 px (benchmarks/detect_models.py speed: 2.10 vs 1.18 images/s on 2 CPU cores)
         net = FasterRCNN(bb, num_classes=num_classes + 1, rpn_anchor_generator=gen,
                          rpn_head=RPNHead(fpn_channels, gen.num_anchors_per_location()[0]),
                          rpn_pre_nms_top_n_train=1000, rpn_post_nms_top_n_train=500,
