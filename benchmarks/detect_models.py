@@ -40,22 +40,24 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-CNNKIT = str(Path(sys.executable).with_name("cnnkit")) if Path(sys.executable).with_name("cnnkit").exists() \
-    else (shutil.which("cnnkit") or "cnnkit")
+CNNKIT = [str(Path(sys.executable).with_name("cnnkit"))] if Path(sys.executable).with_name("cnnkit").exists() \
+    else [sys.executable, "-m", "cnnkit"]
 DATA = ["--data", "shapes", "--classes", "3", "--max-objects", "4"]
 DEFAULT_MINUTES = {"fastdet": 8.0, "fasterrcnn": 20.0, "retinanet": 20.0, "ssd": 20.0, "ssdlite": 20.0}
 DEFAULT_AUG = "flip,scale=0.7:1.3,translate=0.1,color=0.3"
 
 
-def train(out: Path, model: str, minutes: float, threads: int, extra: list[str] = ()) -> dict:
-    """One ``cnnkit detect train`` run; its results.json plus the command."""
-    cmd = ["detect", "train", *DATA, "--model", model, "--time", f"{minutes:g}", *extra]
+def train(out: Path, model: str, minutes: float, threads: int, extra: list[str] = (),
+          device: list[str] = ()) -> dict:
+    """One ``cnnkit detect train`` run; its results.json plus the command. ``device`` holds
+    options that place the run (``--device cuda --workers 4``), shown in the command too."""
+    cmd = ["detect", "train", *DATA, "--model", model, "--time", f"{minutes:g}", *extra, *device]
     shown = "cnnkit " + " ".join(cmd)
     if (out / "results.json").exists():
         print("= reusing", out, flush=True)
     else:
         print("+", shown, flush=True)
-        subprocess.run([CNNKIT, *cmd, "--out", str(out)], check=True,
+        subprocess.run([*CNNKIT, *cmd, "--out", str(out)], check=True,
                        env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     res = json.loads((out / "results.json").read_text())
     test = res.get("test") or {}
@@ -68,7 +70,7 @@ def train(out: Path, model: str, minutes: float, threads: int, extra: list[str] 
 def val(run: Path, split: str, nms: str, threads: int) -> dict:
     """``cnnkit detect val`` of a run on the shapes split; its metrics."""
     out = run / f"val_{split}_{nms}.json"
-    subprocess.run([CNNKIT, "detect", "val", "--weights", str(run), "--data", "shapes", "--split", split,
+    subprocess.run([*CNNKIT, "detect", "val", "--weights", str(run), "--data", "shapes", "--split", split,
                     "--nms", nms, "--json", str(out)], check=True, capture_output=True,
                    env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     m = json.loads(out.read_text())
@@ -76,12 +78,18 @@ def val(run: Path, split: str, nms: str, threads: int) -> dict:
             "occlusion_ap": {k: round(v["map50_95"], 4) for k, v in m["occlusion_ap"].items()}}
 
 
-def models(work: Path, names: list[str], minutes: float | None, threads: int) -> list[dict]:
-    rows = []
-    for name in names:
-        rows.append(train(work / name, name, minutes or DEFAULT_MINUTES[name], threads))
-        print(json.dumps({k: rows[-1][k] for k in ("model", "map50", "map50_95", "epochs", "train_time_s")}),
-              flush=True)
+def models(work: Path, names: list[str], minutes: float | None, threads: int, device: list[str] = (),
+           jobs: int = 1) -> list[dict]:
+    """Train each detector (``jobs`` at a time: on a GPU the runs share it side by side)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(name: str) -> dict:
+        row = train(work / name, name, minutes or DEFAULT_MINUTES[name], threads, device=device)
+        print(json.dumps({k: row[k] for k in ("model", "map50", "map50_95", "epochs", "train_time_s")}), flush=True)
+        return row
+
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        rows = list(pool.map(one, names))
     print(f"\n{'model':<12}{'mAP50':>8}{'mAP50-95':>10}{'epochs':>8}{'train s':>9}")
     for r in rows:
         print(f"{r['model']:<12}{r['map50']:>8.3f}{r['map50_95']:>10.3f}{r['epochs']:>8}{r['train_time_s']:>9.0f}")
@@ -152,14 +160,20 @@ def main() -> None:
     ap.add_argument("--time-min", type=float, default=None, help="training budget per run, minutes")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", help="keep the run folders here")
+    ap.add_argument("--device", default=None, help="models: --device of each run (e.g. cuda)")
+    ap.add_argument("--workers", type=int, default=None, help="models: data-loading workers of each run")
+    ap.add_argument("--jobs", type=int, default=1, help="models: runs at a time (several share one GPU)")
     args = ap.parse_args()
     work = Path(args.work).resolve() if args.work else Path(tempfile.mkdtemp(prefix="detect_models-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
         if args.study == "models":
-            rows = models(work, args.only.split(","), args.time_min, args.threads)
-            save("detect_models", {"data": "shapes, 3 classes, 1-4 objects, 320 px, 400 train / 100 val",
-                                   "threads": args.threads, "rows": rows})
+            device = (["--device", args.device] if args.device else []) + \
+                (["--workers", str(args.workers)] if args.workers is not None else [])
+            rows = models(work, args.only.split(","), args.time_min, args.threads, device, args.jobs)
+            save("detect_models" + (f"_{args.device.split(':')[0]}" if args.device else ""),
+                 {"data": "shapes, 3 classes, 1-4 objects, 320 px, 400 train / 100 val",
+                  "threads": args.threads, "device": args.device or "cpu", "jobs": args.jobs, "rows": rows})
         elif args.study == "speed":
             save("detect_speed", {"threads": args.threads, "batch": 8, "imgsz": 320, "rows": speed(args.threads)})
         else:

@@ -154,6 +154,11 @@ def test_detectors_train_and_predict(arch):
         out = model(x)
     assert len(out) == 2 and set(out[0]) >= {"boxes", "scores", "labels"}
     assert out[0]["labels"].numel() == 0 or int(out[0]["labels"].max()) < 3  # 0-based, no background
+    # under bf16 autocast (AMP on a GPU) boxes still come out in float32: bf16 has 2-pixel
+    # steps at 320 px, which would cost mAP75
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert out[0]["boxes"].dtype == torch.float32 and out[0]["scores"].dtype == torch.float32
 
 
 def test_anchor_file_feeds_fasterrcnn(tmp_path, tiny_yolo, cli):

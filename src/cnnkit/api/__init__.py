@@ -14,22 +14,14 @@ from typing import Any
 
 from cnnkit.errors import CnnkitError
 
-TASKS = ("classify", "multilabel", "detect")
+TASKS = ("classify", "multilabel", "detect")  # each is the module cnnkit.api.<task>
 
 
 def _module(task: str):
-    if task == "classify":
-        from cnnkit.api import classify
+    if task in TASKS:
+        import importlib
 
-        return classify
-    if task == "multilabel":
-        from cnnkit.api import multilabel
-
-        return multilabel
-    if task == "detect":
-        from cnnkit.api import detect
-
-        return detect
+        return importlib.import_module(f"cnnkit.api.{task}")
     import difflib
 
     close = difflib.get_close_matches(task, TASKS, n=1)

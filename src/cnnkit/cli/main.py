@@ -227,13 +227,9 @@ from cnnkit.cli.features import register as _register_features  # noqa: E402
 
 _register_features(classify)
 
-from cnnkit.cli.multilabel import register as _register_multilabel  # noqa: E402
-
-_register_multilabel(cli)
-
-from cnnkit.cli.detect import register as _register_detect  # noqa: E402
-
-_register_detect(cli)
+# Task groups with their own module: cnnkit.cli.<name>.register(cli) adds ``cnnkit <name> ...``.
+for _name in ("multilabel", "detect"):
+    __import__(f"cnnkit.cli.{_name}", fromlist=["register"]).register(cli)
 
 from cnnkit.cli.augment import augment  # noqa: E402
 

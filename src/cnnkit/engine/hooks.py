@@ -40,7 +40,7 @@ class EarlyStopping(Hook):
         self.patience = patience
 
     def after_epoch(self, trainer: Trainer) -> None:
-        if self.patience and trainer.epoch - trainer.best_epoch >= self.patience:
+        if self.patience and trainer.epoch - trainer.improved_epoch >= self.patience:
             trainer.stop_reason = (f"early stopping: no improvement in {trainer.task.monitor} for "
                                    f"{self.patience} epochs (best epoch {trainer.best_epoch})")
             trainer.should_stop = True

@@ -150,6 +150,7 @@ class Trainer:
         self.lr_history: list[float] = []
         self.best_metric: float | None = None
         self.best_epoch = 0
+        self.improved_epoch = 0  # last epoch that strictly beat the best (early stopping counts from it)
         self.improved = False
         self.should_stop = False
         self.stop_reason = ""
@@ -315,9 +316,15 @@ class Trainer:
         value = row[key]
         maximize = self.task.monitor_mode == "max" and key == self.task.monitor
         better = (self.best_metric is None or (value > self.best_metric if maximize else value < self.best_metric))
-        self.improved = bool(better and math.isfinite(value))
+        # a tie goes to the later epoch: it has trained longer at a lower learning rate (and its
+        # EMA has settled). On small val sets ties are common (digits: 270 images, so top-1
+        # moves in steps of 0.0037), and keeping the first of equals picked half-trained weights
+        tie = value == self.best_metric
+        self.improved = bool((better or tie) and math.isfinite(value))
         if self.improved:
             self.best_metric, self.best_epoch = value, self.epoch
+        if better and math.isfinite(value):
+            self.improved_epoch = self.epoch
 
     def _save(self) -> None:
         if self.run_dir is None or not self.improved:
@@ -337,7 +344,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "rng": get_rng_state(), "history": self.history, "lr_history": self.lr_history,
-            "best_metric": self.best_metric, "best_epoch": self.best_epoch,
+            "best_metric": self.best_metric, "best_epoch": self.best_epoch, "improved_epoch": self.improved_epoch,
             "skipped": self.skipped, "nonfinite_steps": self.nonfinite_steps,
             "hooks": [h.state_dict() for h in self.hooks], "config": self.cfg.to_dict(), "card": self.card,
         }
@@ -353,6 +360,7 @@ class Trainer:
         self.epoch, self.global_step = state["epoch"], state["global_step"]
         self.history, self.lr_history = list(state["history"]), list(state["lr_history"])
         self.best_metric, self.best_epoch = state["best_metric"], state["best_epoch"]
+        self.improved_epoch = state.get("improved_epoch", self.best_epoch)
         self.skipped = dict(state.get("skipped", {}))
         self.nonfinite_steps = state.get("nonfinite_steps", 0)
         for h, hs in zip(self.hooks, state.get("hooks", [])):

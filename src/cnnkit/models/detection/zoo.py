@@ -58,7 +58,11 @@ class Detector(nn.Module):
             shift = int(self.background)
             tv_targets = [{"boxes": t["boxes"], "labels": t["labels"] + shift} for t in targets]
             return self.net(imgs, tv_targets)
-        out = self.net(imgs)
+        # torchvision decodes boxes in the dtype of the head's output: under bf16 autocast that
+        # is 8 bits of mantissa, 2-pixel steps at 320 px, which costs mAP75. Inference runs in
+        # float32 (training keeps autocast; its losses are on small deltas, where bf16 is fine).
+        with torch.autocast(images.device.type, enabled=False):
+            out = self.net([i.float() for i in imgs])
         if self.background:
             out = [{**o, "labels": o["labels"] - 1} for o in out]
         if self.nms == "soft":  # torchvision ran no suppression (IoU 1.0): soft-NMS here
@@ -168,7 +172,13 @@ def build_detector(arch: str, num_classes: int, imgsz: int, backbone: str | None
         else:
             sizes, ratios = default_anchors(arch, imgsz)
             gen = AnchorGenerator(sizes, ratios)
-        head = RetinaNetHead(fpn_channels, gen.num_anchors_per_location()[0], num_classes)
+        # GroupNorm in the head's conv towers, as torchvision's retinanet_resnet50_fpn_v2: trained from
+        # scratch, the plain (v1) head's classification loss stalled (shapes on a GPU: mAP50 0.06
+        # after 34 epochs) while the GN head's fell 3.5x faster on the same steps
+        from functools import partial
+
+        head = RetinaNetHead(fpn_channels, gen.num_anchors_per_location()[0], num_classes,
+                             norm_layer=partial(nn.GroupNorm, 32))
         net = RetinaNet(bb, num_classes, anchor_generator=gen, head=head, detections_per_img=100, **common)
         return Detector(net, background=False)
     # SSD / SSDlite: default boxes on the pyramid levels (stride 8 .. 64)
