@@ -245,7 +245,7 @@ def test_cli_errors_are_one_sentence(tmp_path, cli):
 
 
 def test_time_budget_sets_epochs():
-    from cnnkit.api.detect import TimeBudget
+    from cnnkit.engine.hooks import TimeBudget
     from cnnkit.engine.schedule import WarmupSchedule
 
     class FakeTrainer:

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from cnnkit.engine.checkpoint import load_checkpoint
 from cnnkit.engine.config import TrainConfig, read_yaml_config
-from cnnkit.engine.hooks import EarlyStopping, Freeze, Hook, MetricsCSV, Snapshots
+from cnnkit.engine.hooks import EarlyStopping, Freeze, Hook, MetricsCSV, Snapshots, TimeBudget
 from cnnkit.engine.progress import ProgressHook, console
 from cnnkit.engine.run import RunDir, new_run_dir
 from cnnkit.errors import CnnkitError, DataError
@@ -67,12 +67,14 @@ def open_run(cfg: TrainConfig, task: str, run: RunDir | None) -> RunDir:
 
 
 def standard_hooks(cfg: TrainConfig, run: RunDir, verbose: bool, extra: list[Hook] | None = None) -> list[Hook]:
-    """Progress bar (when verbose), freezing, ``extra`` hooks, ``metrics.csv``, early stopping,
-    snapshots."""
+    """Progress bar (when verbose), freezing, ``extra`` hooks, the ``--time`` budget,
+    ``metrics.csv``, early stopping, snapshots."""
     hooks: list[Hook] = [ProgressHook(console())] if verbose else []
     if cfg.freeze not in (None, "", "none") or cfg.linear_probe:
         hooks.append(Freeze("backbone" if cfg.linear_probe else cfg.freeze, cfg.unfreeze_at))
     hooks += list(extra or [])
+    if cfg.time > 0:
+        hooks.append(TimeBudget(cfg.time))
     hooks.append(MetricsCSV(run.metrics_csv))
     if cfg.patience:
         hooks.append(EarlyStopping(cfg.patience))

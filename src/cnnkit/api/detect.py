@@ -25,7 +25,6 @@ from cnnkit.data.detection import (DetectionData, DetectionDataset, letterbox, l
                                    parse_det_aug)
 from cnnkit.engine.checkpoint import resolve_weights
 from cnnkit.engine.config import TrainConfig
-from cnnkit.engine.hooks import Hook
 from cnnkit.engine.progress import console
 from cnnkit.engine.trainer import Trainer, resolve_amp
 from cnnkit.errors import CnnkitError, DataError
@@ -56,7 +55,6 @@ class DetectConfig(TrainConfig):
     grad_clip: float = 10.0
     ema: float = 0.99
     channels_last: bool = True  # measured faster for these convolutions on CPU too (oneDNN)
-    time: float = 0.0  # training time budget in minutes; when > 0 it sets the number of epochs
     iou: float = 0.6  # NMS IoU during validation
     nms: str = "hard"  # hard (torchvision batched_nms) or soft (Gaussian soft-NMS) during validation
     max_det: int = 100
@@ -76,8 +74,6 @@ class DetectConfig(TrainConfig):
             raise CnnkitError(f"unknown detector '{self.model}'{hint}; choose from {', '.join(DETECTORS)}")
         if not 0 <= self.mosaic <= 1:
             raise CnnkitError(f"--mosaic must be in [0, 1], got {self.mosaic}")
-        if self.time < 0:
-            raise CnnkitError(f"--time must be 0 (off) or a number of minutes, got {self.time}")
         from cnnkit.models.detection.nms import NMS_METHODS
 
         if self.nms not in NMS_METHODS:
@@ -115,41 +111,6 @@ def _data(cfg_data: str, seed: int, imgsz: int | None, classes: int = 8, max_obj
 
 def _default_imgsz(data: DetectionData) -> int:
     return 320
-
-
-class TimeBudget(Hook):
-    """Hook for ``--time``: after each epoch, set the number of epochs that fit in the budget
-    (mean epoch time so far, validation included) and stretch the LR schedule to it, as
-    Ultralytics' ``time=`` does; stop when the budget is spent."""
-
-    def __init__(self, minutes: float):
-        self.budget = minutes * 60.0
-        self.used = 0.0
-        self._t0 = 0.0
-
-    def before_train(self, trainer) -> None:
-        self._t0 = time.perf_counter()
-
-    def before_epoch(self, trainer) -> None:
-        self._t0 = time.perf_counter()
-
-    def after_epoch(self, trainer) -> None:
-        self.used += time.perf_counter() - self._t0
-        per_epoch = self.used / max(1, trainer.epoch)
-        epochs = max(trainer.epoch, int(self.budget / per_epoch))
-        if self.used >= self.budget or epochs <= trainer.epoch:
-            trainer.should_stop = True
-            trainer.stop_reason = f"time budget of {self.budget / 60:.1f} min spent after {trainer.epoch} epochs"
-            epochs = trainer.epoch
-        trainer.cfg.epochs = epochs
-        for fn in trainer.scheduler.lr_lambdas:
-            fn.total = max(1, epochs * trainer.steps_per_epoch)
-
-    def state_dict(self) -> dict:
-        return {"used": self.used}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.used = float(state.get("used", 0.0))
 
 
 def train(cfg: DetectConfig | None = None, *, resume: str | Path | None = None, verbose: bool = True,
@@ -211,9 +172,8 @@ def train(cfg: DetectConfig | None = None, *, resume: str | Path | None = None, 
                     "pretrained": cfg.pretrained, "init": cfg.init,
                     "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")},
     }
-    extra = [TimeBudget(cfg.time)] if cfg.time > 0 else []
     trainer = Trainer(task, model, train_loader, val_loader, cfg, device, run.root, card,
-                      standard_hooks(cfg, run, verbose, extra))
+                      standard_hooks(cfg, run, verbose))
     train_time = run_trainer(trainer, ckpt, run, "detect", verbose)
     return _finish(cfg, run, data, trainer, device, train_time, verbose)
 

@@ -15,9 +15,10 @@ SHAPES_OPTIONS = ("imgsz", "sizes", "seed", "classes", "max_objects")
 
 @click.command(context_settings=CONTEXT)
 @click.argument("src")
-@click.option("--to", "to_fmt", type=click.Choice(["yolo", "coco"]), required=True,
-              help="format to write: yolo (data.yaml, images/, labels/) or coco (coco.yaml, images/, "
-                   "annotations/*.json)")
+@click.option("--to", "to_fmt", type=click.Choice(["yolo", "coco", "masks"]), required=True,
+              help="format to write: yolo (data.yaml, images/, labels/), coco (coco.yaml, images/, "
+                   "annotations/*.json) or masks (shapes only: segmentation scenes as data.yaml, images/ and "
+                   "masks/ of class ids, for `cnnkit segment`)")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="folder to write (new or empty)")
 @click.option("--from", "from_fmt", type=click.Choice(["auto", "yolo", "coco", "voc"]), default="auto",
               help="format of SRC; auto: a folder with Annotations/ is VOC, a .json is COCO, a YAML whose "
@@ -25,17 +26,19 @@ SHAPES_OPTIONS = ("imgsz", "sizes", "seed", "classes", "max_objects")
 @click.option("--overwrite", is_flag=True,
               help="write into a non-empty --out, replacing the images/, labels/ or annotations/ and the "
                    "dataset YAML there")
-@click.option("--imgsz", type=int, default=None, help="shapes only: image side [default: 320]")
+@click.option("--imgsz", type=int, default=None, help="shapes only: image side [default: 320; masks 128]")
 @click.option("--sizes", default=None,
               help="shapes only: images per split, e.g. train=200,val=50 (only the splits named are "
                    "written) [default: train=400,val=100,test=100]")
 @click.option("--seed", type=int, default=0, help="shapes only: dataset seed")
-@click.option("--classes", type=int, default=8, help="shapes only: use the first N of the 8 shape classes")
-@click.option("--max-objects", type=int, default=6, help="shapes only: at most this many objects per image")
+@click.option("--classes", type=int, default=None, help="shapes only: use the first N of the 8 shape classes "
+              "[default: 8; masks 4]")
+@click.option("--max-objects", type=int, default=None, help="shapes only: at most this many objects per image "
+              "[default: 6; masks 4]")
 @click.pass_context
 def convert(ctx: click.Context, src: str, to_fmt: str, out: str, from_fmt: str, overwrite: bool,
-            imgsz: int | None, sizes: str | None, seed: int, classes: int, max_objects: int) -> None:
-    """Convert the detection dataset SRC to YOLO or COCO.
+            imgsz: int | None, sizes: str | None, seed: int, classes: int | None, max_objects: int | None) -> None:
+    """Convert the detection dataset SRC to YOLO or COCO (or write shapes segmentation masks).
 
     SRC is a YOLO data.yaml, a COCO .json file, a COCO YAML (per split: images, annotations), a
     Pascal VOC folder, or `shapes` (the built-in generated scenes, shaped by the shapes-only
@@ -47,11 +50,20 @@ def convert(ctx: click.Context, src: str, to_fmt: str, out: str, from_fmt: str, 
       cnnkit convert shapes --to yolo --out shapes-yolo --sizes train=200,val=50 --classes 3
       cnnkit convert VOCdevkit/VOC2012 --to coco --out voc-coco
       cnnkit convert coco/annotations/instances_val2017.json --to yolo --out coco-yolo
+      cnnkit convert shapes --to masks --out shapes-seg --sizes train=100,val=20
     """
     from cnnkit.data.formats import read_detection, write_detection
 
     given = [f"--{n.replace('_', '-')}" for n in SHAPES_OPTIONS
              if ctx.get_parameter_source(n) == ParameterSource.COMMANDLINE]
+    if to_fmt == "masks":
+        if src != "shapes":
+            raise CnnkitError("--to masks writes the built-in shapes segmentation scenes; SRC must be 'shapes'")
+        _write_masks(out, overwrite, imgsz, sizes, seed, 4 if classes is None else classes,
+                     4 if max_objects is None else max_objects)
+        return
+    classes = 8 if classes is None else classes
+    max_objects = 6 if max_objects is None else max_objects
     if src == "shapes":
         if from_fmt != "auto":
             raise CnnkitError(f"--from {from_fmt} does not apply to shapes (the built-in generated scenes)")
@@ -70,22 +82,40 @@ def convert(ctx: click.Context, src: str, to_fmt: str, out: str, from_fmt: str, 
     click.echo(f"wrote {path}")
 
 
-def _shapes(imgsz: int | None, sizes: str | None, seed: int, classes: int, max_objects: int):
-    from cnnkit.data.detection import SHAPES_DET_SIZES, shapes_detection
-
+def _counts(imgsz: int | None, sizes: str | None, max_objects: int, default: dict[str, int]) -> dict[str, int]:
+    """Images per split from ``--sizes`` (checked with the other shapes options)."""
     if imgsz is not None and not 32 <= imgsz <= 4096:
         raise CnnkitError(f"--imgsz must be between 32 and 4096, got {imgsz}")
     if max_objects < 1:
         raise CnnkitError(f"--max-objects must be at least 1, got {max_objects}")
-    counts = dict(SHAPES_DET_SIZES)
+    counts = dict(default)
     if sizes:
         counts = {}
         for item in sizes.split(","):
             name, _, n = item.strip().partition("=")
-            if name not in SHAPES_DET_SIZES or not n.strip().isdigit() or int(n) < 1:
-                raise CnnkitError(f"--sizes takes split=count pairs with splits {', '.join(SHAPES_DET_SIZES)} and "
+            if name not in default or not n.strip().isdigit() or int(n) < 1:
+                raise CnnkitError(f"--sizes takes split=count pairs with splits {', '.join(default)} and "
                                   f"counts >= 1, e.g. train=200,val=50; got '{sizes}'")
             counts[name] = int(n)
+    return counts
+
+
+def _write_masks(out: str, overwrite: bool, imgsz: int | None, sizes: str | None, seed: int, classes: int,
+                 max_objects: int) -> None:
+    from cnnkit.data.segmentation import SHAPES_SEG_SIZES, shapes_segmentation, write_mask_folders
+
+    counts = _counts(imgsz, sizes, max_objects, SHAPES_SEG_SIZES)
+    data = shapes_segmentation(imgsz, counts, seed=seed, num_classes=classes, max_objects=max_objects)
+    click.echo(f"shapes segmentation: {len(data.names)} classes ({_short(data.names)})")
+    for split, records in data.splits.items():
+        click.echo(f"  {split:<5} {len(records):>7} images")
+    click.echo(f"wrote {write_mask_folders(data, out, overwrite)}")
+
+
+def _shapes(imgsz: int | None, sizes: str | None, seed: int, classes: int, max_objects: int):
+    from cnnkit.data.detection import SHAPES_DET_SIZES, shapes_detection
+
+    counts = _counts(imgsz, sizes, max_objects, SHAPES_DET_SIZES)
     data = shapes_detection(imgsz, {s: counts.get(s, 0) for s in SHAPES_DET_SIZES}, seed=seed,
                             num_classes=classes, max_objects=max_objects)
     data.splits = {s: r for s, r in data.splits.items() if s in counts}

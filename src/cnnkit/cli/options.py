@@ -44,6 +44,8 @@ HELP: dict[str, str] = {
     "ema": "keep an exponential moving average of the weights with this decay (e.g. 0.999); 0 is off",
     "amp": "mixed precision; auto is bf16 on a CUDA GPU that supports it (else fp16), off on CPU",
     "channels_last": "use the channels_last memory format (faster convolutions on recent GPUs)",
+    "time": "training time budget in minutes (validation included): after each epoch the number of epochs "
+            "that fit is set and the LR schedule stretched to it; 0 is off",
     "patience": "stop after N epochs without improvement; 0 turns early stopping off",
     "snapshots": "snapshot ensemble: with --schedule cyclic, N cosine cycles and weights/snapshotK.safetensors "
                  "saved at the end of each (ensemble them with val --weights)",

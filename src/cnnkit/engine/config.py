@@ -52,6 +52,7 @@ class TrainConfig:
     ema: float = 0.0  # EMA decay of the weights (e.g. 0.999); 0 turns EMA off
     amp: str = "auto"  # auto: bf16 on a CUDA GPU that supports it, off on CPU
     channels_last: bool = False
+    time: float = 0.0  # training time budget in minutes (validation included); sets the epochs; 0 is off
     patience: int = 0  # early stopping after N epochs without improvement; 0 turns it off
     snapshots: int = 0  # with --schedule cyclic: N cycles, weights saved at the end of each
     # run
@@ -73,6 +74,7 @@ class TrainConfig:
             (0 <= self.ema < 1, f"--ema must be in [0, 1), got {self.ema}"),
             (self.grad_clip >= 0, f"--grad-clip must be 0 or more, got {self.grad_clip}"),
             (self.patience >= 0, f"--patience must be 0 or more, got {self.patience}"),
+            (self.time >= 0, f"--time must be 0 (off) or a number of minutes, got {self.time}"),
             (self.warmup_epochs >= 0, f"--warmup-epochs must be 0 or more, got {self.warmup_epochs}"),
             (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}"),
             (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}"),

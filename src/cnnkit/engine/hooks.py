@@ -8,6 +8,7 @@ Trainer.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -115,3 +116,38 @@ class Snapshots(Hook):
         metrics = {k2: v for k2, v in trainer.history[-1].items() if isinstance(v, (int, float))}
         save_weights(trainer.run_dir / "weights" / f"snapshot{k}.safetensors", trainer.model.state_dict(),
                      {**trainer.card, "metrics": metrics, "epoch": trainer.epoch, "snapshot": k})
+
+
+class TimeBudget(Hook):
+    """Hook for ``--time``: after each epoch, set the number of epochs that fit in the budget
+    (mean epoch time so far, validation included) and stretch the LR schedule to it, as
+    Ultralytics' ``time=`` does; stop when the budget is spent."""
+
+    def __init__(self, minutes: float):
+        self.budget = minutes * 60.0
+        self.used = 0.0
+        self._t0 = 0.0
+
+    def before_train(self, trainer) -> None:
+        self._t0 = time.perf_counter()
+
+    def before_epoch(self, trainer) -> None:
+        self._t0 = time.perf_counter()
+
+    def after_epoch(self, trainer) -> None:
+        self.used += time.perf_counter() - self._t0
+        per_epoch = self.used / max(1, trainer.epoch)
+        epochs = max(trainer.epoch, int(self.budget / per_epoch))
+        if self.used >= self.budget or epochs <= trainer.epoch:
+            trainer.should_stop = True
+            trainer.stop_reason = f"time budget of {self.budget / 60:.1f} min spent after {trainer.epoch} epochs"
+            epochs = trainer.epoch
+        trainer.cfg.epochs = epochs
+        for fn in trainer.scheduler.lr_lambdas:
+            fn.total = max(1, epochs * trainer.steps_per_epoch)
+
+    def state_dict(self) -> dict:
+        return {"used": self.used}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.used = float(state.get("used", 0.0))

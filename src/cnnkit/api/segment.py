@@ -1,0 +1,493 @@
+"""Semantic segmentation workflows behind ``cnnkit segment train|val|predict``.
+
+Wires segmentation data (:mod:`cnnkit.data.segmentation`), the networks
+(:mod:`cnnkit.models.segmentation`), the task (:mod:`cnnkit.tasks.segment`) and the Trainer.
+Two ways to feed images of any size, recorded in the model card so that val and predict
+match training:
+
+- ``resize`` (default): every image is resized to ``imgsz`` x ``imgsz``; predictions are
+  resized back to the original size.
+- ``crop`` (``--crop``): training takes random ``imgsz`` crops at the original resolution;
+  val and predict slide an ``imgsz`` window over the whole image with overlap and Gaussian
+  blending (MONAI's ``sliding_window_inference``), so large images keep their detail.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import cnnkit
+from cnnkit.api._common import config_from_file as _config_from_file
+from cnnkit.api._common import list_sources, load_task_model, open_run, resolve_config, run_trainer, standard_hooks
+from cnnkit.api.classify import TrainResult
+from cnnkit.data.classification import make_loader
+from cnnkit.data.segmentation import (IGNORE_INDEX, SegmentationData, SegmentationDataset, SegRecord,
+                                      load_segmentation_data, palette_bytes, write_mask)
+from cnnkit.engine.config import TrainConfig
+from cnnkit.engine.progress import console
+from cnnkit.engine.trainer import Trainer, resolve_amp
+from cnnkit.errors import CnnkitError, DataError
+from cnnkit.tasks.segment import SEG_LOSSES, SegMetrics, SegmentTask
+from cnnkit.utils.device import select_device
+from cnnkit.utils.io import write_json
+from cnnkit.utils.seed import seed_everything
+
+DEFAULT_AUG = "flip,affine,color=0.2"
+
+
+@dataclass
+class SegmentConfig(TrainConfig):
+    """``cnnkit segment train`` options (the shared ones plus segmentation's own)."""
+
+    data: str = "shapes"
+    model: str = "unet"  # unet, fcn or deeplabv3
+    encoder: str | None = None  # registry model (default resnet18; smallcnn is the built-in small one)
+    loss: str = "ce+dice"  # ce, dice, focal or ce+dice
+    class_weights: str | None = None  # "auto" (inverse square root of pixel frequency) or "w0,w1,..."
+    aug: str | None = None  # None: flip,affine,color=0.2
+    crop: bool = False  # train on random imgsz crops at full resolution; val/predict slide a window
+    epochs: int = 30
+    batch: int = 16
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    warmup_epochs: float = 1.0
+    ema: float = 0.0
+    channels_last: bool = True
+    # built-in shapes data
+    classes: int = 4  # shapes: how many of the 8 shape classes (background comes on top)
+    max_objects: int = 4  # shapes: at most this many objects per image
+
+    def validate(self) -> None:
+        super().validate()
+        from cnnkit.models.segmentation import SEGMENTERS
+
+        if self.model not in SEGMENTERS:
+            import difflib
+
+            close = difflib.get_close_matches(self.model, SEGMENTERS, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise CnnkitError(f"unknown segmentation model '{self.model}'{hint}; choose from {', '.join(SEGMENTERS)}")
+        if self.loss not in SEG_LOSSES:
+            raise CnnkitError(f"--loss must be one of {', '.join(SEG_LOSSES)}, got '{self.loss}'")
+        if self.imgsz is not None and self.imgsz % 32:
+            raise CnnkitError(f"--imgsz must be a multiple of 32 for segmentation, got {self.imgsz}")
+
+
+def config_from_file(path: str | Path, overrides: dict[str, Any]) -> SegmentConfig:
+    return _config_from_file(SegmentConfig, "segment", path, overrides)
+
+
+def build_model(arch: str, num_classes: int, in_chans: int = 3, encoder: str | None = None,
+                pretrained: bool = False) -> torch.nn.Module:
+    """The network of a model card."""
+    from cnnkit.models.segmentation import build_segmenter
+
+    return build_segmenter(arch, num_classes, in_chans, encoder, pretrained)
+
+
+def _data(spec: str, seed: int, imgsz: int | None, classes: int = 4, max_objects: int = 4) -> SegmentationData:
+    if spec == "shapes":
+        return load_segmentation_data("shapes", imgsz, seed=seed, num_classes=classes, max_objects=max_objects)
+    return load_segmentation_data(spec)
+
+
+def _default_imgsz(data: SegmentationData) -> int:
+    return 128 if data.name == "shapes" else 256
+
+
+def parse_seg_aug(spec: str | None, imgsz: int) -> list:
+    """Segmentation augmentation: the detection names (masks move with geometric transforms,
+    nearest-neighbour) except ``occlude``, which paints over objects and needs boxes."""
+    from cnnkit.data.detection import parse_det_aug
+    from cnnkit.data.transforms import split_aug
+
+    if any(name == "occlude" for name, _ in split_aug(spec)):
+        raise CnnkitError("occlude paints patches over boxes and is for detection; use erase=P for segmentation")
+    return parse_det_aug(spec, imgsz)
+
+
+def class_weights_from(spec: str | None, records: list[SegRecord], num_classes: int) -> torch.Tensor | None:
+    """``auto``: ``1 / sqrt(pixel frequency)`` over the train masks, scaled to mean 1 (classes
+    never seen get the largest weight); or explicit comma-separated weights."""
+    if spec in (None, "", "none"):
+        return None
+    if spec == "auto":
+        counts = np.zeros(num_classes, np.float64)
+        for r in records:
+            m = r.load_mask().numpy()
+            counts += np.bincount(m[m != IGNORE_INDEX].ravel(), minlength=num_classes)[:num_classes]
+        freq = counts / max(1.0, counts.sum())
+        w = 1.0 / np.sqrt(np.maximum(freq, freq[freq > 0].min() if (freq > 0).any() else 1.0))
+        return torch.tensor(w / w.mean(), dtype=torch.float32)
+    try:
+        w = [float(v) for v in str(spec).split(",")]
+    except ValueError:
+        raise CnnkitError(f"--class-weights takes 'auto' or {num_classes} comma-separated numbers, got '{spec}'") from None
+    if len(w) != num_classes or min(w) < 0:
+        raise CnnkitError(f"--class-weights needs {num_classes} non-negative numbers (one per class), got {len(w)}")
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def train(cfg: SegmentConfig | None = None, *, resume: str | Path | None = None, verbose: bool = True,
+          **overrides: Any) -> TrainResult:
+    """Train a segmentation network; the Python twin of ``cnnkit segment train``.
+
+    Returns:
+        :class:`~cnnkit.api.classify.TrainResult`; ``metrics`` holds the validation ``miou``,
+        ``dice``, ``pixel_acc`` and ``per_class_iou`` at the images' original size.
+
+    Examples:
+        >>> result = cnnkit.train("segment", data="shapes", model="unet", epochs=20)
+        >>> result.metrics["miou"]
+    """
+    con = console()
+    cfg, ckpt, run = resolve_config(SegmentConfig, "segment", cfg, resume, overrides, verbose)
+    device = select_device(cfg.device)
+    seed_everything(cfg.seed)
+    data = _data(cfg.data, cfg.seed, cfg.imgsz, cfg.classes, cfg.max_objects)
+    imgsz = cfg.imgsz or _default_imgsz(data)
+    train_recs, val_recs = data.splits.get("train", []), data.splits.get("val", [])
+    if not train_recs:
+        raise DataError(f"the train split of '{cfg.data}' has no images")
+    if not val_recs:
+        raise DataError(f"the val split of '{cfg.data}' has no images")
+    k = len(data.names)
+    aug = cfg.aug if cfg.aug is not None else DEFAULT_AUG
+    model = build_model(cfg.model, k, 3, cfg.encoder, cfg.pretrained)
+    if cfg.init and ckpt is None:
+        note = _load_init(model, cfg.init)
+        if verbose:
+            con.print(f"[yellow]note:[/] {note}")
+    weights = class_weights_from(cfg.class_weights, train_recs, k)
+    task = SegmentTask(data.names, cfg.loss, weights)
+    mode = "crop" if cfg.crop else "resize"
+    train_ds = SegmentationDataset(train_recs, imgsz, k, parse_seg_aug(aug, imgsz), mode=mode)
+    val_ds = SegmentationDataset(val_recs, imgsz, k, mode=mode, train=False)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    pin = device.type == "cuda"
+    train_loader = make_loader(train_ds, cfg.batch, True, cfg.workers, task.collate, gen,
+                               drop_last=len(train_ds) > cfg.batch, pin_memory=pin)
+    val_loader = make_loader(val_ds, cfg.batch * 2, False, cfg.workers, task.collate, pin_memory=pin)
+    run = open_run(cfg, "segment", run)
+    card = {
+        "task": "segment", "arch": cfg.model, "model_kwargs": {"encoder": model.encoder_name},
+        "classes": data.names, "num_classes": k, "in_chans": 3, "imgsz": [imgsz, imgsz],
+        "preprocess": {"resize": mode, "imgsz": imgsz, "input": "rgb 0-1", "ignore_index": IGNORE_INDEX},
+        "cnnkit_version": cnnkit.__version__,
+        "trained": {"data": cfg.data, "epochs": cfg.epochs, "seed": cfg.seed, "aug": aug, "loss": cfg.loss,
+                    "classes": cfg.classes, "max_objects": cfg.max_objects, "pretrained": cfg.pretrained,
+                    "init": cfg.init, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")},
+    }
+    trainer = Trainer(task, model, train_loader, val_loader, cfg, device, run.root, card,
+                      standard_hooks(cfg, run, verbose))
+    train_time = run_trainer(trainer, ckpt, run, "segment", verbose)
+    return _finish(cfg, run, data, trainer, device, train_time, verbose)
+
+
+def _load_init(model: torch.nn.Module, init: str) -> str:
+    """Start from a segmenter's or a classifier's weights: every tensor whose name and shape
+    match is copied (a classifier checkpoint fills the encoder)."""
+    from cnnkit.engine.checkpoint import load_weights
+
+    state, card = load_weights(init)
+    own = model.state_dict()
+    copied = {}
+    for key, v in state.items():
+        for p in ("", "encoder.features.body."):
+            if p + key in own and own[p + key].shape == v.shape:
+                copied[p + key] = v
+                break
+    if not copied:
+        raise CnnkitError(f"no tensor of --init '{init}' matches this model's layers")
+    model.load_state_dict(copied, strict=False)
+    return f"--init copied {len(copied)} of {len(own)} tensors from '{init}' ({card.get('task')} {card.get('arch')})"
+
+
+def _finish(cfg: SegmentConfig, run, data: SegmentationData, trainer: Trainer, device: torch.device,
+            train_time: float, verbose: bool) -> TrainResult:
+    from cnnkit.utils.plotting import plot_curves
+
+    con = console()
+    best = load(run.best, device=str(device))
+    val_metrics = best.evaluate(data.split("val"))
+    test_metrics = best.evaluate(data.split("test")) if data.splits.get("test") else None
+    results = {**val_metrics, "split": "val", "best_epoch": trainer.best_epoch, "epochs_run": trainer.epoch,
+               "train_time_s": round(train_time, 2), "weights": str(run.best)}
+    if trainer.stop_reason:
+        results["stop_reason"] = trainer.stop_reason
+    if test_metrics is not None:
+        results["test"] = test_metrics
+    if trainer.skipped:
+        results["skipped_images"] = [{"path": p, "reason": r} for p, r in sorted(trainer.skipped.items())]
+    write_json(run.results, results)
+    plot_curves(trainer.history, run.plots / "results.png", ["miou", "dice", "pixel_acc"])
+    best.draw_samples(data.split("val")[:8], run.plots / "val_predictions.png")
+    if verbose:
+        con.print(metrics_table(val_metrics, f"validation (best epoch {trainer.best_epoch})"))
+        line = _line(val_metrics, "val")
+        if test_metrics is not None:
+            line += "  ·  " + _line(test_metrics, "test")
+        con.print(line + f"  ·  trained {train_time:.0f} s")
+        con.print(f"results in {run.root}/ (weights/best.safetensors, metrics.csv, results.json, plots/)")
+    return TrainResult(run.root, results, test_metrics, trainer.best_epoch, dict(trainer.skipped))
+
+
+def _line(m: dict[str, Any], split: str) -> str:
+    return f"{split} mIoU {m['miou']:.4f}  Dice {m['dice']:.4f}  pixel acc {m['pixel_acc']:.4f}"
+
+
+def metrics_table(m: dict[str, Any], title: str):
+    """IoU and Dice per class as a rich table."""
+    from rich.table import Table
+
+    t = Table(title=title, title_justify="left")
+    t.add_column("class")
+    t.add_column("IoU", justify="right")
+    t.add_column("Dice", justify="right")
+    for name, iou in m["per_class_iou"].items():
+        d = m["per_class_dice"][name]
+        t.add_row(name, "-" if iou is None else f"{iou:.3f}", "-" if d is None else f"{d:.3f}")
+    return t
+
+
+# ---------------------------------------------------------------------------------------
+# Loading and using a trained segmenter
+@dataclass
+class SegmentationResult:
+    """The class-id mask of one image at its original size (``mask`` uint8 (H, W))."""
+
+    path: str
+    width: int
+    height: int
+    mask: torch.Tensor
+    class_names: list[str] = field(default_factory=list)
+    mask_file: str | None = None
+
+    def fractions(self) -> dict[str, float]:
+        """Share of the image's pixels per class present."""
+        counts = torch.bincount(self.mask.flatten().long(), minlength=len(self.class_names))
+        total = max(1, self.mask.numel())
+        return {n: round(float(c) / total, 5) for n, c in zip(self.class_names, counts.tolist()) if c > 0}
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"path": self.path, "width": self.width, "height": self.height, "classes": self.fractions()}
+        if self.mask_file:
+            out["mask"] = self.mask_file
+        return out
+
+
+class SegmentModel:
+    """A trained segmenter with its model card: ``predict``, ``evaluate``, ``draw_samples``."""
+
+    def __init__(self, model: torch.nn.Module, card: dict[str, Any], device: torch.device):
+        self.model = model.to(device).eval().to(memory_format=torch.channels_last)
+        self.card, self.device = card, device
+        self.classes = list(card["classes"])
+        self.imgsz = int(card["imgsz"][0])
+        self.mode = card.get("preprocess", {}).get("resize", "resize")
+        self.amp = resolve_amp("auto", device)
+        self.timing = {"preprocess_ms": 0.0, "inference_ms": 0.0, "postprocess_ms": 0.0, "images": 0}
+
+    @torch.no_grad()
+    def logits(self, image: torch.Tensor, tile: bool | None = None, overlap: float = 0.25) -> torch.Tensor:
+        """Class scores ``(K, H, W)`` (float32, original size) of one uint8 image ``(3, H, W)``.
+
+        ``tile`` (default: as trained; True for ``--crop`` models) slides an ``imgsz`` window
+        over the full-resolution image (``overlap`` between windows, Gaussian blending);
+        otherwise the image is resized to ``imgsz`` and the scores back to ``(H, W)``.
+        """
+        h, w = image.shape[-2:]
+        x = image[None].to(self.device).float().div_(255)
+        tile = self.mode == "crop" if tile is None else tile
+        with _autocast(self.device, self.amp):
+            if tile:
+                from monai.inferers import sliding_window_inference
+
+                out = sliding_window_inference(x, (self.imgsz, self.imgsz), 4, self._net, overlap=overlap,
+                                               mode="gaussian")
+            else:
+                xs = F.interpolate(x, size=(self.imgsz, self.imgsz), mode="bilinear", antialias=True,
+                                   align_corners=False) if (h, w) != (self.imgsz, self.imgsz) else x
+                out = self._net(xs)
+        out = out.float()
+        if out.shape[-2:] != (h, w):
+            out = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
+        return out[0]
+
+    def _net(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.contiguous(memory_format=torch.channels_last))
+
+    def evaluate(self, records: list[SegRecord], tile: bool | None = None) -> dict[str, Any]:
+        """mIoU, Dice, pixel accuracy and per-class IoU/Dice of ``records`` at original size."""
+        ds = SegmentationDataset(records, None, len(self.classes), train=False)
+        state = SegMetrics(self.classes)
+        for i in range(len(ds)):
+            img, mask = ds.load(i)
+            pred = self.logits(img, tile).argmax(0)
+            state.add_predictions(pred.cpu(), mask.long())
+        out = state.compute()
+        out["num_images"] = len(records)
+        return out
+
+    def predict(self, source, tile: bool | None = None) -> list[SegmentationResult]:
+        """Masks of an image file, a folder, a list of paths or a uint8 (3, H, W) tensor /
+        (H, W, 3) array. Timing per stage accumulates in ``self.timing``."""
+        from cnnkit.data.decode import read_image
+        from cnnkit.errors import ImageDecodeError
+
+        if isinstance(source, (str, Path)):
+            items: list = list_sources(source)
+        elif isinstance(source, (list, tuple)):
+            items = list(source)
+        else:
+            items = [source]
+        self.skipped: list[tuple[str, str]] = []
+        results = []
+        for i, it in enumerate(items):
+            name = str(it) if isinstance(it, (str, Path)) else f"<image {i}>"
+            t0 = time.perf_counter()
+            try:
+                img = read_image(it, channels=3).contiguous()
+            except ImageDecodeError as e:
+                if len(items) == 1:
+                    raise
+                self.skipped.append((e.path, e.reason))
+                continue
+            t1 = time.perf_counter()
+            scores = self.logits(img, tile)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            t2 = time.perf_counter()
+            mask = scores.argmax(0).to(torch.uint8).cpu()
+            t3 = time.perf_counter()
+            h, w = img.shape[-2:]
+            results.append(SegmentationResult(name, int(w), int(h), mask, self.classes))
+            self.timing["preprocess_ms"] += (t1 - t0) * 1e3
+            self.timing["inference_ms"] += (t2 - t1) * 1e3
+            self.timing["postprocess_ms"] += (t3 - t2) * 1e3
+            self.timing["images"] += 1
+        return results
+
+    def draw_samples(self, records: list[SegRecord], path: Path) -> None:
+        """Rows of image | ground truth | prediction (masks blended over the image) as a PNG."""
+        from torchvision.utils import make_grid, save_image
+
+        ds = SegmentationDataset(records, None, len(self.classes), train=False)
+        tiles = []
+        for i in range(len(ds)):
+            img, mask = ds.load(i)
+            pred = self.logits(img).argmax(0).cpu()
+            tiles += [img, overlay(img, mask), overlay(img, pred)]
+        if tiles:
+            size = max(max(t.shape[-2:]) for t in tiles)
+            tiles = [F.interpolate(t[None].float(), size=(size, size), mode="nearest")[0] for t in tiles]
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            save_image(make_grid(torch.stack(tiles) / 255, nrow=6, padding=2), str(path))
+
+
+def overlay(image: torch.Tensor, mask: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """uint8 (3, H, W): ``image`` with each non-background class painted in its palette colour
+    (Pascal VOC's palette, the one mask PNGs carry); ignored pixels (255) stay as they are."""
+    pal = torch.tensor(palette_bytes(), dtype=torch.float32).view(256, 3)
+    m = mask.long().clamp(0, 255)
+    color = pal[m].permute(2, 0, 1)
+    paint = ((m > 0) & (m != IGNORE_INDEX))[None]
+    out = torch.where(paint, image.float() * (1 - alpha) + color * alpha, image.float())
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
+def _autocast(device: torch.device, dtype):
+    from contextlib import nullcontext
+
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def load(path: str | Path, device: str = "cpu") -> SegmentModel:
+    """Rebuild a trained segmenter from ``best.safetensors`` (or its run folder)."""
+    model, card = load_task_model(path, "segment", build_model)
+    return SegmentModel(model, card, select_device(device))
+
+
+def val(weights: str | Path, data: str, split: str = "val", device: str = "auto", tile: bool | None = None,
+        json_path: str | Path | None = None, verbose: bool = True) -> dict[str, Any]:
+    """Evaluate a segmenter on a dataset split at the images' original size: mIoU, Dice,
+    pixel accuracy, per-class IoU and Dice."""
+    from cnnkit.engine.checkpoint import resolve_weights
+
+    m = load(weights, device)
+    if data == "shapes":
+        trained = m.card.get("trained", {})
+        ds = _data("shapes", trained.get("seed", 0), m.imgsz, trained.get("classes", len(m.classes) - 1),
+                   trained.get("max_objects", 4))
+    else:
+        ds = _data(data, 0, None)
+    if list(ds.names) != m.classes:
+        raise DataError(f"the classes of '{data}' ({', '.join(ds.names)}) differ from the model's "
+                        f"({', '.join(m.classes)})")
+    records = ds.split(split)
+    if not records:
+        raise DataError(f"the {split} split of '{data}' has no images")
+    metrics = m.evaluate(records, tile)
+    metrics.update(split=split, weights=str(resolve_weights(weights)))
+    if json_path:
+        write_json(json_path, metrics)
+    if verbose:
+        con = console()
+        con.print(metrics_table(metrics, f"{split} split of {data} ({len(records)} images)"))
+        con.print(_line(metrics, split))
+    return metrics
+
+
+def predict(weights: str | Path, source: str | Path, device: str = "auto", tile: bool | None = None,
+            json_path: str | Path | None = None, save_dir: str | Path | None = None,
+            verbose: bool = True) -> list[dict[str, Any]]:
+    """Segment a file or folder: with ``save_dir`` write ``NAME_mask.png`` (class ids as a palette
+    PNG) and ``NAME_overlay.png`` per image; ``json_path`` writes
+    ``[{"path", "width", "height", "classes": {name: pixel share}, "mask"}]``."""
+    from PIL import Image
+
+    from cnnkit.data.decode import read_image
+
+    m = load(weights, device)
+    results = m.predict(list_sources(source), tile)
+    out = Path(save_dir) if save_dir else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        used: set[str] = set()
+        for r in results:
+            stem = Path(r.path).stem
+            base, n = stem, 1
+            while base in used:  # same name in two sub-folders
+                n += 1
+                base = f"{stem}_{n}"
+            used.add(base)
+            r.mask_file = str(out / f"{base}_mask.png")
+            write_mask(r.mask_file, r.mask.numpy())
+            img = read_image(r.path, channels=3)
+            Image.fromarray(overlay(img, r.mask).permute(1, 2, 0).numpy()).save(out / f"{base}_overlay.png")
+    rows = [r.to_dict() for r in results]
+    if json_path:
+        write_json(json_path, rows)
+    if verbose:
+        con = console()
+        for r in results:
+            fr = r.fractions()
+            what = ", ".join(f"{k} {v:.0%}" for k, v in sorted(fr.items(), key=lambda kv: -kv[1]) if k != m.classes[0])
+            con.print(f"{r.path}: {r.width}x{r.height}, {what or 'background only'}")
+        t = m.timing
+        n = max(1, t["images"])
+        con.print(f"speed: {t['preprocess_ms'] / n:.1f} ms preprocess, {t['inference_ms'] / n:.1f} ms inference, "
+                  f"{t['postprocess_ms'] / n:.1f} ms postprocess per image")
+        for p, reason in m.skipped:
+            con.print(f"[yellow]skipped[/] {p}: {reason}")
+        if out is not None:
+            con.print(f"masks and overlays in {out}/")
+    return rows

@@ -1,0 +1,82 @@
+"""``cnnkit segment train|val|predict``: argument parsing only."""
+
+from __future__ import annotations
+
+import click
+
+TRAIN_HELP = {
+    "data": "dataset: shapes (generated scenes with per-pixel classes) or a segmentation YAML "
+            "(train/val image folders, masks/ beside images/, names with background first)",
+    "model": "unet (encoder-decoder with skips), fcn (FCN-8s), deeplabv3 (atrous spatial pyramid pooling)",
+    "encoder": "registry model as the encoder (smallcnn, resnet18, mobilenet_v3_large, efficientnet_b0, ...); "
+               "default resnet18",
+    "imgsz": "training size (a multiple of 32); default: shapes 128, folders 256",
+    "loss": "ce (cross-entropy), dice (soft Dice), focal, or ce+dice",
+    "class_weights": "auto (1/sqrt of each class's pixel share in train) or one weight per class, comma-separated",
+    "aug": "augmentation applied to image and mask alike: flip, vflip, rotate=DEG, scale=LO:HI, translate=F, "
+           "affine, crop=LO, color=S, jitter=S, blur, noise, gamma, shadow, erase=P, ... or none; "
+           "default: flip,affine,color=0.2",
+    "crop": "train on random --imgsz crops at full resolution (for large images); val and predict then slide "
+            "a window over the whole image",
+    "classes": "shapes: how many of the 8 shape classes (background comes on top)",
+    "max_objects": "shapes: at most this many objects per image",
+    "init": "start from a segmenter's or a classifier's weights (a classifier fills the encoder)",
+}
+
+
+def register(parent: click.Group) -> click.Group:
+    """Add the ``segment`` group to ``parent`` and return it."""
+    from cnnkit.api.segment import SegmentConfig
+    from cnnkit.cli.main import CONTEXT, SuggestingGroup, add_train_command
+    from cnnkit.models.segmentation import SEGMENTERS
+    from cnnkit.tasks.segment import SEG_LOSSES
+
+    @parent.group("segment", cls=SuggestingGroup, context_settings=CONTEXT)
+    def segment() -> None:
+        """Semantic segmentation (a class per pixel): train, val, predict."""
+
+    train_cmd = add_train_command(segment, SegmentConfig, "cnnkit.api.segment")
+    train_cmd.help = ("Train a U-Net, FCN or DeepLabV3 and write a run folder (weights, metrics, plots).")
+    for param in train_cmd.params:
+        if param.name in TRAIN_HELP:
+            param.help = TRAIN_HELP[param.name]
+        if param.name == "model":
+            param.type = click.Choice(SEGMENTERS)
+        if param.name == "loss":
+            param.type = click.Choice(SEG_LOSSES)
+
+    tile_opt = click.option("--tile/--no-tile", default=None,
+                            help="slide a training-size window over the full-resolution image (overlap 25%, "
+                                 "Gaussian blending) instead of resizing it; default: as trained (--crop models tile)")
+
+    @segment.command("val", context_settings=CONTEXT)
+    @click.option("--weights", required=True, help="best.safetensors or its run folder")
+    @click.option("--data", required=True, help="shapes or a segmentation YAML")
+    @click.option("--split", type=click.Choice(["train", "val", "test"]), default="val", help="which split")
+    @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    @tile_opt
+    @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+                  help="also write the metrics to this JSON file")
+    def val_cmd(weights, data, split, device, tile, json_path) -> None:
+        """mIoU, Dice, pixel accuracy and IoU per class, at the images' original size."""
+        from cnnkit.api import segment as api
+
+        api.val(weights, data, split=split, device=device, tile=tile, json_path=json_path)
+
+    @segment.command("predict", context_settings=CONTEXT)
+    @click.option("--weights", required=True, help="best.safetensors or its run folder")
+    @click.option("--source", required=True, help="an image file or a folder (searched recursively)")
+    @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    @tile_opt
+    @click.option("--save-dir", type=click.Path(file_okay=False), default=None,
+                  help="write NAME_mask.png (class ids; a palette PNG, so it also shows colours) and "
+                       "NAME_overlay.png per image here")
+    @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+                  help='write [{"path", "width", "height", "classes": {name: share of pixels}, "mask"}]')
+    def predict_cmd(weights, source, device, tile, save_dir, json_path) -> None:
+        """Segment images; print one line per image and the time per stage."""
+        from cnnkit.api import segment as api
+
+        api.predict(weights, source, device=device, tile=tile, json_path=json_path, save_dir=save_dir)
+
+    return segment
