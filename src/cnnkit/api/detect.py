@@ -40,6 +40,9 @@ DEFAULT_AUG = "flip,scale=0.7:1.3,translate=0.1,color=0.3"
 class DetectConfig(TrainConfig):
     """``cnnkit detect train`` options (the shared ones plus detection's own)."""
 
+    TASK = "detect"  # class attributes, not options: the task name and its models
+    MODELS = ("fastdet", "fasterrcnn", "retinanet", "ssd", "ssdlite")
+
     data: str = "shapes"
     model: str = "fastdet"  # fastdet, fasterrcnn, retinanet, ssd or ssdlite
     backbone: str | None = None  # registry model for fasterrcnn/retinanet/ssd/ssdlite (default per model)
@@ -64,14 +67,12 @@ class DetectConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        from cnnkit.models.detection.zoo import DETECTORS
-
-        if self.model not in DETECTORS:
+        if self.model not in self.MODELS:
             import difflib
 
-            close = difflib.get_close_matches(self.model, DETECTORS, n=1)
+            close = difflib.get_close_matches(self.model, self.MODELS, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise CnnkitError(f"unknown detector '{self.model}'{hint}; choose from {', '.join(DETECTORS)}")
+            raise CnnkitError(f"unknown {self.TASK} model '{self.model}'{hint}; choose from {', '.join(self.MODELS)}")
         if not 0 <= self.mosaic <= 1:
             raise CnnkitError(f"--mosaic must be in [0, 1], got {self.mosaic}")
         from cnnkit.models.detection.nms import NMS_METHODS
@@ -86,8 +87,21 @@ class DetectConfig(TrainConfig):
             raise CnnkitError(f"--width must be at least 4, got {self.width}")
 
 
-def config_from_file(path: str | Path, overrides: dict[str, Any]) -> DetectConfig:
-    return _config_from_file(DetectConfig, "detect", path, overrides)
+@dataclass
+class InstanceConfig(DetectConfig):
+    """``cnnkit instance train`` options: detection's, with a mask per object."""
+
+    TASK = "instance"
+    MODELS = ("maskrcnn",)
+
+    model: str = "maskrcnn"
+    mosaic: float = 0.0  # a mosaic would cut masks; instance training does not use it
+    lr: float = 1e-3
+    ema: float = 0.0
+
+
+def config_from_file(path: str | Path, overrides: dict[str, Any], _cls: type = DetectConfig) -> DetectConfig:
+    return _config_from_file(_cls, _cls.TASK, path, overrides)
 
 
 def build_model(arch: str, num_classes: int, in_chans: int = 3, imgsz: int = 320, backbone: str | None = None,
@@ -100,9 +114,9 @@ def build_model(arch: str, num_classes: int, in_chans: int = 3, imgsz: int = 320
 
 
 def _data(cfg_data: str, seed: int, imgsz: int | None, classes: int = 8, max_objects: int = 6,
-          verbose: bool = True) -> DetectionData:
-    data = load_detection_data(cfg_data, imgsz, seed=seed, num_classes=classes, max_objects=max_objects) \
-        if cfg_data == "shapes" else load_detection_data(cfg_data)
+          verbose: bool = True, masks: bool = False) -> DetectionData:
+    data = load_detection_data(cfg_data, imgsz, seed=seed, num_classes=classes, max_objects=max_objects,
+                               masks=masks) if cfg_data == "shapes" else load_detection_data(cfg_data)
     if verbose:
         for w in data.warnings:
             console().print(f"[yellow]warning:[/] {w}")
@@ -114,7 +128,7 @@ def _default_imgsz(data: DetectionData) -> int:
 
 
 def train(cfg: DetectConfig | None = None, *, resume: str | Path | None = None, verbose: bool = True,
-          **overrides: Any) -> TrainResult:
+          _cls: type = DetectConfig, **overrides: Any) -> TrainResult:
     """Train a detector; the Python twin of ``cnnkit detect train``.
 
     Returns:
@@ -128,10 +142,12 @@ def train(cfg: DetectConfig | None = None, *, resume: str | Path | None = None, 
     from cnnkit.models.detection.anchors import read_anchors, scale_anchors
 
     con = console()
-    cfg, ckpt, run = resolve_config(DetectConfig, "detect", cfg, resume, overrides, verbose)
+    kind = _cls.TASK
+    masks = kind == "instance"
+    cfg, ckpt, run = resolve_config(_cls, kind, cfg, resume, overrides, verbose)
     device = select_device(cfg.device)
     seed_everything(cfg.seed)
-    data = _data(cfg.data, cfg.seed, cfg.imgsz, cfg.classes, cfg.max_objects, verbose)
+    data = _data(cfg.data, cfg.seed, cfg.imgsz, cfg.classes, cfg.max_objects, verbose, masks)
     imgsz = cfg.imgsz or _default_imgsz(data)
     train_recs, val_recs = data.split("train"), data.split("val")
     if not train_recs:
@@ -151,18 +167,20 @@ def train(cfg: DetectConfig | None = None, *, resume: str | Path | None = None, 
         note = _load_init(model, cfg.init)
         if verbose and note:
             con.print(f"[yellow]note:[/] {note}")
-    task = DetectTask(data.names, data.category_ids if hasattr(data, "category_ids") else None)
+    task = DetectTask(data.names, data.category_ids if hasattr(data, "category_ids") else None, masks)
     model.set_thresholds(0.001, cfg.iou, cfg.max_det, cfg.nms)
     gen = torch.Generator().manual_seed(cfg.seed)
-    train_ds = DetectionDataset(train_recs, imgsz, parse_det_aug(aug, imgsz), cfg.mosaic)
-    val_ds = DetectionDataset(val_recs, imgsz)
+    if masks and "occlude" in aug:
+        raise CnnkitError("occlude paints over objects without changing their masks; leave it out for instance masks")
+    train_ds = DetectionDataset(train_recs, imgsz, parse_det_aug(aug, imgsz), cfg.mosaic, masks=masks)
+    val_ds = DetectionDataset(val_recs, imgsz, masks=masks)
     pin = device.type == "cuda"
     train_loader = make_loader(train_ds, cfg.batch, True, cfg.workers, task.collate, gen, drop_last=len(train_ds) > cfg.batch,
                                pin_memory=pin)
     val_loader = make_loader(val_ds, cfg.batch * 2, False, cfg.workers, task.collate, pin_memory=pin)
-    run = open_run(cfg, "detect", run)
+    run = open_run(cfg, kind, run)
     card = {
-        "task": "detect", "arch": cfg.model, "model_kwargs": model_kwargs,
+        "task": kind, "arch": cfg.model, "model_kwargs": model_kwargs,
         "classes": data.names, "num_classes": len(data.names), "in_chans": 3, "imgsz": [imgsz, imgsz],
         "preprocess": {"resize": "letterbox", "imgsz": imgsz, "pad": 114, "input": "rgb 0-1"},
         "category_ids": getattr(data, "category_ids", None), "cnnkit_version": cnnkit.__version__,
@@ -174,7 +192,7 @@ def train(cfg: DetectConfig | None = None, *, resume: str | Path | None = None, 
     }
     trainer = Trainer(task, model, train_loader, val_loader, cfg, device, run.root, card,
                       standard_hooks(cfg, run, verbose))
-    train_time = run_trainer(trainer, ckpt, run, "detect", verbose)
+    train_time = run_trainer(trainer, ckpt, run, kind, verbose)
     return _finish(cfg, run, data, trainer, device, train_time, verbose)
 
 
@@ -203,7 +221,7 @@ def _finish(cfg: DetectConfig, run, data: DetectionData, trainer: Trainer, devic
     from cnnkit.utils.plotting import plot_curves
 
     con = console()
-    best = load(run.best, device=str(device))
+    best = load(run.best, device=str(device), task=cfg.TASK)
     amp = resolve_amp(cfg.amp, device)
     val_metrics = best.evaluate(data.split("val"), batch=cfg.batch * 2, workers=cfg.workers, amp=amp)
     test_metrics = None
@@ -218,7 +236,8 @@ def _finish(cfg: DetectConfig, run, data: DetectionData, trainer: Trainer, devic
     if trainer.skipped:
         results["skipped_images"] = [{"path": p, "reason": r} for p, r in sorted(trainer.skipped.items())]
     write_json(run.results, results)
-    plot_curves(trainer.history, run.plots / "results.png", ["map50_95", "map50"])
+    plot_curves(trainer.history, run.plots / "results.png",
+                ["mask_map50_95", "map50_95", "mask_map50"] if best.masks else ["map50_95", "map50"])
     best.draw_samples(data.split("val")[:16], run.plots / "val_predictions.png")
     if verbose:
         con.print(metrics_table(val_metrics, f"validation (best epoch {trainer.best_epoch})"))
@@ -231,11 +250,16 @@ def _finish(cfg: DetectConfig, run, data: DetectionData, trainer: Trainer, devic
 
 
 def _line(m: dict[str, Any], split: str) -> str:
-    return f"{split} mAP50-95 {m['map50_95']:.4f}  mAP50 {m['map50']:.4f}  mAP75 {m['map75']:.4f}"
+    line = f"{split} mAP50-95 {m['map50_95']:.4f}  mAP50 {m['map50']:.4f}  mAP75 {m['map75']:.4f}"
+    if m.get("mask_map50_95") is not None:
+        line = (f"{split} mask mAP50-95 {m['mask_map50_95']:.4f}  mask mAP50 {m['mask_map50']:.4f}  "
+                f"box mAP50-95 {m['map50_95']:.4f}  box mAP50 {m['map50']:.4f}")
+    return line
 
 
 def metrics_table(m: dict[str, Any], title: str):
-    """Per-class AP plus AP by object size and by occlusion, as a rich table."""
+    """Per-class AP (and mask AP for instance models) plus AP by object size and by occlusion,
+    as a rich table."""
     from rich.table import Table
 
     t = Table(title=title, title_justify="left")
@@ -247,9 +271,13 @@ def metrics_table(m: dict[str, Any], title: str):
     def f(v):
         return "-" if v is None else f"{v:.3f}"
 
+    masks = m.get("mask_per_class_ap")
+    if masks is not None:
+        t.add_column("mask AP50-95", justify="right")
     counts = m.get("per_class_gt", {})
     for name, ap in m.get("per_class_ap", {}).items():
-        t.add_row(name, f(ap), f(m.get("per_class_ap50", {}).get(name)), str(counts.get(name, "")))
+        extra = [f(masks.get(name))] if masks is not None else []
+        t.add_row(name, f(ap), f(m.get("per_class_ap50", {}).get(name)), str(counts.get(name, "")), *extra)
     for key, label in (("size_ap", "size"), ("occlusion_ap", "occluded")):
         for bucket, v in (m.get(key) or {}).items():
             t.add_row(f"{label} {bucket}", f(v.get("map50_95")), f(v.get("map50")), str(v.get("num_gt", "")))
@@ -260,14 +288,24 @@ def metrics_table(m: dict[str, Any], title: str):
 # Loading and using a trained detector
 @dataclass
 class Detection:
+    """One object: ``box`` xyxy pixels of the original image; for instance models also
+    ``mask`` (bool (H, W) tensor at the original size), written to JSON as COCO RLE."""
+
     box: list[float]
     score: float
     class_id: int
     class_name: str
+    mask: torch.Tensor | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"box": [round(v, 2) for v in self.box], "score": round(self.score, 5),
-                "class_id": self.class_id, "class_name": self.class_name}
+        out = {"box": [round(v, 2) for v in self.box], "score": round(self.score, 5),
+               "class_id": self.class_id, "class_name": self.class_name}
+        if self.mask is not None:
+            from pycocotools import mask as mask_utils
+
+            rle = mask_utils.encode(np.asfortranarray(self.mask.numpy().astype(np.uint8)))
+            out["mask"] = {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+        return out
 
 
 @dataclass
@@ -294,6 +332,7 @@ class DetectModel:
         self.model, self.card, self.device = model.to(memory_format=torch.channels_last), card, device
         self.classes: list[str] = list(card["classes"])
         self.imgsz = int(card["imgsz"][0])
+        self.masks = card.get("task") == "instance"  # Mask R-CNN: a mask per detection
         self.timing = {"preprocess_ms": 0.0, "inference_ms": 0.0, "postprocess_ms": 0.0, "images": 0}
 
     # ---- evaluation ---------------------------------------------------------------------
@@ -302,11 +341,12 @@ class DetectModel:
         """COCO metrics of ``records`` (original-image pixels); with ``keep_predictions`` also
         returns the raw predictions for ``--save-json``. ``iou`` and ``nms`` default to the
         values the model was validated with during training."""
-        task = DetectTask(self.classes, self.card.get("category_ids"))
+        task = DetectTask(self.classes, self.card.get("category_ids"), self.masks)
         self.model.set_thresholds(conf, iou if iou is not None else self.card.get("iou", 0.6),
                                   int(self.card.get("max_det", 100)), nms or self.card.get("nms", "hard"))
-        loader = make_loader(DetectionDataset(records, self.imgsz), batch, False, workers, task.collate)
-        state = DetectMetrics(self.classes, self.card.get("category_ids"), keep_predictions)
+        loader = make_loader(DetectionDataset(records, self.imgsz, masks=self.masks), batch, False, workers,
+                             task.collate)
+        state = DetectMetrics(self.classes, self.card.get("category_ids"), keep_predictions, self.masks)
         skipped: list = []
         with torch.no_grad():
             for b in loader:
@@ -373,8 +413,13 @@ class DetectModel:
                     t2 = time.perf_counter()
             for o, (name, h, w, scale) in zip(out, metas):
                 b = to_original(o["boxes"].cpu(), scale, h, w).tolist()
-                dets = [Detection(bb, float(s), int(c), self.classes[int(c)])
-                        for bb, s, c in zip(b, o["scores"].cpu().tolist(), o["labels"].cpu().tolist())]
+                ms = [None] * len(b)
+                if self.masks:
+                    from cnnkit.tasks.detect import masks_to_original
+
+                    ms = list(torch.from_numpy(masks_to_original(o["masks"], scale, h, w)))
+                dets = [Detection(bb, float(s), int(c), self.classes[int(c)], m)
+                        for bb, s, c, m in zip(b, o["scores"].cpu().tolist(), o["labels"].cpu().tolist(), ms)]
                 results.append(DetectionResult(name, w, h, dets))
             t3 = time.perf_counter()
             n = len(xs)
@@ -389,8 +434,9 @@ class DetectModel:
         from cnnkit.data.decode import read_image
 
         img = read_image(image if image is not None else result.path, channels=3).contiguous()
+        masks = [d.mask for d in result.detections] if self.masks else None
         return draw_detections(img, [d.box for d in result.detections], [d.class_id for d in result.detections],
-                               [d.score for d in result.detections], self.classes)
+                               [d.score for d in result.detections], self.classes, masks=masks)
 
     def draw_samples(self, records, path: Path, conf: float = 0.25) -> None:
         """A grid of ``records`` with predicted boxes (GT in white) as a PNG."""
@@ -400,7 +446,7 @@ class DetectModel:
 
         if not records:
             return
-        ds = _DS(records, self.imgsz)
+        ds = _DS(records, self.imgsz, masks=self.masks)
         tiles = []
         self.model.set_thresholds(conf, 0.5, 100)
         for i in range(len(records)):
@@ -411,7 +457,8 @@ class DetectModel:
                 o = self.model(x[None].to(self.device).float() / 255)[0]
             img = draw_detections(x, t["boxes"], [0] * len(t["boxes"]), [1.0] * len(t["boxes"]),
                                   ["gt"], width=1) if len(t["boxes"]) else x
-            img = draw_detections(img, o["boxes"].cpu(), o["labels"].cpu(), o["scores"].cpu(), self.classes)
+            masks = (o["masks"][:, 0].cpu() >= 0.5) if self.masks else None
+            img = draw_detections(img, o["boxes"].cpu(), o["labels"].cpu(), o["scores"].cpu(), self.classes, masks=masks)
             tiles.append(img)
         if tiles:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -429,26 +476,29 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def load(path: str | Path, device: str = "cpu") -> DetectModel:
-    """Rebuild a trained detector from ``best.safetensors`` (or its run folder)."""
-    model, card = load_task_model(path, "detect", build_model)
+def load(path: str | Path, device: str = "cpu", task: str = "detect") -> DetectModel:
+    """Rebuild a trained detector (``task="instance"``: a Mask R-CNN) from ``best.safetensors``
+    (or its run folder)."""
+    model, card = load_task_model(path, task, build_model)
     return DetectModel(model, card, select_device(device))
 
 
 def val(weights: str | Path, data: str, split: str = "val", batch: int = 32, device: str = "auto",
         workers: int = 0, conf: float = 0.001, iou: float = 0.6, json_path: str | Path | None = None,
-        save_json: str | Path | None = None, verbose: bool = True, nms: str | None = None) -> dict[str, Any]:
+        save_json: str | Path | None = None, verbose: bool = True, nms: str | None = None,
+        task: str = "detect") -> dict[str, Any]:
     """Evaluate a detector on a dataset split: COCO mAP@[.5:.95], mAP50, mAP75, per-class AP,
-    AR, AP by object size and by occlusion. ``save_json`` writes the detections in COCO
-    results format. ``nms`` (``hard`` or ``soft``) defaults to the one used in training."""
+    AR, AP by object size and by occlusion (``task="instance"``: also mask AP). ``save_json``
+    writes the detections in COCO results format (with RLE masks for instance models). ``nms``
+    (``hard`` or ``soft``) defaults to the one used in training."""
     from cnnkit.tasks.detect_metrics import coco_results
 
-    m = load(weights, device)
+    m = load(weights, device, task)
     card = m.card
     if data == "shapes":
         trained = card.get("trained", {})
         ds = _data("shapes", trained.get("seed", 0), m.imgsz, card["num_classes"], trained.get("max_objects", 6),
-                   verbose)
+                   verbose, m.masks)
     else:
         ds = _data(data, 0, None, verbose=verbose)
     if list(ds.names) != m.classes:
@@ -464,6 +514,10 @@ def val(weights: str | Path, data: str, split: str = "val", batch: int = 32, dev
         ids = [p[0] for p in preds]
         res = coco_results(ids, [p[1] for p in preds], [p[2] for p in preds], [p[3] for p in preds],
                            card.get("category_ids"))
+        if m.masks:  # results come out in the order of preds and of each image's detections
+            rles = [r for p in preds for r in p[4]]
+            for d, r in zip(res, rles):
+                d["segmentation"] = {"size": [int(v) for v in r["size"]], "counts": r["counts"].decode("ascii")}
         write_json(save_json, res)
     if json_path:
         write_json(json_path, metrics)
@@ -478,10 +532,11 @@ def val(weights: str | Path, data: str, split: str = "val", batch: int = 32, dev
 
 def predict(weights: str | Path, source: str | Path, conf: float = 0.25, iou: float = 0.5, max_det: int = 100,
             device: str = "auto", json_path: str | Path | None = None, save_dir: str | Path | None = None,
-            verbose: bool = True, nms: str = "hard") -> list[dict[str, Any]]:
+            verbose: bool = True, nms: str = "hard", task: str = "detect") -> list[dict[str, Any]]:
     """Detect objects in a file or folder; print a line per image and the time per stage;
-    ``json_path`` writes the list of results, ``save_dir`` PNGs with the boxes drawn."""
-    m = load(weights, device)
+    ``json_path`` writes the list of results (instance models add each object's ``mask`` as
+    COCO RLE), ``save_dir`` PNGs with the boxes (and masks) drawn."""
+    m = load(weights, device, task)
     files = list_sources(source)
     results = m.predict(files, conf=conf, iou=iou, max_det=max_det, nms=nms)
     con = console()

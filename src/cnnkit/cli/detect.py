@@ -1,4 +1,5 @@
-"""``cnnkit detect train|val|predict|anchors``: argument parsing only."""
+"""``cnnkit detect train|val|predict|anchors`` and ``cnnkit instance train|val|predict``
+(detection with a mask per object: the same commands on Mask R-CNN): argument parsing only."""
 
 from __future__ import annotations
 
@@ -31,29 +32,55 @@ TRAIN_HELP = {
 }
 
 
+INSTANCE_HELP = {
+    "model": "maskrcnn: Faster R-CNN plus a mask branch (RoIAlign, 4 convs, deconvolution, 28x28 masks per class)",
+    "backbone": "registry model under the FPN (resnet18, resnet50, mobilenet_v3_large, ...); default resnet18",
+    "mosaic": "share of mosaic images; must stay 0 with masks",
+    "aug": "augmentation; masks move with the geometric transforms (occlude is not available); "
+           "default: flip,scale=0.7:1.3,translate=0.1,color=0.3",
+    "data": "dataset: shapes (scenes with a mask per object), an Ultralytics segment data.yaml (polygon "
+            "labels) or a COCO YAML/JSON with polygon segmentations",
+}
+
+
 def register(parent: click.Group) -> click.Group:
-    """Add the ``detect`` group to ``parent`` and return it."""
-    from cnnkit.api.detect import DetectConfig
-    from cnnkit.cli.main import CONTEXT, SuggestingGroup, add_train_command
-    from cnnkit.models.detection.nms import NMS_METHODS
-    from cnnkit.models.detection.zoo import DETECTORS
+    """Add the ``detect`` and ``instance`` groups to ``parent``; return ``detect``."""
+    from cnnkit.api.detect import DetectConfig, InstanceConfig
+    from cnnkit.cli.main import CONTEXT, SuggestingGroup
 
     @parent.group("detect", cls=SuggestingGroup, context_settings=CONTEXT)
     def detect() -> None:
         """Object detection (boxes): train, val, predict, anchors."""
 
-    train_cmd = add_train_command(detect, DetectConfig, "cnnkit.api.detect")
-    train_cmd.help = ("Train a detector (fastdet, Faster R-CNN, RetinaNet, SSD) and write a run folder "
-                      "(weights, metrics, plots).")
+    @parent.group("instance", cls=SuggestingGroup, context_settings=CONTEXT)
+    def instance() -> None:
+        """Instance segmentation (a box and a mask per object, Mask R-CNN): train, val, predict."""
+
+    _commands(detect, DetectConfig, "Train a detector (fastdet, Faster R-CNN, RetinaNet, SSD) and write a run "
+              "folder (weights, metrics, plots).", TRAIN_HELP)
+    _commands(instance, InstanceConfig, "Train Mask R-CNN and write a run folder (weights, metrics, plots).",
+              {**TRAIN_HELP, **INSTANCE_HELP})
+    return detect
+
+
+def _commands(group: click.Group, cfg_cls: type, train_help: str, helps: dict[str, str]) -> None:
+    """train, val and predict (and for detect, anchors) under ``group``."""
+    from cnnkit.cli.main import CONTEXT, add_train_command
+    from cnnkit.models.detection.nms import NMS_METHODS
+
+    task = cfg_cls.TASK
+    masks = task == "instance"
+    train_cmd = add_train_command(group, cfg_cls, f"cnnkit.api.{task}")
+    train_cmd.help = train_help
     for param in train_cmd.params:
-        if param.name in TRAIN_HELP:
-            param.help = TRAIN_HELP[param.name]
+        if param.name in helps:
+            param.help = helps[param.name]
         if param.name == "model":
-            param.type = click.Choice(DETECTORS)
+            param.type = click.Choice(cfg_cls.MODELS)
         if param.name == "nms":
             param.type = click.Choice(NMS_METHODS)
 
-    @detect.command("val", context_settings=CONTEXT)
+    @group.command("val", context_settings=CONTEXT)
     @click.option("--weights", required=True, help="best.safetensors or its run folder")
     @click.option("--data", required=True, help="shapes, a YOLO data.yaml, a COCO YAML/JSON or a VOC folder")
     @click.option("--split", type=click.Choice(["train", "val", "test"]), default="val", help="which split")
@@ -69,15 +96,17 @@ def register(parent: click.Group) -> click.Group:
                   help="also write the metrics to this JSON file")
     @click.option("--save-json", type=click.Path(dir_okay=False), default=None,
                   help="write the detections in COCO results format "
-                       '([{"image_id", "category_id", "bbox": [x, y, w, h], "score"}])')
+                       '([{"image_id", "category_id", "bbox": [x, y, w, h], "score"' +
+                       (', "segmentation": RLE' if masks else "") + '}])')
     def val_cmd(weights, data, split, batch, conf, iou, nms, device, workers, json_path, save_json) -> None:
-        """COCO mAP@[.5:.95], mAP50, mAP75, per-class AP, AR, and AP by object size and by occlusion."""
+        """COCO mAP@[.5:.95], mAP50, mAP75, per-class AP, AR, and AP by object size and by occlusion
+        (instance: for masks too)."""
         from cnnkit.api import detect as api
 
         api.val(weights, data, split=split, batch=batch, device=device, workers=workers, conf=conf, iou=iou,
-                json_path=json_path, save_json=save_json, nms=nms)
+                json_path=json_path, save_json=save_json, nms=nms, task=task)
 
-    @detect.command("predict", context_settings=CONTEXT)
+    @group.command("predict", context_settings=CONTEXT)
     @click.option("--weights", required=True, help="best.safetensors or its run folder")
     @click.option("--source", required=True, help="an image file or a folder (searched recursively)")
     @click.option("--conf", type=float, default=0.25, help="score threshold")
@@ -88,7 +117,8 @@ def register(parent: click.Group) -> click.Group:
     @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
                   help='write [{"path", "width", "height", "detections": [{"box": [x1, y1, x2, y2], "score", '
-                       '"class_id", "class_name"}]}] (original-image pixels)')
+                       '"class_id", "class_name"' + (', "mask": COCO RLE' if masks else "") +
+                       '}]}] (original-image pixels)')
     @click.option("--save-dir", type=click.Path(file_okay=False), default=None,
                   help="write each image with its boxes drawn as PNG here")
     def predict_cmd(weights, source, conf, iou, max_det, nms, device, json_path, save_dir) -> None:
@@ -99,9 +129,12 @@ def register(parent: click.Group) -> click.Group:
         if not 0 <= conf <= 1 or not 0 < iou <= 1:
             raise CnnkitError("--conf must be in [0, 1] and --iou in (0, 1]")
         api.predict(weights, source, conf=conf, iou=iou, max_det=max_det, device=device, json_path=json_path,
-                    save_dir=save_dir, nms=nms)
+                    save_dir=save_dir, nms=nms, task=task)
 
-    @detect.command("anchors", context_settings=CONTEXT)
+    if masks:
+        return
+
+    @group.command("anchors", context_settings=CONTEXT)
     @click.option("--data", required=True, help="shapes, a YOLO data.yaml, a COCO YAML/JSON or a VOC folder")
     @click.option("--model", type=click.Choice(["fasterrcnn", "retinanet"]), default="fasterrcnn",
                   help="whose default anchors to compare with (and how many levels to fill)")
@@ -116,5 +149,3 @@ def register(parent: click.Group) -> click.Group:
         from cnnkit.api import detect as api
 
         api.anchors(data, k=k, model=model, imgsz=imgsz, out=out, thr=thr, seed=seed)
-
-    return detect

@@ -67,6 +67,27 @@ class DetRecord:
     def name(self) -> str:
         return self.path if self.path is not None else f"image {self.image_id}"
 
+    def instance_masks(self) -> np.ndarray:
+        """bool (N, H, W) visible mask of every object: ``masks`` when given, else the
+        ``polygons`` rasterized (pycocotools, as COCO does); an object without a polygon gets
+        its box filled."""
+        if self.masks is not None:
+            return np.asarray(self.masks, bool)
+        from pycocotools import mask as mask_utils
+
+        h, w = int(self.height), int(self.width)
+        out = np.zeros((len(self.labels), h, w), bool)
+        for k in range(len(self.labels)):
+            parts = self.polygons[k] if self.polygons is not None and k < len(self.polygons) else []
+            parts = [np.asarray(pt, np.float64).reshape(-1) for pt in parts if len(pt) >= 3]
+            if parts:
+                rle = mask_utils.merge(mask_utils.frPyObjects([pt.tolist() for pt in parts], h, w))
+                out[k] = mask_utils.decode(rle).astype(bool)
+            else:
+                x1, y1, x2, y2 = np.round(self.boxes[k]).astype(int)
+                out[k, max(0, y1):y2, max(0, x1):x2] = True
+        return out
+
     def load(self) -> torch.Tensor:
         """The image as uint8 (3, H, W)."""
         from cnnkit.data.decode import read_image
@@ -191,6 +212,19 @@ def letterbox(image: torch.Tensor, imgsz: int, boxes: torch.Tensor | None = None
     return image, boxes, scale
 
 
+def letterbox_masks(masks: torch.Tensor, imgsz: int) -> torch.Tensor:
+    """Instance masks (N, H, W) placed as :func:`letterbox` places their image: resized
+    (nearest) so the longer side is ``imgsz``, padded right and bottom with 0; uint8."""
+    n, h, w = masks.shape
+    _, nh, nw = letterbox_params(h, w, imgsz)
+    m = masks.to(torch.uint8)
+    if (nh, nw) != (h, w):
+        m = F.resize(m, [nh, nw], interpolation=v2.InterpolationMode.NEAREST_EXACT) if n else m.new_zeros(0, nh, nw)
+    if (nh, nw) != (imgsz, imgsz):
+        m = torch.nn.functional.pad(m, (0, imgsz - nw, 0, imgsz - nh))
+    return m
+
+
 class RandomOcclusion(v2.Transform):
     """Paste patches over objects: each object, with probability ``p``, gets a rectangle of a
     random flat colour or noise hiding ``frac`` (a random 15-60%) of its box, entering from a
@@ -273,8 +307,10 @@ class DetectionDataset(Dataset):
     """
 
     def __init__(self, records: list[DetRecord], imgsz: int, aug: list | None = None, mosaic: float = 0.0,
-                 cache: bool | None = None):
-        self.records, self.imgsz, self.mosaic = records, imgsz, mosaic
+                 cache: bool | None = None, masks: bool = False):
+        if masks and mosaic > 0:
+            raise DataError("mosaic is not available with instance masks; use --mosaic 0")
+        self.records, self.imgsz, self.mosaic, self.masks = records, imgsz, mosaic, masks
         self.aug = v2.Compose(list(aug) + [v2.SanitizeBoundingBoxes(min_size=2, labels_getter=_labels_getter)]) \
             if aug else None
         if cache is None:  # keep decoded, letterboxed images in memory when they take under 2 GB
@@ -308,6 +344,8 @@ class DetectionDataset(Dataset):
         target = {"boxes": boxes, "labels": torch.from_numpy(rec.labels.copy()),
                   "occlusion": torch.from_numpy(rec.occlusion.copy()), "image_id": rec.image_id,
                   "scale": scale, "orig_size": (int(h), int(w)), "path": rec.path or rec.name}
+        if self.masks:
+            target["masks"] = letterbox_masks(torch.from_numpy(rec.instance_masks()), self.imgsz)
         return img, target
 
     def _mosaic(self, i: int):
@@ -346,10 +384,13 @@ class DetectionDataset(Dataset):
         if self.aug is not None:
             s = self.imgsz
             bb = tv_tensors.BoundingBoxes(target["boxes"], format="XYXY", canvas_size=(s, s))
+            extra = {"masks": tv_tensors.Mask(target["masks"])} if self.masks else {}
             img, t = self.aug(tv_tensors.Image(img), {"boxes": bb, "labels": target["labels"],
-                                                      "occlusion": target["occlusion"]})
+                                                      "occlusion": target["occlusion"], **extra})
             target.update(boxes=t["boxes"].as_subclass(torch.Tensor).float(), labels=t["labels"],
                           occlusion=t["occlusion"])
+            if self.masks:
+                target["masks"] = t["masks"].as_subclass(torch.Tensor)
             img = img.as_subclass(torch.Tensor)
         return img, target
 

@@ -26,15 +26,32 @@ def to_original(boxes: torch.Tensor, scale: float, height: int, width: int) -> t
     return b
 
 
-class DetectMetrics:
-    """Collects predictions and ground truth of a pass and scores them with pycocotools."""
+def masks_to_original(masks: torch.Tensor, scale: float, height: int, width: int, threshold: float = 0.5):
+    """Letterboxed instance masks (N, S, S) or (N, 1, S, S), probabilities or 0/1, -> bool
+    (N, height, width) of the original image: the padding is cut off, the rest resized
+    (bilinear, then thresholded at ``threshold``)."""
+    m = masks.detach().float().cpu()
+    if m.ndim == 4:
+        m = m[:, 0]
+    nh, nw = max(1, round(height * scale)), max(1, round(width * scale))
+    m = m[:, :nh, :nw]
+    if len(m) and (nh, nw) != (height, width):
+        m = torch.nn.functional.interpolate(m[:, None], size=(height, width), mode="bilinear",
+                                            align_corners=False)[:, 0]
+    return (m >= threshold).numpy() if len(m) else np.zeros((0, height, width), bool)
 
-    def __init__(self, names: list[str], category_ids: list[int] | None = None, keep_predictions: bool = False):
+
+class DetectMetrics:
+    """Collects predictions and ground truth of a pass and scores them with pycocotools
+    (boxes; with ``masks`` also instance masks, pycocotools ``segm``)."""
+
+    def __init__(self, names: list[str], category_ids: list[int] | None = None, keep_predictions: bool = False,
+                 masks: bool = False):
         from cnnkit.tasks.detect_metrics import DetectionEvaluator
 
         self.evaluator = DetectionEvaluator(names, category_ids)
-        self.keep_predictions = keep_predictions
-        self.predictions: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
+        self.keep_predictions, self.masks = keep_predictions, masks
+        self.predictions: list[tuple] = []
         self.loss_sum, self.count = 0.0, 0
 
     def update(self, output: list[dict], batch: dict) -> None:
@@ -43,13 +60,26 @@ class DetectMetrics:
             pb = to_original(pred["boxes"].detach().cpu(), t["scale"], h, w).numpy()
             gb = to_original(t["boxes"].detach().cpu(), t["scale"], h, w).numpy()
             ps, pl = pred["scores"].detach().float().cpu().numpy(), pred["labels"].detach().cpu().numpy()
+            gm = pm = None
+            if self.masks:
+                gm = masks_to_original(t["masks"], t["scale"], h, w)
+                pm = masks_to_original(pred["masks"], t["scale"], h, w)
             self.evaluator.add(t["image_id"], w, h, gb, t["labels"].cpu().numpy(), pb, ps, pl,
-                               gt_occlusion=t["occlusion"].cpu().numpy())
+                               gt_occlusion=t["occlusion"].cpu().numpy(), gt_masks=gm, pred_masks=pm)
             if self.keep_predictions:
-                self.predictions.append((t["image_id"], pb, ps, pl))
+                if self.masks:
+                    from cnnkit.tasks.detect_metrics import encode_masks
+
+                    self.predictions.append((t["image_id"], pb, ps, pl, encode_masks(pm, len(pl), h, w)))
+                else:
+                    self.predictions.append((t["image_id"], pb, ps, pl))
 
     def compute(self) -> dict[str, Any]:
-        return self.evaluator.compute()
+        out = self.evaluator.compute()
+        if self.masks:  # instance segmentation names both kinds of AP
+            for k in ("map50_95", "map50", "map75"):
+                out[f"box_{k}"] = out[k]
+        return out
 
 
 class DetectTask(Task):
@@ -59,9 +89,12 @@ class DetectTask(Task):
     monitor = "map50_95"
     monitor_mode = "max"
 
-    def __init__(self, names: list[str], category_ids: list[int] | None = None):
+    def __init__(self, names: list[str], category_ids: list[int] | None = None, masks: bool = False):
         self.names = list(names)
         self.category_ids = category_ids
+        self.masks = masks  # instance segmentation: targets and outputs carry masks
+        if masks:
+            self.name, self.monitor = "instance", "mask_map50_95"
 
     def collate(self, items: list) -> dict:
         return _collate(items)
@@ -72,7 +105,8 @@ class DetectTask(Task):
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         out["images"] = x
-        out["targets"] = [{**t, "boxes": t["boxes"].to(device), "labels": t["labels"].to(device)}
+        out["targets"] = [{**t, "boxes": t["boxes"].to(device), "labels": t["labels"].to(device),
+                           **({"masks": t["masks"].to(device)} if "masks" in t else {})}
                           for t in batch["targets"]]
         return out
 
@@ -88,10 +122,11 @@ class DetectTask(Task):
         return {"loss": total, **{k: v.detach() for k, v in output.items()}}
 
     def metrics(self, device: torch.device | None = None) -> DetectMetrics:
-        return DetectMetrics(self.names, self.category_ids)
+        return DetectMetrics(self.names, self.category_ids, masks=self.masks)
 
     def summary(self, metrics: dict[str, Any]) -> str:
-        return ", ".join(f"{k} {metrics[k]:.4f}" for k in ("map50_95", "map50") if isinstance(metrics.get(k), float))
+        keys = ("mask_map50_95", "mask_map50", "box_map50_95") if self.masks else ("map50_95", "map50")
+        return ", ".join(f"{k} {metrics[k]:.4f}" for k in keys if isinstance(metrics.get(k), float))
 
 
 _PALETTE = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
@@ -102,13 +137,19 @@ def class_color(k: int) -> tuple[int, int, int]:
     return _PALETTE[k % len(_PALETTE)]
 
 
-def draw_detections(image: torch.Tensor, boxes, labels, scores, names: list[str], width: int = 2) -> torch.Tensor:
-    """uint8 (3, H, W) image with boxes and ``name score`` captions (torchvision's drawing)."""
-    from torchvision.utils import draw_bounding_boxes
+def draw_detections(image: torch.Tensor, boxes, labels, scores, names: list[str], width: int = 2,
+                    masks=None) -> torch.Tensor:
+    """uint8 (3, H, W) image with boxes and ``name score`` captions, and instance ``masks``
+    (bool (N, H, W)) painted in the class colours (torchvision's drawing)."""
+    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
     boxes = torch.as_tensor(np.asarray(boxes, np.float32)).reshape(-1, 4)
     if len(boxes) == 0:
         return image
+    if masks is not None and len(masks):
+        m = torch.stack([torch.as_tensor(x, dtype=torch.bool) for x in masks]) if isinstance(masks, list) \
+            else torch.as_tensor(masks, dtype=torch.bool)
+        image = draw_segmentation_masks(image, m, alpha=0.45, colors=[class_color(int(c)) for c in labels])
     captions = [f"{names[int(c)]} {float(s):.2f}" for c, s in zip(labels, scores)]
     colors = [class_color(int(c)) for c in labels]
     return draw_bounding_boxes(image, boxes, captions, colors=colors, width=width)

@@ -65,6 +65,33 @@ def occlusion_bucket(occlusion) -> np.ndarray:
     return out
 
 
+# ---- masks -----------------------------------------------------------------------------------
+def encode_masks(masks, n: int, height: int, width: int) -> list[dict]:
+    """``n`` instance masks -> COCO RLE dicts (pycocotools). Accepts bool/0-1 arrays or tensors
+    (n, H, W) at the image's size, or a list of RLE dicts (returned as they are)."""
+    from pycocotools import mask as mask_utils
+
+    if masks is None:
+        masks = np.zeros((0, int(height), int(width)), bool)
+    if isinstance(masks, (list, tuple)) and (not masks or isinstance(masks[0], dict)):
+        rles = [dict(m, counts=m["counts"].encode() if isinstance(m["counts"], str) else m["counts"]) for m in masks]
+    else:
+        if hasattr(masks, "detach"):
+            masks = masks.detach().cpu().numpy()
+        m = np.asarray(masks)
+        if m.ndim != 3 or m.shape[1:] != (int(height), int(width)):
+            raise DataError(f"masks must be (N, {int(height)}, {int(width)}) for this image, got shape {m.shape}")
+        rles = mask_utils.encode(np.asfortranarray(m.astype(np.uint8).transpose(1, 2, 0))) if len(m) else []
+    if len(rles) != n:
+        raise DataError(f"{len(rles)} masks for {n} objects; give one mask per box")
+    return list(rles)
+
+
+def _rle_text(rle: dict) -> str:
+    c = rle["counts"]
+    return c.decode("ascii") if isinstance(c, bytes) else c
+
+
 # ---- COCO JSON ------------------------------------------------------------------------------
 def _array(x, dtype, cols: int | None, what: str) -> np.ndarray:
     """numpy or torch (any device) -> numpy of ``dtype``, (N, cols) or (N,)."""
@@ -189,13 +216,13 @@ def _coco(dataset: dict):
     return coco
 
 
-def _run_cocoeval(gt: dict, dt: list[dict], area_rng=None, area_lbl=None, max_dets=None):
-    """``COCOeval(bbox)`` evaluate + accumulate (+ summarize for the default ranges), quietly."""
+def _run_cocoeval(gt: dict, dt: list[dict], area_rng=None, area_lbl=None, max_dets=None, iou_type: str = "bbox"):
+    """``COCOeval(iou_type)`` evaluate + accumulate (+ summarize for the default ranges), quietly."""
     from pycocotools.cocoeval import COCOeval
 
     coco_gt = _coco(gt)
     coco_dt = _coco({"images": gt["images"], "categories": gt["categories"], "annotations": dt})
-    ev = COCOeval(coco_gt, coco_dt, "bbox")
+    ev = COCOeval(coco_gt, coco_dt, iou_type)
     if area_rng is not None:
         ev.params.areaRng, ev.params.areaRngLbl = area_rng, area_lbl
     if max_dets is not None:
@@ -288,7 +315,7 @@ class DetectionEvaluator:
         return len(self._images)
 
     def add(self, image_id: int, width: int, height: int, gt_boxes, gt_labels, pred_boxes, pred_scores,
-            pred_labels, gt_occlusion=None) -> None:
+            pred_labels, gt_occlusion=None, gt_masks=None, pred_masks=None) -> None:
         """Add one image: its ground truth and the model's detections on it.
 
         Args:
@@ -297,6 +324,9 @@ class DetectionEvaluator:
             gt_boxes: (G, 4) ``xyxy`` pixel boxes, numpy or torch; ``gt_labels`` (G,) class indices.
             pred_boxes: (D, 4) ``xyxy``; ``pred_scores`` (D,); ``pred_labels`` (D,) class indices.
             gt_occlusion: optional (G,) hidden fraction of each object, NaN where unknown.
+            gt_masks, pred_masks: optional instance masks, bool (G, H, W) and (D, H, W) at the
+                image's size (or lists of COCO RLE dicts); given for every image, they add the
+                ``mask_*`` metrics (pycocotools ``segm``).
 
         Raises:
             DataError: a repeated image id, mismatched lengths, or a class index out of range.
@@ -321,7 +351,10 @@ class DetectionEvaluator:
                 raise DataError(f"image {image_id}: {what} holds class index "
                                 f"{lab.min() if lab.min() < 0 else lab.max()}, outside 0..{k - 1}")
         occlusion_bucket(occ)  # validate now, where the caller can see which image
-        self._images[image_id] = (int(width), int(height), gb, gl, occ, pb, ps, pl)
+        gm = pm = None
+        if gt_masks is not None or pred_masks is not None:
+            gm, pm = encode_masks(gt_masks, len(gl), height, width), encode_masks(pred_masks, len(pl), height, width)
+        self._images[image_id] = (int(width), int(height), gb, gl, occ, pb, ps, pl, gm, pm)
 
     # ---- COCO files ---------------------------------------------------------------------
     def ground_truth(self) -> dict:
@@ -371,9 +404,38 @@ class DetectionEvaluator:
         buckets = occlusion_bucket(np.concatenate([x[4] for x in self._images.values()]))
         if (buckets >= 0).any():
             out["occlusion_ap"] = self._occlusion_ap(gt, dt, buckets)
+        if all(v[8] is not None for v in self._images.values()):
+            out.update(self._mask_metrics(gt, dt))
         out["num_images"] = len(self._images)
         out["num_gt"] = len(gt["annotations"])
         out["num_pred"] = len(dt)
+        return out
+
+    def _mask_metrics(self, gt: dict, dt: list[dict]) -> dict[str, Any]:
+        """COCO mask AP (``segm``): the same objects and detections with their RLE masks; areas
+        are mask areas, as COCO's own files have them."""
+        from pycocotools import mask as mask_utils
+
+        gms = [m for v in self._images.values() for m in v[8]]
+        pms = [m for v in self._images.values() for m in v[9]]
+        seg_gt = dict(gt, annotations=[dict(a, segmentation=m, area=float(mask_utils.area(m)))
+                                       for a, m in zip(gt["annotations"], gms)])
+        seg_dt = [dict(d, segmentation=m, area=float(mask_utils.area(m))) for d, m in zip(dt, pms)]
+        ev = _run_cocoeval(seg_gt, seg_dt, iou_type="segm")
+        s = [_none_if_missing(x) for x in ev.stats]
+        prec = ev.eval["precision"]
+        cat_index = {c: j for j, c in enumerate(ev.params.catIds)}
+        ks = [cat_index[int(c)] for c in self.category_ids]
+        return {"mask_map50_95": s[0], "mask_map50": s[1], "mask_map75": s[2], "mask_map_small": s[3],
+                "mask_map_medium": s[4], "mask_map_large": s[5], "mask_mar_100": s[8],
+                "mask_per_class_ap": {n: _mean_ap(prec[:, :, k, 0, -1]) for n, k in zip(self.names, ks)}}
+
+    def mask_results(self) -> list[dict]:
+        """Detections with their masks in the COCO results format (``segmentation`` as RLE with
+        a string ``counts``, JSON-ready)."""
+        out = []
+        for d, m in zip(self.results(), [m for v in self._images.values() for m in (v[9] or [])]):
+            out.append({**d, "segmentation": {"size": list(m["size"]), "counts": _rle_text(m)}})
         return out
 
     def _occlusion_ap(self, gt: dict, dt: list[dict], buckets: np.ndarray) -> dict:

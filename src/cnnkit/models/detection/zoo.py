@@ -19,8 +19,9 @@ import torch.nn as nn
 from cnnkit.errors import ModelError
 
 DETECTORS = ("fastdet", "fasterrcnn", "retinanet", "ssd", "ssdlite")
+INSTANCE_MODELS = ("maskrcnn",)  # detectors that also predict a mask per object (cnnkit instance)
 DEFAULT_BACKBONE = {"fasterrcnn": "resnet18", "retinanet": "resnet18", "ssd": "resnet18",
-                    "ssdlite": "mobilenet_v3_large", "fastdet": "fastdet"}
+                    "ssdlite": "mobilenet_v3_large", "fastdet": "fastdet", "maskrcnn": "resnet18"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -32,7 +33,7 @@ def default_anchors(arch: str, imgsz: int) -> tuple[tuple, tuple]:
     if arch == "retinanet":  # P3-P7: 5 levels, sizes x 2^(0, 1/3, 2/3) as in the paper
         return (tuple(tuple(round(base * 2 ** i * 2 ** (j / 3)) for j in range(3)) for i in range(5)),
                 ((0.5, 1.0, 2.0),) * 5)
-    if arch == "fasterrcnn":  # P2-P6 (stride 4 .. 64): one size per level, three ratios
+    if arch in ("fasterrcnn", "maskrcnn"):  # P2-P6 (stride 4 .. 64): one size per level, three ratios
         return tuple((round(base * 0.6 * 2 ** i),) for i in range(5)), ((0.5, 1.0, 2.0),) * 5
     raise ModelError(f"'{arch}' has no anchor sizes")
 
@@ -56,7 +57,8 @@ class Detector(nn.Module):
             if targets is None:
                 raise ValueError("training needs targets")
             shift = int(self.background)
-            tv_targets = [{"boxes": t["boxes"], "labels": t["labels"] + shift} for t in targets]
+            tv_targets = [{"boxes": t["boxes"], "labels": t["labels"] + shift,
+                           **({"masks": t["masks"]} if "masks" in t else {})} for t in targets]
             return self.net(imgs, tv_targets)
         # torchvision decodes boxes in the dtype of the head's output: under bf16 autocast that
         # is 8 bits of mantissa, 2-pixel steps at 320 px, which costs mAP75. Inference runs in
@@ -72,7 +74,8 @@ class Detector(nn.Module):
             for o in out:
                 keep, scores = soft_nms(o["boxes"], o["scores"], o["labels"], self.iou, min_score=self.conf,
                                         max_det=self.max_det)
-                res.append({**o, "boxes": o["boxes"][keep], "scores": scores, "labels": o["labels"][keep]})
+                res.append({**o, "boxes": o["boxes"][keep], "scores": scores, "labels": o["labels"][keep],
+                            **({"masks": o["masks"][keep]} if "masks" in o else {})})
             out = res
         return out
 
@@ -121,12 +124,12 @@ def build_detector(arch: str, num_classes: int, imgsz: int, backbone: str | None
 
     from cnnkit.models.detection.backbone import BackboneFPN, registry_backbone
 
-    if arch not in DETECTORS:
+    if arch not in DETECTORS + INSTANCE_MODELS:
         import difflib
 
-        close = difflib.get_close_matches(arch, DETECTORS, n=1)
+        close = difflib.get_close_matches(arch, DETECTORS + INSTANCE_MODELS, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ModelError(f"unknown detector '{arch}'{hint}; choose from {', '.join(DETECTORS)}")
+        raise ModelError(f"unknown detector '{arch}'{hint}; choose from {', '.join(DETECTORS + INSTANCE_MODELS)}")
     if arch == "fastdet":
         from cnnkit.models.detection.fastdet import FastDet
 
@@ -139,13 +142,13 @@ def build_detector(arch: str, num_classes: int, imgsz: int, backbone: str | None
         raise ModelError(f"{arch} does not take {', '.join(sorted(kwargs))}")
     body = registry_backbone(backbone or DEFAULT_BACKBONE[arch], pretrained)
     common = dict(min_size=imgsz, max_size=imgsz, image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
-    if anchors is not None and arch not in ("fasterrcnn", "retinanet"):
-        raise ModelError(f"--anchors applies to fasterrcnn and retinanet, not {arch}")
-    if arch == "fasterrcnn":
+    if anchors is not None and arch not in ("fasterrcnn", "retinanet", "maskrcnn"):
+        raise ModelError(f"--anchors applies to fasterrcnn, maskrcnn and retinanet, not {arch}")
+    if arch in ("fasterrcnn", "maskrcnn"):
         bb = BackboneFPN(body, (4, 8, 16, 32), fpn_channels, extra="pool")
         if anchors is not None:
             if len(anchors) != 5:
-                raise ModelError(f"fasterrcnn takes anchors for 5 levels (P2-P6), the file has {len(anchors)}")
+                raise ModelError(f"{arch} takes anchors for 5 levels (P2-P6), the file has {len(anchors)}")
             gen = _pair_generator(anchors)
         else:
             sizes, ratios = default_anchors(arch, imgsz)
@@ -155,11 +158,16 @@ def build_detector(arch: str, num_classes: int, imgsz: int, backbone: str | None
         # proposal and RoI sampling sized for small images with tens of objects, not COCO at
         # 800 px (torchvision: 2000 proposals, 512 RoIs per image): 1.8x faster training steps
         # at 320 px (benchmarks/detect_models.py speed: 2.10 vs 1.18 images/s on 2 CPU cores)
-        net = FasterRCNN(bb, num_classes=num_classes + 1, rpn_anchor_generator=gen,
-                         rpn_head=RPNHead(fpn_channels, gen.num_anchors_per_location()[0]),
-                         rpn_pre_nms_top_n_train=1000, rpn_post_nms_top_n_train=500,
-                         rpn_pre_nms_top_n_test=600, rpn_post_nms_top_n_test=300,
-                         box_batch_size_per_image=128, box_detections_per_img=100, **common)
+        # Mask R-CNN is the same detector plus torchvision's mask branch (RoIAlign 14x14 on the
+        # FPN levels, four 3x3 convs, a 2x deconvolution, per-class 28x28 mask logits)
+        from torchvision.models.detection import MaskRCNN
+
+        cls = MaskRCNN if arch == "maskrcnn" else FasterRCNN
+        net = cls(bb, num_classes=num_classes + 1, rpn_anchor_generator=gen,
+                  rpn_head=RPNHead(fpn_channels, gen.num_anchors_per_location()[0]),
+                  rpn_pre_nms_top_n_train=1000, rpn_post_nms_top_n_train=500,
+                  rpn_pre_nms_top_n_test=600, rpn_post_nms_top_n_test=300,
+                  box_batch_size_per_image=128, box_detections_per_img=100, **common)
         return Detector(net, background=True)
     if arch == "retinanet":
         from torchvision.models.detection.retinanet import RetinaNetHead

@@ -1,0 +1,155 @@
+"""cnnkit's U-Net vs segmentation_models_pytorch's U-Net: same encoder, data, time budget.
+
+    pip install -c constraints.txt segmentation-models-pytorch     # the peer; a benchmark-only dependency
+    python benchmarks/segment_vs_smp.py [--minutes 10] [--encoder resnet18] [--threads 2]
+
+cnnkit: the command a user types, ``cnnkit segment train --data shapes --encoder E --time M``
+(built-in shapes scenes: 600 train / 150 val at 128 px, background + 4 shape classes; its
+defaults: CE + Dice, AdamW 3e-3, 1 warmup epoch then cosine stretched to the budget, flip +
+affine + colour augmentation, batch 16, best epoch on val).
+
+Peer: ``smp.Unet(E, encoder_weights=None, classes=5)`` trained by a plain PyTorch loop with the
+same recipe: the same data loader (cnnkit's dataset and augmentation, so the data pipeline is not
+what differs), ``smp.losses.DiceLoss("multiclass")`` + cross-entropy, AdamW 3e-3, the same
+warmup + cosine schedule stretched to the budget after the first epoch, validation after
+every epoch inside the budget and the best epoch kept. Both are scored on the val split by
+the same code (mIoU over the 5 classes at 128 px, cnnkit.tasks.segment.SegMetrics).
+
+Throughput: training images/s, validation excluded (cnnkit: the mean of metrics.csv's
+``images_per_s``; peer: images over the seconds spent in training steps). The two runs go one
+after the other with the same number of torch threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+
+def run_cnnkit(work: Path, minutes: float, encoder: str, threads: int, seed: int) -> dict:
+    exe = Path(sys.executable).with_name("cnnkit")
+    cmd = ["segment", "train", "--data", "shapes", "--encoder", encoder, "--time", f"{minutes:g}", "--seed", str(seed)]
+    print("+ cnnkit " + " ".join(cmd), flush=True)
+    out = work / "cnnkit"
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    subprocess.run([str(exe) if exe.exists() else sys.executable, *([] if exe.exists() else ["-m", "cnnkit"]), *cmd,
+                    "--out", str(out)], check=True, env=env)
+    res = json.loads((out / "results.json").read_text())
+    import csv
+
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    ips = [float(r["images_per_s"]) for r in rows if r.get("images_per_s")]
+    return {"miou": round(res["miou"], 4), "dice": round(res["dice"], 4), "epochs": res["epochs_run"],
+            "best_epoch": res["best_epoch"], "train_images_per_s": round(sum(ips) / len(ips), 2),
+            "train_time_s": res["train_time_s"], "command": "cnnkit " + " ".join(cmd)}
+
+
+def run_smp(minutes: float, encoder: str, threads: int, seed: int) -> dict:
+    import segmentation_models_pytorch as smp
+
+    from cnnkit.api.segment import DEFAULT_AUG, parse_seg_aug
+    from cnnkit.data.classification import make_loader
+    from cnnkit.data.segmentation import SegmentationDataset, shapes_segmentation
+    from cnnkit.tasks.segment import SegMetrics, SegmentTask
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    data = shapes_segmentation(128, seed=seed)
+    k = len(data.names)
+    task = SegmentTask(data.names)
+    train_ds = SegmentationDataset(data.split("train"), 128, k, parse_seg_aug(DEFAULT_AUG, 128))
+    val_ds = SegmentationDataset(data.split("val"), 128, k, train=False)
+    train_dl = make_loader(train_ds, 16, True, 0, task.collate, torch.Generator().manual_seed(seed), drop_last=True)
+    val_dl = make_loader(val_ds, 32, False, 0, task.collate)
+    model = smp.Unet(encoder, encoder_weights=None, classes=k).to(memory_format=torch.channels_last)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    dice = smp.losses.DiceLoss("multiclass", ignore_index=255)
+    opt = torch.optim.AdamW(model.parameters(), 3e-3, weight_decay=0.01)
+    steps_per_epoch = len(train_dl)
+    total = [30 * steps_per_epoch]  # replaced after the first epoch by what fits the budget
+
+    def lr_at(step: int) -> float:
+        warm = steps_per_epoch
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total[0] - warm))))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    budget, used, train_s, images, step, epoch, best = minutes * 60, 0.0, 0.0, 0, 0, 0, 0.0
+    while used < budget:
+        t0 = time.perf_counter()
+        model.train()
+        for b in train_dl:
+            x = ((b["images"].float() / 255 - mean) / std).contiguous(memory_format=torch.channels_last)
+            y = b["masks"]
+            out = model(x)
+            loss = F.cross_entropy(out, y, ignore_index=255) + dice(out, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            images += len(y)
+        train_s += time.perf_counter() - t0
+        model.eval()
+        state = SegMetrics(data.names)
+        with torch.no_grad():
+            for b in val_dl:
+                x = ((b["images"].float() / 255 - mean) / std).contiguous(memory_format=torch.channels_last)
+                state.update(model(x), b)
+        miou = state.compute()["miou"]
+        best = max(best, miou)
+        epoch += 1
+        used += time.perf_counter() - t0
+        fit = max(epoch, int(budget / (used / epoch)))
+        total[0] = fit * steps_per_epoch
+        print(f"smp epoch {epoch}/{fit}  loss {float(loss):.4f}  val mIoU {miou:.4f}", flush=True)
+        if epoch >= fit:
+            break
+    return {"miou": round(best, 4), "epochs": epoch, "train_images_per_s": round(images / train_s, 2),
+            "train_time_s": round(used, 1), "smp": smp.__version__}
+
+
+def main() -> None:
+    from _common import save
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--minutes", type=float, default=10.0)
+    ap.add_argument("--encoder", default="resnet18")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", choices=["cnnkit", "smp"], default=None, help="run one side only")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = {}
+    with tempfile.TemporaryDirectory() as work:
+        if args.only in (None, "cnnkit"):
+            rows["cnnkit"] = run_cnnkit(Path(work), args.minutes, args.encoder, args.threads, args.seed)
+            print(json.dumps(rows["cnnkit"]), flush=True)
+        if args.only in (None, "smp"):
+            rows["smp"] = run_smp(args.minutes, args.encoder, args.threads, args.seed)
+            print(json.dumps(rows["smp"]), flush=True)
+    result = {"minutes": args.minutes, "encoder": args.encoder, "threads": args.threads, **rows}
+    if len(rows) == 2:
+        result["ratio_miou"] = round(rows["cnnkit"]["miou"] / max(1e-9, rows["smp"]["miou"]), 3)
+        result["ratio_throughput"] = round(rows["cnnkit"]["train_images_per_s"] / rows["smp"]["train_images_per_s"], 3)
+        print(f"\nmIoU cnnkit/smp {result['ratio_miou']}  training images/s cnnkit/smp {result['ratio_throughput']}")
+    save("segment_vs_smp", result)
+
+
+if __name__ == "__main__":
+    main()
