@@ -1,7 +1,7 @@
 """cnnkit's U-Net vs segmentation_models_pytorch's U-Net: same encoder, data, time budget.
 
     pip install -c constraints.txt segmentation-models-pytorch     # the peer; a benchmark-only dependency
-    python benchmarks/segment_vs_smp.py [--minutes 10] [--encoder resnet18] [--threads 2]
+    python benchmarks/segment_vs_smp.py [--minutes 10] [--encoder resnet18] [--threads 1] [--parallel]
 
 cnnkit: the command a user types, ``cnnkit segment train --data shapes --encoder E --time M``
 (built-in shapes scenes: 600 train / 150 val at 128 px, background + 4 shape classes; its
@@ -17,7 +17,8 @@ the same code (mIoU over the 5 classes at 128 px, cnnkit.tasks.segment.SegMetric
 
 Throughput: training images/s, validation excluded (cnnkit: the mean of metrics.csv's
 ``images_per_s``; peer: images over the seconds spent in training steps). The two runs go one
-after the other with the same number of torch threads.
+after the other with the same number of torch threads, or with ``--parallel`` side by side
+(1 thread each on a 2-core machine: the same conditions for both, in half the time).
 """
 
 from __future__ import annotations
@@ -39,14 +40,21 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 
-def run_cnnkit(work: Path, minutes: float, encoder: str, threads: int, seed: int) -> dict:
+def start_cnnkit(work: Path, minutes: float, encoder: str, threads: int, seed: int):
+    """``cnnkit segment train`` as a user types it, started in the background."""
     exe = Path(sys.executable).with_name("cnnkit")
     cmd = ["segment", "train", "--data", "shapes", "--encoder", encoder, "--time", f"{minutes:g}", "--seed", str(seed)]
     print("+ cnnkit " + " ".join(cmd), flush=True)
-    out = work / "cnnkit"
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    subprocess.run([str(exe) if exe.exists() else sys.executable, *([] if exe.exists() else ["-m", "cnnkit"]), *cmd,
-                    "--out", str(out)], check=True, env=env)
+    proc = subprocess.Popen([str(exe) if exe.exists() else sys.executable, *([] if exe.exists() else ["-m", "cnnkit"]),
+                             *cmd, "--out", str(work / "cnnkit")], env=env, stdout=subprocess.DEVNULL)
+    return proc, cmd
+
+
+def finish_cnnkit(work: Path, proc, cmd: list[str]) -> dict:
+    if proc.wait() != 0:
+        raise SystemExit("cnnkit segment train failed")
+    out = work / "cnnkit"
     res = json.loads((out / "results.json").read_text())
     import csv
 
@@ -130,20 +138,29 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--encoder", default="resnet18")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--parallel", action="store_true", help="run both sides at once (1 thread each on 2 cores)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", choices=["cnnkit", "smp"], default=None, help="run one side only")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = {}
     with tempfile.TemporaryDirectory() as work:
+        proc = None
         if args.only in (None, "cnnkit"):
-            rows["cnnkit"] = run_cnnkit(Path(work), args.minutes, args.encoder, args.threads, args.seed)
-            print(json.dumps(rows["cnnkit"]), flush=True)
+            proc, cmd = start_cnnkit(Path(work), args.minutes, args.encoder, args.threads, args.seed)
+            if not args.parallel:
+                rows["cnnkit"] = finish_cnnkit(Path(work), proc, cmd)
+                proc = None
         if args.only in (None, "smp"):
             rows["smp"] = run_smp(args.minutes, args.encoder, args.threads, args.seed)
             print(json.dumps(rows["smp"]), flush=True)
-    result = {"minutes": args.minutes, "encoder": args.encoder, "threads": args.threads, **rows}
+        if proc is not None:
+            rows["cnnkit"] = finish_cnnkit(Path(work), proc, cmd)
+        if "cnnkit" in rows:
+            print(json.dumps(rows["cnnkit"]), flush=True)
+    result = {"minutes": args.minutes, "encoder": args.encoder, "threads": args.threads, "parallel": args.parallel,
+              **rows}
     if len(rows) == 2:
         result["ratio_miou"] = round(rows["cnnkit"]["miou"] / max(1e-9, rows["smp"]["miou"]), 3)
         result["ratio_throughput"] = round(rows["cnnkit"]["train_images_per_s"] / rows["smp"]["train_images_per_s"], 3)

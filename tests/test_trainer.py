@@ -114,7 +114,8 @@ def test_early_stopping(tmp_path, monkeypatch):
     import cnnkit.engine.trainer as tr
 
     monkeypatch.setattr(tr.Trainer, "_update_best", lambda self, row: setattr(self, "improved", self.epoch == 1)
-                        or (self.epoch == 1 and (setattr(self, "best_epoch", 1), setattr(self, "best_metric", 0.5))))
+                        or (self.epoch == 1 and (setattr(self, "best_epoch", 1), setattr(self, "improved_epoch", 1),
+                                                 setattr(self, "best_metric", 0.5))))
     r = train(ClassifyConfig(**{**FAST, "epochs": 6}, patience=2, out=str(tmp_path / "es")), verbose=False)
     assert r.metrics["epochs_run"] == 3
 

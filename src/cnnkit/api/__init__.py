@@ -14,7 +14,7 @@ from typing import Any
 
 from cnnkit.errors import CnnkitError
 
-TASKS = ("classify", "multilabel", "detect", "instance", "segment")  # each is the module cnnkit.api.<task>
+TASKS = ("classify", "multilabel", "detect", "instance", "segment", "medical")  # each is the module cnnkit.api.<task>
 
 
 def _module(task: str):

@@ -158,3 +158,47 @@ def load_task_model(path: str | Path, task: str, build_model):
         raise ModelError(f"weights '{path}' do not match the '{card['arch']}' architecture in "
                          "their model card") from None
     return model, card
+
+
+def copy_matching_weights(model, init: str | Path, prefixes: tuple[str, ...] = ("",)) -> str:
+    """``--init`` for models that embed a classifier: copy every tensor of ``init`` whose name
+    (tried with each of ``prefixes`` in front) and shape match a tensor of ``model``, so a
+    classifier checkpoint fills a detector's backbone or a segmenter's encoder. Returns the
+    note to print.
+
+    Raises:
+        CnnkitError: nothing in ``init`` matches.
+    """
+    from cnnkit.engine.checkpoint import load_weights
+
+    state, card = load_weights(init)
+    own = model.state_dict()
+    copied = {}
+    for k, v in state.items():
+        for p in prefixes:
+            if p + k in own and own[p + k].shape == v.shape:
+                copied[p + k] = v
+                break
+    if not copied:
+        raise CnnkitError(f"no tensor of --init '{init}' matches this model's layers")
+    model.load_state_dict(copied, strict=False)
+    return f"--init copied {len(copied)} of {len(own)} tensors from '{init}' ({card.get('task')} {card.get('arch')})"
+
+
+def write_run_results(trainer, run: RunDir, val_metrics: dict[str, Any], test_metrics: dict[str, Any] | None,
+                      train_time: float) -> dict[str, Any]:
+    """``results.json`` of a finished run: the val metrics of the best weights at top level,
+    the best epoch, epochs run, training time, why training stopped, ``test`` and skipped
+    images; returns the dict written."""
+    from cnnkit.utils.io import write_json
+
+    results = {**val_metrics, "split": "val", "best_epoch": trainer.best_epoch, "epochs_run": trainer.epoch,
+               "train_time_s": round(train_time, 2), "weights": str(run.best)}
+    if trainer.stop_reason:
+        results["stop_reason"] = trainer.stop_reason
+    if test_metrics is not None:
+        results["test"] = test_metrics
+    if trainer.skipped:
+        results["skipped_images"] = [{"path": p, "reason": r} for p, r in sorted(trainer.skipped.items())]
+    write_json(run.results, results)
+    return results

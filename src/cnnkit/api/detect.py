@@ -18,7 +18,8 @@ import torch
 
 import cnnkit
 from cnnkit.api._common import config_from_file as _config_from_file
-from cnnkit.api._common import list_sources, load_task_model, open_run, resolve_config, run_trainer, standard_hooks
+from cnnkit.api._common import (copy_matching_weights, list_sources, load_task_model, open_run, resolve_config,
+                                run_trainer, standard_hooks, write_run_results)
 from cnnkit.api.classify import TrainResult
 from cnnkit.data.classification import make_loader
 from cnnkit.data.detection import (DetectionData, DetectionDataset, letterbox, load_detection_data,
@@ -196,24 +197,9 @@ def train(cfg: DetectConfig | None = None, *, resume: str | Path | None = None, 
     return _finish(cfg, run, data, trainer, device, train_time, verbose)
 
 
-def _load_init(model: torch.nn.Module, init: str) -> str | None:
-    """Start from a detector's or a classifier's weights: every tensor whose name and shape
-    match is copied (a classifier checkpoint fills the backbone)."""
-    from cnnkit.engine.checkpoint import load_weights
-
-    state, card = load_weights(init)
-    own = model.state_dict()
-    prefixes = ["", "net.backbone.features.body.", "net.backbone.fpn.features.body."]
-    copied = {}
-    for k, v in state.items():
-        for p in prefixes:
-            if p + k in own and own[p + k].shape == v.shape:
-                copied[p + k] = v
-                break
-    if not copied:
-        raise CnnkitError(f"no tensor of --init '{init}' matches this detector's layers")
-    model.load_state_dict(copied, strict=False)
-    return f"--init copied {len(copied)} of {len(own)} tensors from '{init}' ({card.get('task')} {card.get('arch')})"
+def _load_init(model: torch.nn.Module, init: str) -> str:
+    """Start from a detector's or a classifier's weights (a classifier fills the backbone)."""
+    return copy_matching_weights(model, init, ("", "net.backbone.features.body.", "net.backbone.fpn.features.body."))
 
 
 def _finish(cfg: DetectConfig, run, data: DetectionData, trainer: Trainer, device: torch.device,
@@ -227,15 +213,7 @@ def _finish(cfg: DetectConfig, run, data: DetectionData, trainer: Trainer, devic
     test_metrics = None
     if data.splits.get("test"):
         test_metrics = best.evaluate(data.split("test"), batch=cfg.batch * 2, workers=cfg.workers, amp=amp)
-    results = {**val_metrics, "split": "val", "best_epoch": trainer.best_epoch, "epochs_run": trainer.epoch,
-               "train_time_s": round(train_time, 2), "weights": str(run.best)}
-    if trainer.stop_reason:
-        results["stop_reason"] = trainer.stop_reason
-    if test_metrics is not None:
-        results["test"] = test_metrics
-    if trainer.skipped:
-        results["skipped_images"] = [{"path": p, "reason": r} for p, r in sorted(trainer.skipped.items())]
-    write_json(run.results, results)
+    results = write_run_results(trainer, run, val_metrics, test_metrics, train_time)
     plot_curves(trainer.history, run.plots / "results.png",
                 ["mask_map50_95", "map50_95", "mask_map50"] if best.masks else ["map50_95", "map50"])
     best.draw_samples(data.split("val")[:16], run.plots / "val_predictions.png")

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 import cnnkit
 from cnnkit.api._common import config_from_file as _config_from_file
-from cnnkit.api._common import list_sources, load_task_model, open_run, resolve_config, run_trainer, standard_hooks
+from cnnkit.api._common import (copy_matching_weights, list_sources, load_task_model, open_run, resolve_config,
+                                run_trainer, standard_hooks, write_run_results)
 from cnnkit.api.classify import TrainResult
 from cnnkit.data.classification import make_loader
 from cnnkit.data.segmentation import (IGNORE_INDEX, SegmentationData, SegmentationDataset, SegRecord,
@@ -193,22 +194,8 @@ def train(cfg: SegmentConfig | None = None, *, resume: str | Path | None = None,
 
 
 def _load_init(model: torch.nn.Module, init: str) -> str:
-    """Start from a segmenter's or a classifier's weights: every tensor whose name and shape
-    match is copied (a classifier checkpoint fills the encoder)."""
-    from cnnkit.engine.checkpoint import load_weights
-
-    state, card = load_weights(init)
-    own = model.state_dict()
-    copied = {}
-    for key, v in state.items():
-        for p in ("", "encoder.features.body."):
-            if p + key in own and own[p + key].shape == v.shape:
-                copied[p + key] = v
-                break
-    if not copied:
-        raise CnnkitError(f"no tensor of --init '{init}' matches this model's layers")
-    model.load_state_dict(copied, strict=False)
-    return f"--init copied {len(copied)} of {len(own)} tensors from '{init}' ({card.get('task')} {card.get('arch')})"
+    """Start from a segmenter's or a classifier's weights (a classifier fills the encoder)."""
+    return copy_matching_weights(model, init, ("", "encoder.features.body."))
 
 
 def _finish(cfg: SegmentConfig, run, data: SegmentationData, trainer: Trainer, device: torch.device,
@@ -219,15 +206,7 @@ def _finish(cfg: SegmentConfig, run, data: SegmentationData, trainer: Trainer, d
     best = load(run.best, device=str(device))
     val_metrics = best.evaluate(data.split("val"))
     test_metrics = best.evaluate(data.split("test")) if data.splits.get("test") else None
-    results = {**val_metrics, "split": "val", "best_epoch": trainer.best_epoch, "epochs_run": trainer.epoch,
-               "train_time_s": round(train_time, 2), "weights": str(run.best)}
-    if trainer.stop_reason:
-        results["stop_reason"] = trainer.stop_reason
-    if test_metrics is not None:
-        results["test"] = test_metrics
-    if trainer.skipped:
-        results["skipped_images"] = [{"path": p, "reason": r} for p, r in sorted(trainer.skipped.items())]
-    write_json(run.results, results)
+    results = write_run_results(trainer, run, val_metrics, test_metrics, train_time)
     plot_curves(trainer.history, run.plots / "results.png", ["miou", "dice", "pixel_acc"])
     best.draw_samples(data.split("val")[:8], run.plots / "val_predictions.png")
     if verbose:

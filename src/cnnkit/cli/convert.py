@@ -15,10 +15,11 @@ SHAPES_OPTIONS = ("imgsz", "sizes", "seed", "classes", "max_objects")
 
 @click.command(context_settings=CONTEXT)
 @click.argument("src")
-@click.option("--to", "to_fmt", type=click.Choice(["yolo", "coco", "masks"]), required=True,
+@click.option("--to", "to_fmt", type=click.Choice(["yolo", "coco", "masks", "nifti"]), required=True,
               help="format to write: yolo (data.yaml, images/, labels/), coco (coco.yaml, images/, "
-                   "annotations/*.json) or masks (shapes only: segmentation scenes as data.yaml, images/ and "
-                   "masks/ of class ids, for `cnnkit segment`)")
+                   "annotations/*.json), masks (SRC shapes: segmentation scenes as data.yaml, images/ and "
+                   "masks/ of class ids, for `cnnkit segment`) or nifti (SRC phantoms: 3-D volumes as "
+                   "<split>/images and <split>/labels .nii.gz, for `cnnkit medical`)")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="folder to write (new or empty)")
 @click.option("--from", "from_fmt", type=click.Choice(["auto", "yolo", "coco", "voc"]), default="auto",
               help="format of SRC; auto: a folder with Annotations/ is VOC, a .json is COCO, a YAML whose "
@@ -51,11 +52,22 @@ def convert(ctx: click.Context, src: str, to_fmt: str, out: str, from_fmt: str, 
       cnnkit convert VOCdevkit/VOC2012 --to coco --out voc-coco
       cnnkit convert coco/annotations/instances_val2017.json --to yolo --out coco-yolo
       cnnkit convert shapes --to masks --out shapes-seg --sizes train=100,val=20
+      cnnkit convert phantoms --to nifti --out phantoms-nii --sizes val=4
     """
     from cnnkit.data.formats import read_detection, write_detection
 
     given = [f"--{n.replace('_', '-')}" for n in SHAPES_OPTIONS
              if ctx.get_parameter_source(n) == ParameterSource.COMMANDLINE]
+    if to_fmt == "nifti":
+        if src != "phantoms":
+            raise CnnkitError("--to nifti writes the built-in 3-D phantoms; SRC must be 'phantoms'")
+        from cnnkit.data.volumes import PHANTOM_SIZES, phantoms, write_nifti_folders
+
+        data = phantoms(_counts(None, sizes, 1, PHANTOM_SIZES), seed=seed)
+        for split, records in data.splits.items():
+            click.echo(f"  {split:<5} {len(records):>7} volumes")
+        click.echo(f"wrote {write_nifti_folders(data, out)}")
+        return
     if to_fmt == "masks":
         if src != "shapes":
             raise CnnkitError("--to masks writes the built-in shapes segmentation scenes; SRC must be 'shapes'")

@@ -228,7 +228,7 @@ from cnnkit.cli.features import register as _register_features  # noqa: E402
 _register_features(classify)
 
 # Task groups with their own module: cnnkit.cli.<name>.register(cli) adds ``cnnkit <name> ...``.
-for _name in ("multilabel", "detect", "segment"):
+for _name in ("multilabel", "detect", "segment", "medical"):
     __import__(f"cnnkit.cli.{_name}", fromlist=["register"]).register(cli)
 
 from cnnkit.cli.augment import augment  # noqa: E402

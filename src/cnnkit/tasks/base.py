@@ -14,6 +14,12 @@ import torch
 import torch.nn as nn
 
 
+def images_to_device(images: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float in [0, 1] on ``device`` (optionally channels_last)."""
+    x = images.to(device, non_blocking=True).float().div_(255)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
 class MetricState(Protocol):
     """Accumulates one evaluation pass."""
 

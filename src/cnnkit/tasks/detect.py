@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from cnnkit.data.detection import collate as _collate
-from cnnkit.tasks.base import Task
+from cnnkit.tasks.base import Task, images_to_device
 
 
 def to_original(boxes: torch.Tensor, scale: float, height: int, width: int) -> torch.Tensor:
@@ -101,10 +101,7 @@ class DetectTask(Task):
 
     def to_device(self, batch: dict, device: torch.device, channels_last: bool = False) -> dict:
         out = dict(batch)
-        x = batch["images"].to(device, non_blocking=True).float().div_(255)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        out["images"] = x
+        out["images"] = images_to_device(batch["images"], device, channels_last)
         out["targets"] = [{**t, "boxes": t["boxes"].to(device), "labels": t["labels"].to(device),
                            **({"masks": t["masks"].to(device)} if "masks" in t else {})}
                           for t in batch["targets"]]

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from cnnkit.data.segmentation import IGNORE_INDEX, collate_segmentation
-from cnnkit.tasks.base import Task
+from cnnkit.tasks.base import Task, images_to_device
 
 SEG_LOSSES = ("ce", "dice", "focal", "ce+dice")
 
@@ -134,10 +134,7 @@ class SegmentTask(Task):
 
     def to_device(self, batch: dict, device: torch.device, channels_last: bool = False) -> dict:
         out = dict(batch)
-        x = batch["images"].to(device, non_blocking=True).float().div_(255)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        out["images"] = x
+        out["images"] = images_to_device(batch["images"], device, channels_last)
         out["masks"] = batch["masks"].to(device, non_blocking=True)
         return out
 

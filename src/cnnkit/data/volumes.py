@@ -1,0 +1,287 @@
+"""3-D volumes for medical segmentation: procedural phantoms and NIfTI files.
+
+A dataset is a :class:`VolumeData`: class names (label value = index, ``background``
+first) and per split a list of :class:`VolRecord` (an image volume and its label volume, as
+NIfTI files or arrays). Volumes are ``(D, H, W)``; images are single-channel floats.
+
+Built-in ``phantoms`` imitate MR/CT scans: an ellipsoidal "organ" with one or two
+"lesions" inside it, each a smooth blob with its own mean intensity, on a background with
+Gaussian noise and a smooth multiplicative intensity inhomogeneity (a bias field, as MR
+coils produce), deterministic in the seed.
+
+User data is a YAML naming NIfTI folders per split (paths relative to the YAML)::
+
+    train: {images: imagesTr, labels: labelsTr}
+    val: {images: imagesVal, labels: labelsVal}
+    names: [background, liver, tumour]
+
+Every ``images/X.nii.gz`` needs ``labels/X.nii.gz`` of the same shape (the Medical
+Segmentation Decathlon layout). Images are normalized per volume (zero mean, unit std over
+the volume) when read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from cnnkit.errors import DataError
+
+PHANTOM_NAMES = ["background", "organ", "lesion"]
+PHANTOM_SIZES = {"train": 64, "val": 16, "test": 16}
+PHANTOM_SIZE = 32
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+@dataclass
+class VolRecord:
+    """One volume and its labels: files (``path``, ``label_path``) or arrays (``image`` float32
+    (D, H, W), ``label`` uint8 (D, H, W)); ``affine`` (4x4) places voxels in the scanner's space."""
+
+    path: str | None = None
+    label_path: str | None = None
+    image: np.ndarray | None = None
+    label: np.ndarray | None = None
+    affine: np.ndarray | None = None
+    index: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.path or f"<volume {self.index}>"
+
+    def load_image(self) -> np.ndarray:
+        """float32 (D, H, W), normalized to zero mean and unit std."""
+        v = self.image if self.image is not None else read_nifti(self.path)[0]
+        v = np.asarray(v, np.float32)
+        return (v - v.mean()) / max(float(v.std()), 1e-6)
+
+    def load_label(self) -> np.ndarray:
+        """uint8 (D, H, W) class ids."""
+        if self.label is not None:
+            return np.asarray(self.label, np.uint8)
+        lab = read_nifti(self.label_path)[0]
+        if lab.min() < 0 or lab.max() > 255 or not np.allclose(lab, np.round(lab)):
+            raise DataError(f"label volume '{self.label_path}' must hold whole class ids 0..255")
+        return lab.astype(np.uint8)
+
+
+@dataclass
+class VolumeData:
+    name: str
+    names: list[str]
+    splits: dict[str, list[VolRecord]]
+
+    def split(self, name: str) -> list[VolRecord]:
+        if name not in self.splits:
+            raise DataError(f"dataset '{self.name}' has no '{name}' split (it has {', '.join(self.splits)})")
+        return self.splits[name]
+
+
+def read_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(volume (D, H, W) float32, affine (4, 4))`` of a 3-D NIfTI file (nibabel).
+
+    Raises:
+        DataError: the file is missing, unreadable, or not 3-D (a 4-D file with one volume is
+            accepted).
+    """
+    import nibabel as nib
+
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"NIfTI file '{p}' does not exist")
+    try:
+        img = nib.load(str(p))
+        arr = np.asarray(img.dataobj, dtype=np.float32)
+    except Exception as e:  # nibabel raises many types for a damaged file
+        raise DataError(f"'{p}' cannot be read as NIfTI ({e.__class__.__name__})") from None
+    if arr.ndim == 4 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim != 3:
+        raise DataError(f"'{p}' has {arr.ndim} dimensions (shape {tuple(arr.shape)}); a volume must be 3-D")
+    return arr, np.asarray(img.affine, np.float64)
+
+
+def write_nifti(path: str | Path, volume: np.ndarray, affine: np.ndarray | None = None) -> None:
+    """Save a (D, H, W) array as NIfTI (uint8 for labels, float32 otherwise)."""
+    import nibabel as nib
+
+    v = np.asarray(volume)
+    v = v.astype(np.uint8) if v.dtype in (np.uint8, np.int64, np.int32, bool) else v.astype(np.float32)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(v, np.eye(4) if affine is None else affine), str(path))
+
+
+# ---- phantoms -------------------------------------------------------------------------------
+def _ellipsoid(grid, centre, radii, rot) -> np.ndarray:
+    """Signed 'radius' field: < 1 inside the rotated ellipsoid."""
+    d = (grid - centre[:, None, None, None]).reshape(3, -1)
+    d = (rot @ d).reshape(grid.shape)
+    return np.sqrt(((d / radii[:, None, None, None]) ** 2).sum(0))
+
+
+def _rotation(rng) -> np.ndarray:
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    return q * np.sign(np.diag(r))
+
+
+def phantom(rng: np.random.Generator, size: int = PHANTOM_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """One phantom: ``(image float32 (S, S, S), label uint8 (S, S, S))`` with an organ (1)
+    and one or two lesions (2) inside it."""
+    ax = np.arange(size, dtype=np.float32) + 0.5
+    grid = np.stack(np.meshgrid(ax, ax, ax, indexing="ij"))
+    label = np.zeros((size,) * 3, np.uint8)
+    centre = size / 2 + rng.uniform(-0.12, 0.12, 3) * size
+    radii = rng.uniform(0.22, 0.38, 3) * size
+    organ = _ellipsoid(grid, centre, radii, _rotation(rng)) < 1
+    label[organ] = 1
+    for _ in range(int(rng.integers(1, 3))):
+        r = rng.uniform(0.08, 0.14, 3) * size
+        c = centre + rng.uniform(-0.5, 0.5, 3) * np.maximum(radii - r, 0)
+        label[(_ellipsoid(grid, c, r, _rotation(rng)) < 1) & organ] = 2
+    means = np.array([0.2, 0.55, 0.85]) + rng.uniform(-0.05, 0.05, 3)
+    img = means[label].astype(np.float32)
+    img += rng.normal(0, 0.1, img.shape).astype(np.float32)  # thermal noise
+    g = (grid / size - 0.5).reshape(3, -1)
+    coef = rng.uniform(-0.4, 0.4, 3)
+    bias = 1 + (coef @ g).reshape(img.shape) + rng.uniform(-0.3, 0.3) * ((g ** 2).sum(0).reshape(img.shape) - 0.25)
+    return (img * bias.astype(np.float32)).astype(np.float32), label
+
+
+def phantoms(sizes: dict[str, int] | None = None, seed: int = 0, size: int = PHANTOM_SIZE) -> VolumeData:
+    """The built-in ``phantoms`` dataset (train 64 / val 16 / test 16 volumes of 32^3)."""
+    from cnnkit.data.shapes import _SPLITS
+
+    sizes = dict(PHANTOM_SIZES) if sizes is None else dict(sizes)
+    splits = {}
+    for sp, n in sizes.items():
+        recs = []
+        for i in range(n):
+            img, lab = phantom(np.random.default_rng([seed, _SPLITS[sp], i, 0x3D]), size)
+            recs.append(VolRecord(image=img, label=lab, index=i))
+        splits[sp] = recs
+    return VolumeData("phantoms", list(PHANTOM_NAMES), splits)
+
+
+def read_nifti_folders(path: str | Path) -> VolumeData:
+    """A YAML naming ``images`` and ``labels`` NIfTI folders per split, and the class names.
+
+    Raises:
+        DataError: no such file, no names, a folder missing or empty, or an image without its
+            label file.
+    """
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"'{p}' does not exist; give 'phantoms' or a YAML naming NIfTI folders per split")
+    try:
+        spec = yaml.safe_load(p.read_text(encoding="utf-8-sig")) or {}
+    except yaml.YAMLError as e:
+        raise DataError(f"'{p}' is not valid YAML ({e.__class__.__name__})") from None
+    names = spec.get("names") if isinstance(spec, dict) else None
+    if not isinstance(names, list) or len(names) < 2:
+        raise DataError(f"'{p}' must list at least two class names under 'names' (background first)")
+    root = p.resolve().parent
+    splits: dict[str, list[VolRecord]] = {}
+    for sp in ("train", "val", "test"):
+        entry = spec.get(sp)
+        if not entry:
+            continue
+        if not isinstance(entry, dict) or "images" not in entry or "labels" not in entry:
+            raise DataError(f"the {sp} entry of '{p}' must name 'images' and 'labels' folders")
+        img_dir, lab_dir = root / str(entry["images"]), root / str(entry["labels"])
+        for d in (img_dir, lab_dir):
+            if not d.is_dir():
+                raise DataError(f"the {sp} folder '{d}' named in '{p}' does not exist")
+        files = sorted(f for f in img_dir.iterdir() if f.name.endswith(NIFTI_SUFFIXES) and not f.name.startswith("."))
+        if not files:
+            raise DataError(f"the {sp} folder '{img_dir}' has no .nii or .nii.gz files")
+        recs = []
+        for i, f in enumerate(files):
+            lab = lab_dir / f.name
+            if not lab.is_file():
+                raise DataError(f"volume '{f}' has no label file '{lab}'")
+            recs.append(VolRecord(path=str(f), label_path=str(lab), index=i))
+        splits[sp] = recs
+    if "train" not in splits and "val" not in splits:
+        raise DataError(f"'{p}' names no train or val split")
+    return VolumeData(str(p), [str(n) for n in names], splits)
+
+
+def write_nifti_folders(data: VolumeData, out: str | Path) -> Path:
+    """Write ``data`` in the Decathlon layout (``<split>/images``, ``<split>/labels``, a YAML)."""
+    import yaml
+
+    root = Path(out)
+    spec: dict = {}
+    for sp, recs in data.splits.items():
+        for r in recs:
+            stem = Path(r.path).name if r.path else f"vol{r.index:04d}.nii.gz"
+            img = r.image if r.image is not None else read_nifti(r.path)[0]
+            write_nifti(root / sp / "images" / stem, img, r.affine)
+            write_nifti(root / sp / "labels" / stem, r.load_label(), r.affine)
+        spec[sp] = {"images": f"{sp}/images", "labels": f"{sp}/labels"}
+    spec["names"] = list(data.names)
+    (root / "data.yaml").write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
+    return root / "data.yaml"
+
+
+def load_volume_data(spec: str, seed: int = 0) -> VolumeData:
+    """Resolve ``--data``: ``phantoms`` or a NIfTI YAML."""
+    return phantoms(seed=seed) if spec == "phantoms" else read_nifti_folders(spec)
+
+
+class VolumeDataset(Dataset):
+    """Records -> ``(float32 (1, D, H, W), int64 (D, H, W))``; with ``patch`` a random (train)
+    or centred cube of that side is cut (volumes smaller than it are padded with image 0 and
+    background), and with ``train`` random flips along each axis and a small intensity
+    scale and shift.
+
+    Labels are checked: a shape that differs from the image's, or a class id beyond
+    ``num_classes``, raises :class:`~cnnkit.errors.DataError`.
+    """
+
+    def __init__(self, records: list[VolRecord], num_classes: int, patch: int | None = None, train: bool = False):
+        self.records, self.k, self.patch, self.train = records, num_classes, patch, train
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def load(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rec = self.records[i]
+        img, lab = rec.load_image(), rec.load_label()
+        if img.shape != lab.shape:
+            raise DataError(f"label volume '{rec.label_path or rec.name}' has shape {lab.shape} but its image has "
+                            f"{img.shape}; they must match voxel for voxel")
+        bad = lab[lab >= self.k]
+        if bad.size:
+            raise DataError(f"label volume '{rec.label_path or rec.name}' has class id {int(bad.max())}, beyond the "
+                            f"{self.k} classes listed")
+        return torch.from_numpy(img)[None], torch.from_numpy(lab.astype(np.int64))
+
+    def __getitem__(self, i: int):
+        img, lab = self.load(i)
+        if self.patch:
+            s = self.patch
+            pads = [max(0, s - n) for n in lab.shape]
+            if any(pads):
+                pad = (0, pads[2], 0, pads[1], 0, pads[0])
+                img = torch.nn.functional.pad(img, pad)
+                lab = torch.nn.functional.pad(lab, pad, value=0)
+            starts = [int(torch.randint(n - s + 1, (1,))) if self.train else (n - s) // 2 for n in lab.shape]
+            sl = tuple(slice(a, a + s) for a in starts)
+            img, lab = img[(slice(None), *sl)], lab[sl]
+        if self.train:
+            for ax in range(3):
+                if torch.rand(1) < 0.5:
+                    img, lab = img.flip(ax + 1), lab.flip(ax)
+            img = img * float(torch.empty(1).uniform_(0.9, 1.1)) + float(torch.empty(1).uniform_(-0.1, 0.1))
+        return img.contiguous(), lab.contiguous()
+
+
+def collate_volumes(items: list) -> dict:
+    return {"images": torch.stack([x for x, _ in items]), "masks": torch.stack([y for _, y in items])}
