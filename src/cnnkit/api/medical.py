@@ -38,8 +38,10 @@ from cnnkit.utils.seed import seed_everything
 class MedicalConfig(TrainConfig):
     """``cnnkit medical train`` options."""
 
+    UNUSED = ("imgsz", "pretrained", "init", "freeze", "unfreeze_at", "layer_decay", "linear_probe")
+
     data: str = "phantoms"
-    model: str = "vnet"  # vnet or unet3d
+    model: str = "unet3d"  # unet3d (default: learns phantoms in a minute on a CPU) or vnet
     loss: str = "dice+ce"  # dice or dice+ce
     patch: int | None = None  # train on random cubes of this side (a multiple of 16); None: whole volumes
     epochs: int = 30
@@ -56,6 +58,10 @@ class MedicalConfig(TrainConfig):
             raise CnnkitError(f"--model must be one of {', '.join(VOLUME_MODELS)}, got '{self.model}'")
         if self.loss not in MEDICAL_LOSSES:
             raise CnnkitError(f"--loss must be one of {', '.join(MEDICAL_LOSSES)}, got '{self.loss}'")
+        defaults = type(self)()
+        for name in self.UNUSED:
+            if getattr(self, name) != getattr(defaults, name):
+                raise CnnkitError(f"--{name.replace('_', '-')} does not apply to 3-D volumes (see --patch)")
         if self.patch is not None and (self.patch < 16 or self.patch % 16):
             raise CnnkitError(f"--patch must be a multiple of 16, got {self.patch}")
 

@@ -7,7 +7,8 @@ import click
 TRAIN_HELP = {
     "data": "phantoms (built-in 3-D MR-like volumes: organ + lesions, noise, bias field) or a YAML naming "
             "NIfTI images/labels folders per split and the class names",
-    "model": "vnet (V-Net: residual 3-D encoder-decoder) or unet3d (residual 3-D U-Net, lighter)",
+    "model": "unet3d (residual 3-D U-Net) or vnet (V-Net: residual 3-D encoder-decoder with 5x5x5 convolutions, "
+             "heavier and slower to start)",
     "loss": "dice, or dice+ce (Dice plus cross-entropy)",
     "patch": "train on random cubes of this side (a multiple of 16); default: whole volumes",
 }
@@ -26,6 +27,8 @@ def register(parent: click.Group) -> click.Group:
 
     train_cmd = add_train_command(medical, MedicalConfig, "cnnkit.api.medical")
     train_cmd.help = "Train a 3-D segmenter and write a run folder (weights, metrics, plots)."
+    # image-classifier options that 3-D training does not use (MedicalConfig refuses them in Python)
+    train_cmd.params = [p for p in train_cmd.params if p.name not in MedicalConfig.UNUSED]
     for param in train_cmd.params:
         if param.name in TRAIN_HELP:
             param.help = TRAIN_HELP[param.name]
