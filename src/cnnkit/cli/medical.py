@@ -11,6 +11,7 @@ TRAIN_HELP = {
              "heavier and slower to start)",
     "loss": "dice, or dice+ce (Dice plus cross-entropy)",
     "patch": "train on random cubes of this side (a multiple of 16); default: whole volumes",
+    "lr": "peak learning rate; 1e-3 suits unet3d, vnet needs 1e-2 to leave its first all-one-class state",
 }
 
 
