@@ -71,7 +71,7 @@ def run_smp(minutes: float, encoder: str, threads: int, seed: int) -> dict:
     from cnnkit.api.segment import DEFAULT_AUG, parse_seg_aug
     from cnnkit.data.classification import make_loader
     from cnnkit.data.segmentation import SegmentationDataset, shapes_segmentation
-    from cnnkit.tasks.segment import SegMetrics, SegmentTask
+    from cnnkit.tasks.segment import SegmentTask, SegMetrics
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)

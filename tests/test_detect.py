@@ -10,8 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from cnnkit.data.detection import (DetectionDataset, RandomOcclusion, collate, letterbox, parse_det_aug,
-                                   shapes_detection)
+from cnnkit.data.detection import (
+    DetectionDataset,
+    RandomOcclusion,
+    collate,
+    letterbox,
+    parse_det_aug,
+    shapes_detection,
+)
 from cnnkit.models.detection.fastdet import FastDet, dfl, task_aligned_assign
 from cnnkit.models.detection.zoo import build_detector
 

@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from cnnkit.data.detection import DetectionDataset, DetRecord, collate, letterbox_masks, parse_det_aug, shapes_detection
+from cnnkit.data.detection import (
+    DetectionDataset,
+    DetRecord,
+    collate,
+    letterbox_masks,
+    parse_det_aug,
+    shapes_detection,
+)
 from cnnkit.models.detection.zoo import build_detector
 from cnnkit.tasks.detect_metrics import DetectionEvaluator, encode_masks
 
@@ -156,9 +163,10 @@ def instance_run(tmp_path_factory):
 
 
 def test_instance_cli_train_val_predict(instance_run, tmp_path, cli, monkeypatch):
-    import cnnkit.data.detection as dd
     from PIL import Image
     from pycocotools import mask as mask_utils
+
+    import cnnkit.data.detection as dd
 
     res = json.loads((instance_run / "results.json").read_text())
     assert {"box_map50_95", "mask_map50_95", "mask_map50", "mask_per_class_ap"} <= set(res)

@@ -9,8 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from cnnkit.data.volumes import (VolRecord, VolumeDataset, phantom, phantoms, read_nifti, read_nifti_folders,
-                                 write_nifti, write_nifti_folders)
+from cnnkit.data.volumes import (
+    VolRecord,
+    VolumeDataset,
+    phantom,
+    phantoms,
+    read_nifti,
+    read_nifti_folders,
+    write_nifti,
+    write_nifti_folders,
+)
 from cnnkit.errors import DataError
 from cnnkit.models.volumetric import build_volume_model
 from cnnkit.tasks.medical import MedicalTask, VolumeMetrics

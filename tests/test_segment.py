@@ -10,8 +10,16 @@ import pytest
 import torch
 from PIL import Image
 
-from cnnkit.data.segmentation import (SegmentationDataset, SegRecord, collate_segmentation, read_mask,
-                                      read_mask_folders, shapes_segmentation, write_mask, write_mask_folders)
+from cnnkit.data.segmentation import (
+    SegmentationDataset,
+    SegRecord,
+    collate_segmentation,
+    read_mask,
+    read_mask_folders,
+    shapes_segmentation,
+    write_mask,
+    write_mask_folders,
+)
 from cnnkit.errors import DataError
 from cnnkit.models.segmentation import build_segmenter
 from cnnkit.tasks.segment import SegmentTask, focal_loss, metrics_from_confusion, soft_dice_loss
@@ -81,7 +89,11 @@ def test_task_loss_combines_parts_and_uses_class_weights():
 
 # ---- metrics -------------------------------------------------------------------------------
 def test_metrics_equal_torchmetrics():
-    from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassJaccardIndex
+    from torchmetrics.classification import (
+        MulticlassAccuracy,
+        MulticlassF1Score,
+        MulticlassJaccardIndex,
+    )
 
     torch.manual_seed(3)
     k = 4
@@ -140,7 +152,7 @@ def test_mask_size_and_class_ids_are_checked():
     with pytest.raises(DataError, match="beyond the 3 classes"):
         ds[0]
     ok = np.full((8, 8), 255, np.uint8)  # ignore is allowed
-    x, (m, _) = SegmentationDataset([SegRecord(image=img, mask=ok)], 8, 3)[0]
+    _, (m, _) = SegmentationDataset([SegRecord(image=img, mask=ok)], 8, 3)[0]
     assert m.unique().tolist() == [255]
 
 
@@ -168,7 +180,7 @@ def test_mask_folder_yaml_errors(tmp_path, seg_data):
     with pytest.raises(DataError, match="class names"):
         read_mask_folders(tmp_path / "a.yaml")
     root = seg_data.parent
-    victim = sorted((root / "masks" / "val").iterdir())[0]
+    victim = min((root / "masks" / "val").iterdir())
     saved = victim.read_bytes()
     victim.unlink()
     try:
@@ -275,7 +287,7 @@ def test_bad_input_exits_2_with_one_sentence(seg_data, tmp_path, cli):
 
     bad = tmp_path / "bad"
     shutil.copytree(seg_data.parent, bad)
-    victim = sorted((bad / "masks" / "train").iterdir())[0]
+    victim = min((bad / "masks" / "train").iterdir())
     write_mask(victim, np.zeros((10, 10), np.uint8))
     res = cli("segment", "train", "--data", bad / "data.yaml", "--imgsz", "64", "--epochs", "1", "--out",
               tmp_path / "r")

@@ -18,12 +18,25 @@ import torch
 
 import cnnkit
 from cnnkit.api._common import config_from_file as _config_from_file
-from cnnkit.api._common import (copy_matching_weights, list_sources, load_task_model, open_run, resolve_config,
-                                run_trainer, standard_hooks, write_run_results)
+from cnnkit.api._common import (
+    copy_matching_weights,
+    list_sources,
+    load_task_model,
+    open_run,
+    resolve_config,
+    run_trainer,
+    standard_hooks,
+    write_run_results,
+)
 from cnnkit.api.classify import TrainResult
 from cnnkit.data.classification import make_loader
-from cnnkit.data.detection import (DetectionData, DetectionDataset, letterbox, load_detection_data,
-                                   parse_det_aug)
+from cnnkit.data.detection import (
+    DetectionData,
+    DetectionDataset,
+    letterbox,
+    load_detection_data,
+    parse_det_aug,
+)
 from cnnkit.engine.checkpoint import resolve_weights
 from cnnkit.engine.config import TrainConfig
 from cnnkit.engine.progress import console
@@ -189,7 +202,7 @@ def train(cfg: DetectConfig | None = None, *, resume: str | Path | None = None, 
         "trained": {"data": cfg.data, "epochs": cfg.epochs, "seed": cfg.seed, "aug": aug, "mosaic": cfg.mosaic,
                     "classes": cfg.classes, "max_objects": cfg.max_objects,
                     "pretrained": cfg.pretrained, "init": cfg.init,
-                    "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")},
+                    "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")},
     }
     trainer = Trainer(task, model, train_loader, val_loader, cfg, device, run.root, card,
                       standard_hooks(cfg, run, verbose))
@@ -552,8 +565,14 @@ def anchors(data: str, k: int | None = None, model: str = "fasterrcnn", imgsz: i
     """Fit anchors to a dataset's boxes by k-means with IoU distance and compare best-possible
     recall of the default and the fitted anchors; write them for ``--anchors``."""
     from cnnkit.data.detection import all_boxes_wh
-    from cnnkit.models.detection.anchors import (anchor_pairs, best_possible_recall, kmeans_anchors,
-                                                 mean_best_iou, split_levels, write_anchors)
+    from cnnkit.models.detection.anchors import (
+        anchor_pairs,
+        best_possible_recall,
+        kmeans_anchors,
+        mean_best_iou,
+        split_levels,
+        write_anchors,
+    )
     from cnnkit.models.detection.zoo import default_anchors
 
     if model not in ("fasterrcnn", "retinanet"):
@@ -567,11 +586,11 @@ def anchors(data: str, k: int | None = None, model: str = "fasterrcnn", imgsz: i
     sizes, ratios = default_anchors(model, size)
     current = np.concatenate(anchor_pairs(sizes, ratios))
     levels = 5
-    k = k or (15 if model == "retinanet" else 15)
+    k = k or 15  # 3 anchors for each of the 5 levels
     fitted = kmeans_anchors(wh, k, seed=seed)
     per_level = split_levels(fitted, levels)
     report = {
-        "boxes": int(len(wh)), "imgsz": size, "model": model, "k": k, "thr": thr,
+        "boxes": len(wh), "imgsz": size, "model": model, "k": k, "thr": thr,
         "current": {"anchors": len(current), "bpr": best_possible_recall(wh, current, thr),
                     "mean_best_iou": mean_best_iou(wh, current)},
         "fitted": {"anchors": len(fitted), "bpr": best_possible_recall(wh, fitted, thr),

@@ -15,7 +15,7 @@ from typing import Any
 from cnnkit.api import detect as _detect
 from cnnkit.api.detect import DetectModel, InstanceConfig
 
-__all__ = ["InstanceConfig", "train", "val", "predict", "load", "config_from_file"]
+__all__ = ["InstanceConfig", "config_from_file", "load", "predict", "train", "val"]
 
 
 def config_from_file(path: str | Path, overrides: dict[str, Any]) -> InstanceConfig:

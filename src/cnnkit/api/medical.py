@@ -19,11 +19,25 @@ import torch
 
 import cnnkit
 from cnnkit.api._common import config_from_file as _config_from_file
-from cnnkit.api._common import load_task_model, open_run, resolve_config, run_trainer, standard_hooks, write_run_results
+from cnnkit.api._common import (
+    load_task_model,
+    open_run,
+    resolve_config,
+    run_trainer,
+    standard_hooks,
+    write_run_results,
+)
 from cnnkit.api.classify import TrainResult
 from cnnkit.data.classification import make_loader
-from cnnkit.data.volumes import (NIFTI_SUFFIXES, VolRecord, VolumeData, VolumeDataset, load_volume_data, read_nifti,
-                                 write_nifti)
+from cnnkit.data.volumes import (
+    NIFTI_SUFFIXES,
+    VolRecord,
+    VolumeData,
+    VolumeDataset,
+    load_volume_data,
+    read_nifti,
+    write_nifti,
+)
 from cnnkit.engine.config import TrainConfig
 from cnnkit.engine.progress import console
 from cnnkit.engine.trainer import Trainer, resolve_amp
@@ -116,7 +130,7 @@ def train(cfg: MedicalConfig | None = None, *, resume: str | Path | None = None,
             "in_chans": 1, "window": window, "preprocess": {"normalize": "per-volume z-score"},
             "cnnkit_version": cnnkit.__version__,
             "trained": {"data": cfg.data, "epochs": cfg.epochs, "seed": cfg.seed, "loss": cfg.loss, "patch": cfg.patch,
-                        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}}
+                        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}}
     trainer = Trainer(task, model, train_loader, val_loader, cfg, device, run.root, card,
                       standard_hooks(cfg, run, verbose))
     train_time = run_trainer(trainer, ckpt, run, "medical", verbose)

@@ -26,17 +26,32 @@ import torch.nn.functional as F
 
 import cnnkit
 from cnnkit.api._common import config_from_file as _config_from_file
-from cnnkit.api._common import (copy_matching_weights, list_sources, load_task_model, open_run, resolve_config,
-                                run_trainer, standard_hooks, write_run_results)
+from cnnkit.api._common import (
+    copy_matching_weights,
+    list_sources,
+    load_task_model,
+    open_run,
+    resolve_config,
+    run_trainer,
+    standard_hooks,
+    write_run_results,
+)
 from cnnkit.api.classify import TrainResult
 from cnnkit.data.classification import make_loader
-from cnnkit.data.segmentation import (IGNORE_INDEX, SegmentationData, SegmentationDataset, SegRecord,
-                                      load_segmentation_data, palette_bytes, write_mask)
+from cnnkit.data.segmentation import (
+    IGNORE_INDEX,
+    SegmentationData,
+    SegmentationDataset,
+    SegRecord,
+    load_segmentation_data,
+    palette_bytes,
+    write_mask,
+)
 from cnnkit.engine.config import TrainConfig
 from cnnkit.engine.progress import console
 from cnnkit.engine.trainer import Trainer, resolve_amp
 from cnnkit.errors import CnnkitError, DataError
-from cnnkit.tasks.segment import SEG_LOSSES, SegMetrics, SegmentTask
+from cnnkit.tasks.segment import SEG_LOSSES, SegmentTask, SegMetrics
 from cnnkit.utils.device import select_device
 from cnnkit.utils.io import write_json
 from cnnkit.utils.seed import seed_everything
@@ -185,7 +200,7 @@ def train(cfg: SegmentConfig | None = None, *, resume: str | Path | None = None,
         "cnnkit_version": cnnkit.__version__,
         "trained": {"data": cfg.data, "epochs": cfg.epochs, "seed": cfg.seed, "aug": aug, "loss": cfg.loss,
                     "classes": cfg.classes, "max_objects": cfg.max_objects, "pretrained": cfg.pretrained,
-                    "init": cfg.init, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")},
+                    "init": cfg.init, "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")},
     }
     trainer = Trainer(task, model, train_loader, val_loader, cfg, device, run.root, card,
                       standard_hooks(cfg, run, verbose))

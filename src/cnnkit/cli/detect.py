@@ -70,15 +70,8 @@ def _commands(group: click.Group, cfg_cls: type, train_help: str, helps: dict[st
 
     task = cfg_cls.TASK
     masks = task == "instance"
-    train_cmd = add_train_command(group, cfg_cls, f"cnnkit.api.{task}")
-    train_cmd.help = train_help
-    for param in train_cmd.params:
-        if param.name in helps:
-            param.help = helps[param.name]
-        if param.name == "model":
-            param.type = click.Choice(cfg_cls.MODELS)
-        if param.name == "nms":
-            param.type = click.Choice(NMS_METHODS)
+    add_train_command(group, cfg_cls, f"cnnkit.api.{task}", help=train_help, option_help=helps,
+                      choices={"model": cfg_cls.MODELS, "nms": NMS_METHODS})
 
     @group.command("val", context_settings=CONTEXT)
     @click.option("--weights", required=True, help="best.safetensors or its run folder")

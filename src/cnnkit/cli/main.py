@@ -108,11 +108,15 @@ def classify() -> None:
     """Image classification (single label): train, val, predict, features, visualize."""
 
 
-def add_train_command(group: click.Group, cfg_cls: type, api_module: str) -> click.Command:
+def add_train_command(group: click.Group, cfg_cls: type, api_module: str, help: str | None = None,
+                      option_help: dict[str, str] | None = None, choices: dict[str, tuple] | None = None,
+                      hide: tuple[str, ...] = ()) -> click.Command:
     """``cnnkit TASK train``: options generated from ``cfg_cls``, plus ``--config`` and ``--resume``.
 
     ``api_module`` (imported on use, to keep ``--help`` fast) provides ``train(cfg, resume=...)``
-    and ``config_from_file(path, overrides)``.
+    and ``config_from_file(path, overrides)``. A task's own wording goes in ``help`` (the
+    command's) and ``option_help`` (per option name); ``choices`` turns options into fixed
+    choices; ``hide`` drops shared options the task does not use.
     """
     import importlib
 
@@ -139,7 +143,13 @@ def add_train_command(group: click.Group, cfg_cls: type, api_module: str) -> cli
             cfg = cfg_cls(**options)
         api.train(cfg)
 
-    train_cmd.help = f"Train a {task} model and write a run folder (weights, metrics, plots)."
+    train_cmd.help = help or f"Train a {task} model and write a run folder (weights, metrics, plots)."
+    train_cmd.params = [p for p in train_cmd.params if p.name not in hide]
+    for param in train_cmd.params:
+        if option_help and param.name in option_help:
+            param.help = option_help[param.name]
+        if choices and param.name in choices:
+            param.type = click.Choice(choices[param.name])
     return train_cmd
 
 
@@ -153,7 +163,7 @@ def _add_classify_train() -> None:
 _add_classify_train()
 
 
-from cnnkit.cli.multivalue import MultiValueOption  # noqa: E402
+from cnnkit.cli.multivalue import MultiValueOption
 
 WEIGHTS_HELP = ("best.safetensors or its run folder; several (--weights A B C, or a shell glob such as "
                 "run/weights/snapshot*.safetensors) are combined into an ensemble")
@@ -223,7 +233,7 @@ def predict_cmd(weights, source, topk, batch, device, ensemble, tta, json_path) 
                 tta=tta, json_path=json_path)
 
 
-from cnnkit.cli.features import register as _register_features  # noqa: E402
+from cnnkit.cli.features import register as _register_features
 
 _register_features(classify)
 
@@ -231,11 +241,11 @@ _register_features(classify)
 for _name in ("multilabel", "detect", "segment", "medical"):
     __import__(f"cnnkit.cli.{_name}", fromlist=["register"]).register(cli)
 
-from cnnkit.cli.augment import augment  # noqa: E402
+from cnnkit.cli.augment import augment
 
 cli.add_command(augment)
 
-from cnnkit.cli.convert import convert  # noqa: E402
+from cnnkit.cli.convert import convert
 
 cli.add_command(convert)
 

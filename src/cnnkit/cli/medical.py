@@ -26,17 +26,11 @@ def register(parent: click.Group) -> click.Group:
     def medical() -> None:
         """Volumetric (3-D) medical segmentation with V-Net or a 3-D U-Net: train, val, predict."""
 
-    train_cmd = add_train_command(medical, MedicalConfig, "cnnkit.api.medical")
-    train_cmd.help = "Train a 3-D segmenter and write a run folder (weights, metrics, plots)."
-    # image-classifier options that 3-D training does not use (MedicalConfig refuses them in Python)
-    train_cmd.params = [p for p in train_cmd.params if p.name not in MedicalConfig.UNUSED]
-    for param in train_cmd.params:
-        if param.name in TRAIN_HELP:
-            param.help = TRAIN_HELP[param.name]
-        if param.name == "model":
-            param.type = click.Choice(VOLUME_MODELS)
-        if param.name == "loss":
-            param.type = click.Choice(MEDICAL_LOSSES)
+    # the image-classifier options 3-D training does not use are hidden (MedicalConfig refuses them)
+    add_train_command(medical, MedicalConfig, "cnnkit.api.medical",
+                      help="Train a 3-D segmenter and write a run folder (weights, metrics, plots).",
+                      option_help=TRAIN_HELP, choices={"model": VOLUME_MODELS, "loss": MEDICAL_LOSSES},
+                      hide=MedicalConfig.UNUSED)
 
     @medical.command("val", context_settings=CONTEXT)
     @click.option("--weights", required=True, help="best.safetensors or its run folder")

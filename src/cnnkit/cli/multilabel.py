@@ -33,14 +33,10 @@ def register(parent: click.Group) -> click.Group:
     def multilabel() -> None:
         """Multi-label classification (any number of labels per image): train, val, predict, samples."""
 
-    train_cmd = add_train_command(multilabel, MultiLabelConfig, "cnnkit.api.multilabel")
-    train_cmd.help = ("Train a multi-label classifier, tune one threshold per class on val, and "
-                      "write a run folder (weights, metrics, plots).")
-    for param in train_cmd.params:
-        if param.name in TRAIN_HELP:
-            param.help = TRAIN_HELP[param.name]
-        if param.name == "loss":
-            param.type = click.Choice(LOSSES)
+    add_train_command(multilabel, MultiLabelConfig, "cnnkit.api.multilabel",
+                      help="Train a multi-label classifier, tune one threshold per class on val, and "
+                           "write a run folder (weights, metrics, plots).",
+                      option_help=TRAIN_HELP, choices={"loss": LOSSES})
 
     @multilabel.command("val", context_settings=CONTEXT)
     @click.option("--weights", required=True, help="best.safetensors or its run folder")

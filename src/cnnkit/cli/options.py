@@ -85,7 +85,7 @@ HELP: dict[str, str] = {
 def _base_type(tp: Any) -> tuple[type, bool]:
     """(python type, optional?) of a dataclass field annotation."""
     if isinstance(tp, str):
-        tp = eval(tp, {"int": int, "float": float, "str": str, "bool": bool, "None": None})  # noqa: S307
+        tp = eval(tp, {"int": int, "float": float, "str": str, "bool": bool, "None": None})
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]

@@ -35,15 +35,9 @@ def register(parent: click.Group) -> click.Group:
     def segment() -> None:
         """Semantic segmentation (a class per pixel): train, val, predict."""
 
-    train_cmd = add_train_command(segment, SegmentConfig, "cnnkit.api.segment")
-    train_cmd.help = ("Train a U-Net, FCN or DeepLabV3 and write a run folder (weights, metrics, plots).")
-    for param in train_cmd.params:
-        if param.name in TRAIN_HELP:
-            param.help = TRAIN_HELP[param.name]
-        if param.name == "model":
-            param.type = click.Choice(SEGMENTERS)
-        if param.name == "loss":
-            param.type = click.Choice(SEG_LOSSES)
+    add_train_command(segment, SegmentConfig, "cnnkit.api.segment",
+                      help="Train a U-Net, FCN or DeepLabV3 and write a run folder (weights, metrics, plots).",
+                      option_help=TRAIN_HELP, choices={"model": SEGMENTERS, "loss": SEG_LOSSES})
 
     tile_opt = click.option("--tile/--no-tile", default=None,
                             help="slide a training-size window over the full-resolution image (overlap 25%, "

@@ -96,7 +96,7 @@ def read_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         img = nib.load(str(p))
         arr = np.asarray(img.dataobj, dtype=np.float32)
-    except Exception as e:  # nibabel raises many types for a damaged file
+    except Exception as e:  # noqa: BLE001 - nibabel raises many types for a damaged file
         raise DataError(f"'{p}' cannot be read as NIfTI ({e.__class__.__name__})") from None
     if arr.ndim == 4 and arr.shape[-1] == 1:
         arr = arr[..., 0]

@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-import torch.nn as nn
+from torch import nn
 
 from cnnkit.errors import ModelError
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 
 def images_to_device(images: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn as nn
+from torch import nn
 
 from cnnkit.data.detection import collate as _collate
 from cnnkit.tasks.base import Task, images_to_device

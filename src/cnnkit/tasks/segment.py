@@ -74,7 +74,6 @@ class SegMetrics:
         self.cm = MulticlassConfusionMatrix(len(names), ignore_index=ignore_index, validate_args=False)
         if device is not None:
             self.cm = self.cm.to(device)
-        self.loss_sum, self.count = 0.0, 0
 
     def update(self, output: torch.Tensor, batch: dict) -> None:
         pred = output.argmax(1) if output.ndim == 4 else output

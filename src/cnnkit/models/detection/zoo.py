@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from cnnkit.errors import ModelError
 
@@ -153,14 +153,13 @@ def build_detector(arch: str, num_classes: int, imgsz: int, backbone: str | None
         else:
             sizes, ratios = default_anchors(arch, imgsz)
             gen = AnchorGenerator(sizes, ratios)
-        from torchvision.models.detection.rpn import RPNHead
-
         # proposal and RoI sampling sized for small images with tens of objects, not COCO at
         # 800 px (torchvision: 2000 proposals, 512 RoIs per image): 1.8x faster training steps
         # at 320 px (benchmarks/detect_models.py speed: 2.10 vs 1.18 images/s on 2 CPU cores)
         # Mask R-CNN is the same detector plus torchvision's mask branch (RoIAlign 14x14 on the
         # FPN levels, four 3x3 convs, a 2x deconvolution, per-class 28x28 mask logits)
         from torchvision.models.detection import MaskRCNN
+        from torchvision.models.detection.rpn import RPNHead
 
         cls = MaskRCNN if arch == "maskrcnn" else FasterRCNN
         net = cls(bb, num_classes=num_classes + 1, rpn_anchor_generator=gen,
@@ -181,8 +180,8 @@ def build_detector(arch: str, num_classes: int, imgsz: int, backbone: str | None
             sizes, ratios = default_anchors(arch, imgsz)
             gen = AnchorGenerator(sizes, ratios)
         # GroupNorm in the head's conv towers, as torchvision's retinanet_resnet50_fpn_v2: trained from
-        # scratch, the plain (v1) head's classification loss stalled (shapes on a GPU: mAP50 0.06
-        # after 34 epochs) while the GN head's fell 3.5x faster on the same steps
+        # scratch, the plain (v1) head stalled (shapes, 5 GPU minutes: mAP50 0.06; with GN 0.58,
+        # BENCHMARKS.md)
         from functools import partial
 
         head = RetinaNetHead(fpn_channels, gen.num_anchors_per_location()[0], num_classes,
