@@ -2,6 +2,7 @@
 
     pip install -c constraints.txt segmentation-models-pytorch     # the peer; a benchmark-only dependency
     python benchmarks/segment_vs_smp.py [--minutes 10] [--encoder resnet18] [--threads 1] [--parallel]
+    python benchmarks/segment_vs_smp.py --epochs 60 --device cuda --workers 2     # fixed epochs instead of time
 
 cnnkit: the command a user types, ``cnnkit segment train --data shapes --encoder E --time M``
 (built-in shapes scenes: 600 train / 150 val at 128 px, background + 4 shape classes; its
@@ -40,12 +41,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 
-def start_cnnkit(work: Path, minutes: float, encoder: str, threads: int, seed: int):
+def start_cnnkit(work: Path, args, extra: list[str]):
     """``cnnkit segment train`` as a user types it, started in the background."""
     exe = Path(sys.executable).with_name("cnnkit")
-    cmd = ["segment", "train", "--data", "shapes", "--encoder", encoder, "--time", f"{minutes:g}", "--seed", str(seed)]
+    budget = ["--epochs", str(args.epochs)] if args.epochs else ["--time", f"{args.minutes:g}"]
+    cmd = ["segment", "train", "--data", "shapes", "--encoder", args.encoder, *budget, "--seed", str(args.seed),
+           "--device", args.device, "--workers", str(args.workers), *extra]
     print("+ cnnkit " + " ".join(cmd), flush=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     proc = subprocess.Popen([str(exe) if exe.exists() else sys.executable, *([] if exe.exists() else ["-m", "cnnkit"]),
                              *cmd, "--out", str(work / "cnnkit")], env=env, stdout=subprocess.DEVNULL)
     return proc, cmd
@@ -62,10 +65,12 @@ def finish_cnnkit(work: Path, proc, cmd: list[str]) -> dict:
     ips = [float(r["images_per_s"]) for r in rows if r.get("images_per_s")]
     return {"miou": round(res["miou"], 4), "dice": round(res["dice"], 4), "epochs": res["epochs_run"],
             "best_epoch": res["best_epoch"], "train_images_per_s": round(sum(ips) / len(ips), 2),
-            "train_time_s": res["train_time_s"], "command": "cnnkit " + " ".join(cmd)}
+            "train_time_s": res["train_time_s"], "command": "cnnkit " + " ".join(cmd),
+            "curve": [round(float(r["miou"]), 4) for r in rows if r.get("miou")]}
 
 
-def run_smp(minutes: float, encoder: str, threads: int, seed: int) -> dict:
+def run_smp(minutes: float, encoder: str, threads: int, seed: int, epochs: int = 0, device: str = "cpu",
+            workers: int = 0, log=print) -> dict:
     import segmentation_models_pytorch as smp
 
     from cnnkit.api.segment import DEFAULT_AUG, parse_seg_aug
@@ -80,15 +85,17 @@ def run_smp(minutes: float, encoder: str, threads: int, seed: int) -> dict:
     task = SegmentTask(data.names)
     train_ds = SegmentationDataset(data.split("train"), 128, k, parse_seg_aug(DEFAULT_AUG, 128))
     val_ds = SegmentationDataset(data.split("val"), 128, k, train=False)
-    train_dl = make_loader(train_ds, 16, True, 0, task.collate, torch.Generator().manual_seed(seed), drop_last=True)
-    val_dl = make_loader(val_ds, 32, False, 0, task.collate)
-    model = smp.Unet(encoder, encoder_weights=None, classes=k).to(memory_format=torch.channels_last)
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    dev = torch.device(device)
+    train_dl = make_loader(train_ds, 16, True, workers, task.collate, torch.Generator().manual_seed(seed),
+                           drop_last=True)
+    val_dl = make_loader(val_ds, 32, False, workers, task.collate)
+    model = smp.Unet(encoder, encoder_weights=None, classes=k).to(dev, memory_format=torch.channels_last)
+    mean = torch.tensor([0.485, 0.456, 0.406], device=dev).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], device=dev).view(1, 3, 1, 1)
     dice = smp.losses.DiceLoss("multiclass", ignore_index=255)
     opt = torch.optim.AdamW(model.parameters(), 3e-3, weight_decay=0.01)
     steps_per_epoch = len(train_dl)
-    total = [30 * steps_per_epoch]  # replaced after the first epoch by what fits the budget
+    total = [(epochs or 30) * steps_per_epoch]  # with a time budget: replaced after each epoch by what fits
 
     def lr_at(step: int) -> float:
         warm = steps_per_epoch
@@ -98,18 +105,21 @@ def run_smp(minutes: float, encoder: str, threads: int, seed: int) -> dict:
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     budget, used, train_s, images, step, epoch, best = minutes * 60, 0.0, 0.0, 0, 0, 0, 0.0
-    while used < budget:
+    curve = []
+    while (epoch < epochs) if epochs else (used < budget):
         t0 = time.perf_counter()
         model.train()
         for b in train_dl:
-            x = ((b["images"].float() / 255 - mean) / std).contiguous(memory_format=torch.channels_last)
-            y = b["masks"]
+            x = ((b["images"].to(dev).float() / 255 - mean) / std).contiguous(memory_format=torch.channels_last)
+            y = b["masks"].to(dev)
             out = model(x)
             loss = F.cross_entropy(out, y, ignore_index=255) + dice(out, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
             step += 1
             images += len(y)
         train_s += time.perf_counter() - t0
@@ -117,19 +127,20 @@ def run_smp(minutes: float, encoder: str, threads: int, seed: int) -> dict:
         state = SegMetrics(data.names)
         with torch.no_grad():
             for b in val_dl:
-                x = ((b["images"].float() / 255 - mean) / std).contiguous(memory_format=torch.channels_last)
-                state.update(model(x), b)
+                x = ((b["images"].to(dev).float() / 255 - mean) / std).contiguous(memory_format=torch.channels_last)
+                state.update(model(x).cpu(), b)
         miou = state.compute()["miou"]
         best = max(best, miou)
+        curve.append(round(miou, 4))
         epoch += 1
         used += time.perf_counter() - t0
-        fit = max(epoch, int(budget / (used / epoch)))
+        fit = epochs or max(epoch, int(budget / (used / epoch)))
         total[0] = fit * steps_per_epoch
-        print(f"smp epoch {epoch}/{fit}  loss {float(loss):.4f}  val mIoU {miou:.4f}", flush=True)
+        log(f"smp epoch {epoch}/{fit}  loss {loss.item():.4f}  val mIoU {miou:.4f}")
         if epoch >= fit:
             break
     return {"miou": round(best, 4), "epochs": epoch, "train_images_per_s": round(images / train_s, 2),
-            "train_time_s": round(used, 1), "smp": smp.__version__}
+            "train_time_s": round(used, 1), "smp": smp.__version__, "curve": curve}
 
 
 def main() -> None:
@@ -137,35 +148,42 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=10.0)
+    ap.add_argument("--epochs", type=int, default=0, help="train this many epochs instead of --minutes")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--workers", type=int, default=0, help="data-loader workers of each side")
     ap.add_argument("--encoder", default="resnet18")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--parallel", action="store_true", help="run both sides at once (1 thread each on 2 cores)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", choices=["cnnkit", "smp"], default=None, help="run one side only")
-    args = ap.parse_args()
+    ap.add_argument("--tag", default="", help="suffix of the results file name")
+    ap.add_argument("--out", default=None, help="keep cnnkit's run folder here (default: a temporary one)")
+    args, extra = ap.parse_known_args()
     torch.set_num_threads(args.threads)
     rows = {}
-    with tempfile.TemporaryDirectory() as work:
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.out or tmp
         proc = None
         if args.only in (None, "cnnkit"):
-            proc, cmd = start_cnnkit(Path(work), args.minutes, args.encoder, args.threads, args.seed)
+            proc, cmd = start_cnnkit(Path(work), args, extra)
             if not args.parallel:
                 rows["cnnkit"] = finish_cnnkit(Path(work), proc, cmd)
                 proc = None
         if args.only in (None, "smp"):
-            rows["smp"] = run_smp(args.minutes, args.encoder, args.threads, args.seed)
+            rows["smp"] = run_smp(args.minutes, args.encoder, args.threads, args.seed, args.epochs, args.device,
+                                  args.workers, log=lambda m: print(m, flush=True))
             print(json.dumps(rows["smp"]), flush=True)
         if proc is not None:
             rows["cnnkit"] = finish_cnnkit(Path(work), proc, cmd)
         if "cnnkit" in rows:
             print(json.dumps(rows["cnnkit"]), flush=True)
-    result = {"minutes": args.minutes, "encoder": args.encoder, "threads": args.threads, "parallel": args.parallel,
-              **rows}
+    result = {"minutes": args.minutes, "epochs": args.epochs, "device": args.device, "encoder": args.encoder,
+              "threads": args.threads, "parallel": args.parallel, "cnnkit_args": extra, **rows}
     if len(rows) == 2:
         result["ratio_miou"] = round(rows["cnnkit"]["miou"] / max(1e-9, rows["smp"]["miou"]), 3)
         result["ratio_throughput"] = round(rows["cnnkit"]["train_images_per_s"] / rows["smp"]["train_images_per_s"], 3)
         print(f"\nmIoU cnnkit/smp {result['ratio_miou']}  training images/s cnnkit/smp {result['ratio_throughput']}")
-    save("segment_vs_smp", result)
+    save("segment_vs_smp" + (f"_{args.tag}" if args.tag else ""), result)
 
 
 if __name__ == "__main__":
