@@ -267,7 +267,7 @@ def test_coco_json_bad_entries_are_skipped_with_one_warning_each(tmp_path):
              "segmentation": {"size": [50, 100], "counts": "abc"}},                          # crowd
             {"id": 6, "image_id": 7, "category_id": 3, "bbox": [10, 10, 0, 5], **box},      # no area
             {"id": 7, "image_id": 9, "category_id": 7, "bbox": [1, 2, 3, 4], "iscrowd": 0,
-             "segmentation": {"size": [30, 40], "counts": "xyz"}},                           # RLE: box only
+             "segmentation": {"size": [30, 40], "counts": "xyz"}},                           # bad RLE: box only
             {"id": 8, "image_id": 9, "category_id": 3, "iscrowd": 0,
              "segmentation": [[5, 5, 15, 5, 10, 20]]},                                       # box from polygon
             {"id": 9, "image_id": 9, "category_id": 3, "iscrowd": 0, "bbox": "oops"},       # no usable box
@@ -291,6 +291,7 @@ def test_coco_json_bad_entries_are_skipped_with_one_warning_each(tmp_path):
         "1 crowd annotation (iscrowd: 1) was skipped, as a crowd region is not one object "
         "(annotation id 5 in instances.json)",
         "1 annotation has no usable bbox (x, y, w, h) or polygon; it was skipped (annotation id 9 in instances.json)",
+        "1 RLE segmentation cannot be decoded; its mask was ignored (annotation id 7 in instances.json)",
         "1 box reached outside its image; it was clipped to the image (annotation id 2 in instances.json)",
         "1 box had no area or lay entirely outside its image; it was dropped (annotation id 6 in instances.json)",
         "2 images cannot be read; they were skipped (first: images/missing.png: the file does not exist)",
@@ -412,3 +413,104 @@ def test_cli_convert(cli, tmp_path):
     assert r.code == 2 and len(r.err.strip().splitlines()) == 1 and "does not exist" in r.err
     r = cli("convert", tmp_path / "y" / "data.yaml", "--to", "coco", "--out", tmp_path / "x", "--imgsz", 64)
     assert r.code == 2 and "--imgsz apply only to the built-in `shapes` data" in r.err
+    r = cli("convert", "shapes", "--to", "coco", "--masks", "--out", tmp_path / "m", "--imgsz", 96,
+            "--sizes", "val=2", "--classes", 2)
+    assert r.code == 0, r.err
+    ours = shapes_detection(96, {"val": 2}, num_classes=2, masks=True)
+    assert min(_mask_ious(ours.split("val"), read_coco(tmp_path / "m" / "coco.yaml").split("val"))) == 1.0
+    r = cli("convert", "shapes", "--to", "masks", "--masks", "--out", tmp_path / "x")
+    assert r.code == 2 and "--masks applies to --to yolo or --to coco" in r.err
+
+
+# ---- instance masks: exact polygons and round trips -------------------------------------------
+def _random_masks(n: int, seed: int = 0):
+    """Masks with holes, several parts and pixels touching only at corners."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        h, w = (int(v) for v in rng.integers(4, 48, 2))
+        m = rng.random((h, w)) < rng.uniform(0.2, 0.8)
+        yield ndimage.binary_opening(m) | (rng.random((h, w)) < 0.05) if i % 2 else m
+
+
+def test_mask_polygons_rasterize_back_to_the_same_pixels():
+    from cnnkit.data.formats.polygons import join_polygons, mask_to_polygons, polygons_to_mask
+
+    for m in _random_masks(120):
+        h, w = m.shape
+        parts = mask_to_polygons(m)
+        assert (polygons_to_mask(parts, h, w) == m).all()  # COCO: one polygon per part
+        if parts:  # YOLO: one outline, normalized to 6 decimals and back
+            line = np.round(join_polygons(parts) / (w, h), 6) * (w, h)
+            assert (polygons_to_mask([line], h, w) == m).all()
+    ring = np.zeros((7, 7), bool)
+    ring[1:6, 1:6] = True
+    ring[3, 3] = False
+    (outline,) = mask_to_polygons(ring)  # one part: the hole hangs off the outside by a bridge
+    assert {tuple(v) for v in outline.tolist()} == {(1, 1), (6, 1), (6, 6), (1, 6), (3, 3), (4, 3), (4, 4), (3, 4)}
+    assert mask_to_polygons(np.zeros((3, 3), bool)) == []
+
+
+def _mask_ious(a: list[DetRecord], b: list[DetRecord]) -> list[float]:
+    out = []
+    for ra, rb in zip(a, b, strict=True):
+        ma, mb = ra.instance_masks(), rb.instance_masks()
+        assert ma.shape == mb.shape and (ra.labels == rb.labels).all()
+        inter = (ma & mb).sum((1, 2))
+        out += (inter / np.maximum(1, (ma | mb).sum((1, 2)))).tolist()
+    return out
+
+
+def test_instance_masks_survive_coco_yolo_and_back(tmp_path):
+    """ours (shapes masks) -> COCO -> YOLO-seg -> COCO: every object's mask read back at IoU 1."""
+    ours = shapes_detection(128, {"train": 6, "val": 3, "test": 0}, num_classes=3, max_objects=4, masks=True)
+    ours.splits.pop("test")
+    c1 = read_coco(write_coco(ours, tmp_path / "c1"))
+    y = read_yolo(write_yolo(c1, tmp_path / "y"))
+    c2 = read_coco(write_coco(y, tmp_path / "c2"))
+    for split in ours.splits:
+        for other in (c1, y, c2):
+            ious = _mask_ious(ours.split(split), other.split(split))
+            assert len(ious) == sum(len(r.labels) for r in ours.split(split)) > 0
+            assert min(ious) >= 0.99 and np.mean(ious) == 1.0
+            for ra, rb in zip(ours.split(split), other.split(split)):  # boxes enclose the same pixels
+                assert np.abs(ra.boxes - rb.boxes).max() <= 1.0
+
+
+def test_coco_rle_segmentations_are_read_as_masks(tmp_path):
+    from pycocotools import mask as mask_utils
+
+    masks = list(_random_masks(3, seed=5))
+    h, w = 48, 48
+    full = np.zeros((3, h, w), bool)
+    for k, m in enumerate(masks):
+        full[k, :m.shape[0], :m.shape[1]] = m
+    full = full[full.any((1, 2))]
+    Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(tmp_path / "a.png")
+    anns = []
+    for k, m in enumerate(full):
+        rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+        if k % 2:  # uncompressed counts, as COCO's crowd annotations have them
+            seg = {"size": [h, w], "counts": _uncompressed_counts(m)}
+        else:
+            seg = {"size": [h, w], "counts": rle["counts"].decode()}
+        anns.append({"id": k + 1, "image_id": 1, "category_id": 1, "bbox": mask_utils.toBbox(rle).tolist(),
+                     "segmentation": seg, "iscrowd": 0, "area": float(m.sum())})
+    anns.append({"id": 9, "image_id": 1, "category_id": 1, "bbox": [0, 0, 4, 4], "iscrowd": 0, "area": 16,
+                 "segmentation": {"size": [h + 1, w], "counts": "abc"}})
+    doc = {"images": [{"id": 1, "file_name": "a.png", "width": w, "height": h}], "annotations": anns,
+           "categories": [{"id": 1, "name": "blob"}]}
+    (tmp_path / "inst.json").write_text(json.dumps(doc))
+    data = read_coco(tmp_path / "inst.json")
+    (rec,) = data.split("val")
+    got = rec.instance_masks()
+    assert (got[:len(full)] == full).all()
+    assert got[len(full)].sum() == 16  # the object whose RLE does not fit keeps its box
+    assert any("size other than its image" in w for w in data.warnings)
+
+
+def _uncompressed_counts(m: np.ndarray) -> list[int]:
+    flat = m.T.reshape(-1).astype(np.int8)  # column-major, as COCO runs go
+    change = np.flatnonzero(np.diff(np.concatenate([[0], flat, [1 - flat[-1]]])))
+    return np.diff(np.concatenate([[0], change])).tolist()  # zeros first, then alternating runs

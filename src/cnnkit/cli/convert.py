@@ -10,7 +10,7 @@ from cnnkit.errors import CnnkitError
 # The same help and default-display settings as ``cnnkit.cli.main`` (not imported from there: main
 # imports this module while it is itself being imported).
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 110}
-SHAPES_OPTIONS = ("imgsz", "sizes", "seed", "classes", "max_objects")
+SHAPES_OPTIONS = ("imgsz", "sizes", "seed", "classes", "max_objects", "masks")
 
 
 @click.command(context_settings=CONTEXT)
@@ -36,9 +36,12 @@ SHAPES_OPTIONS = ("imgsz", "sizes", "seed", "classes", "max_objects")
               "[default: 8; masks 4]")
 @click.option("--max-objects", type=int, default=None, help="shapes only: at most this many objects per image "
               "[default: 6; masks 4]")
+@click.option("--masks", is_flag=True, help="shapes only, --to yolo/coco: write each object's visible mask as "
+              "polygons (exact along pixel edges; YOLO segment lines, COCO segmentation) for `cnnkit instance`")
 @click.pass_context
 def convert(ctx: click.Context, src: str, to_fmt: str, out: str, from_fmt: str, overwrite: bool,
-            imgsz: int | None, sizes: str | None, seed: int, classes: int | None, max_objects: int | None) -> None:
+            imgsz: int | None, sizes: str | None, seed: int, classes: int | None, max_objects: int | None,
+            masks: bool) -> None:
     """Convert the detection dataset SRC to YOLO or COCO (or write shapes segmentation masks).
 
     SRC is a YOLO data.yaml, a COCO .json file, a COCO YAML (per split: images, annotations), a
@@ -49,6 +52,7 @@ def convert(ctx: click.Context, src: str, to_fmt: str, out: str, from_fmt: str, 
     \b
     Examples:
       cnnkit convert shapes --to yolo --out shapes-yolo --sizes train=200,val=50 --classes 3
+      cnnkit convert shapes --to coco --masks --out shapes-inst --sizes train=200,val=50
       cnnkit convert VOCdevkit/VOC2012 --to coco --out voc-coco
       cnnkit convert coco/annotations/instances_val2017.json --to yolo --out coco-yolo
       cnnkit convert shapes --to masks --out shapes-seg --sizes train=100,val=20
@@ -68,6 +72,8 @@ def convert(ctx: click.Context, src: str, to_fmt: str, out: str, from_fmt: str, 
             click.echo(f"  {split:<5} {len(records):>7} volumes")
         click.echo(f"wrote {write_nifti_folders(data, out)}")
         return
+    if masks and to_fmt not in ("yolo", "coco"):
+        raise CnnkitError("--masks applies to --to yolo or --to coco (instance polygons)")
     if to_fmt == "masks":
         if src != "shapes":
             raise CnnkitError("--to masks writes the built-in shapes segmentation scenes; SRC must be 'shapes'")
@@ -79,7 +85,7 @@ def convert(ctx: click.Context, src: str, to_fmt: str, out: str, from_fmt: str, 
     if src == "shapes":
         if from_fmt != "auto":
             raise CnnkitError(f"--from {from_fmt} does not apply to shapes (the built-in generated scenes)")
-        data = _shapes(imgsz, sizes, seed, classes, max_objects)
+        data = _shapes(imgsz, sizes, seed, classes, max_objects, masks)
     else:
         if given:
             raise CnnkitError(f"{', '.join(given)} apply only to the built-in `shapes` data, not to '{src}'")
@@ -124,12 +130,12 @@ def _write_masks(out: str, overwrite: bool, imgsz: int | None, sizes: str | None
     click.echo(f"wrote {write_mask_folders(data, out, overwrite)}")
 
 
-def _shapes(imgsz: int | None, sizes: str | None, seed: int, classes: int, max_objects: int):
+def _shapes(imgsz: int | None, sizes: str | None, seed: int, classes: int, max_objects: int, masks: bool = False):
     from cnnkit.data.detection import SHAPES_DET_SIZES, shapes_detection
 
     counts = _counts(imgsz, sizes, max_objects, SHAPES_DET_SIZES)
     data = shapes_detection(imgsz, {s: counts.get(s, 0) for s in SHAPES_DET_SIZES}, seed=seed,
-                            num_classes=classes, max_objects=max_objects)
+                            num_classes=classes, max_objects=max_objects, masks=masks)
     data.splits = {s: r for s, r in data.splits.items() if s in counts}
     return data
 

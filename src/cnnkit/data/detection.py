@@ -73,16 +73,15 @@ class DetRecord:
         its box filled."""
         if self.masks is not None:
             return np.asarray(self.masks, bool)
-        from pycocotools import mask as mask_utils
+        from cnnkit.data.formats.polygons import polygons_to_mask
 
         h, w = int(self.height), int(self.width)
         out = np.zeros((len(self.labels), h, w), bool)
         for k in range(len(self.labels)):
             parts = self.polygons[k] if self.polygons is not None and k < len(self.polygons) else []
-            parts = [np.asarray(pt, np.float64).reshape(-1) for pt in parts if len(pt) >= 3]
+            parts = [pt for pt in parts if len(pt) >= 3]
             if parts:
-                rle = mask_utils.merge(mask_utils.frPyObjects([pt.tolist() for pt in parts], h, w))
-                out[k] = mask_utils.decode(rle).astype(bool)
+                out[k] = polygons_to_mask(parts, h, w)
             else:
                 x1, y1, x2, y2 = np.round(self.boxes[k]).astype(int)
                 out[k, max(0, y1):y2, max(0, x1):x2] = True

@@ -16,7 +16,9 @@ Two ways to point at one:
 
 Category ids (any integers) become class indices 0..N-1 in sorted id order; the original ids are
 kept in ``DetectionData.category_ids`` and written back by :func:`write_coco`. Boxes are COCO's
-``[x, y, w, h]`` in pixels, turned into ``xyxy``.
+``[x, y, w, h]`` in pixels, turned into ``xyxy``. Segmentations may be polygons or RLE
+(compressed or not); an RLE mask is traced into pixel-edge polygons that rasterize back to
+the same pixels (:mod:`cnnkit.data.formats.polygons`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from cnnkit.data.detection import DetectionData, DetRecord
 from cnnkit.data.formats import (BOX_MESSAGES, SPLITS, Problems, check_names, check_splits, export_images,
                                  fit_box, fit_polygon, image_size, load_yaml, polygon_box, prepare_out_dir,
                                  shown)
+from cnnkit.data.formats.polygons import mask_to_polygons, record_polygons
 from cnnkit.errors import DataError, ImageDecodeError
 
 MESSAGES = {
@@ -44,6 +47,11 @@ MESSAGES = {
               "({where})"),
     "malformed": ("{n} annotation has no usable bbox (x, y, w, h) or polygon; it was skipped ({where})",
                   "{n} annotations have no usable bbox (x, y, w, h) or polygon; they were skipped ({where})"),
+    "badrle": ("{n} RLE segmentation cannot be decoded; its mask was ignored ({where})",
+               "{n} RLE segmentations cannot be decoded; their masks were ignored ({where})"),
+    "rlesize": ("{n} RLE segmentation has a size other than its image's; its mask was ignored ({where})",
+                "{n} RLE segmentations have a size other than their image's; their masks were ignored "
+                "({where})"),
     "shortpoly": ("{n} polygon part has fewer than 3 points; it was ignored ({where})",
                   "{n} polygon parts have fewer than 3 points; they were ignored ({where})"),
     "badimage": ("{n} entry of 'images' lacks an integer id or a file_name; it was skipped ({where})",
@@ -238,7 +246,9 @@ def _object(a: dict, w: int, h: int, where: str, problems: Problems):
     """``(box, polygon parts)`` of one annotation, or None (the problem is recorded)."""
     parts = []
     seg = a.get("segmentation")
-    if isinstance(seg, list):  # polygons; a dict is RLE (the box is kept, no polygon)
+    if isinstance(seg, dict):  # RLE (compressed or not): traced into exact pixel-edge polygons
+        parts = _rle_parts(seg, w, h, where, problems)
+    elif isinstance(seg, list):  # polygons
         for flat in seg:
             pts = np.asarray(flat, np.float64).reshape(-1) if _numbers(flat) else np.zeros(0)
             if len(pts) < 6 or len(pts) % 2:
@@ -260,6 +270,33 @@ def _object(a: dict, w: int, h: int, where: str, problems: Problems):
     return (box, parts) if box is not None else None
 
 
+def _rle_parts(seg: dict, w: int, h: int, where: str, problems: Problems) -> list[np.ndarray]:
+    from pycocotools import mask as mask_utils
+
+    size, counts = seg.get("size"), seg.get("counts")
+    if not (_numbers(size) and len(size) == 2 and isinstance(counts, (str, list))):
+        problems.add("badrle", where)
+        return []
+    if [int(v) for v in size] != [h, w]:
+        problems.add("rlesize", where)
+        return []
+    try:
+        if isinstance(counts, list):
+            if not _numbers(counts) or sum(counts) != h * w or min(counts, default=0) < 0:
+                raise ValueError("runs do not cover the image")
+            rle = mask_utils.frPyObjects(seg, h, w)
+        else:
+            rle = {"size": [h, w], "counts": counts.encode()}
+        mask = mask_utils.decode(rle)
+        # pycocotools decodes malformed strings without a word; a valid one encodes back to itself
+        if isinstance(counts, str) and mask_utils.encode(np.asfortranarray(mask))["counts"] != rle["counts"]:
+            raise ValueError("not a COCO RLE string")
+    except Exception:  # includes pycocotools' bare errors on malformed counts
+        problems.add("badrle", where)
+        return []
+    return [p.astype(np.float32) for p in mask_to_polygons(mask.astype(bool))]
+
+
 def _numbers(x: Any) -> bool:
     return isinstance(x, list) and all(isinstance(v, (int, float)) and np.isfinite(v) for v in x)
 
@@ -274,7 +311,9 @@ def write_coco(data: DetectionData, out_dir: str | Path, overwrite: bool = False
     within a split); categories keep ``DetectionData.category_ids`` (else 1..N). Each
     annotation has ``iscrowd: 0``, its polygons (or ``[]``) as ``segmentation`` and an ``area``
     that is the polygon's pixel area as COCO computes it (pycocotools) when it has one, else
-    ``w * h``. Masks are not written. Empty splits are left out.
+    ``w * h``. Records with masks instead of polygons get their masks traced along pixel edges
+    (:func:`~cnnkit.data.formats.polygons.mask_to_polygons`: one polygon per connected part,
+    holes included), so reading the file back gives the same pixels. Empty splits are left out.
 
     Raises:
         DataError: ``out_dir`` is not empty (unless ``overwrite``, which replaces its
@@ -299,8 +338,9 @@ def write_coco(data: DetectionData, out_dir: str | Path, overwrite: bool = False
         images, anns = [], []
         for rec, fn, iid in zip(records, files, ids):
             images.append({"id": int(iid), "file_name": fn, "width": int(rec.width), "height": int(rec.height)})
+            polygons = record_polygons(rec)
             for k, (box, cls) in enumerate(zip(rec.boxes.tolist(), rec.labels.tolist())):
-                parts = rec.polygons[k] if rec.polygons is not None else []
+                parts = polygons[k] if polygons is not None else []
                 anns.append(_annotation(len(anns) + 1, int(iid), cat_ids[cls], box, parts, rec.height, rec.width))
         doc = {"info": {"description": f"{data.name} {split}, written by cnnkit"}, "licenses": [],
                "images": images, "annotations": anns, "categories": categories}

@@ -35,6 +35,7 @@ from cnnkit.data.detection import DetectionData, DetRecord
 from cnnkit.data.formats import (BOX_MESSAGES, SPLITS, Problems, check_names, check_splits, export_images,
                                  fit_box, fit_polygon, image_size, load_yaml, polygon_box, prepare_out_dir,
                                  shown)
+from cnnkit.data.formats.polygons import join_polygons, record_polygons
 from cnnkit.errors import DataError, ImageDecodeError
 
 MESSAGES = {
@@ -225,10 +226,11 @@ def write_yolo(data: DetectionData, out_dir: str | Path, write_polygons: bool = 
     ``path:`` key, so Ultralytics and cnnkit both resolve them from the YAML), ``nc`` and
     ``names``. Empty splits are left out.
 
-    With ``write_polygons``, objects that have polygons are written as segment lines (an object
-    of several parts becomes one outline whose parts are joined by zero-width bridges, since a
-    line holds one polygon; reading it back gives the box that encloses the polygon). COCO
-    category ids are not kept (YOLO numbers classes 0..N-1).
+    With ``write_polygons``, objects that have polygons (or masks, traced exactly along pixel
+    edges by :func:`~cnnkit.data.formats.polygons.mask_to_polygons`) are written as segment
+    lines (an object of several parts becomes one outline whose parts are joined by zero-width
+    bridges, since a line holds one polygon; reading it back gives the box that encloses the
+    polygon). COCO category ids are not kept (YOLO numbers classes 0..N-1).
 
     Raises:
         DataError: ``out_dir`` is not empty (unless ``overwrite``, which replaces its
@@ -259,8 +261,9 @@ def write_yolo(data: DetectionData, out_dir: str | Path, write_polygons: bool = 
 def _label_lines(rec: DetRecord, write_polygons: bool) -> list[str]:
     w, h = rec.width, rec.height
     lines = []
+    polygons = record_polygons(rec) if write_polygons else None
     for i, (box, cls) in enumerate(zip(rec.boxes.tolist(), rec.labels.tolist())):
-        parts = rec.polygons[i] if write_polygons and rec.polygons is not None else None
+        parts = polygons[i] if polygons is not None else None
         parts = [np.asarray(p, np.float64).reshape(-1, 2) for p in parts or []]
         parts = [p for p in parts if len(p) >= 3]
         if parts:
@@ -271,33 +274,3 @@ def _label_lines(rec: DetRecord, write_polygons: bool) -> list[str]:
             lines.append(f"{cls} {(x1 + x2) / 2 / w:.6f} {(y1 + y2) / 2 / h:.6f} "
                          f"{(x2 - x1) / w:.6f} {(y2 - y1) / h:.6f}\n")
     return lines
-
-
-def join_polygons(parts: list[np.ndarray]) -> np.ndarray:
-    """One outline (K, 2) through every part of a polygon.
-
-    Each further part hangs off the first one by a zero-width bridge between their nearest
-    vertices, walked there and back, and is turned the same way round as the first so that the
-    areas add up. (Ultralytics' COCO converter joins parts the same way; this is 20 lines of
-    our own rather than a dependency on its AGPL code.)
-    """
-    base = parts[0]
-    turn = np.sign(_signed_area(base)) or 1.0
-    hang: dict[int, list[np.ndarray]] = {}
-    for p in parts[1:]:
-        if np.sign(_signed_area(p)) * turn < 0:
-            p = p[::-1]
-        d = ((base[:, None, :] - p[None, :, :]) ** 2).sum(-1)  # (len(base), len(p))
-        i, j = np.unravel_index(int(d.argmin()), d.shape)
-        hang.setdefault(int(i), []).append(np.concatenate([np.roll(p, -int(j), 0), p[j:j + 1]]))
-    out = []
-    for i, v in enumerate(base):
-        out.append(v[None])
-        for loop in hang.get(i, []):
-            out += [loop, v[None]]
-    return np.concatenate(out)
-
-
-def _signed_area(p: np.ndarray) -> float:
-    x, y = p[:, 0], p[:, 1]
-    return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
