@@ -80,7 +80,7 @@ def test_dice_and_hd95_by_hand():
     assert out["per_class_hd95"]["organ"] == pytest.approx(2.0, abs=1e-6)
 
 
-@pytest.mark.parametrize("arch", ["vnet", "unet3d"])
+@pytest.mark.parametrize("arch", ["vnet", "unet3d", "unet2d"])
 def test_volume_models_shapes_and_gradients(arch):
     m = build_volume_model(arch, 3)
     x = torch.randn(1, 1, 32, 32, 32)
@@ -88,6 +88,56 @@ def test_volume_models_shapes_and_gradients(arch):
     assert y.shape == (1, 3, 32, 32, 32)
     MedicalTask(["a", "b", "c"]).loss(y, {"masks": torch.randint(0, 3, (1, 32, 32, 32))})["loss"].backward()
     assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
+
+
+def test_slice_wise_models_apply_the_2d_net_to_every_slice():
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 3, 32, 32)
+    seg = build_volume_model("unet2d", 3).eval()
+    cls = build_volume_model("densenet2d", 2).eval()
+    with torch.no_grad():
+        y = seg(x)
+        assert y.shape == (2, 3, 3, 32, 32)
+        assert torch.allclose(y[1, :, 2], seg.net(x[1:2, :, 2])[0], atol=1e-5)
+        v = cls(x)
+        per_slice = cls.net(x[0].transpose(0, 1)).log_softmax(1)  # (3 slices, 2)
+        assert v.shape == (2, 2) and torch.allclose(v[0], per_slice.mean(0), atol=1e-5)
+        assert build_volume_model("densenet3d", 2).eval()(torch.randn(2, 1, 32, 32, 32)).shape == (2, 2)
+
+
+def test_phantom_classes_follow_the_lesion_voxels():
+    from cnnkit.data.volumes import phantom_classes
+
+    data = phantom_classes({"train": 12, "val": 6})
+    assert data.names == ["no lesion", "lesion"]
+    for recs in data.splits.values():
+        assert [r.target for r in recs] == [int((r.label == 2).any()) for r in recs]
+    assert 0 < sum(r.target for r in data.split("train")) < 12
+    assert all((r.label == 2).any() for r in phantoms({"val": 6}).split("val"))  # segmentation data unchanged
+    ds = VolumeDataset(data.split("val"), 2, patch=16, classify=True)
+    x, t = ds[0]
+    assert x.shape == (1, 16, 16, 16) and t == data.split("val")[0].target
+
+
+def test_class_folders_are_read_and_checked(tmp_path):
+    from cnnkit.data.volumes import read_nifti_class_folders
+
+    for split, cls, n in (("train", "normal", 2), ("train", "tumour", 1), ("val", "tumour", 1)):
+        for i in range(n):
+            write_nifti(tmp_path / split / cls / f"{i}.nii.gz", np.zeros((4, 4, 4), np.float32))
+    (tmp_path / "d.yaml").write_text("train: train\nval: val\n")
+    data = read_nifti_class_folders(tmp_path / "d.yaml")
+    assert data.names == ["normal", "tumour"] and [r.target for r in data.split("train")] == [0, 0, 1]
+    assert [r.target for r in data.split("val")] == [1]
+    (tmp_path / "e.yaml").write_text("train: train\nnames: [normal]\n")
+    with pytest.raises(DataError, match="is not one of the names"):
+        read_nifti_class_folders(tmp_path / "e.yaml")
+    (tmp_path / "train" / "cyst").mkdir()
+    with pytest.raises(DataError, match="has no .nii"):
+        read_nifti_class_folders(tmp_path / "d.yaml")
+    (tmp_path / "f.yaml").write_text("train: {images: a, labels: b}\n")
+    with pytest.raises(DataError, match="one subfolder of volumes per class"):
+        read_nifti_class_folders(tmp_path / "f.yaml")
 
 
 @pytest.mark.slow
@@ -150,3 +200,24 @@ def test_medical_cli(medical_run, tmp_path, cli):
     nib.save(nib.Nifti1Image(np.zeros((4, 4), np.float32), np.eye(4)), str(tmp_path / "flat.nii.gz"))
     r = cli("medical", "predict", "--weights", medical_run, "--source", tmp_path / "flat.nii.gz")
     assert r.code == 2 and "2 dimensions" in r.err and r.err.count("\n") == 1
+
+
+def test_medical_classifier_cli(tmp_path, cli, monkeypatch):
+    import cnnkit.data.volumes as dv
+
+    monkeypatch.setattr(dv, "PHANTOM_SIZES", {"train": 4, "val": 4})
+    r = cli("medical", "train", "--model", "densenet3d", "--epochs", "1", "--batch", "2", "--out", tmp_path / "run")
+    assert r.code == 0, r.err
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert {"top1", "balanced_accuracy", "macro_f1", "auroc", "confusion_matrix"} <= set(res)
+    vol = np.random.default_rng(0).normal(size=(20, 45, 37)).astype(np.float32)  # any size: resized to 32^3
+    write_nifti(tmp_path / "in" / "odd.nii.gz", vol)
+    r = cli("medical", "predict", "--weights", tmp_path / "run", "--source", tmp_path / "in", "--json",
+            tmp_path / "p.json")
+    assert r.code == 0, r.err
+    (row,) = json.loads((tmp_path / "p.json").read_text())
+    assert row["label"] in ("no lesion", "lesion") and sum(row["probs"].values()) == pytest.approx(1, abs=1e-4)
+    r = cli("medical", "train", "--model", "densenet2d", "--loss", "dice", "--out", tmp_path / "x")
+    assert r.code == 2 and "--loss applies to segmenters" in r.err
+    r = cli("medical", "train", "--model", "densenet3d", "--patch", "16", "--out", tmp_path / "x")
+    assert r.code == 2 and "--patch must be at least 32" in r.err

@@ -1,9 +1,13 @@
-"""Volumetric medical segmentation behind ``cnnkit medical train|val|predict``.
+"""Medical volumes behind ``cnnkit medical train|val|predict``: segmentation and classification.
 
-3-D networks (:mod:`cnnkit.models.volumetric`: V-Net, 3-D U-Net) trained with the common
-Trainer on whole volumes or random patches (``--patch``), scored per class by Dice and the
-95th-percentile Hausdorff distance, and applied to volumes of any size by sliding-window
-inference (MONAI) with the training size as the window.
+Segmenters (:mod:`cnnkit.models.volumetric`: 3-D U-Net, V-Net, slice-wise 2-D U-Net) are
+trained with the common Trainer on whole volumes or random patches (``--patch``), scored per
+class by Dice and the 95th-percentile Hausdorff distance, and applied to volumes of any size
+by sliding-window inference (MONAI) with the training size as the window.
+
+Classifiers (DenseNet-121 in 3-D, or in 2-D over the slices) label whole volumes; volumes are
+resized to the training side, and val reports accuracy, balanced accuracy, macro F1 and
+AUROC. The model chooses the task: ``--model densenet3d|densenet2d`` classifies.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from cnnkit.data.volumes import (
     VolRecord,
     VolumeData,
     VolumeDataset,
+    collate_volumes,
     load_volume_data,
     read_nifti,
     write_nifti,
@@ -42,6 +47,7 @@ from cnnkit.engine.config import TrainConfig
 from cnnkit.engine.progress import console
 from cnnkit.engine.trainer import Trainer, resolve_amp
 from cnnkit.errors import CnnkitError, DataError
+from cnnkit.tasks.classify import ClassificationMetrics, ClassifyTask
 from cnnkit.tasks.medical import MEDICAL_LOSSES, MedicalTask, VolumeMetrics
 from cnnkit.utils.device import select_device
 from cnnkit.utils.io import write_json
@@ -55,7 +61,7 @@ class MedicalConfig(TrainConfig):
     UNUSED = ("imgsz", "pretrained", "init", "freeze", "unfreeze_at", "layer_decay", "linear_probe")
 
     data: str = "phantoms"
-    model: str = "unet3d"  # unet3d (default: learns phantoms in a minute on a CPU) or vnet
+    model: str = "unet3d"  # segmenters unet3d (default), vnet, unet2d; classifiers densenet3d, densenet2d
     loss: str = "dice+ce"  # dice or dice+ce
     patch: int | None = None  # train on random cubes of this side (a multiple of 16); None: whole volumes
     epochs: int = 30
@@ -78,6 +84,17 @@ class MedicalConfig(TrainConfig):
                 raise CnnkitError(f"--{name.replace('_', '-')} does not apply to 3-D volumes (see --patch)")
         if self.patch is not None and (self.patch < 16 or self.patch % 16):
             raise CnnkitError(f"--patch must be a multiple of 16, got {self.patch}")
+        if self.classify and self.patch is not None and self.patch < 32:
+            raise CnnkitError(f"--patch must be at least 32 for {self.model} (DenseNet-121 halves the size 5 "
+                              f"times), got {self.patch}")
+        if self.classify and self.loss != defaults.loss:
+            raise CnnkitError(f"--loss applies to segmenters; {self.model} is a classifier (cross-entropy)")
+
+    @property
+    def classify(self) -> bool:
+        from cnnkit.models.volumetric import CLASSIFIERS_3D
+
+        return self.model in CLASSIFIERS_3D
 
 
 def config_from_file(path: str | Path, overrides: dict[str, Any]) -> MedicalConfig:
@@ -92,11 +109,11 @@ def build_model(arch: str, num_classes: int, in_chans: int = 1) -> torch.nn.Modu
 
 def _window(data: VolumeData, patch: int | None) -> int:
     """The training cube side: ``--patch``, else the first training volume's largest side
-    rounded up to a multiple of 16."""
+    rounded up to a multiple of 16 (classifiers resize every volume to it)."""
     if patch:
         return patch
     rec = data.split("train")[0]
-    side = max(rec.load_label().shape)
+    side = max(rec.load_image().shape, default=16)
     return int(np.ceil(side / 16) * 16)
 
 
@@ -112,22 +129,24 @@ def train(cfg: MedicalConfig | None = None, *, resume: str | Path | None = None,
     cfg, ckpt, run = resolve_config(MedicalConfig, "medical", cfg, resume, overrides, verbose)
     device = select_device(cfg.device)
     seed_everything(cfg.seed)
-    data = load_volume_data(cfg.data, cfg.seed)
+    data = load_volume_data(cfg.data, cfg.seed, cfg.classify)
     if not data.splits.get("train") or not data.splits.get("val"):
         raise DataError(f"'{cfg.data}' needs a train and a val split")
     k = len(data.names)
-    window = _window(data, cfg.patch)
+    window = max(32, _window(data, cfg.patch)) if cfg.classify else _window(data, cfg.patch)
     model = build_model(cfg.model, k)
-    task = MedicalTask(data.names, cfg.loss)
+    task = ClassifyTask(data.names) if cfg.classify else MedicalTask(data.names, cfg.loss)
+    task.collate = collate_volumes
     gen = torch.Generator().manual_seed(cfg.seed)
-    train_ds = VolumeDataset(data.split("train"), k, window, train=True)
-    val_ds = VolumeDataset(data.split("val"), k, window)
+    train_ds = VolumeDataset(data.split("train"), k, window, train=True, classify=cfg.classify)
+    val_ds = VolumeDataset(data.split("val"), k, window, classify=cfg.classify)
     train_loader = make_loader(train_ds, cfg.batch, True, cfg.workers, task.collate, gen,
                                drop_last=len(train_ds) > cfg.batch, pin_memory=device.type == "cuda")
     val_loader = make_loader(val_ds, cfg.batch, False, cfg.workers, task.collate)
     run = open_run(cfg, "medical", run)
     card = {"task": "medical", "arch": cfg.model, "model_kwargs": {}, "classes": data.names, "num_classes": k,
-            "in_chans": 1, "window": window, "preprocess": {"normalize": "per-volume z-score"},
+            "head": "classify" if cfg.classify else "segment", "in_chans": 1, "window": window,
+            "preprocess": {"normalize": "per-volume z-score", "resize": "trilinear" if cfg.classify else None},
             "cnnkit_version": cnnkit.__version__,
             "trained": {"data": cfg.data, "epochs": cfg.epochs, "seed": cfg.seed, "loss": cfg.loss, "patch": cfg.patch,
                         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}}
@@ -140,7 +159,7 @@ def train(cfg: MedicalConfig | None = None, *, resume: str | Path | None = None,
     results = write_run_results(trainer, run, val_m, test_m, train_time)
     from cnnkit.utils.plotting import plot_curves
 
-    plot_curves(trainer.history, run.plots / "results.png", ["dice"])
+    plot_curves(trainer.history, run.plots / "results.png", ["top1"] if cfg.classify else ["dice"])
     if verbose:
         con.print(_line(val_m, "val") + ("  ·  " + _line(test_m, "test") if test_m else "")
                   + f"  ·  trained {train_time:.0f} s")
@@ -149,6 +168,10 @@ def train(cfg: MedicalConfig | None = None, *, resume: str | Path | None = None,
 
 
 def _line(m: dict[str, Any], split: str) -> str:
+    if "top1" in m:
+        auc = f", AUROC {m['auroc']:.4f}" if m.get("auroc") is not None else ""
+        return (f"{split} accuracy {m['top1']:.4f}, balanced {m['balanced_accuracy']:.4f}, "
+                f"macro F1 {m['macro_f1']:.4f}{auc}")
     per = ", ".join(f"{n} {v:.3f}" for n, v in m["per_class_dice"].items() if v is not None)
     hd = f"  HD95 {m['hd95']:.2f} vox" if m.get("hd95") is not None else ""
     return f"{split} Dice {m['dice']:.4f} ({per}){hd}"
@@ -186,17 +209,56 @@ class VolumeModel:
         return state.compute()
 
 
-def load(path: str | Path, device: str = "cpu") -> VolumeModel:
-    """Rebuild a trained 3-D segmenter from ``best.safetensors`` (or its run folder)."""
+class VolumeClassifier:
+    """A trained volume classifier: ``classify`` a volume, ``evaluate`` records."""
+
+    def __init__(self, model: torch.nn.Module, card: dict[str, Any], device: torch.device):
+        self.model, self.card, self.device = model.to(device).eval(), card, device
+        self.classes = list(card["classes"])
+        self.window = int(card["window"])
+        self.amp = resolve_amp("auto", device)
+
+    @torch.no_grad()
+    def probabilities(self, volume: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Class probabilities (K,) of a (D, H, W) volume of any size (z-scored and resized here)."""
+        rec = VolRecord(image=np.asarray(volume, np.float32), target=0)
+        x = VolumeDataset([rec], len(self.classes), self.window, classify=True).load_resized(0)
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            out = self.model(x[None].to(self.device))
+        return out.float().softmax(1)[0].cpu()
+
+    def evaluate(self, records: list[VolRecord]) -> dict[str, Any]:
+        """Accuracy, balanced accuracy, macro F1, per-class figures and confusion matrix
+        (:class:`~cnnkit.tasks.classify.ClassificationMetrics`) plus macro AUROC (torchmetrics)."""
+        from torchmetrics.functional.classification import multiclass_auroc
+
+        if any(r.target is None for r in records):
+            raise DataError("these volumes have no class labels; give a YAML with class subfolders per split")
+        probs = torch.stack([self.probabilities(r.load_image()) for r in records])
+        targets = torch.tensor([int(r.target) for r in records])
+        state = ClassificationMetrics(self.classes)
+        state.update(probs.clamp(min=1e-7).log(), {"targets": targets})
+        m = state.compute()
+        both = len(set(targets.tolist())) > 1
+        m["auroc"] = float(multiclass_auroc(probs, targets, len(self.classes), average="macro")) if both else None
+        m["num_volumes"] = len(records)
+        return m
+
+
+def load(path: str | Path, device: str = "cpu") -> VolumeModel | VolumeClassifier:
+    """Rebuild a trained segmenter or classifier from ``best.safetensors`` (or its run folder)."""
     model, card = load_task_model(path, "medical", build_model)
-    return VolumeModel(model, card, select_device(device))
+    cls = VolumeClassifier if card.get("head") == "classify" else VolumeModel
+    return cls(model, card, select_device(device))
 
 
 def val(weights: str | Path, data: str, split: str = "val", device: str = "auto",
         json_path: str | Path | None = None, verbose: bool = True) -> dict[str, Any]:
-    """Dice and 95th-percentile Hausdorff distance per class on a split."""
+    """Dice and 95th-percentile Hausdorff distance per class on a split (segmenters), or
+    accuracy, balanced accuracy, macro F1 and AUROC (classifiers)."""
     m = load(weights, device)
-    ds = load_volume_data(data, m.card.get("trained", {}).get("seed", 0) if data == "phantoms" else 0)
+    ds = load_volume_data(data, m.card.get("trained", {}).get("seed", 0) if data == "phantoms" else 0,
+                          isinstance(m, VolumeClassifier))
     if list(ds.names) != m.classes:
         raise DataError(f"the classes of '{data}' ({', '.join(ds.names)}) differ from the model's "
                         f"({', '.join(m.classes)})")
@@ -211,8 +273,10 @@ def val(weights: str | Path, data: str, split: str = "val", device: str = "auto"
 
 def predict(weights: str | Path, source: str | Path, device: str = "auto", save_dir: str | Path | None = None,
             json_path: str | Path | None = None, verbose: bool = True) -> list[dict[str, Any]]:
-    """Segment a NIfTI file or a folder of them; ``save_dir`` gets ``NAME`` label volumes (same
-    affine as the input), ``json_path`` ``[{"path", "shape", "voxels": {class: count}}]``."""
+    """Segment (or classify) a NIfTI file or a folder of them. Segmenters: ``save_dir`` gets
+    ``NAME`` label volumes (same affine as the input), ``json_path`` ``[{"path", "shape",
+    "voxels": {class: count}}]``. Classifiers: ``[{"path", "shape", "label", "score",
+    "probs": {class: p}}]``."""
     m = load(weights, device)
     p = Path(source)
     if not p.exists():
@@ -224,6 +288,15 @@ def predict(weights: str | Path, source: str | Path, device: str = "auto", save_
     for f in files:
         t0 = time.perf_counter()
         vol, affine = read_nifti(f)
+        if isinstance(m, VolumeClassifier):
+            probs = m.probabilities(vol)
+            j = int(probs.argmax())
+            row = {"path": str(f), "shape": list(vol.shape), "label": m.classes[j], "score": round(float(probs[j]), 6),
+                   "probs": {n: round(float(v), 6) for n, v in zip(m.classes, probs)}}
+            rows.append(row)
+            if verbose:
+                console().print(f"{f}: {row['label']} ({row['score']:.3f}, {(time.perf_counter() - t0) * 1e3:.0f} ms)")
+            continue
         lab = m.segment(vol)
         counts = np.bincount(lab.numpy().ravel(), minlength=len(m.classes))
         row = {"path": str(f), "shape": list(vol.shape),

@@ -5,12 +5,15 @@ from __future__ import annotations
 import click
 
 TRAIN_HELP = {
-    "data": "phantoms (built-in 3-D MR-like volumes: organ + lesions, noise, bias field) or a YAML naming "
-            "NIfTI images/labels folders per split and the class names",
-    "model": "unet3d (residual 3-D U-Net) or vnet (V-Net: residual 3-D encoder-decoder with 5x5x5 convolutions, "
-             "heavier and slower to start)",
-    "loss": "dice, or dice+ce (Dice plus cross-entropy)",
-    "patch": "train on random cubes of this side (a multiple of 16); default: whole volumes",
+    "data": "phantoms (built-in 3-D MR-like volumes: organ + lesions, noise, bias field; for classifiers half "
+            "have no lesion) or a YAML naming NIfTI images/labels folders per split and the class names (for "
+            "classifiers: one folder per split with a subfolder of volumes per class)",
+    "model": "segmenters: unet3d (residual 3-D U-Net), vnet (V-Net: residual 3-D encoder-decoder with 5x5x5 "
+             "convolutions, heavier and slower to start), unet2d (2-D U-Net on every axial slice); classifiers: "
+             "densenet3d (DenseNet-121, 3-D), densenet2d (DenseNet-121 on every slice, averaged per volume)",
+    "loss": "segmenters: dice, or dice+ce (Dice plus cross-entropy); classifiers use cross-entropy",
+    "patch": "segmenters: train on random cubes of this side (a multiple of 16), default whole volumes; "
+             "classifiers: resize every volume to this side, default the first volume's largest side",
     "lr": "peak learning rate; 1e-3 suits unet3d, vnet needs 1e-2 to leave its first all-one-class state",
 }
 
@@ -24,11 +27,13 @@ def register(parent: click.Group) -> click.Group:
 
     @parent.group("medical", cls=SuggestingGroup, context_settings=CONTEXT)
     def medical() -> None:
-        """Volumetric (3-D) medical segmentation with V-Net or a 3-D U-Net: train, val, predict."""
+        """Medical volumes: segmentation (3-D U-Net, V-Net, slice-wise 2-D U-Net) and classification
+        (DenseNet-121 in 3-D or over slices): train, val, predict."""
 
     # the image-classifier options 3-D training does not use are hidden (MedicalConfig refuses them)
     add_train_command(medical, MedicalConfig, "cnnkit.api.medical",
-                      help="Train a 3-D segmenter and write a run folder (weights, metrics, plots).",
+                      help="Train a volume segmenter or classifier and write a run folder (weights, metrics, "
+                           "plots).",
                       option_help=TRAIN_HELP, choices={"model": VOLUME_MODELS, "loss": MEDICAL_LOSSES},
                       hide=MedicalConfig.UNUSED)
 
@@ -40,7 +45,8 @@ def register(parent: click.Group) -> click.Group:
     @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
                   help="also write the metrics to this JSON file")
     def val_cmd(weights, data, split, device, json_path) -> None:
-        """Dice and 95th-percentile Hausdorff distance (voxels) per class."""
+        """Dice and 95th-percentile Hausdorff distance (voxels) per class; for classifiers accuracy,
+        balanced accuracy, macro F1 and AUROC."""
         from cnnkit.api import medical as api
 
         api.val(weights, data, split=split, device=device, json_path=json_path)
@@ -52,9 +58,10 @@ def register(parent: click.Group) -> click.Group:
     @click.option("--save-dir", type=click.Path(file_okay=False), default=None,
                   help="write each label volume here as NIfTI (same name and affine as the input)")
     @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
-                  help='write [{"path", "shape", "voxels": {class: count}, "labels"}]')
+                  help='write [{"path", "shape", "voxels": {class: count}, "labels"}] (classifiers: '
+                       '[{"path", "shape", "label", "score", "probs"}])')
     def predict_cmd(weights, source, device, save_dir, json_path) -> None:
-        """Segment volumes (sliding window over any size); print one line per volume."""
+        """Segment volumes (sliding window over any size) or classify them; print one line per volume."""
         from cnnkit.api import medical as api
 
         api.predict(weights, source, device=device, save_dir=save_dir, json_path=json_path)

@@ -16,8 +16,14 @@ User data is a YAML naming NIfTI folders per split (paths relative to the YAML):
     names: [background, liver, tumour]
 
 Every ``images/X.nii.gz`` needs ``labels/X.nii.gz`` of the same shape (the Medical
-Segmentation Decathlon layout). Images are normalized per volume (zero mean, unit std over
-the volume) when read.
+Segmentation Decathlon layout). For classification a split names one folder with a
+subfolder of volumes per class (``train: train`` with ``train/normal/*.nii.gz``,
+``train/abnormal/*.nii.gz``); ``names`` then lists the classes (default: the subfolders of
+the first split, sorted). Images are normalized per volume (zero mean, unit std over the
+volume) when read.
+
+For classification the built-in phantoms come in two classes, ``no lesion`` and ``lesion``:
+half of them are drawn without lesions (:func:`phantom_classes`).
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ class VolRecord:
     label: np.ndarray | None = None
     affine: np.ndarray | None = None
     index: int = 0
+    target: int | None = None  # class index of the whole volume (classification)
 
     @property
     def name(self) -> str:
@@ -128,9 +135,9 @@ def _rotation(rng) -> np.ndarray:
     return q * np.sign(np.diag(r))
 
 
-def phantom(rng: np.random.Generator, size: int = PHANTOM_SIZE) -> tuple[np.ndarray, np.ndarray]:
+def phantom(rng: np.random.Generator, size: int = PHANTOM_SIZE, lesions: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """One phantom: ``(image float32 (S, S, S), label uint8 (S, S, S))`` with an organ (1)
-    and one or two lesions (2) inside it."""
+    and one or two lesions (2) inside it (none with ``lesions=False``)."""
     ax = np.arange(size, dtype=np.float32) + 0.5
     grid = np.stack(np.meshgrid(ax, ax, ax, indexing="ij"))
     label = np.zeros((size,) * 3, np.uint8)
@@ -138,7 +145,7 @@ def phantom(rng: np.random.Generator, size: int = PHANTOM_SIZE) -> tuple[np.ndar
     radii = rng.uniform(0.22, 0.38, 3) * size
     organ = _ellipsoid(grid, centre, radii, _rotation(rng)) < 1
     label[organ] = 1
-    for _ in range(int(rng.integers(1, 3))):
+    for _ in range(int(rng.integers(1, 3)) if lesions else 0):
         r = rng.uniform(0.08, 0.14, 3) * size
         c = centre + rng.uniform(-0.5, 0.5, 3) * np.maximum(radii - r, 0)
         label[(_ellipsoid(grid, c, r, _rotation(rng)) < 1) & organ] = 2
@@ -166,13 +173,68 @@ def phantoms(sizes: dict[str, int] | None = None, seed: int = 0, size: int = PHA
     return VolumeData("phantoms", list(PHANTOM_NAMES), splits)
 
 
-def read_nifti_folders(path: str | Path) -> VolumeData:
-    """A YAML naming ``images`` and ``labels`` NIfTI folders per split, and the class names.
+CLASS_NAMES = ["no lesion", "lesion"]
+
+
+def phantom_classes(sizes: dict[str, int] | None = None, seed: int = 0, size: int = PHANTOM_SIZE) -> VolumeData:
+    """Phantoms for classification: each volume is drawn with lesions or, with probability
+    1/2, without; ``target`` is 1 when the label volume holds any lesion voxel."""
+    from cnnkit.data.shapes import _SPLITS
+
+    sizes = dict(PHANTOM_SIZES) if sizes is None else dict(sizes)
+    splits = {}
+    for sp, n in sizes.items():
+        recs = []
+        for i in range(n):
+            rng = np.random.default_rng([seed, _SPLITS[sp], i, 0xC1A5])
+            img, lab = phantom(rng, size, lesions=bool(rng.random() < 0.5))
+            recs.append(VolRecord(image=img, label=lab, index=i, target=int((lab == 2).any())))
+        splits[sp] = recs
+    return VolumeData("phantoms", list(CLASS_NAMES), splits)
+
+
+def read_nifti_class_folders(path: str | Path) -> VolumeData:
+    """A YAML naming one folder per split, each with a subfolder of NIfTI volumes per class.
 
     Raises:
-        DataError: no such file, no names, a folder missing or empty, or an image without its
-            label file.
+        DataError: no such file, a split folder missing, no class subfolders, a class with no
+            volumes, or a subfolder not in ``names``.
     """
+    p, spec = _read_spec(path)
+    root = p.resolve().parent
+    names = spec.get("names")
+    splits: dict[str, list[VolRecord]] = {}
+    for sp in ("train", "val", "test"):
+        entry = spec.get(sp)
+        if not entry:
+            continue
+        if not isinstance(entry, str):
+            raise DataError(f"the {sp} entry of '{p}' must name a folder with one subfolder of volumes per class")
+        folder = root / entry
+        if not folder.is_dir():
+            raise DataError(f"the {sp} folder '{folder}' named in '{p}' does not exist")
+        subs = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+        if not subs:
+            raise DataError(f"the {sp} folder '{folder}' has no class subfolders")
+        if not isinstance(names, list):
+            names = subs
+        recs = []
+        for d in subs:
+            if d not in names:
+                raise DataError(f"class folder '{folder / d}' is not one of the names in '{p}' ({', '.join(names)})")
+            files = sorted(f for f in (folder / d).iterdir() if f.name.endswith(NIFTI_SUFFIXES))
+            if not files:
+                raise DataError(f"class folder '{folder / d}' has no .nii or .nii.gz files")
+            recs += [VolRecord(path=str(f), index=len(recs) + j, target=names.index(d)) for j, f in enumerate(files)]
+        splits[sp] = recs
+    if "train" not in splits and "val" not in splits:
+        raise DataError(f"'{p}' names no train or val split")
+    if len(names) < 2:
+        raise DataError(f"'{p}' needs at least two classes, found {len(names)}")
+    return VolumeData(str(p), [str(n) for n in names], splits)
+
+
+def _read_spec(path: str | Path) -> tuple[Path, dict]:
     import yaml
 
     p = Path(path)
@@ -182,7 +244,20 @@ def read_nifti_folders(path: str | Path) -> VolumeData:
         spec = yaml.safe_load(p.read_text(encoding="utf-8-sig")) or {}
     except yaml.YAMLError as e:
         raise DataError(f"'{p}' is not valid YAML ({e.__class__.__name__})") from None
-    names = spec.get("names") if isinstance(spec, dict) else None
+    if not isinstance(spec, dict):
+        raise DataError(f"'{p}' must be a mapping of splits (train, val, test) and names")
+    return p, spec
+
+
+def read_nifti_folders(path: str | Path) -> VolumeData:
+    """A YAML naming ``images`` and ``labels`` NIfTI folders per split, and the class names.
+
+    Raises:
+        DataError: no such file, no names, a folder missing or empty, or an image without its
+            label file.
+    """
+    p, spec = _read_spec(path)
+    names = spec.get("names")
     if not isinstance(names, list) or len(names) < 2:
         raise DataError(f"'{p}' must list at least two class names under 'names' (background first)")
     root = p.resolve().parent
@@ -230,9 +305,12 @@ def write_nifti_folders(data: VolumeData, out: str | Path) -> Path:
     return root / "data.yaml"
 
 
-def load_volume_data(spec: str, seed: int = 0) -> VolumeData:
-    """Resolve ``--data``: ``phantoms`` or a NIfTI YAML."""
-    return phantoms(seed=seed) if spec == "phantoms" else read_nifti_folders(spec)
+def load_volume_data(spec: str, seed: int = 0, classify: bool = False) -> VolumeData:
+    """Resolve ``--data``: ``phantoms`` or a NIfTI YAML (label folders, or with ``classify``
+    class subfolders)."""
+    if spec == "phantoms":
+        return phantom_classes(seed=seed) if classify else phantoms(seed=seed)
+    return read_nifti_class_folders(spec) if classify else read_nifti_folders(spec)
 
 
 class VolumeDataset(Dataset):
@@ -245,8 +323,9 @@ class VolumeDataset(Dataset):
     ``num_classes``, raises :class:`~cnnkit.errors.DataError`.
     """
 
-    def __init__(self, records: list[VolRecord], num_classes: int, patch: int | None = None, train: bool = False):
-        self.records, self.k, self.patch, self.train = records, num_classes, patch, train
+    def __init__(self, records: list[VolRecord], num_classes: int, patch: int | None = None, train: bool = False,
+                 classify: bool = False):
+        self.records, self.k, self.patch, self.train, self.classify = records, num_classes, patch, train, classify
 
     def __len__(self) -> int:
         return len(self.records)
@@ -263,7 +342,20 @@ class VolumeDataset(Dataset):
                             f"{self.k} classes listed")
         return torch.from_numpy(img)[None], torch.from_numpy(lab.astype(np.int64))
 
+    def load_resized(self, i: int) -> torch.Tensor:
+        """Classification: the image volume (1, S, S, S) resized (trilinear) to ``patch``."""
+        img = torch.from_numpy(self.records[i].load_image())[None]
+        s = self.patch
+        if s and tuple(img.shape[1:]) != (s, s, s):
+            img = torch.nn.functional.interpolate(img[None], size=(s, s, s), mode="trilinear", align_corners=False)[0]
+        return img
+
     def __getitem__(self, i: int):
+        if self.classify:
+            img = self.load_resized(i)
+            if self.train:
+                img = _augment(img)
+            return img.contiguous(), int(self.records[i].target)
         img, lab = self.load(i)
         if self.patch:
             s = self.patch
@@ -276,12 +368,24 @@ class VolumeDataset(Dataset):
             sl = tuple(slice(a, a + s) for a in starts)
             img, lab = img[(slice(None), *sl)], lab[sl]
         if self.train:
-            for ax in range(3):
-                if torch.rand(1) < 0.5:
-                    img, lab = img.flip(ax + 1), lab.flip(ax)
-            img = img * float(torch.empty(1).uniform_(0.9, 1.1)) + float(torch.empty(1).uniform_(-0.1, 0.1))
+            img, lab = _augment(img, lab)
         return img.contiguous(), lab.contiguous()
 
 
+def _augment(img: torch.Tensor, lab: torch.Tensor | None = None):
+    """Random flips along each axis and a small intensity scale and shift."""
+    for ax in range(3):
+        if torch.rand(1) < 0.5:
+            img = img.flip(ax + 1)
+            lab = lab.flip(ax) if lab is not None else None
+    img = img * float(torch.empty(1).uniform_(0.9, 1.1)) + float(torch.empty(1).uniform_(-0.1, 0.1))
+    return img if lab is None else (img, lab)
+
+
 def collate_volumes(items: list) -> dict:
-    return {"images": torch.stack([x for x, _ in items]), "masks": torch.stack([y for _, y in items])}
+    """``images`` (B, 1, D, H, W) with ``masks`` (B, D, H, W) label volumes, or ``targets`` (B,)
+    class indices for classification."""
+    xs = torch.stack([x for x, _ in items])
+    if isinstance(items[0][1], int):
+        return {"images": xs, "targets": torch.tensor([y for _, y in items], dtype=torch.int64)}
+    return {"images": xs, "masks": torch.stack([y for _, y in items])}
