@@ -209,14 +209,11 @@ class VolumeModel:
         return state.compute()
 
 
-class VolumeClassifier:
-    """A trained volume classifier: ``classify`` a volume, ``evaluate`` records."""
+class VolumeClassifier(VolumeModel):
+    """A trained volume classifier: class ``probabilities`` of a volume, ``evaluate`` records."""
 
-    def __init__(self, model: torch.nn.Module, card: dict[str, Any], device: torch.device):
-        self.model, self.card, self.device = model.to(device).eval(), card, device
-        self.classes = list(card["classes"])
-        self.window = int(card["window"])
-        self.amp = resolve_amp("auto", device)
+    def segment(self, volume, overlap: float = 0.25):
+        raise CnnkitError(f"{self.card['arch']} is a classifier; use probabilities()")
 
     @torch.no_grad()
     def probabilities(self, volume: np.ndarray | torch.Tensor) -> torch.Tensor:
