@@ -11,19 +11,7 @@ def select_device(spec: str | None = None) -> torch.device:
     """Turn ``auto``/``cpu``/``cuda``/``cuda:N``/``mps`` into a device, or explain why not.
 
     ``auto`` (or None) picks CUDA when available, then MPS, then CPU.
-
-    For a CPU it also turns on flush-to-zero for denormal floats (``torch.set_flush_denormal``):
-    once a model grows confident, softmax probabilities of the other classes fall below 1e-38,
-    and x86 arithmetic on such numbers is 6-9x slower; a shapes U-Net's epochs went from 24 s
-    to 51 s over 45 epochs without it. Values that small become 0, which no loss notices.
     """
-    dev = _resolve(spec)
-    if dev.type == "cpu":
-        torch.set_flush_denormal(True)
-    return dev
-
-
-def _resolve(spec: str | None) -> torch.device:
     spec = (spec or "auto").strip().lower()
     if spec == "auto":
         if torch.cuda.is_available():
