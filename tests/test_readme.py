@@ -35,18 +35,32 @@ def test_readme_quickstart_comes_first():
     assert [ln.split("#")[0].strip() for ln in first_block.strip().splitlines()] == ["make run", "make test"]
 
 
+@pytest.fixture(scope="module")
+def readme_dir(tmp_path_factory) -> Path:
+    """One folder for all README commands, which build on each other in order."""
+    return tmp_path_factory.mktemp("readme")
+
+
+def test_readme_has_commands():
+    assert len(commands()) >= 6 and blocks("python")
+
+
+# one test per command (in README order, sharing one folder), so each gets its own time limit
 @pytest.mark.slow
-def test_readme_commands_run_as_written(tmp_path):
+@pytest.mark.parametrize("cmd", commands(), ids=[f"{i:02d}-{' '.join(c.split()[1:3])}" for i, c in
+                                                 enumerate(commands())])
+def test_readme_command_runs_as_written(cmd, readme_dir):
     exe = Path(sys.executable).parent / "cnnkit"
-    cmds = commands()
-    assert len(cmds) >= 6
-    for cmd in cmds:
-        args = shlex.split(cmd)
-        r = subprocess.run([str(exe), *args[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=900)
-        assert r.returncode == 0, f"{cmd}\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
-    for code in blocks("python"):
-        r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=900)
-        assert r.returncode == 0, f"{code}\n{r.stderr[-3000:]}"
+    r = subprocess.run([str(exe), *shlex.split(cmd)[1:]], cwd=readme_dir, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, f"{cmd}\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("code", blocks("python"), ids=[f"python-{i}" for i in range(len(blocks("python")))])
+def test_readme_python_runs_as_written(code, readme_dir):
+    r = subprocess.run([sys.executable, "-c", code], cwd=readme_dir, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, f"{code}\n{r.stderr[-3000:]}"
 
 
 def test_readme_error_example_is_true(cli):
