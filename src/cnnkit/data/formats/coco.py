@@ -31,9 +31,21 @@ from typing import Any
 import numpy as np
 
 from cnnkit.data.detection import DetectionData, DetRecord
-from cnnkit.data.formats import (BOX_MESSAGES, SPLITS, Problems, check_names, check_splits, export_images,
-                                 fit_box, fit_polygon, image_size, load_yaml, polygon_box, prepare_out_dir,
-                                 shown)
+from cnnkit.data.formats import (
+    BOX_MESSAGES,
+    SPLITS,
+    Problems,
+    check_names,
+    check_splits,
+    export_images,
+    fit_box,
+    fit_polygon,
+    image_size,
+    load_yaml,
+    polygon_box,
+    prepare_out_dir,
+    shown,
+)
 from cnnkit.data.formats.polygons import mask_to_polygons, record_polygons
 from cnnkit.errors import DataError, ImageDecodeError
 
@@ -291,7 +303,7 @@ def _rle_parts(seg: dict, w: int, h: int, where: str, problems: Problems) -> lis
         # pycocotools decodes malformed strings without a word; a valid one encodes back to itself
         if isinstance(counts, str) and mask_utils.encode(np.asfortranarray(mask))["counts"] != rle["counts"]:
             raise ValueError("not a COCO RLE string")
-    except Exception:  # includes pycocotools' bare errors on malformed counts
+    except Exception:  # noqa: BLE001 - pycocotools raises bare errors on malformed counts
         problems.add("badrle", where)
         return []
     return [p.astype(np.float32) for p in mask_to_polygons(mask.astype(bool))]

@@ -32,9 +32,21 @@ import numpy as np
 
 from cnnkit.data.decode import is_image_file
 from cnnkit.data.detection import DetectionData, DetRecord
-from cnnkit.data.formats import (BOX_MESSAGES, SPLITS, Problems, check_names, check_splits, export_images,
-                                 fit_box, fit_polygon, image_size, load_yaml, polygon_box, prepare_out_dir,
-                                 shown)
+from cnnkit.data.formats import (
+    BOX_MESSAGES,
+    SPLITS,
+    Problems,
+    check_names,
+    check_splits,
+    export_images,
+    fit_box,
+    fit_polygon,
+    image_size,
+    load_yaml,
+    polygon_box,
+    prepare_out_dir,
+    shown,
+)
 from cnnkit.data.formats.polygons import join_polygons, record_polygons
 from cnnkit.errors import DataError, ImageDecodeError
 
