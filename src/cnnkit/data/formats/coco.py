@@ -306,7 +306,7 @@ def _rle_parts(seg: dict, w: int, h: int, where: str, problems: Problems) -> lis
     except Exception:  # noqa: BLE001 - pycocotools raises bare errors on malformed counts
         problems.add("badrle", where)
         return []
-    return [p.astype(np.float32) for p in mask_to_polygons(mask.astype(bool))]
+    return mask_to_polygons(mask.astype(bool))  # float32 (K, 2) outlines
 
 
 def _numbers(x: Any) -> bool:
