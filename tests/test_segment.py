@@ -277,11 +277,26 @@ def test_python_api_returns_masks(seg_run, seg_data):
     assert model.logits(big, tile=True).shape == (3, 150, 230)
 
 
+def test_scenes_sets_the_train_split_only():
+    from cnnkit.api.segment import _data
+
+    data = _data("shapes", 0, 32, classes=2, max_objects=2, scenes=3)
+    assert {k: len(v) for k, v in data.splits.items()} == {"train": 3, "val": 150, "test": 150}
+    # val and test scenes are seeded per index, so more training scenes never change them
+    plain = shapes_segmentation(32, {"train": 5, "val": 2}, num_classes=2, max_objects=2)
+    for a, b in zip(data.splits["val"][:2], plain.splits["val"], strict=True):
+        assert np.array_equal(a.image, b.image) and np.array_equal(a.mask, b.mask)
+    for a, b in zip(data.splits["train"], plain.splits["train"][:3], strict=True):
+        assert np.array_equal(a.mask, b.mask)
+
+
 def test_bad_input_exits_2_with_one_sentence(seg_data, tmp_path, cli):
     res = cli("segment", "train", "--data", tmp_path / "missing.yaml", "--epochs", "1")
     assert res.code == 2 and res.err.count("\n") == 1
     res = cli("segment", "train", "--imgsz", "100", "--epochs", "1")
     assert res.code == 2 and "multiple of 32" in res.err
+    res = cli("segment", "train", "--scenes", "0", "--epochs", "1")
+    assert res.code == 2 and "--scenes must be at least 1" in res.err
     # a mask whose size differs from its image stops training with one sentence
     import shutil
 

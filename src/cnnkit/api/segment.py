@@ -40,6 +40,7 @@ from cnnkit.api.classify import TrainResult
 from cnnkit.data.classification import make_loader
 from cnnkit.data.segmentation import (
     IGNORE_INDEX,
+    SHAPES_SEG_SIZES,
     SegmentationData,
     SegmentationDataset,
     SegRecord,
@@ -80,6 +81,7 @@ class SegmentConfig(TrainConfig):
     # built-in shapes data
     classes: int = 4  # shapes: how many of the 8 shape classes (background comes on top)
     max_objects: int = 4  # shapes: at most this many objects per image
+    scenes: int = SHAPES_SEG_SIZES["train"]  # shapes: training scenes (val and test keep theirs)
 
     def validate(self) -> None:
         super().validate()
@@ -95,6 +97,8 @@ class SegmentConfig(TrainConfig):
             raise CnnkitError(f"--loss must be one of {', '.join(SEG_LOSSES)}, got '{self.loss}'")
         if self.imgsz is not None and self.imgsz % 32:
             raise CnnkitError(f"--imgsz must be a multiple of 32 for segmentation, got {self.imgsz}")
+        if self.scenes < 1:
+            raise CnnkitError(f"--scenes must be at least 1, got {self.scenes}")
 
 
 def config_from_file(path: str | Path, overrides: dict[str, Any]) -> SegmentConfig:
@@ -109,9 +113,12 @@ def build_model(arch: str, num_classes: int, in_chans: int = 3, encoder: str | N
     return build_segmenter(arch, num_classes, in_chans, encoder, pretrained)
 
 
-def _data(spec: str, seed: int, imgsz: int | None, classes: int = 4, max_objects: int = 4) -> SegmentationData:
+def _data(spec: str, seed: int, imgsz: int | None, classes: int = 4, max_objects: int = 4,
+          scenes: int | None = None) -> SegmentationData:
     if spec == "shapes":
-        return load_segmentation_data("shapes", imgsz, seed=seed, num_classes=classes, max_objects=max_objects)
+        sizes = None if scenes is None else {**SHAPES_SEG_SIZES, "train": scenes}
+        return load_segmentation_data("shapes", imgsz, seed=seed, num_classes=classes, max_objects=max_objects,
+                                      sizes=sizes)
     return load_segmentation_data(spec)
 
 
@@ -168,7 +175,7 @@ def train(cfg: SegmentConfig | None = None, *, resume: str | Path | None = None,
     cfg, ckpt, run = resolve_config(SegmentConfig, "segment", cfg, resume, overrides, verbose)
     device = select_device(cfg.device)
     seed_everything(cfg.seed)
-    data = _data(cfg.data, cfg.seed, cfg.imgsz, cfg.classes, cfg.max_objects)
+    data = _data(cfg.data, cfg.seed, cfg.imgsz, cfg.classes, cfg.max_objects, cfg.scenes)
     imgsz = cfg.imgsz or _default_imgsz(data)
     train_recs, val_recs = data.splits.get("train", []), data.splits.get("val", [])
     if not train_recs:
@@ -199,7 +206,7 @@ def train(cfg: SegmentConfig | None = None, *, resume: str | Path | None = None,
         "preprocess": {"resize": mode, "imgsz": imgsz, "input": "rgb 0-1", "ignore_index": IGNORE_INDEX},
         "cnnkit_version": cnnkit.__version__,
         "trained": {"data": cfg.data, "epochs": cfg.epochs, "seed": cfg.seed, "aug": aug, "loss": cfg.loss,
-                    "classes": cfg.classes, "max_objects": cfg.max_objects, "pretrained": cfg.pretrained,
+                    "classes": cfg.classes, "max_objects": cfg.max_objects, "scenes": cfg.scenes, "pretrained": cfg.pretrained,
                     "init": cfg.init, "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")},
     }
     trainer = Trainer(task, model, train_loader, val_loader, cfg, device, run.root, card,

@@ -20,6 +20,7 @@ TRAIN_HELP = {
             "a window over the whole image",
     "classes": "shapes: how many of the 8 shape classes (background comes on top)",
     "max_objects": "shapes: at most this many objects per image",
+    "scenes": "shapes: how many training scenes to generate (val and test keep their 150 each)",
     "init": "start from a segmenter's or a classifier's weights (a classifier fills the encoder)",
 }
 

@@ -6,6 +6,7 @@ rich prints each epoch's final bar once, so logs stay one line per epoch.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -83,7 +84,7 @@ class ProgressHook(Hook):
             self.progress.stop()
         row = trainer.history[-1]
         parts = [f"epoch {row['epoch']}/{trainer.cfg.epochs}", f"train_loss {row['train_loss']:.4f}"]
-        if "val_loss" in row:
+        if math.isfinite(row.get("val_loss", math.nan)):  # detectors have no val loss (nan): not shown
             parts.append(f"val_loss {row['val_loss']:.4f}")
         if trainer.last_metrics:
             parts.append(trainer.task.summary(trainer.last_metrics))
