@@ -93,7 +93,9 @@ def test_polygons_rasterize_like_coco():
     assert m.shape == (1, 30, 40)
     assert abs(int(m.sum()) - 20 * 20) <= 40  # pycocotools' rasterization of a 20x20 square
     box_only = DetRecord(None, 40, 30, [[0, 0, 10, 10]], [0])
-    assert box_only.instance_masks().sum() == 100
+    assert box_only.instance_masks().sum() == 100 and box_only.maskless() == 1
+    half = DetRecord(None, 40, 30, [[0, 0, 10, 10], [5, 5, 9, 9]], [0, 0], polygons=[[], [np.array([[5, 5], [9, 5], [9, 9]], np.float64)]])
+    assert half.maskless() == 1
 
 
 def test_masks_follow_letterbox_and_flips():
@@ -108,6 +110,38 @@ def test_masks_follow_letterbox_and_flips():
     x1, y1, x2, y2 = t["boxes"][0].tolist()
     assert abs(xs.min().item() - x1) <= 1 and abs(xs.max().item() + 1 - x2) <= 1  # mask and box flipped together
     assert abs(ys.min().item() - y1) <= 1 and abs(ys.max().item() + 1 - y2) <= 1
+
+
+def test_mask_ap_is_scored_against_full_resolution_truth():
+    """Evaluation keeps each image's masks at its own size (``orig_masks``) and scores mask AP
+    against them, not against the letterboxed copy (a 1-px outline at 0.4x vanishes there)."""
+    from cnnkit.tasks.detect import DetectMetrics
+
+    h, w = 80, 160
+    masks = np.zeros((1, h, w), bool)
+    masks[0, 10:70, [20, 140]] = True
+    masks[0, [10, 69], 20:141] = True  # a 1-px rectangle outline
+    rec = DetRecord(None, w, h, [[20, 10, 141, 70]], [0], image=np.zeros((h, w, 3), np.uint8), masks=masks)
+    _, t = DetectionDataset([rec], 64, masks=True, full_masks=True)[0]
+    assert np.array_equal(t["orig_masks"], masks) and t["masks"].sum() < masks.sum() * 0.4 ** 2
+    assert "orig_masks" not in DetectionDataset([rec], 64, masks=True)[0][1]  # training targets stay small
+    # at scale 1 a prediction equal to the truth scores 1 only if orig_masks is what it is scored against
+    s = 64
+    truth = np.zeros((1, s, s), bool)
+    truth[0, 10:30, 10:30] = True
+    target = {"boxes": torch.tensor([[10.0, 10, 30, 30]]), "labels": torch.tensor([0]), "scale": 1.0,
+              "orig_size": (s, s), "image_id": 0, "occlusion": torch.tensor([np.nan]),
+              "masks": torch.zeros(1, s, s, dtype=torch.uint8), "orig_masks": truth}
+    pred = {"boxes": target["boxes"], "scores": torch.ones(1), "labels": target["labels"],
+            "masks": torch.from_numpy(truth).float()}
+
+    def map50(tgt):
+        m = DetectMetrics(["a"], masks=True)
+        m.update([pred], {"targets": [tgt]})
+        return m.compute()["mask_map50"]
+
+    assert map50(target) == pytest.approx(1.0)
+    assert map50({k: v for k, v in target.items() if k != "orig_masks"}) == pytest.approx(0.0)  # the copy
 
 
 def test_mosaic_is_refused_with_masks():

@@ -41,6 +41,14 @@ def test_nifti_round_trip_and_bad_files(tmp_path):
     assert np.allclose(back, vol) and np.allclose(a2, aff)
     import nibabel as nib
 
+    # a scan stored (i, j, k) with k the slice axis reads as (k, j, i): axis 0 runs across slices
+    ijk = np.random.default_rng(1).normal(size=(6, 7, 3)).astype(np.float32)
+    nib.save(nib.Nifti1Image(ijk, np.eye(4)), str(tmp_path / "ijk.nii.gz"))
+    kji, _ = read_nifti(tmp_path / "ijk.nii.gz")
+    assert kji.shape == (3, 7, 6) and kji[2, 5, 4] == ijk[4, 5, 2]
+    write_nifti(tmp_path / "again.nii.gz", kji)
+    assert np.array_equal(np.asarray(nib.load(str(tmp_path / "again.nii.gz")).dataobj), ijk)
+
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 4, 2), np.float32), np.eye(4)), str(tmp_path / "t.nii.gz"))
     with pytest.raises(DataError, match="4 dimensions"):
         read_nifti(tmp_path / "t.nii.gz")
@@ -78,6 +86,19 @@ def test_dice_and_hd95_by_hand():
     assert out["per_class_dice"]["organ"] == pytest.approx(2 * 800 / 2000, abs=1e-6)
     # every surface voxel of the moved faces is 2 voxels from the other cube, the rest 0 -> 95th percentile 2
     assert out["per_class_hd95"]["organ"] == pytest.approx(2.0, abs=1e-6)
+    assert out["hd95_undefined"] == {"organ": 0}
+
+
+def test_empty_truth_counts_false_positives_and_missed_objects():
+    lab = torch.zeros(3, 12, 12, 12, dtype=torch.long)
+    lab[0, 2:6, 2:6, 2:6] = 1  # volume 0: a lesion the prediction misses
+    pred = torch.zeros_like(lab)
+    pred[1, 3:5, 3:5, 3:5] = 1  # volume 1: a false positive on a lesion-free volume; volume 2: both empty
+    m = VolumeMetrics(["background", "lesion"])
+    m.add_predictions(pred, lab)
+    out = m.compute()
+    assert out["per_class_dice"]["lesion"] == pytest.approx(1 / 3)  # 0 (missed), 0 (false positive), 1 (agree)
+    assert out["hd95_undefined"] == {"lesion": 2} and out["per_class_hd95"]["lesion"] is None
 
 
 @pytest.mark.parametrize("arch", ["vnet", "unet3d", "unet2d"])
@@ -195,6 +216,9 @@ def test_medical_cli(medical_run, tmp_path, cli):
     assert r.code == 0, r.err
     lab, aff = read_nifti(tmp_path / "out" / "odd.nii.gz")
     assert lab.shape == (20, 45, 37) and np.allclose(aff, np.diag([1.5, 1.5, 2.0, 1.0])) and lab.max() <= 2
+    r = cli("medical", "predict", "--weights", medical_run, "--source", tmp_path / "in", "--save-dir", tmp_path / "in")
+    assert r.code == 2 and "would overwrite the input" in r.err and r.err.count("\n") == 1
+    assert np.array_equal(read_nifti(tmp_path / "in" / "odd.nii.gz")[0], vol)  # the scan is untouched
     import nibabel as nib
 
     nib.save(nib.Nifti1Image(np.zeros((4, 4), np.float32), np.eye(4)), str(tmp_path / "flat.nii.gz"))

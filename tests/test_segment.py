@@ -173,6 +173,17 @@ def test_mask_folders_round_trip(seg_data):
         assert np.array_equal(a.load_mask().numpy(), b.mask)
 
 
+def test_dotted_file_names_find_their_own_masks(tmp_path):
+    for name, value in (("scan.001", 1), ("scan.002", 2)):
+        for sub in ("images", "masks"):
+            (tmp_path / sub / "train").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "images" / "train" / f"{name}.jpg")
+        write_mask(tmp_path / "masks" / "train" / f"{name}.png", np.full((8, 8), value, np.uint8))
+    (tmp_path / "d.yaml").write_text("train: images/train\nnames: [background, a, b]\n")
+    recs = read_mask_folders(tmp_path / "d.yaml").split("train")
+    assert [int(r.load_mask().max()) for r in recs] == [1, 2]
+
+
 def test_mask_folder_yaml_errors(tmp_path, seg_data):
     with pytest.raises(DataError, match="does not exist"):
         read_mask_folders(tmp_path / "nope.yaml")
@@ -241,6 +252,10 @@ def test_train_writes_run_and_metrics(seg_run):
     card = json.loads((seg_run / "weights" / "best.json").read_text())
     assert card["task"] == "segment" and card["classes"] == ["background", "circle", "ring"]
     assert (seg_run / "plots" / "val_predictions.png").is_file()
+    import csv
+
+    rows = list(csv.DictReader((seg_run / "metrics.csv").open()))
+    assert len(rows) == 2 and all(0 < float(r["val_loss"]) < 10 for r in rows)  # CE + Dice on val
 
 
 def test_val_and_predict_cli(seg_run, seg_data, tmp_path, cli):
@@ -259,6 +274,20 @@ def test_val_and_predict_cli(seg_run, seg_data, tmp_path, cli):
     mask = read_mask(rows[0]["mask"])
     assert mask.shape == (rows[0]["height"], rows[0]["width"]) and mask.max() <= 2
     assert (tmp_path / "out" / (src.glob("*.png").__next__().stem + "_overlay.png")).is_file()
+
+
+def test_val_skips_and_reports_an_unreadable_image(seg_run, seg_data, tmp_path, cli):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(seg_data.parent, bad)
+    victim = min((bad / "images" / "val").iterdir())
+    victim.write_bytes(b"not an image")
+    res = cli("segment", "val", "--weights", seg_run, "--data", bad / "data.yaml", "--json", tmp_path / "m.json")
+    assert res.code == 0, res.err
+    assert "skipped" in res.out
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["num_images"] == 7 and m["skipped_images"][0]["path"].endswith(victim.name)
 
 
 def test_python_api_returns_masks(seg_run, seg_data):

@@ -183,6 +183,34 @@ def test_freeze_specs():
         frozen_names(m, 5)
 
 
+def test_freeze_a_segmenter_freezes_its_encoder_only():
+    """Wrappers (segmenters, detectors) have no feature_info of their own: --freeze reaches
+    the registry encoder inside, the decoder stays trainable and one step trains it."""
+    from cnnkit.models.finetune import set_frozen
+    from cnnkit.models.segmentation import build_segmenter
+
+    m = build_segmenter("unet", 3, 3, "smallcnn")
+    enc = "encoder.features.body."
+    groups = parameter_groups(m)
+    assert sorted(n for g in groups for n in g) == sorted(n for n, _ in m.named_parameters())
+    assert all(n.startswith(enc) for g in groups[:-1] for n in g)
+    assert groups[-1] and not any(n.startswith(enc) for n in groups[-1])
+    frozen = frozen_names(m, "backbone")
+    assert frozen == {n for n, _ in m.named_parameters() if n.startswith(enc)}
+    assert frozen_names(m, 1) < frozen and num_stages(m) == 4
+    set_frozen(m, frozen)
+    out = m(torch.rand(2, 3, 32, 32))
+    out.mean().backward()  # would raise if nothing required a gradient
+    grads = {n: p.grad is not None for n, p in m.named_parameters()}
+    assert not any(grads[n] for n in frozen) and all(grads[n] for n in groups[-1])
+
+
+def test_freeze_that_leaves_nothing_is_refused():
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(4, 4, 3))
+    with pytest.raises(CnnkitError, match="would freeze every parameter"):
+        frozen_names(m, "backbone")
+
+
 def test_layer_decay_scales():
     m = create_model("smallcnn", 3, 1)
     s = layer_decay_scales(m, 0.5)

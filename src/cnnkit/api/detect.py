@@ -186,8 +186,13 @@ def train(cfg: DetectConfig | None = None, *, resume: str | Path | None = None, 
     gen = torch.Generator().manual_seed(cfg.seed)
     if masks and "occlude" in aug:
         raise CnnkitError("occlude paints over objects without changing their masks; leave it out for instance masks")
+    if masks and verbose:
+        bare, total = sum(r.maskless() for r in train_recs), sum(len(r.labels) for r in train_recs)
+        if bare:
+            con.print(f"[yellow]warning:[/] {bare} of {total} training objects have no mask or polygon "
+                      "(box-only labels); Mask R-CNN learns their boxes, filled, as their masks")
     train_ds = DetectionDataset(train_recs, imgsz, parse_det_aug(aug, imgsz), cfg.mosaic, masks=masks)
-    val_ds = DetectionDataset(val_recs, imgsz, masks=masks)
+    val_ds = DetectionDataset(val_recs, imgsz, masks=masks, full_masks=True)
     pin = device.type == "cuda"
     train_loader = make_loader(train_ds, cfg.batch, True, cfg.workers, task.collate, gen, drop_last=len(train_ds) > cfg.batch,
                                pin_memory=pin)
@@ -335,7 +340,7 @@ class DetectModel:
         task = DetectTask(self.classes, self.card.get("category_ids"), self.masks)
         self.model.set_thresholds(conf, iou if iou is not None else self.card.get("iou", 0.6),
                                   int(self.card.get("max_det", 100)), nms or self.card.get("nms", "hard"))
-        loader = make_loader(DetectionDataset(records, self.imgsz, masks=self.masks), batch, False, workers,
+        loader = make_loader(DetectionDataset(records, self.imgsz, masks=self.masks, full_masks=True), batch, False, workers,
                              task.collate)
         state = DetectMetrics(self.classes, self.card.get("category_ids"), keep_predictions, self.masks)
         skipped: list = []

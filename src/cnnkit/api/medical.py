@@ -58,7 +58,7 @@ from cnnkit.utils.seed import seed_everything
 class MedicalConfig(TrainConfig):
     """``cnnkit medical train`` options."""
 
-    UNUSED = ("imgsz", "pretrained", "init", "freeze", "unfreeze_at", "layer_decay", "linear_probe")
+    UNUSED = ("imgsz", "pretrained", "init", "freeze", "unfreeze_at", "layer_decay", "linear_probe", "channels_last")
 
     data: str = "phantoms"
     model: str = "unet3d"  # segmenters unet3d (default), vnet, unet2d; classifiers densenet3d, densenet2d
@@ -81,7 +81,8 @@ class MedicalConfig(TrainConfig):
         defaults = type(self)()
         for name in self.UNUSED:
             if getattr(self, name) != getattr(defaults, name):
-                raise CnnkitError(f"--{name.replace('_', '-')} does not apply to 3-D volumes (see --patch)")
+                hint = " (see --patch)" if name == "imgsz" else ""
+                raise CnnkitError(f"--{name.replace('_', '-')} does not apply to 3-D volumes{hint}")
         if self.patch is not None and (self.patch < 16 or self.patch % 16):
             raise CnnkitError(f"--patch must be a multiple of 16, got {self.patch}")
         if self.classify and self.patch is not None and self.patch < 32:
@@ -174,6 +175,9 @@ def _line(m: dict[str, Any], split: str) -> str:
                 f"macro F1 {m['macro_f1']:.4f}{auc}")
     per = ", ".join(f"{n} {v:.3f}" for n, v in m["per_class_dice"].items() if v is not None)
     hd = f"  HD95 {m['hd95']:.2f} vox" if m.get("hd95") is not None else ""
+    undefined = sum(m.get("hd95_undefined", {}).values())
+    if undefined:
+        hd += f" ({undefined} class-volumes missed or falsely found, not in HD95)"
     return f"{split} Dice {m['dice']:.4f} ({per}){hd}"
 
 
@@ -281,6 +285,11 @@ def predict(weights: str | Path, source: str | Path, device: str = "auto", save_
     files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.name.endswith(NIFTI_SUFFIXES))
     if not files:
         raise DataError(f"no .nii or .nii.gz files in '{p}'")
+    # label volumes keep each input's path below the source folder, never on an input itself
+    outs = {f: Path(save_dir) / (f.name if p.is_file() else f.relative_to(p)) for f in files} if save_dir else {}
+    clash = next((f for f, o in outs.items() if o.resolve() in {g.resolve() for g in files}), None)
+    if clash is not None:
+        raise CnnkitError(f"--save-dir would overwrite the input '{clash}' with its labels; choose another folder")
     rows = []
     for f in files:
         t0 = time.perf_counter()
@@ -299,7 +308,7 @@ def predict(weights: str | Path, source: str | Path, device: str = "auto", save_
         row = {"path": str(f), "shape": list(vol.shape),
                "voxels": {n: int(c) for n, c in zip(m.classes, counts) if c}}
         if save_dir:
-            out = Path(save_dir) / f.name
+            out = outs[f]
             write_nifti(out, lab.numpy(), affine)
             row["labels"] = str(out)
         rows.append(row)

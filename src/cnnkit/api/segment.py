@@ -328,14 +328,23 @@ class SegmentModel:
 
     def evaluate(self, records: list[SegRecord], tile: bool | None = None) -> dict[str, Any]:
         """mIoU, Dice, pixel accuracy and per-class IoU/Dice of ``records`` at original size."""
+        from cnnkit.errors import ImageDecodeError
+
         ds = SegmentationDataset(records, None, len(self.classes), train=False)
         state = SegMetrics(self.classes)
+        skipped = []
         for i in range(len(ds)):
-            img, mask = ds.load(i)
+            try:
+                img, mask = ds.load(i)
+            except ImageDecodeError as e:  # reported, as training skips it too
+                skipped.append({"path": e.path, "reason": e.reason})
+                continue
             pred = self.logits(img, tile).argmax(0)
             state.add_predictions(pred.cpu(), mask.long())
         out = state.compute()
-        out["num_images"] = len(records)
+        out["num_images"] = len(records) - len(skipped)
+        if skipped:
+            out["skipped_images"] = skipped
         return out
 
     def predict(self, source, tile: bool | None = None) -> list[SegmentationResult]:
@@ -381,10 +390,15 @@ class SegmentModel:
         """Rows of image | ground truth | prediction (masks blended over the image) as a PNG."""
         from torchvision.utils import make_grid, save_image
 
+        from cnnkit.errors import ImageDecodeError
+
         ds = SegmentationDataset(records, None, len(self.classes), train=False)
         tiles = []
         for i in range(len(ds)):
-            img, mask = ds.load(i)
+            try:
+                img, mask = ds.load(i)
+            except ImageDecodeError:
+                continue
             pred = self.logits(img).argmax(0).cpu()
             tiles += [img, overlay(img, mask), overlay(img, pred)]
         if tiles:
@@ -427,7 +441,7 @@ def val(weights: str | Path, data: str, split: str = "val", device: str = "auto"
     if data == "shapes":
         trained = m.card.get("trained", {})
         ds = _data("shapes", trained.get("seed", 0), m.imgsz, trained.get("classes", len(m.classes) - 1),
-                   trained.get("max_objects", 4))
+                   trained.get("max_objects", 4), trained.get("scenes") if split == "train" else 0)
     else:
         ds = _data(data, 0, None)
     if list(ds.names) != m.classes:
@@ -444,6 +458,8 @@ def val(weights: str | Path, data: str, split: str = "val", device: str = "auto"
         con = console()
         con.print(metrics_table(metrics, f"{split} split of {data} ({len(records)} images)"))
         con.print(_line(metrics, split))
+        for row in metrics.get("skipped_images", []):
+            con.print(f"[yellow]skipped[/] {row['path']}: {row['reason']}")
     return metrics
 
 

@@ -12,8 +12,10 @@ TRAIN_HELP = {
              "convolutions, heavier and slower to start), unet2d (2-D U-Net on every axial slice); classifiers: "
              "densenet3d (DenseNet-121, 3-D), densenet2d (DenseNet-121 on every slice, averaged per volume)",
     "loss": "segmenters: dice, or dice+ce (Dice plus cross-entropy); classifiers use cross-entropy",
-    "patch": "segmenters: train on random cubes of this side (a multiple of 16), default whole volumes; "
-             "classifiers: resize every volume to this side, default the first volume's largest side",
+    "patch": "segmenters: train on random cubes of this side (a multiple of 16); default a cube of the first "
+             "training volume's largest side (whole volumes when they are all that size or smaller: others are "
+             "cropped; give --patch for large or varied volumes); classifiers: resize every volume to this side, "
+             "default the first volume's largest side",
     "lr": "peak learning rate; 1e-3 suits unet3d, vnet needs 1e-2 to leave its first all-one-class state",
 }
 
@@ -56,7 +58,7 @@ def register(parent: click.Group) -> click.Group:
     @click.option("--source", required=True, help="a .nii/.nii.gz file or a folder of them")
     @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     @click.option("--save-dir", type=click.Path(file_okay=False), default=None,
-                  help="write each label volume here as NIfTI (same name and affine as the input)")
+                  help="write each label volume here as NIfTI (the input's name, subfolder and affine)")
     @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
                   help='write [{"path", "shape", "voxels": {class: count}, "labels"}] (classifiers: '
                        '[{"path", "shape", "label", "score", "probs"}])')

@@ -25,7 +25,7 @@ HELP: dict[str, str] = {
     "imgsz": "input size in pixels (square); default: the dataset's (digits 16, shapes 64, folders 224)",
     "pretrained": "start from published ImageNet weights (torchvision/timm loaders; needs network once)",
     "init": "start from these weights (a cnnkit .safetensors or a state-dict file): fine-tuning, not resuming",
-    "freeze": "freeze 'backbone' (all but the head) or N (the stem and the first N stages), BN statistics included",
+    "freeze": "freeze 'backbone' (all but the head; a segmenter's or detector's encoder) or N (the stem and the first N stages), BN statistics included",
     "unfreeze_at": "epoch at which frozen layers start training (gradual fine-tuning); 0 keeps them frozen",
     "layer_decay": "layer-wise LR decay: each depth group below the head gets this factor times the LR above; 1 is off",
     "linear_probe": "train only a linear head on frozen features (the backbone and its BN statistics stay fixed)",

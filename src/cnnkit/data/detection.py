@@ -67,6 +67,14 @@ class DetRecord:
     def name(self) -> str:
         return self.path if self.path is not None else f"image {self.image_id}"
 
+    def maskless(self) -> int:
+        """How many objects have neither a mask nor a polygon (they get their box filled)."""
+        if self.masks is not None:
+            return 0
+        polys = self.polygons or []
+        return sum(1 for k in range(len(self.labels))
+                   if not (k < len(polys) and any(len(pt) >= 3 for pt in polys[k])))
+
     def instance_masks(self) -> np.ndarray:
         """bool (N, H, W) visible mask of every object: ``masks`` when given, else the
         ``polygons`` rasterized (pycocotools, as COCO does); an object without a polygon gets
@@ -299,17 +307,19 @@ class DetectionDataset(Dataset):
     ``occlusion`` float32 (N,), ``image_id``, ``scale`` (letterboxed / original), ``orig_size``
     ``(H, W)``, ``path``. With ``aug`` the boxes follow the transforms and boxes that end up
     smaller than 2 px are dropped; with ``mosaic > 0`` that share of items is a 2x2 mosaic of
-    four random records cropped around a random centre. An unreadable image gives
+    four random records cropped around a random centre. ``full_masks`` (evaluation) also puts
+    each image's masks at its own size in ``orig_masks``. An unreadable image gives
     ``(None, reason)`` and :func:`collate` lists it in ``skipped``. Letterboxed images are
     cached in memory (``cache=None``: when they fit in 2 GB), so later epochs skip decoding;
     with loader workers each worker keeps its own cache for one epoch.
     """
 
     def __init__(self, records: list[DetRecord], imgsz: int, aug: list | None = None, mosaic: float = 0.0,
-                 cache: bool | None = None, masks: bool = False):
+                 cache: bool | None = None, masks: bool = False, full_masks: bool = False):
         if masks and mosaic > 0:
             raise DataError("mosaic is not available with instance masks; use --mosaic 0")
         self.records, self.imgsz, self.mosaic, self.masks = records, imgsz, mosaic, masks
+        self.full_masks = masks and full_masks
         self.aug = v2.Compose(list(aug) + [v2.SanitizeBoundingBoxes(min_size=2, labels_getter=_labels_getter)]) \
             if aug else None
         if cache is None:  # keep decoded, letterboxed images in memory when they take under 2 GB
@@ -344,7 +354,10 @@ class DetectionDataset(Dataset):
                   "occlusion": torch.from_numpy(rec.occlusion.copy()), "image_id": rec.image_id,
                   "scale": scale, "orig_size": (int(h), int(w)), "path": rec.path or rec.name}
         if self.masks:
-            target["masks"] = letterbox_masks(torch.from_numpy(rec.instance_masks()), self.imgsz)
+            full = rec.instance_masks()
+            target["masks"] = letterbox_masks(torch.from_numpy(full), self.imgsz)
+            if self.full_masks:  # evaluation: mask AP is scored against these, in the image's own pixels
+                target["orig_masks"] = full
         return img, target
 
     def _mosaic(self, i: int):

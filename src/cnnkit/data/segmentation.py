@@ -15,7 +15,10 @@ User data is a YAML file naming the folders (paths relative to the YAML, or to `
 
 Masks are single-channel PNGs whose pixel value is the class id (255 = ignore). Palette
 ("P" mode) PNGs such as Pascal VOC's are read as their palette indices, which is what VOC
-stores (its colours are only a display palette), so ``SegmentationClass/*.png`` works as is.
+stores (its colours are only a display palette), so ``SegmentationClass/*.png`` masks are read
+as they are. Every image in a split folder needs a mask: VOC's ``JPEGImages`` holds many images
+without one, so copy the segmentation subset (the ids in ``ImageSets/Segmentation``) into
+split folders first; split list files are not read.
 """
 
 from __future__ import annotations
@@ -235,9 +238,8 @@ def read_mask_folders(path: str | Path) -> SegmentationData:
             raise DataError(f"the {sp} image folder '{img_dir}' has no images")
         recs = []
         for i, f in enumerate(files):
-            rel = f.relative_to(img_dir).with_suffix("")
-            m = next((mask_dir / rel.with_suffix(s) for s in MASK_SUFFIXES if (mask_dir / rel.with_suffix(s)).is_file()),
-                     None)
+            rel = f.relative_to(img_dir).parent / f.stem  # 'scan.001.jpg' -> 'scan.001' (not 'scan')
+            m = next((p for p in (mask_dir / f"{rel}{s}" for s in MASK_SUFFIXES) if p.is_file()), None)
             if m is None:
                 raise DataError(f"image '{f}' has no mask in '{mask_dir}' (expected {rel}.png)")
             recs.append(SegRecord(path=str(f), mask_path=str(m), image_id=i))

@@ -91,6 +91,11 @@ class VolumeData:
 def read_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """``(volume (D, H, W) float32, affine (4, 4))`` of a 3-D NIfTI file (nibabel).
 
+    NIfTI stores voxels as (i, j, k) with k the slice axis (axial in most scans); the array is
+    returned as (k, j, i), so axis 0 runs across slices and the 2-D models (``unet2d``,
+    ``densenet2d``) see one acquired slice at a time. ``affine`` is the file's, for (i, j, k);
+    :func:`write_nifti` turns the array back, so label volumes overlay their scans.
+
     Raises:
         DataError: the file is missing, unreadable, or not 3-D (a 4-D file with one volume is
             accepted).
@@ -109,14 +114,15 @@ def read_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         arr = arr[..., 0]
     if arr.ndim != 3:
         raise DataError(f"'{p}' has {arr.ndim} dimensions (shape {tuple(arr.shape)}); a volume must be 3-D")
-    return arr, np.asarray(img.affine, np.float64)
+    return np.ascontiguousarray(arr.transpose(2, 1, 0)), np.asarray(img.affine, np.float64)
 
 
 def write_nifti(path: str | Path, volume: np.ndarray, affine: np.ndarray | None = None) -> None:
-    """Save a (D, H, W) array as NIfTI (uint8 for labels, float32 otherwise)."""
+    """Save a (D, H, W) array as NIfTI (uint8 for labels, float32 otherwise), stored as
+    (W, H, D) = (i, j, k) like :func:`read_nifti` expects; ``affine`` is for that order."""
     import nibabel as nib
 
-    v = np.asarray(volume)
+    v = np.asarray(volume).transpose(2, 1, 0)
     v = v.astype(np.uint8) if v.dtype in (np.uint8, np.int64, np.int32, bool) else v.astype(np.float32)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     nib.save(nib.Nifti1Image(v, np.eye(4) if affine is None else affine), str(path))

@@ -5,6 +5,11 @@ smallcnn's list of stage modules): the stem (everything before the first stage),
 per stage (anything between stages joins the stage before it, e.g. densenet transitions), and
 the head (the classifier from ``get_classifier()``; layers after the last stage, such as
 efficientnet's ``conv_head``, join the last stage).
+
+A model built around a registry classifier (a segmenter's encoder, a detector's backbone) has
+no ``feature_info`` of its own: its groups are that classifier's stem and stages, and the head
+is everything outside it (decoder, FPN, RPN, prediction heads), so ``--freeze backbone``
+freezes the encoder and trains the rest.
 """
 
 from __future__ import annotations
@@ -38,11 +43,27 @@ def _head_prefix(model: nn.Module) -> str | None:
     return next((n + "." for n, m in model.named_modules() if m is head and n), None)
 
 
+def _inner_body(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """``(name, module)`` of the registry classifier inside a wrapper without ``feature_info``."""
+    if getattr(model, "feature_info", None) is not None or hasattr(model, "get_classifier"):
+        return None  # a classifier itself
+    return next(((n, m) for n, m in model.named_modules() if n and getattr(m, "feature_info", None) is not None),
+                None)
+
+
 def parameter_groups(model: nn.Module) -> list[list[str]]:
     """Parameter names by depth: ``[stem, stage 1, ..., stage S, head]`` (S >= 1).
 
-    Models without ``feature_info`` get ``[all but the head, head]``.
+    A wrapper around a registry classifier gets that classifier's groups (its own unused
+    classifier joins the last stage) and everything outside it as the head. Other models
+    without ``feature_info`` get ``[all but the head, head]``.
     """
+    inner = _inner_body(model)
+    if inner is not None:
+        prefix, body = inner
+        *groups, own_head = [[f"{prefix}.{n}" for n in g] for g in parameter_groups(body)]
+        groups[-1] = groups[-1] + own_head  # the classifier's own head is never run inside the wrapper
+        return groups + [[n for n, _ in model.named_parameters() if not n.startswith(prefix + ".")]]
     stages = _feature_modules(model)
     head = _head_prefix(model)
     names = [n for n, _ in model.named_parameters()]
@@ -77,7 +98,9 @@ def frozen_names(model: nn.Module, spec: str | int | None) -> set[str]:
         return set()
     groups = parameter_groups(model)
     if str(spec) in ("backbone", "all"):
-        return {n for g in groups[:-1] for n in g}
+        names = {n for g in groups[:-1] for n in g}
+        _check_trainable(model, names, spec)
+        return names
     try:
         n = int(spec)
     except (TypeError, ValueError):
@@ -85,7 +108,16 @@ def frozen_names(model: nn.Module, spec: str | int | None) -> set[str]:
     stages = len(groups) - 2
     if not 0 <= n <= stages:
         raise CnnkitError(f"--freeze {n}: this model has {stages} stages; use 0-{stages} or 'backbone'")
-    return {name for g in groups[: n + 1] for name in g}
+    names = {name for g in groups[: n + 1] for name in g}
+    _check_trainable(model, names, spec)
+    return names
+
+
+def _check_trainable(model: nn.Module, names: set[str], spec: str | int) -> None:
+    """Refuse a freeze that leaves nothing to train (a model whose head cannot be told apart)."""
+    if names and all(n in names for n, _ in model.named_parameters()):
+        raise CnnkitError(f"--freeze {spec} would freeze every parameter of this model (it has no separate "
+                          "head to train); use a number of stages")
 
 
 def set_frozen(model: nn.Module, names: set[str]) -> None:

@@ -64,8 +64,8 @@ class DetectMetrics:
             gb = to_original(t["boxes"].detach().cpu(), t["scale"], h, w).numpy()
             ps, pl = pred["scores"].detach().float().cpu().numpy(), pred["labels"].detach().cpu().numpy()
             gm = pm = None
-            if self.masks:
-                gm = masks_to_original(t["masks"], t["scale"], h, w)
+            if self.masks:  # ground truth at full resolution when the loader kept it (evaluation)
+                gm = t["orig_masks"] if "orig_masks" in t else masks_to_original(t["masks"], t["scale"], h, w)
                 pm = masks_to_original(pred["masks"], t["scale"], h, w)
             self.evaluator.add(t["image_id"], w, h, gb, t["labels"].cpu().numpy(), pb, ps, pl,
                                gt_occlusion=t["occlusion"].cpu().numpy(), gt_masks=gm, pred_masks=pm)

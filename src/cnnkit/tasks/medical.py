@@ -21,14 +21,20 @@ class VolumeMetrics:
     means over volumes. Background is left out of both (it would flatter Dice).
 
     ``compute`` gives ``dice`` (mean over foreground classes), ``per_class_dice``, ``hd95``
-    and ``per_class_hd95`` (None for a class absent from a volume's truth and prediction).
+    and ``per_class_hd95`` (a class's mean over the volumes where it is scored; None if none).
+    A class absent from a volume's truth scores Dice 1 when the prediction has none of it too
+    and 0 for any false positive (MONAI's ``ignore_empty=False``: false positives on empty
+    volumes count). HD95 is undefined when exactly one of truth and prediction is empty (a
+    missed object or a false positive); those cases are left out of the HD95 means and
+    counted in ``hd95_undefined`` (per class), so a missed object cannot vanish silently.
     """
 
     def __init__(self, names: list[str]):
         from monai.metrics import DiceMetric, HausdorffDistanceMetric
 
         self.names = list(names)
-        self.dice = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
+        self.dice = DiceMetric(include_background=False, reduction="none", ignore_empty=False)
+        self.undefined = torch.zeros(max(len(self.names) - 1, 0), dtype=torch.long)
         self.hd = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")
 
     def update(self, output: torch.Tensor, batch: dict) -> None:
@@ -40,6 +46,8 @@ class VolumeMetrics:
         p = F.one_hot(pred.long().cpu(), k).permute(0, 4, 1, 2, 3).float()
         t = F.one_hot(target.long().cpu(), k).permute(0, 4, 1, 2, 3).float()
         self.dice(p, t)
+        has_p, has_t = p[:, 1:].flatten(2).any(2), t[:, 1:].flatten(2).any(2)  # (B, K-1)
+        self.undefined += (has_p != has_t).sum(0)
         import warnings
 
         with warnings.catch_warnings():  # MONAI warns for a class missing in a volume (-> NaN, skipped)
@@ -62,7 +70,9 @@ class VolumeMetrics:
         dv = [v for v in pd.values() if v is not None]
         hv = [v for v in ph.values() if v is not None]
         return {"dice": sum(dv) / len(dv) if dv else 0.0, "per_class_dice": pd,
-                "hd95": sum(hv) / len(hv) if hv else None, "per_class_hd95": ph, "num_volumes": int(d.shape[0])}
+                "hd95": sum(hv) / len(hv) if hv else None, "per_class_hd95": ph,
+                "hd95_undefined": {n: int(c) for n, c in zip(self.names[1:], self.undefined)},
+                "num_volumes": int(d.shape[0])}
 
 
 class MedicalTask(Task):

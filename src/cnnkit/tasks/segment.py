@@ -64,18 +64,24 @@ class SegMetrics:
     - ``pixel_acc``: correct pixels / labelled pixels.
 
     These equal torchmetrics' ``MulticlassJaccardIndex`` and ``DiceScore`` macro averages
-    where every class occurs (tests/test_segment.py checks the parity).
+    where every class occurs (tests/test_segment.py checks the parity). Given ``loss_fn`` (the
+    task's training loss) it also reports ``loss``, the image-weighted mean over the pass.
     """
 
-    def __init__(self, names: list[str], ignore_index: int = IGNORE_INDEX, device: torch.device | None = None):
+    def __init__(self, names: list[str], ignore_index: int = IGNORE_INDEX, device: torch.device | None = None,
+                 loss_fn=None):
         from torchmetrics.classification import MulticlassConfusionMatrix
 
         self.names = list(names)
         self.cm = MulticlassConfusionMatrix(len(names), ignore_index=ignore_index, validate_args=False)
         if device is not None:
             self.cm = self.cm.to(device)
+        self.loss_fn, self.loss_sum, self.count = loss_fn, 0.0, 0
 
     def update(self, output: torch.Tensor, batch: dict) -> None:
+        if self.loss_fn is not None and output.ndim == 4:
+            self.loss_sum += float(self.loss_fn(output, batch)["loss"]) * len(output)
+            self.count += len(output)
         pred = output.argmax(1) if output.ndim == 4 else output
         self.cm.update(pred.flatten(), batch["masks"].to(pred.device).flatten())
 
@@ -84,7 +90,10 @@ class SegMetrics:
         self.cm.update(pred.flatten().to(self.cm.device), target.flatten().to(self.cm.device))
 
     def compute(self) -> dict[str, Any]:
-        return metrics_from_confusion(self.cm.compute().double().cpu(), self.names)
+        out = metrics_from_confusion(self.cm.compute().double().cpu(), self.names)
+        if self.count:
+            out["loss"] = self.loss_sum / self.count
+        return out
 
 
 def metrics_from_confusion(cm: torch.Tensor, names: list[str]) -> dict[str, Any]:
@@ -151,7 +160,7 @@ class SegmentTask(Task):
         return {"loss": total, **{k: v.detach() for k, v in parts.items()}} if len(parts) > 1 else {"loss": total}
 
     def metrics(self, device: torch.device | None = None) -> SegMetrics:
-        return SegMetrics(self.names, self.ignore_index, device)
+        return SegMetrics(self.names, self.ignore_index, device, loss_fn=self.loss)
 
     def step_metric(self, output: torch.Tensor, batch: dict) -> tuple[str, float, int] | None:
         valid = batch["masks"] != self.ignore_index

@@ -78,8 +78,10 @@ def read_coco(path: str | Path) -> DetectionData:
     """Read a COCO dataset: a single ``instances`` JSON, or a YAML naming one per split.
 
     ``image_id`` comes from the JSON. Polygon segmentations become ``DetRecord.polygons`` (in
-    pixels, clipped to the image); an object with an RLE segmentation (or none) keeps its box and
-    gets an empty polygon list (``polygons`` is None for an image where no object has a polygon).
+    pixels, clipped to the image); an RLE segmentation (compressed or not) is decoded and traced
+    into polygons along pixel edges, so it rasterizes back to the same pixels; an object with no
+    segmentation (or an RLE that cannot be decoded, a warning) keeps its box and gets an empty
+    polygon list (``polygons`` is None for an image where no object has a mask).
     An annotation without a bbox takes the box that encloses its polygon. Images without
     annotations are images without objects.
 
