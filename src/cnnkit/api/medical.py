@@ -287,7 +287,8 @@ def predict(weights: str | Path, source: str | Path, device: str = "auto", save_
         raise DataError(f"no .nii or .nii.gz files in '{p}'")
     # label volumes keep each input's path below the source folder, never on an input itself
     outs = {f: Path(save_dir) / (f.name if p.is_file() else f.relative_to(p)) for f in files} if save_dir else {}
-    clash = next((f for f, o in outs.items() if o.resolve() in {g.resolve() for g in files}), None)
+    inputs = {f.resolve() for f in files}
+    clash = next((f for f, o in outs.items() if o.resolve() in inputs), None)
     if clash is not None:
         raise CnnkitError(f"--save-dir would overwrite the input '{clash}' with its labels; choose another folder")
     rows = []

@@ -67,13 +67,16 @@ class DetRecord:
     def name(self) -> str:
         return self.path if self.path is not None else f"image {self.image_id}"
 
+    def _polygon_parts(self, k: int) -> list:
+        """Object ``k``'s polygon parts with at least 3 points (none: box-only)."""
+        parts = self.polygons[k] if self.polygons is not None and k < len(self.polygons) else []
+        return [pt for pt in parts if len(pt) >= 3]
+
     def maskless(self) -> int:
         """How many objects have neither a mask nor a polygon (they get their box filled)."""
         if self.masks is not None:
             return 0
-        polys = self.polygons or []
-        return sum(1 for k in range(len(self.labels))
-                   if not (k < len(polys) and any(len(pt) >= 3 for pt in polys[k])))
+        return sum(1 for k in range(len(self.labels)) if not self._polygon_parts(k))
 
     def instance_masks(self) -> np.ndarray:
         """bool (N, H, W) visible mask of every object: ``masks`` when given, else the
@@ -86,8 +89,7 @@ class DetRecord:
         h, w = int(self.height), int(self.width)
         out = np.zeros((len(self.labels), h, w), bool)
         for k in range(len(self.labels)):
-            parts = self.polygons[k] if self.polygons is not None and k < len(self.polygons) else []
-            parts = [pt for pt in parts if len(pt) >= 3]
+            parts = self._polygon_parts(k)
             if parts:
                 out[k] = polygons_to_mask(parts, h, w)
             else:
