@@ -96,3 +96,120 @@ def run_subprocess(args: list[str], cwd: Path | None = None, timeout: int = 600)
     exe = Path(sys.executable).parent / "cnnkit"
     return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "COLUMNS": "120"})
+
+
+# ---- one tiny trained model per task, shared by the whole session (export, explain, serve...) ----
+
+
+@pytest.fixture(scope="session")
+def tiny_yolo(tmp_path_factory) -> Path:
+    """Generated shapes at 128 px (24 train, 12 val images, 2 classes) as a YOLO dataset."""
+    from cnnkit.cli.main import main
+
+    out = tmp_path_factory.mktemp("det") / "yolo"
+    assert main(["convert", "shapes", "--to", "yolo", "--out", str(out), "--imgsz", "128", "--sizes",
+                 "train=24,val=12", "--classes", "2", "--max-objects", "3"]) == 0
+    return out / "data.yaml"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_yolo, tmp_path_factory) -> Path:
+    """One short fastdet training on ``tiny_yolo`` (a run folder)."""
+    from cnnkit.cli.main import main
+
+    out = tmp_path_factory.mktemp("det") / "run"
+    assert main(["detect", "train", "--data", str(tiny_yolo), "--imgsz", "128", "--epochs", "2", "--batch", "8",
+                 "--width", "8", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def seg_data(tmp_path_factory):
+    """A tiny shapes segmentation dataset written as mask folders (64 px, 2 shape classes)."""
+    from cnnkit.data.segmentation import shapes_segmentation, write_mask_folders
+
+    root = tmp_path_factory.mktemp("segdata")
+    data = shapes_segmentation(64, {"train": 24, "val": 8}, num_classes=2, max_objects=2)
+    return write_mask_folders(data, root)
+
+
+@pytest.fixture(scope="session")
+def seg_run(seg_data, tmp_path_factory):
+    from cnnkit.cli.main import main
+
+    out = tmp_path_factory.mktemp("segrun") / "run"
+    code = main(["segment", "train", "--data", str(seg_data), "--imgsz", "64", "--epochs", "2", "--batch", "8",
+                 "--encoder", "smallcnn", "--out", str(out)])
+    assert code == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def instance_run(tmp_path_factory):
+    import cnnkit.data.detection as dd
+    from cnnkit.cli.main import main
+
+    saved = dd.SHAPES_DET_SIZES
+    dd.SHAPES_DET_SIZES = {"train": 8, "val": 4, "test": 4}
+    try:
+        out = tmp_path_factory.mktemp("inst") / "run"
+        code = main(["instance", "train", "--data", "shapes", "--classes", "2", "--max-objects", "2", "--imgsz", "64",
+                     "--epochs", "1", "--batch", "4", "--out", str(out)])
+    finally:
+        dd.SHAPES_DET_SIZES = saved
+    assert code == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def medical_run(tmp_path_factory):
+    import cnnkit.data.volumes as dv
+    from cnnkit.cli.main import main
+
+    saved = dv.PHANTOM_SIZES
+    dv.PHANTOM_SIZES = {"train": 4, "val": 2}
+    try:
+        out = tmp_path_factory.mktemp("med") / "run"
+        code = main(["medical", "train", "--model", "unet3d", "--epochs", "1", "--batch", "2", "--out", str(out)])
+    finally:
+        dv.PHANTOM_SIZES = saved
+    assert code == 0
+    return out
+
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (40, 40, 230)}
+
+
+def make_colour_csv(root, n: int, seed: int, name: str = "train.csv") -> list[tuple[str, list[str]]]:
+    """Gray noise images with a square of each colour present with probability 0.4; the labels
+    are the colours present (a learnable multi-label set, 24 px)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        img = rng.integers(90, 160, (24, 24, 1)).repeat(3, 2).astype(np.uint8)
+        labels = [c for c in COLOURS if rng.random() < 0.4]
+        for c in labels:
+            x, y = rng.integers(0, 18, 2)
+            img[y:y + 6, x:x + 6] = COLOURS[c]
+        path = root / "img" / f"{name[:-4]}_{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(path)
+        rows.append((str(path), labels))
+    from cnnkit.data.formats.multilabel_csv import write_multilabel_csv
+
+    write_multilabel_csv(root / name, rows)
+    return rows
+
+
+@pytest.fixture(scope="session")
+def multilabel_run(tmp_path_factory) -> Path:
+    """A short multi-label training on coloured squares (24 px, 3 labels) with a test split."""
+    from cnnkit.cli.main import main
+
+    root = tmp_path_factory.mktemp("mlrun")
+    make_colour_csv(root / "data", 96, 0, "train.csv")
+    make_colour_csv(root / "data", 32, 1, "val.csv")
+    make_colour_csv(root / "data", 16, 2, "test.csv")
+    assert main(["multilabel", "train", "--data", str(root / "data"), "--imgsz", "24", "--epochs", "2",
+                 "--batch", "16", "--out", str(root / "run")]) == 0
+    return root / "run"

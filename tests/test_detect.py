@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,28 +21,6 @@ from cnnkit.models.detection.fastdet import FastDet, dfl, task_aligned_assign
 from cnnkit.models.detection.zoo import build_detector
 
 torch.set_num_threads(2)
-
-
-@pytest.fixture(scope="module")
-def tiny_yolo(tmp_path_factory) -> Path:
-    """Generated shapes at 128 px (24 train, 12 val images, 2 classes) as a YOLO dataset."""
-    from cnnkit.cli.main import main
-
-    out = tmp_path_factory.mktemp("det") / "yolo"
-    assert main(["convert", "shapes", "--to", "yolo", "--out", str(out), "--imgsz", "128", "--sizes",
-                 "train=24,val=12", "--classes", "2", "--max-objects", "3"]) == 0
-    return out / "data.yaml"
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tiny_yolo, tmp_path_factory) -> Path:
-    """One short fastdet training on ``tiny_yolo`` (a run folder)."""
-    from cnnkit.cli.main import main
-
-    out = tmp_path_factory.mktemp("det") / "run"
-    assert main(["detect", "train", "--data", str(tiny_yolo), "--imgsz", "128", "--epochs", "2", "--batch", "8",
-                 "--width", "8", "--out", str(out)]) == 0
-    return out
 
 
 def test_letterbox_keeps_aspect_and_maps_back():

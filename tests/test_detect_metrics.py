@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from cnnkit.errors import DataError
-from cnnkit.tasks.detect_metrics import DetectionEvaluator, coco_results, occlusion_bucket
+from cnnkit.tasks.detect.metrics import DetectionEvaluator, coco_results, occlusion_bucket
 
 NAMES = ["a", "b", "c", "never"]  # "never" has predictions but no ground truth
 STATS_KEYS = ("map50_95", "map50", "map75", "map_small", "map_medium", "map_large",

@@ -334,9 +334,9 @@ def test_python_api_val_and_load_ensemble(digits_runs):
                      verbose=False)
     assert res["ensemble"]["mode"] == "vote"
     model = load_ensemble(digits_runs, tta="scale")
-    assert model.card["ensemble"]["mode"] == "mean" and len(model.card["tta"]) == 3
-    x = torch.stack([model.prepare(np.zeros((8, 8), np.uint8))])
-    assert torch.allclose(model.logits(x).exp().sum(1), torch.ones(1))
+    assert model.card.extra["ensemble"]["mode"] == "mean" and len(model.card.extra["tta"]) == 3
+    x, _ = model.pipeline.preprocess([np.zeros((8, 8), np.uint8)])
+    assert torch.allclose(model.raw(x)[0].exp().sum(1), torch.ones(1))
     # a list of one is exactly `load`
     assert load_ensemble([digits_runs[0]]).model.__class__.__name__ != "Ensemble"
 

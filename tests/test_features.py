@@ -181,7 +181,7 @@ def test_cli_layer_list(cli, small_run, resnet_run):
 
 def test_cli_features_writes_rows_in_paths_order(cli, small_run, samples, tmp_path):
     from cnnkit.api.classify import load
-    from cnnkit.api.features import features
+    from cnnkit.api.features import features, raw_transform
 
     out = tmp_path / "x.npy"
     r = cli("classify", "features", "--weights", small_run, "--source", samples, "--layer", "stages.2",
@@ -195,7 +195,7 @@ def test_cli_features_writes_rows_in_paths_order(cli, small_run, samples, tmp_pa
     assert [s["path"] for s in meta["skipped"]] == [str(samples / "broken.png")]
     model = load(small_run)
     for row, path in zip(arr, meta["paths"]):  # each row is the features of its listed image
-        one = F.extract(model.model, model.prepare(path)[None], "stages.2").numpy()[0]
+        one = F.extract(model.model, raw_transform(model)(path)[None], "stages.2").numpy()[0]
         np.testing.assert_allclose(row, one, rtol=1e-4, atol=1e-5)
     maps = features(small_run, samples / "d0_6.png", "stages.1", pooled=False, verbose=False)
     assert maps.shape == (1, 64, 8, 8)

@@ -18,7 +18,7 @@ from cnnkit.data.detection import (
     shapes_detection,
 )
 from cnnkit.models.detection.zoo import build_detector
-from cnnkit.tasks.detect_metrics import DetectionEvaluator, encode_masks
+from cnnkit.tasks.detect.metrics import DetectionEvaluator, encode_masks
 
 
 def _ring(h, w, box):
@@ -33,7 +33,7 @@ def test_mask_ap_equals_pycocotools_segm():
     from pycocotools import mask as mask_utils
     from pycocotools.cocoeval import COCOeval
 
-    from cnnkit.tasks.detect_metrics import _coco
+    from cnnkit.tasks.detect.metrics import _coco
 
     rng = np.random.default_rng(0)
     ev = DetectionEvaluator(["a", "b"])
@@ -177,23 +177,6 @@ def test_maskrcnn_learns_a_few_scenes():
         state.update(model(batch["images"]), batch)
     m = state.compute()
     assert m["mask_map50"] > 0.7, m["mask_map50"]
-
-
-@pytest.fixture(scope="module")
-def instance_run(tmp_path_factory):
-    import cnnkit.data.detection as dd
-    from cnnkit.cli.main import main
-
-    saved = dd.SHAPES_DET_SIZES
-    dd.SHAPES_DET_SIZES = {"train": 8, "val": 4, "test": 4}
-    try:
-        out = tmp_path_factory.mktemp("inst") / "run"
-        code = main(["instance", "train", "--data", "shapes", "--classes", "2", "--max-objects", "2", "--imgsz", "64",
-                     "--epochs", "1", "--batch", "4", "--out", str(out)])
-        assert code == 0
-        yield out
-    finally:
-        dd.SHAPES_DET_SIZES = saved
 
 
 def test_instance_cli_train_val_predict(instance_run, tmp_path, cli, monkeypatch):

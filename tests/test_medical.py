@@ -184,21 +184,6 @@ def test_unet3d_learns_phantoms():
     assert state.compute()["dice"] > 0.8
 
 
-@pytest.fixture(scope="module")
-def medical_run(tmp_path_factory):
-    import cnnkit.data.volumes as dv
-    from cnnkit.cli.main import main
-
-    saved = dv.PHANTOM_SIZES
-    dv.PHANTOM_SIZES = {"train": 4, "val": 2}
-    try:
-        out = tmp_path_factory.mktemp("med") / "run"
-        assert main(["medical", "train", "--model", "unet3d", "--epochs", "1", "--batch", "2", "--out", str(out)]) == 0
-        yield out
-    finally:
-        dv.PHANTOM_SIZES = saved
-
-
 def test_medical_cli(medical_run, tmp_path, cli):
     res = json.loads((medical_run / "results.json").read_text())
     assert {"dice", "per_class_dice", "hd95", "per_class_hd95"} <= set(res)

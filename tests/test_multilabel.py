@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import COLOURS, make_colour_csv
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -265,28 +266,6 @@ def test_collate_stacks_multi_hot_and_lists_skipped():
 # ---------------------------------------------------------------------------------------
 # Command line end to end
 # ---------------------------------------------------------------------------------------
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (40, 40, 230)}
-
-
-def make_colour_csv(root, n: int, seed: int, name: str = "train.csv") -> list[tuple[str, list[str]]]:
-    """Gray noise images with a square of each colour present with probability 0.4; the labels
-    are the colours present (a learnable multi-label set, 24 px)."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for i in range(n):
-        img = rng.integers(90, 160, (24, 24, 1)).repeat(3, 2).astype(np.uint8)
-        labels = [c for c in COLOURS if rng.random() < 0.4]
-        for c in labels:
-            x, y = rng.integers(0, 18, 2)
-            img[y:y + 6, x:x + 6] = COLOURS[c]
-        path = root / "img" / f"{name[:-4]}_{i}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img).save(path)
-        rows.append((str(path), labels))
-    write_multilabel_csv(root / name, rows)
-    return rows
-
-
 def test_cli_csv_train_val_predict_load(cli, tmp_path):
     import cnnkit
 
@@ -333,7 +312,7 @@ def test_cli_csv_train_val_predict_load(cli, tmp_path):
     model = cnnkit.load(run)
     out = model.predict([p for p, _ in test_rows[:5]])
     assert [set(o.labels) for o in out] == [set(preds[p.split("/")[-1]]["labels"]) for p, _ in test_rows[:5]]
-    assert model.thresholds == [card["thresholds"][c] for c in model.classes]
+    assert model.pipeline.thresholds == [card["thresholds"][c] for c in model.classes]
 
 
 def test_cli_bad_input_is_one_sentence(cli, tmp_path):

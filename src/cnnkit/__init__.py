@@ -4,7 +4,7 @@ Examples:
     >>> import cnnkit
     >>> result = cnnkit.train("classify", data="digits", epochs=5)
     >>> model = cnnkit.load(result.weights)
-    >>> [p.label for p in model.predict(["digit.png"])]
+    >>> [p.label for p in model(["digit.png"])]
 """
 
 __version__ = "0.1.0"

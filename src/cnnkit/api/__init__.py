@@ -4,7 +4,7 @@ Examples:
     >>> import cnnkit
     >>> result = cnnkit.train("classify", data="digits", epochs=5)
     >>> model = cnnkit.load(result.weights)
-    >>> model.predict(["digit.png"])[0].label
+    >>> model(["digit.png"])[0].label
 """
 
 from __future__ import annotations
@@ -46,9 +46,14 @@ def predict(task: str, weights: str | Path, source: str | Path, **options: Any) 
     return _module(task).predict(weights, source, **options)
 
 
-def load(path: str | Path, device: str = "cpu"):
-    """Rebuild a trained model from its weights and model card (any task)."""
-    from cnnkit.engine.checkpoint import load_weights
+def load(path: str | Path, device: str = "cpu", backend: str | None = None, **options: Any):
+    """A :class:`~cnnkit.runtime.pipeline.Predictor` for any task: from ``best.safetensors``
+    (+ its card) or a run folder on PyTorch, or from an exported ``.onnx`` on ONNX Runtime.
 
-    _, card = load_weights(path)
-    return _module(card.get("task", "?")).load(path, device)
+    Examples:
+        >>> model = cnnkit.load("runs/detect/train")
+        >>> model("street.jpg", conf=0.25)[0].to_dict()
+    """
+    from cnnkit.runtime.pipeline import load as load_predictor
+
+    return load_predictor(path, device, backend, **options)

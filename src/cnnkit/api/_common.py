@@ -138,28 +138,6 @@ def image_batches(files: list[Path], batch: int, prepare, skipped: list[tuple[st
             yield torch.stack(xs), paths
 
 
-def load_task_model(path: str | Path, task: str, build_model):
-    """``(model, card)`` rebuilt from ``best.safetensors`` (+ its card) or a run folder.
-
-    ``build_model(arch, num_classes, in_chans, **model_kwargs)`` is the task's factory; the
-    input channels include the missing-data mask channel when the card's preprocessing has one.
-    """
-    from cnnkit.engine.checkpoint import load_weights
-    from cnnkit.errors import ModelError
-
-    state, card = load_weights(path)
-    if card.get("task") != task:
-        raise ModelError(f"weights '{path}' are for task '{card.get('task')}', not {task}")
-    in_chans = int(card["in_chans"]) + int(bool(card.get("preprocess", {}).get("mask_channel", False)))
-    model = build_model(card["arch"], len(card["classes"]), in_chans, **card.get("model_kwargs", {}))
-    try:
-        model.load_state_dict(state)
-    except RuntimeError:
-        raise ModelError(f"weights '{path}' do not match the '{card['arch']}' architecture in "
-                         "their model card") from None
-    return model, card
-
-
 def copy_matching_weights(model, init: str | Path, prefixes: tuple[str, ...] = ("",)) -> str:
     """``--init`` for models that embed a classifier: copy every tensor of ``init`` whose name
     (tried with each of ``prefixes`` in front) and shape match a tensor of ``model``, so a

@@ -20,20 +20,21 @@ from torch.utils.data import Dataset
 import cnnkit
 from cnnkit.data.classification import (ClassificationData, TransformedDataset,
                                         load_classification_data, make_loader)
-from cnnkit.data.decode import ImageLike, read_image
 from cnnkit.data.mix import make_batch_mix
 from cnnkit.data.sampling import (LabelView, bootstrap, class_counts, class_weights, long_tail,
                                   make_sampler, noisy_labels)
 from cnnkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess, parse_aug
 from cnnkit.api._common import config_from_file as _config_from_file
-from cnnkit.api._common import image_batches, list_sources, load_task_model, open_run, resolve_config, run_trainer, standard_hooks
+from cnnkit.api._common import list_sources, open_run, resolve_config, run_trainer, standard_hooks
 from cnnkit.engine.checkpoint import load_weights, resolve_weights
 from cnnkit.engine.config import TrainConfig
 from cnnkit.engine.progress import console, per_class_table
 from cnnkit.engine.run import RunDir
 from cnnkit.engine.trainer import Trainer, evaluate, resolve_amp
 from cnnkit.errors import CnnkitError, DataError, ModelError
-from cnnkit.tasks.classify import ClassifyTask, Prediction
+from cnnkit.runtime.pipeline import Predictor, evaluate_loader, pipeline_for
+from cnnkit.runtime.pipeline import load as load_predictor
+from cnnkit.tasks.classify import ClassifyTask
 from cnnkit.utils.device import select_device
 from cnnkit.utils.io import write_json
 from cnnkit.utils.seed import seed_everything
@@ -161,56 +162,22 @@ class TrainResult:
 # ---------------------------------------------------------------------------------------
 # Loading a trained model
 # ---------------------------------------------------------------------------------------
-class ClassifierModel:
-    """A trained classifier rebuilt from its weights and model card.
+def load(path: str | Path, device: str | None = "cpu") -> Predictor:
+    """A classifier :class:`~cnnkit.runtime.pipeline.Predictor` from ``best.safetensors`` (+
+    its card), a run folder, or an exported ``.onnx`` (run in ONNX Runtime).
 
     Examples:
         >>> model = cnnkit.load("runs/classify/train/weights/best.safetensors")
-        >>> model.predict(["a.png", "b.png"])[0].label
+        >>> model(["a.png", "b.png"])[0].label
     """
-
-    def __init__(self, model: torch.nn.Module, card: dict[str, Any], device: torch.device):
-        self.model = model.to(device).eval()
-        self.card = card
-        self.device = device
-        self.classes: list[str] = list(card["classes"])
-        self.preprocess = Preprocess.from_dict(card["preprocess"])
-        self.task = ClassifyTask(self.classes)
-        self._transform = self.preprocess.eval_transform()
-
-    @property
-    def channels(self) -> int:
-        return int(self.card["in_chans"])
-
-    def prepare(self, image: ImageLike) -> torch.Tensor:
-        """Decode (shared :func:`read_image`) and preprocess one image to ``(C, S, S)``."""
-        return self._transform(read_image(image, self.channels))
-
-    @torch.no_grad()
-    def logits(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.model(batch.to(self.device)).float()
-
-    def predict(self, images: ImageLike | Sequence[ImageLike], topk: int = 5,
-                batch: int = 64) -> list[Prediction]:
-        """Classify images (paths, bytes, PIL images, arrays or tensors).
-
-        Returns one :class:`~cnnkit.tasks.classify.Prediction` per image, in order.
-        """
-        if isinstance(images, (str, Path, bytes)) or not isinstance(images, Sequence):
-            images = [images]
-        out: list[Prediction] = []
-        for i in range(0, len(images), batch):
-            chunk = images[i:i + batch]
-            x = torch.stack([self.prepare(im) for im in chunk])
-            paths = [str(p) if isinstance(p, (str, Path)) else None for p in chunk]
-            out += self.task.decode(self.logits(x), paths, topk)
-        return out
+    return load_predictor(path, device, task="classify")
 
 
-def load(path: str | Path, device: str | None = "cpu") -> ClassifierModel:
-    """Rebuild a classifier from ``best.safetensors`` (+ its ``.json`` card) or a run folder."""
-    model, card = load_task_model(path, "classify", ClassifyTask.build_model)
-    return ClassifierModel(model, card, select_device(device))
+def legacy_preprocess(card) -> Preprocess:
+    """The normalizing :class:`Preprocess` a card's model was trained with (the raw model,
+    not the core, takes its output)."""
+    i = card.input
+    return Preprocess(i.height, tuple(i.mean), tuple(i.std), i.channels, mask_channel=i.mask_channel)
 
 
 # ---------------------------------------------------------------------------------------
@@ -505,19 +472,23 @@ def config_from_file(path: str | Path, overrides: dict[str, Any]) -> ClassifyCon
 # Validation and prediction
 # ---------------------------------------------------------------------------------------
 def load_ensemble(weights: str | Path | Sequence[str | Path], device: str | None = "cpu",
-                  ensemble: str = "mean", tta: str | None = None) -> ClassifierModel:
+                  ensemble: str = "mean", tta: str | None = None) -> Predictor:
     """Load one or more weights as one classifier: an ensemble (``mean`` or ``vote``) and/or TTA.
 
-    One weights file without TTA is exactly :func:`load`. Several must be classifiers of the same
-    classes in the same order and with the same channels; they may differ in architecture and
-    input size (see :func:`cnnkit.methods.ensemble.build_ensemble`). The model's card records
-    what was combined: ``card["ensemble"] = {"mode", "members"}`` and ``card["tta"]`` (views).
+    One weights file without TTA is exactly :func:`load` (an ``.onnx`` runs in ONNX Runtime).
+    Several must be classifiers of the same classes in the same order and with the same
+    channels; they may differ in architecture and input size (see
+    :func:`cnnkit.methods.ensemble.build_ensemble`). The card's ``extra`` records what was
+    combined: ``ensemble = {"mode", "members"}`` and ``tta`` (view names).
 
     Examples:
         >>> model = load_ensemble(["runs/a", "runs/b", "runs/c"], ensemble="vote", tta="scale")
-        >>> model.predict("digit.png")[0].label
+        >>> model("digit.png")[0].label
     """
+    from dataclasses import replace
+
     from cnnkit.methods.ensemble import ENSEMBLE_MODES, build_ensemble, parse_tta
+    from cnnkit.runtime.backend import TorchBackend
 
     paths = [weights] if isinstance(weights, (str, Path)) else list(weights)
     if not paths:
@@ -525,6 +496,10 @@ def load_ensemble(weights: str | Path | Sequence[str | Path], device: str | None
     if ensemble not in ENSEMBLE_MODES:
         raise CnnkitError(f"--ensemble must be one of {', '.join(ENSEMBLE_MODES)}, got '{ensemble}'")
     views = parse_tta(tta)
+    if len(paths) == 1 and len(views) == 1:
+        return load(paths[0], device)
+    if any(Path(p).suffix == ".onnx" for p in paths):
+        raise CnnkitError("ensembles and --tta combine PyTorch weights; give .safetensors files or run folders")
     members = [load(p, device) for p in paths]
     first = members[0]
     for path, m in zip(paths[1:], members[1:]):
@@ -533,21 +508,40 @@ def load_ensemble(weights: str | Path | Sequence[str | Path], device: str | None
                             if len(m.classes) != len(first.classes) else (f"classes {m.classes}", f"{first.classes}"))
             raise ModelError(f"weights '{path}' were trained on {ours} but '{paths[0]}' on {theirs}; "
                              "ensemble members need the same classes in the same order")
-    if len(members) == 1 and len(views) == 1:
-        return first
-    module, pre = build_ensemble([m.model for m in members], [m.preprocess for m in members], ensemble, views)
-    card = {**first.card, "preprocess": pre.to_dict(), "imgsz": [pre.imgsz, pre.imgsz]}
+    # every member's core takes [0, 1] images and normalizes itself: the ensemble only resizes
+    pres = [Preprocess(m.card.input.height, (0.0,) * m.card.input.channels, (1.0,) * m.card.input.channels,
+                       m.card.input.channels, mask_channel=m.card.input.mask_channel) for m in members]
+    module, pre = build_ensemble([m.backend.core for m in members], pres, ensemble, views)
+    extra = dict(first.card.extra)
     if len(members) > 1:
-        card["ensemble"] = {"mode": ensemble, "members": [str(resolve_weights(p)) for p in paths]}
+        extra["ensemble"] = {"mode": ensemble, "members": [str(resolve_weights(p)) for p in paths]}
     if len(views) > 1:
-        card["tta"] = [v.name for v in views]
-    return ClassifierModel(module, card, first.device)
+        extra["tta"] = [v.name for v in views]
+    card = replace(first.card, input=replace(first.card.input, height=pre.imgsz, width=pre.imgsz), extra=extra)
+    return Predictor(card, pipeline_for(card), TorchBackend(module, first.device), paths[0], module)
+
+
+def _check_classes(model: Predictor, classes: list[str], name: str, data: str) -> None:
+    if list(classes) == model.classes:
+        return
+    if len(classes) != len(model.classes):
+        raise ModelError(f"{name} were trained on {len(model.classes)} classes but data "
+                         f"'{data}' has {len(classes)}; evaluate on data with the same classes")
+    raise ModelError(f"{name} were trained on classes {model.classes} but data '{data}' has "
+                     f"{classes}; evaluate on data with the same classes")
+
+
+def prepared_loader(model: Predictor, split: Dataset, batch: int, workers: int, collate) -> Any:
+    """A loader of ``split`` with each image prepared by the model's pipeline (as predict does)."""
+    return make_loader(TransformedDataset(split, lambda img: model.pipeline.prepare(img)[0]), batch, False,
+                       workers, collate)
 
 
 def val(weights: str | Path | Sequence[str | Path], data: str, split: str = "val", batch: int = 64,
         device: str = "auto", workers: int = 0, json_path: str | Path | None = None, verbose: bool = True,
         ensemble: str = "mean", tta: str | None = None) -> dict[str, Any]:
-    """Evaluate weights on a dataset split; the twin of ``cnnkit classify val``.
+    """Evaluate weights (``.safetensors``, a run folder or an exported ``.onnx``) on a dataset
+    split; the twin of ``cnnkit classify val``.
 
     Several ``weights`` are evaluated as one ensemble (``ensemble="mean"`` or ``"vote"``, see
     :func:`load_ensemble`); the result then also has ``ensemble`` (mode and members),
@@ -555,30 +549,28 @@ def val(weights: str | Path | Sequence[str | Path], data: str, split: str = "val
     ``mean_member_top1``. ``tta`` (e.g. ``"scale"``) averages over test-time views and adds
     ``tta`` (the view names) to the result.
     """
+    from cnnkit.runtime.backend import TorchBackend
+
     if batch < 1:
         raise CnnkitError(f"--batch must be at least 1, got {batch}")
     paths = [weights] if isinstance(weights, (str, Path)) else list(weights)
     model = load_ensemble(paths, device, ensemble, tta)
     name = f"weights '{paths[0]}'" if len(paths) == 1 else f"the {len(paths)} ensemble weights"
-    ds = load_classification_data(data, channels=model.channels)
-    if list(ds.classes) != model.classes:
-        if len(ds.classes) != len(model.classes):
-            raise ModelError(f"{name} were trained on {len(model.classes)} classes but "
-                             f"data '{data}' has {len(ds.classes)}; evaluate on data with the same classes")
-        raise ModelError(f"{name} were trained on classes {model.classes} but data "
-                         f"'{data}' has {ds.classes}; evaluate on data with the same classes")
-    loader = make_loader(TransformedDataset(ds.split(split), model.preprocess.eval_transform()), batch,
-                         False, workers, model.task.collate)
-    metrics, _, skipped = evaluate(model.model, loader, model.task, model.device)
+    ds = load_classification_data(data, channels=model.card.input.channels)
+    _check_classes(model, ds.classes, name, data)
+    task = ClassifyTask(model.classes)
+    loader = prepared_loader(model, ds.split(split), batch, workers, task.collate)
+    metrics, _, skipped = evaluate_loader(model, loader, task.metrics())
     resolved = [str(resolve_weights(p)) for p in paths]
     result = {**_public(metrics), "split": split, "data": data,
-              "weights": resolved[0] if len(resolved) == 1 else resolved}
-    if "ensemble" in model.card:
-        tops = [evaluate(m, loader, model.task, model.device)[0]["top1"] for m in model.model.members]
-        result.update(ensemble=model.card["ensemble"], members_top1=tops,
-                      mean_member_top1=sum(tops) / len(tops))
-    if "tta" in model.card:
-        result["tta"] = model.card["tta"]
+              "weights": resolved[0] if len(resolved) == 1 else resolved, "backend": model.backend.name}
+    extra = model.card.extra
+    if "ensemble" in extra:
+        tops = [evaluate_loader(Predictor(model.card, model.pipeline, TorchBackend(m, model.device)), loader,
+                                task.metrics())[0]["top1"] for m in model.model.members]
+        result.update(ensemble=extra["ensemble"], members_top1=tops, mean_member_top1=sum(tops) / len(tops))
+    if "tta" in extra:
+        result["tta"] = extra["tta"]
     if skipped:
         result["skipped_images"] = [{"path": p, "reason": r} for p, r in skipped]
     if json_path:
@@ -611,15 +603,10 @@ def predict(weights: str | Path | Sequence[str | Path], source: str | Path | Ite
     unreadable file is an error.
     """
     model = load_ensemble(weights, device, ensemble, tta)
-    files = list_sources(source)
-    results: list[dict[str, Any]] = []
     skipped: list[tuple[str, str]] = []
-    t0 = time.perf_counter()
-    for x, paths in image_batches(files, batch, model.prepare, skipped):
-        results += [p.to_dict() for p in model.task.decode(model.logits(x), paths, topk)]
-    elapsed = time.perf_counter() - t0
-    for r in results:
-        r.pop("class_id", None)
+    timing: dict[str, float] = {}
+    results = [r.to_dict() for r in model(list_sources(source), batch=batch, topk=topk, skipped=skipped,
+                                          timing=timing)]
     if json_path:
         write_json(json_path, results)
     if verbose:
@@ -627,11 +614,12 @@ def predict(weights: str | Path | Sequence[str | Path], source: str | Path | Ite
 
         con = console()
         extra = ""
-        if "ensemble" in model.card:
-            extra += f" · ensemble of {len(model.card['ensemble']['members'])} ({ensemble})"
-        if "tta" in model.card:
-            extra += f" · tta {len(model.card['tta'])} views"
-        table = Table(title=f"{len(results)} image(s) · {elapsed * 1000 / max(1, len(results)):.1f} ms/image{extra}")
+        if "ensemble" in model.card.extra:
+            extra += f" · ensemble of {len(model.card.extra['ensemble']['members'])} ({ensemble})"
+        if "tta" in model.card.extra:
+            extra += f" · tta {len(model.card.extra['tta'])} views"
+        ms = (timing["preprocess_ms"] + timing["inference_ms"] + timing["postprocess_ms"]) / max(1, len(results))
+        table = Table(title=f"{len(results)} image(s) · {ms:.1f} ms/image · {model.backend.name}{extra}")
         for col in ("path", "label", "score", f"top{min(topk, len(model.classes))}"):
             table.add_column(col)
         for r in results:
@@ -653,7 +641,8 @@ def missing_curve(weights: Sequence[str | Path], data: str, ratios: Sequence[flo
 
     Every model sees the same holes: the masks are drawn from ``seed`` afresh for each ratio.
     A model trained with ``--missing-input mask`` also gets the observation mask; others get
-    zero-filled holes. Writes the curve as a PNG when ``plot`` is given.
+    zero-filled holes (zero after normalization, as in training). Writes the curve as a PNG
+    when ``plot`` is given.
     """
     from cnnkit.data.missing import MISSING_MODES
     from cnnkit.utils.plotting import plot_lines
@@ -665,16 +654,20 @@ def missing_curve(weights: Sequence[str | Path], data: str, ratios: Sequence[flo
     curves: dict[str, list[float]] = {}
     for w in weights:
         model = load(w, device)
-        ds = load_classification_data(data, channels=model.channels)
-        _check_classes(model, ds.classes, w, data)
+        if model.model is None:
+            raise CnnkitError("--missing evaluates PyTorch weights; give .safetensors files or run folders")
+        pre = legacy_preprocess(model.card)
+        ds = load_classification_data(data, channels=pre.channels)
+        _check_classes(model, ds.classes, f"weights '{w}'", data)
         name = str(resolve_weights(w).parent.parent.name if resolve_weights(w).parent.name == "weights" else w)
-        name += " (mask input)" if model.preprocess.mask_channel else " (zero-filled)"
+        name += " (mask input)" if pre.mask_channel else " (zero-filled)"
+        task = ClassifyTask(model.classes)
         curve = []
         for r in ratios:
             torch.manual_seed(seed)
-            loader = make_loader(TransformedDataset(ds.split(split), model.preprocess.eval_transform(r, mode)),
-                                 batch, False, 0, model.task.collate)
-            metrics, _, _ = evaluate(model.model, loader, model.task, model.device)
+            loader = make_loader(TransformedDataset(ds.split(split), pre.eval_transform(r, mode)),
+                                 batch, False, 0, task.collate)
+            metrics, _, _ = evaluate(model.model, loader, task, model.device)
             curve.append(round(metrics["top1"], 4))
         curves[name] = curve
     result = {"data": data, "split": split, "mode": mode, "ratios": list(ratios), "top1": curves}
@@ -697,13 +690,3 @@ def missing_curve(weights: Sequence[str | Path], data: str, ratios: Sequence[flo
         if plot:
             console().print(f"curve written to {plot}")
     return result
-
-
-def _check_classes(model: ClassifierModel, classes: list[str], weights: str | Path, data: str) -> None:
-    if list(classes) == model.classes:
-        return
-    if len(classes) != len(model.classes):
-        raise ModelError(f"weights '{weights}' were trained on {len(model.classes)} classes but data "
-                         f"'{data}' has {len(classes)}; evaluate on data with the same classes")
-    raise ModelError(f"weights '{weights}' were trained on classes {model.classes} but data '{data}' has "
-                     f"{classes}; evaluate on data with the same classes")

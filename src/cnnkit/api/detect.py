@@ -8,8 +8,7 @@ and the Trainer together.
 from __future__ import annotations
 
 import datetime as _dt
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,6 @@ from cnnkit.api._common import config_from_file as _config_from_file
 from cnnkit.api._common import (
     copy_matching_weights,
     list_sources,
-    load_task_model,
     open_run,
     resolve_config,
     run_trainer,
@@ -33,16 +31,18 @@ from cnnkit.data.classification import make_loader
 from cnnkit.data.detection import (
     DetectionData,
     DetectionDataset,
-    letterbox,
     load_detection_data,
     parse_det_aug,
 )
 from cnnkit.engine.checkpoint import resolve_weights
 from cnnkit.engine.config import TrainConfig
 from cnnkit.engine.progress import console
-from cnnkit.engine.trainer import Trainer, resolve_amp
+from cnnkit.engine.trainer import Trainer
 from cnnkit.errors import CnnkitError, DataError
-from cnnkit.tasks.detect import DetectMetrics, DetectTask, draw_detections, to_original
+from cnnkit.core.results import Detections
+from cnnkit.runtime.pipeline import Predictor
+from cnnkit.runtime.pipeline import load as load_predictor
+from cnnkit.tasks.detect import DetectMetrics, DetectTask, draw_detections
 from cnnkit.utils.device import select_device
 from cnnkit.utils.io import write_json
 from cnnkit.utils.seed import seed_everything
@@ -226,15 +226,14 @@ def _finish(cfg: DetectConfig, run, data: DetectionData, trainer: Trainer, devic
 
     con = console()
     best = load(run.best, device=str(device), task=cfg.TASK)
-    amp = resolve_amp(cfg.amp, device)
-    val_metrics = best.evaluate(data.split("val"), batch=cfg.batch * 2, workers=cfg.workers, amp=amp)
+    val_metrics = evaluate(best, data.split("val"), batch=cfg.batch * 2, workers=cfg.workers)
     test_metrics = None
     if data.splits.get("test"):
-        test_metrics = best.evaluate(data.split("test"), batch=cfg.batch * 2, workers=cfg.workers, amp=amp)
+        test_metrics = evaluate(best, data.split("test"), batch=cfg.batch * 2, workers=cfg.workers)
     results = write_run_results(trainer, run, val_metrics, test_metrics, train_time)
     plot_curves(trainer.history, run.plots / "results.png",
-                ["mask_map50_95", "map50_95", "mask_map50"] if best.masks else ["map50_95", "map50"])
-    best.draw_samples(data.split("val")[:16], run.plots / "val_predictions.png")
+                ["mask_map50_95", "map50_95", "mask_map50"] if best.pipeline.masks else ["map50_95", "map50"])
+    draw_samples(best, data.split("val")[:16], run.plots / "val_predictions.png")
     if verbose:
         con.print(metrics_table(val_metrics, f"validation (best epoch {trainer.best_epoch})"))
         line = _line(val_metrics, "val")
@@ -282,219 +281,88 @@ def metrics_table(m: dict[str, Any], title: str):
 
 # ---------------------------------------------------------------------------------------
 # Loading and using a trained detector
-@dataclass
-class Detection:
-    """One object: ``box`` xyxy pixels of the original image; for instance models also
-    ``mask`` (bool (H, W) tensor at the original size), written to JSON as COCO RLE."""
+def load(path: str | Path, device: str = "cpu", task: str = "detect", iou: float | None = None,
+         nms: str | None = None) -> Predictor:
+    """A detector :class:`~cnnkit.runtime.pipeline.Predictor` (``task="instance"``: Mask
+    R-CNN, each detection with a mask) from ``best.safetensors``, its run folder or an
+    exported ``.onnx``. ``iou`` and ``nms`` (``hard`` or ``soft``) default to the card's.
 
-    box: list[float]
-    score: float
-    class_id: int
-    class_name: str
-    mask: torch.Tensor | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {"box": [round(v, 2) for v in self.box], "score": round(self.score, 5),
-               "class_id": self.class_id, "class_name": self.class_name}
-        if self.mask is not None:
-            from pycocotools import mask as mask_utils
-
-            rle = mask_utils.encode(np.asfortranarray(self.mask.numpy().astype(np.uint8)))
-            out["mask"] = {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
-        return out
+    Examples:
+        >>> det = cnnkit.load("runs/detect/train")
+        >>> det("street.jpg", conf=0.25)[0].boxes
+    """
+    return load_predictor(path, device, task=task, iou=iou, nms=nms)
 
 
-@dataclass
-class DetectionResult:
-    """Detections of one image in its original pixel coordinates."""
-
-    path: str
-    width: int
-    height: int
-    detections: list[Detection] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "width": self.width, "height": self.height,
-                "detections": [d.to_dict() for d in self.detections]}
-
-
-class DetectModel:
-    """A trained detector with its model card: ``predict``, ``evaluate``, ``draw_samples``."""
-
-    def __init__(self, model: torch.nn.Module, card: dict[str, Any], device: torch.device):
-        model = model.to(device).eval()
-        if hasattr(model, "fuse"):  # fastdet: BatchNorm folded into the convolutions
-            model.fuse()
-        self.model, self.card, self.device = model.to(memory_format=torch.channels_last), card, device
-        self.classes: list[str] = list(card["classes"])
-        self.imgsz = int(card["imgsz"][0])
-        self.masks = card.get("task") == "instance"  # Mask R-CNN: a mask per detection
-        self.timing = {"preprocess_ms": 0.0, "inference_ms": 0.0, "postprocess_ms": 0.0, "images": 0}
-
-    # ---- evaluation ---------------------------------------------------------------------
-    def evaluate(self, records, batch: int = 32, workers: int = 0, amp=None, conf: float = 0.001,
-                 iou: float | None = None, keep_predictions: bool = False, nms: str | None = None):
-        """COCO metrics of ``records`` (original-image pixels); with ``keep_predictions`` also
-        returns the raw predictions for ``--save-json``. ``iou`` and ``nms`` default to the
-        values the model was validated with during training."""
-        task = DetectTask(self.classes, self.card.get("category_ids"), self.masks)
-        self.model.set_thresholds(conf, iou if iou is not None else self.card.get("iou", 0.6),
-                                  int(self.card.get("max_det", 100)), nms or self.card.get("nms", "hard"))
-        loader = make_loader(DetectionDataset(records, self.imgsz, masks=self.masks, full_masks=True), batch, False, workers,
-                             task.collate)
-        state = DetectMetrics(self.classes, self.card.get("category_ids"), keep_predictions, self.masks)
-        skipped: list = []
-        with torch.no_grad():
-            for b in loader:
-                skipped += b.get("skipped", [])
-                if not len(b["targets"]):
-                    continue
-                b = task.to_device(b, self.device)
-                with _autocast(self.device, amp):
-                    out = self.model(b["images"])
-                state.update(out, b)
-        metrics = state.compute()
-        if skipped:
-            metrics["skipped_images"] = [{"path": p, "reason": r} for p, r in skipped]
-        return (metrics, state.predictions) if keep_predictions else metrics
-
-    # ---- prediction ---------------------------------------------------------------------
-    def predict(self, source, conf: float = 0.25, iou: float = 0.5, max_det: int = 100,
-                batch: int = 1, nms: str = "hard") -> list[DetectionResult]:
-        """Detect objects in an image file, a folder, a list of paths or a uint8 (3, H, W)
-        tensor / (H, W, 3) array; ``nms`` is ``hard`` or ``soft`` (Gaussian soft-NMS, which
-        keeps overlapping objects with lowered scores). Timing per stage accumulates in
-        ``self.timing``."""
-        from cnnkit.data.decode import read_image
-        from cnnkit.errors import ImageDecodeError
-
-        if isinstance(source, (str, Path)):
-            items: list = list_sources(source)
-        elif isinstance(source, (list, tuple)):
-            items = list(source)
-        else:
-            items = [source]
-        self.model.set_thresholds(conf, iou, max_det, nms)
-        results: list[DetectionResult] = []
-        self.skipped: list[tuple[str, str]] = []
-        for i in range(0, len(items), batch):
-            t0 = time.perf_counter()
-            xs, metas = [], []
-            for it in items[i:i + batch]:
-                name = str(it) if isinstance(it, (str, Path)) else f"<image {i}>"
-                try:
-                    img = read_image(it, channels=3).contiguous()
-                except ImageDecodeError as e:
-                    if len(items) == 1:
-                        raise
-                    self.skipped.append((e.path, e.reason))
-                    continue
-                h, w = img.shape[-2:]
-                x, _, scale = letterbox(img, self.imgsz)
-                xs.append(x)
-                metas.append((name, h, w, scale))
-            if not xs:
-                continue
-            x = torch.stack(xs).to(self.device).float().div_(255)
-            t1 = time.perf_counter()
-            with torch.no_grad():
-                if hasattr(self.model, "raw"):  # fastdet: network, then decoding + NMS
-                    cls, box, pts, strides = self.model.raw(x)
-                    _sync(self.device)
-                    t2 = time.perf_counter()
-                    out = self.model.postprocess(cls, self.model.decode(box, pts, strides))
-                else:  # torchvision models run NMS inside their forward
-                    out = self.model(x)
-                    _sync(self.device)
-                    t2 = time.perf_counter()
-            for o, (name, h, w, scale) in zip(out, metas):
-                b = to_original(o["boxes"].cpu(), scale, h, w).tolist()
-                ms = [None] * len(b)
-                if self.masks:
-                    from cnnkit.tasks.detect import masks_to_original
-
-                    ms = list(torch.from_numpy(masks_to_original(o["masks"], scale, h, w)))
-                dets = [Detection(bb, float(s), int(c), self.classes[int(c)], m)
-                        for bb, s, c, m in zip(b, o["scores"].cpu().tolist(), o["labels"].cpu().tolist(), ms)]
-                results.append(DetectionResult(name, w, h, dets))
-            t3 = time.perf_counter()
-            n = len(xs)
-            self.timing["preprocess_ms"] += (t1 - t0) * 1e3
-            self.timing["inference_ms"] += (t2 - t1) * 1e3
-            self.timing["postprocess_ms"] += (t3 - t2) * 1e3
-            self.timing["images"] += n
-        return results
-
-    def draw(self, result: DetectionResult, image=None) -> torch.Tensor:
-        """The image of ``result`` with its boxes drawn (uint8 (3, H, W))."""
-        from cnnkit.data.decode import read_image
-
-        img = read_image(image if image is not None else result.path, channels=3).contiguous()
-        masks = [d.mask for d in result.detections] if self.masks else None
-        return draw_detections(img, [d.box for d in result.detections], [d.class_id for d in result.detections],
-                               [d.score for d in result.detections], self.classes, masks=masks)
-
-    def draw_samples(self, records, path: Path, conf: float = 0.25) -> None:
-        """A grid of ``records`` with predicted boxes (GT in white) as a PNG."""
-        from torchvision.utils import make_grid, save_image
-
-        from cnnkit.data.detection import DetectionDataset as _DS
-
-        if not records:
-            return
-        ds = _DS(records, self.imgsz, masks=self.masks)
-        tiles = []
-        self.model.set_thresholds(conf, 0.5, 100)
-        for i in range(len(records)):
-            x, t = ds[i]
-            if x is None:
-                continue
-            with torch.no_grad():
-                o = self.model(x[None].to(self.device).float() / 255)[0]
-            img = draw_detections(x, t["boxes"], [0] * len(t["boxes"]), [1.0] * len(t["boxes"]),
-                                  ["gt"], width=1) if len(t["boxes"]) else x
-            masks = (o["masks"][:, 0].cpu() >= 0.5) if self.masks else None
-            img = draw_detections(img, o["boxes"].cpu(), o["labels"].cpu(), o["scores"].cpu(), self.classes, masks=masks)
-            tiles.append(img)
-        if tiles:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            save_image(make_grid(torch.stack(tiles).float() / 255, nrow=4, padding=2), str(path))
+def evaluate(model: Predictor, records, batch: int = 32, workers: int = 0, conf: float = 0.001,
+             keep_predictions: bool = False):
+    """COCO metrics of ``records`` (original-image pixels) on either backend; with
+    ``keep_predictions`` also the raw predictions for ``--save-json``."""
+    pipe = model.pipeline
+    task = DetectTask(model.classes, model.card.extra.get("category_ids"), pipe.masks)
+    loader = make_loader(DetectionDataset(records, pipe.size, masks=pipe.masks, full_masks=True), batch, False,
+                         workers, task.collate)
+    state = DetectMetrics(model.classes, model.card.extra.get("category_ids"), keep_predictions, pipe.masks)
+    skipped: list = []
+    for b in loader:
+        skipped += b.get("skipped", [])
+        if not len(b["targets"]):
+            continue
+        x = b["images"].float().div_(255)
+        state.update(pipe.detections(model.raw(x), conf), b)
+    metrics = state.compute()
+    if skipped:
+        metrics["skipped_images"] = [{"path": p, "reason": r} for p, r in skipped]
+    return (metrics, state.predictions) if keep_predictions else metrics
 
 
-def _autocast(device: torch.device, dtype):
-    from contextlib import nullcontext
+def draw(model: Predictor, result: Detections, image=None) -> torch.Tensor:
+    """The image of ``result`` with its boxes (and masks) drawn (uint8 (3, H, W))."""
+    from cnnkit.data.decode import read_image
 
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    img = read_image(image if image is not None else result.path, channels=3).contiguous()
+    return draw_detections(img, result.boxes, result.labels, result.scores, model.classes, masks=result.masks)
 
 
-def load(path: str | Path, device: str = "cpu", task: str = "detect") -> DetectModel:
-    """Rebuild a trained detector (``task="instance"``: a Mask R-CNN) from ``best.safetensors``
-    (or its run folder)."""
-    model, card = load_task_model(path, task, build_model)
-    return DetectModel(model, card, select_device(device))
+def draw_samples(model: Predictor, records, path: Path, conf: float = 0.25) -> None:
+    """A grid of ``records`` with predicted boxes (ground truth in white) as a PNG."""
+    from torchvision.utils import make_grid, save_image
+
+    pipe = model.pipeline
+    ds = DetectionDataset(records, pipe.size, masks=pipe.masks)
+    tiles = []
+    for i in range(len(records)):
+        x, t = ds[i]
+        if x is None:
+            continue
+        o = pipe.detections(model.raw(x[None].float() / 255), conf)[0]
+        img = draw_detections(x, t["boxes"], [0] * len(t["boxes"]), [1.0] * len(t["boxes"]),
+                              ["gt"], width=1) if len(t["boxes"]) else x
+        masks = (o["masks"][:, 0].cpu() >= 0.5) if "masks" in o else None
+        tiles.append(draw_detections(img, o["boxes"].cpu(), o["labels"].cpu(), o["scores"].cpu(), model.classes,
+                                     masks=masks))
+    if tiles:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        save_image(make_grid(torch.stack(tiles).float() / 255, nrow=4, padding=2), str(path))
 
 
 def val(weights: str | Path, data: str, split: str = "val", batch: int = 32, device: str = "auto",
         workers: int = 0, conf: float = 0.001, iou: float = 0.6, json_path: str | Path | None = None,
         save_json: str | Path | None = None, verbose: bool = True, nms: str | None = None,
         task: str = "detect") -> dict[str, Any]:
-    """Evaluate a detector on a dataset split: COCO mAP@[.5:.95], mAP50, mAP75, per-class AP,
-    AR, AP by object size and by occlusion (``task="instance"``: also mask AP). ``save_json``
-    writes the detections in COCO results format (with RLE masks for instance models). ``nms``
-    (``hard`` or ``soft``) defaults to the one used in training."""
-    from cnnkit.tasks.detect_metrics import coco_results
+    """Evaluate a detector (``.safetensors``, run folder or ``.onnx``) on a dataset split: COCO
+    mAP@[.5:.95], mAP50, mAP75, per-class AP, AR, AP by object size and by occlusion
+    (``task="instance"``: also mask AP). ``save_json`` writes the detections in COCO results
+    format (with RLE masks for instance models). ``nms`` (``hard`` or ``soft``) defaults to the
+    one used in training."""
+    from cnnkit.tasks.detect.metrics import coco_results
 
-    m = load(weights, device, task)
-    card = m.card
+    m = load(weights, device, task, iou, nms)
+    card, pipe = m.card, m.pipeline
     if data == "shapes":
-        trained = card.get("trained", {})
-        ds = _data("shapes", trained.get("seed", 0), m.imgsz, card["num_classes"], trained.get("max_objects", 6),
-                   verbose, m.masks)
+        trained = card.provenance
+        ds = _data("shapes", trained.get("seed", 0), pipe.size, card.num_classes, trained.get("max_objects", 6),
+                   verbose, pipe.masks)
     else:
         ds = _data(data, 0, None, verbose=verbose)
     if list(ds.names) != m.classes:
@@ -503,14 +371,14 @@ def val(weights: str | Path, data: str, split: str = "val", batch: int = 32, dev
     records = ds.split(split)
     if not records:
         raise DataError(f"the {split} split of '{data}' has no images")
-    metrics, preds = m.evaluate(records, batch, workers, resolve_amp("auto", m.device), conf, iou,
-                                keep_predictions=True, nms=nms)
-    metrics.update(split=split, weights=str(resolve_weights(weights)), num_images=len(records))
+    metrics, preds = evaluate(m, records, batch, workers, conf, keep_predictions=True)
+    metrics.update(split=split, weights=str(resolve_weights(weights)), num_images=len(records),
+                   backend=m.backend.name)
     if save_json:
         ids = [p[0] for p in preds]
         res = coco_results(ids, [p[1] for p in preds], [p[2] for p in preds], [p[3] for p in preds],
-                           card.get("category_ids"))
-        if m.masks:  # results come out in the order of preds and of each image's detections
+                           card.extra.get("category_ids"))
+        if pipe.masks:  # results come out in the order of preds and of each image's detections
             rles = [r for p in preds for r in p[4]]
             for d, r in zip(res, rles):
                 d["segmentation"] = {"size": [int(v) for v in r["size"]], "counts": r["counts"].decode("ascii")}
@@ -532,9 +400,10 @@ def predict(weights: str | Path, source: str | Path, conf: float = 0.25, iou: fl
     """Detect objects in a file or folder; print a line per image and the time per stage;
     ``json_path`` writes the list of results (instance models add each object's ``mask`` as
     COCO RLE), ``save_dir`` PNGs with the boxes (and masks) drawn."""
-    m = load(weights, device, task)
-    files = list_sources(source)
-    results = m.predict(files, conf=conf, iou=iou, max_det=max_det, nms=nms)
+    m = load(weights, device, task, iou, nms)
+    skipped: list[tuple[str, str]] = []
+    timing: dict[str, float] = {}
+    results = m(list_sources(source), batch=8, conf=conf, max_det=max_det, skipped=skipped, timing=timing)
     con = console()
     if save_dir:
         from PIL import Image
@@ -542,23 +411,22 @@ def predict(weights: str | Path, source: str | Path, conf: float = 0.25, iou: fl
         out = Path(save_dir)
         out.mkdir(parents=True, exist_ok=True)
         for r in results:
-            img = m.draw(r)
-            Image.fromarray(img.permute(1, 2, 0).numpy()).save(out / (Path(r.path).stem + ".png"))
+            Image.fromarray(draw(m, r).permute(1, 2, 0).numpy()).save(out / (Path(r.path).stem + ".png"))
     rows = [r.to_dict() for r in results]
     if json_path:
         write_json(json_path, rows)
     if verbose:
         for r in results:
             counts: dict[str, int] = {}
-            for d in r.detections:
-                counts[d.class_name] = counts.get(d.class_name, 0) + 1
+            for c in r.labels.tolist():
+                counts[m.classes[c]] = counts.get(m.classes[c], 0) + 1
             what = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no objects"
             con.print(f"{r.path}: {r.width}x{r.height}, {what}")
-        t = m.timing
-        n = max(1, t["images"])
-        con.print(f"speed: {t['preprocess_ms'] / n:.1f} ms preprocess, {t['inference_ms'] / n:.1f} ms inference, "
-                  f"{t['postprocess_ms'] / n:.1f} ms postprocess per image at {m.imgsz}x{m.imgsz}")
-        for p, reason in m.skipped:
+        n = max(1, timing["images"])
+        con.print(f"speed: {timing['preprocess_ms'] / n:.1f} ms preprocess, {timing['inference_ms'] / n:.1f} ms "
+                  f"inference, {timing['postprocess_ms'] / n:.1f} ms postprocess per image at "
+                  f"{m.pipeline.size}x{m.pipeline.size} ({m.backend.name})")
+        for p, reason in skipped:
             con.print(f"[yellow]skipped[/] {p}: {reason}")
         if save_dir:
             con.print(f"drawn boxes in {save_dir}/")

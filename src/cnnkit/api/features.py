@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 
 from cnnkit.api._common import image_batches, list_sources
-from cnnkit.api.classify import ClassifierModel, load
+from cnnkit.api.classify import legacy_preprocess, load
+from cnnkit.runtime.pipeline import Predictor
 from cnnkit.errors import CnnkitError, DataError, ImageDecodeError
 from cnnkit.methods import features as F
 from cnnkit.utils.io import atomic_write, write_json
@@ -37,10 +38,20 @@ def _check_batch(batch: int) -> None:
         raise CnnkitError(f"--batch must be at least 1, got {batch}")
 
 
-def input_shape(model: ClassifierModel) -> tuple[int, int, int]:
+def input_shape(model: Predictor) -> tuple[int, int, int]:
     """``(C, H, W)`` of one preprocessed image for this model."""
-    s = model.preprocess.imgsz
-    return (model.channels, s, s)
+    i = model.card.input
+    return (i.model_channels, i.height, i.width)
+
+
+def raw_transform(model: Predictor):
+    """Decode and normalize one image as the raw network (not the core) takes it."""
+    from cnnkit.data.decode import read_image
+
+    if model.model is None:
+        raise CnnkitError("feature extraction needs PyTorch weights (.safetensors or a run folder), not .onnx")
+    transform = legacy_preprocess(model.card).eval_transform()
+    return lambda f: transform(read_image(f, model.card.input.channels))
 
 
 def layers(weights: str | Path, device: str = "auto") -> dict[str, Any]:
@@ -53,11 +64,11 @@ def layers(weights: str | Path, device: str = "auto") -> dict[str, Any]:
     """
     model = load(weights, device)
     shape = input_shape(model)
-    return {"arch": model.card.get("arch", "?"), "input_shape": shape,
+    return {"arch": model.card.arch, "input_shape": shape,
             "layers": F.layer_shapes(model.model, shape)}
 
 
-def extract_files(model: ClassifierModel, files: list[Path], layer: str, pooled: bool = True,
+def extract_files(model: Predictor, files: list[Path], layer: str, pooled: bool = True,
                   batch: int = 64) -> FeatureSet:
     """Features of image files, decoded and run in batches of ``batch``.
 
@@ -72,7 +83,7 @@ def extract_files(model: ClassifierModel, files: list[Path], layer: str, pooled:
     chunks: list[np.ndarray] = []
     paths: list[str] = []
     skipped: list[tuple[str, str]] = []
-    for x, names in image_batches(files, batch, model.prepare, skipped):
+    for x, names in image_batches(files, batch, raw_transform(model), skipped):
         paths += names
         chunks.append(F.extract(model.model, x, layer, pooled, batch).numpy())
     if not chunks:
@@ -198,7 +209,7 @@ def visualize(weights: str | Path, what: str, source: str | Path | None = None,
     return written
 
 
-def _featuremaps(model: ClassifierModel, files: list[Path], out_dir: Path, names: list[str] | None,
+def _featuremaps(model: Predictor, files: list[Path], out_dir: Path, names: list[str] | None,
                  topk: int) -> tuple[list[Path], list[tuple[str, str]]]:
     from cnnkit.utils.plotting import denormalize
 
@@ -210,7 +221,7 @@ def _featuremaps(model: ClassifierModel, files: list[Path], out_dir: Path, names
     used: set[str] = set()
     for f in files:
         try:
-            x = model.prepare(f)
+            x = raw_transform(model)(f)
         except ImageDecodeError as e:
             if len(files) == 1:
                 raise
@@ -226,9 +237,9 @@ def _featuremaps(model: ClassifierModel, files: list[Path], out_dir: Path, names
         top = probs.topk(min(3, len(model.classes)))
         guess = ", ".join(f"{model.classes[i]} {p:.2f}"
                           for p, i in zip(top.values.tolist(), top.indices.tolist()))
-        image = denormalize(x, model.preprocess.mean, model.preprocess.std)
+        image = denormalize(x[:model.card.input.channels], model.card.input.mean, model.card.input.std)
         name = _unique_name(f"featuremaps_{f.stem}", used)
-        title = f"{f.name}\n{model.card.get('arch', '?')} predicts: {guess}"
+        title = f"{f.name}\n{model.card.arch} predicts: {guess}"
         written.append(F.plot_feature_maps(image, maps, out_dir / f"{name}.png", topk, title))
     if not written:
         raise DataError(f"none of the {len(files)} images could be read")

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from cnnkit.api import detect as _detect
-from cnnkit.api.detect import DetectModel, InstanceConfig
+from cnnkit.api.detect import InstanceConfig
+from cnnkit.runtime.pipeline import Predictor
 
 __all__ = ["InstanceConfig", "config_from_file", "load", "predict", "train", "val"]
 
@@ -44,6 +45,6 @@ def predict(weights: str | Path, source: str | Path, **options: Any) -> list[dic
     return _detect.predict(weights, source, task="instance", **options)
 
 
-def load(path: str | Path, device: str = "cpu") -> DetectModel:
-    """Rebuild a trained Mask R-CNN; ``predict`` gives each detection a ``mask`` tensor."""
+def load(path: str | Path, device: str = "cpu") -> Predictor:
+    """Rebuild a trained Mask R-CNN; its results carry a ``masks`` tensor per image."""
     return _detect.load(path, device, "instance")

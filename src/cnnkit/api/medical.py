@@ -22,9 +22,10 @@ import numpy as np
 import torch
 
 import cnnkit
+from cnnkit.runtime.pipeline import Predictor
+from cnnkit.runtime.pipeline import load as load_predictor
 from cnnkit.api._common import config_from_file as _config_from_file
 from cnnkit.api._common import (
-    load_task_model,
     open_run,
     resolve_config,
     run_trainer,
@@ -45,7 +46,7 @@ from cnnkit.data.volumes import (
 )
 from cnnkit.engine.config import TrainConfig
 from cnnkit.engine.progress import console
-from cnnkit.engine.trainer import Trainer, resolve_amp
+from cnnkit.engine.trainer import Trainer
 from cnnkit.errors import CnnkitError, DataError
 from cnnkit.tasks.classify import ClassificationMetrics, ClassifyTask
 from cnnkit.tasks.medical import MEDICAL_LOSSES, MedicalTask, VolumeMetrics
@@ -155,8 +156,8 @@ def train(cfg: MedicalConfig | None = None, *, resume: str | Path | None = None,
                       standard_hooks(cfg, run, verbose))
     train_time = run_trainer(trainer, ckpt, run, "medical", verbose)
     best = load(run.best, str(device))
-    val_m = best.evaluate(data.split("val"))
-    test_m = best.evaluate(data.split("test")) if data.splits.get("test") else None
+    val_m = evaluate(best, data.split("val"))
+    test_m = evaluate(best, data.split("test")) if data.splits.get("test") else None
     results = write_run_results(trainer, run, val_m, test_m, train_time)
     from cnnkit.utils.plotting import plot_curves
 
@@ -181,76 +182,38 @@ def _line(m: dict[str, Any], split: str) -> str:
     return f"{split} Dice {m['dice']:.4f} ({per}){hd}"
 
 
-class VolumeModel:
-    """A trained 3-D segmenter: ``segment`` a volume, ``evaluate`` records."""
-
-    def __init__(self, model: torch.nn.Module, card: dict[str, Any], device: torch.device):
-        self.model, self.card, self.device = model.to(device).eval(), card, device
-        self.classes = list(card["classes"])
-        self.window = int(card["window"])
-        self.amp = resolve_amp("auto", device)
-
-    @torch.no_grad()
-    def segment(self, volume: np.ndarray | torch.Tensor, overlap: float = 0.25) -> torch.Tensor:
-        """Class ids uint8 (D, H, W) of a (D, H, W) volume of any size (z-scored here):
-        sliding ``window``-sided cubes with ``overlap`` and Gaussian blending (MONAI)."""
-        from monai.inferers import sliding_window_inference
-
-        v = torch.as_tensor(np.asarray(volume, np.float32))
-        v = (v - v.mean()) / v.std().clamp(min=1e-6)
-        x = v[None, None].to(self.device)
-        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-            out = sliding_window_inference(x, (self.window,) * 3, 2, self.model, overlap=overlap, mode="gaussian")
-        return out.float().argmax(1)[0].to(torch.uint8).cpu()
-
-    def evaluate(self, records: list[VolRecord]) -> dict[str, Any]:
-        """Dice and HD95 per class over ``records`` (whole volumes, sliding window)."""
-        ds = VolumeDataset(records, len(self.classes))
-        state = VolumeMetrics(self.classes)
-        for i in range(len(ds)):
-            img, lab = ds.load(i)
-            state.add_predictions(self.segment(img[0].numpy())[None], lab[None])
-        return state.compute()
+def load(path: str | Path, device: str = "cpu") -> Predictor:
+    """A volume segmenter's or classifier's :class:`~cnnkit.runtime.pipeline.Predictor` from
+    ``best.safetensors``, its run folder or an exported ``.onnx``; it takes NIfTI paths or
+    (D, H, W) arrays of any size."""
+    return load_predictor(path, device, task="medical")
 
 
-class VolumeClassifier(VolumeModel):
-    """A trained volume classifier: class ``probabilities`` of a volume, ``evaluate`` records."""
-
-    def segment(self, volume, overlap: float = 0.25):
-        raise CnnkitError(f"{self.card['arch']} is a classifier; use probabilities()")
-
-    @torch.no_grad()
-    def probabilities(self, volume: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Class probabilities (K,) of a (D, H, W) volume of any size (z-scored and resized here)."""
-        rec = VolRecord(image=np.asarray(volume, np.float32), target=0)
-        x = VolumeDataset([rec], len(self.classes), self.window, classify=True).load_resized(0)
-        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-            out = self.model(x[None].to(self.device))
-        return out.float().softmax(1)[0].cpu()
-
-    def evaluate(self, records: list[VolRecord]) -> dict[str, Any]:
-        """Accuracy, balanced accuracy, macro F1, per-class figures and confusion matrix
-        (:class:`~cnnkit.tasks.classify.ClassificationMetrics`) plus macro AUROC (torchmetrics)."""
+def evaluate(model: Predictor, records: list[VolRecord]) -> dict[str, Any]:
+    """Segmenters: Dice and HD95 per class over ``records`` (whole volumes, sliding window).
+    Classifiers: accuracy, balanced accuracy, macro F1, per-class figures and confusion matrix
+    (:class:`~cnnkit.tasks.classify.ClassificationMetrics`) plus macro AUROC (torchmetrics)."""
+    if model.pipeline.classify:
         from torchmetrics.functional.classification import multiclass_auroc
 
         if any(r.target is None for r in records):
             raise DataError("these volumes have no class labels; give a YAML with class subfolders per split")
-        probs = torch.stack([self.probabilities(r.load_image()) for r in records])
+        probs = torch.tensor([[r.probs[c] for c in model.classes] for r in
+                              (model(r.load_image())[0] for r in records)])
         targets = torch.tensor([int(r.target) for r in records])
-        state = ClassificationMetrics(self.classes)
+        state = ClassificationMetrics(model.classes)
         state.update(probs.clamp(min=1e-7).log(), {"targets": targets})
         m = state.compute()
         both = len(set(targets.tolist())) > 1
-        m["auroc"] = float(multiclass_auroc(probs, targets, len(self.classes), average="macro")) if both else None
+        m["auroc"] = float(multiclass_auroc(probs, targets, len(model.classes), average="macro")) if both else None
         m["num_volumes"] = len(records)
         return m
-
-
-def load(path: str | Path, device: str = "cpu") -> VolumeModel | VolumeClassifier:
-    """Rebuild a trained segmenter or classifier from ``best.safetensors`` (or its run folder)."""
-    model, card = load_task_model(path, "medical", build_model)
-    cls = VolumeClassifier if card.get("head") == "classify" else VolumeModel
-    return cls(model, card, select_device(device))
+    ds = VolumeDataset(records, len(model.classes))
+    state = VolumeMetrics(model.classes)
+    for i in range(len(ds)):
+        img, lab = ds.load(i)
+        state.add_predictions(model(img[0].numpy())[0].labels[None], lab[None])
+    return state.compute()
 
 
 def val(weights: str | Path, data: str, split: str = "val", device: str = "auto",
@@ -258,13 +221,12 @@ def val(weights: str | Path, data: str, split: str = "val", device: str = "auto"
     """Dice and 95th-percentile Hausdorff distance per class on a split (segmenters), or
     accuracy, balanced accuracy, macro F1 and AUROC (classifiers)."""
     m = load(weights, device)
-    ds = load_volume_data(data, m.card.get("trained", {}).get("seed", 0) if data == "phantoms" else 0,
-                          isinstance(m, VolumeClassifier))
+    ds = load_volume_data(data, m.card.provenance.get("seed", 0) if data == "phantoms" else 0, m.pipeline.classify)
     if list(ds.names) != m.classes:
         raise DataError(f"the classes of '{data}' ({', '.join(ds.names)}) differ from the model's "
                         f"({', '.join(m.classes)})")
-    metrics = m.evaluate(ds.split(split))
-    metrics["split"] = split
+    metrics = evaluate(m, ds.split(split))
+    metrics.update(split=split, backend=m.backend.name)
     if json_path:
         write_json(json_path, metrics)
     if verbose:
@@ -295,23 +257,17 @@ def predict(weights: str | Path, source: str | Path, device: str = "auto", save_
     for f in files:
         t0 = time.perf_counter()
         vol, affine = read_nifti(f)
-        if isinstance(m, VolumeClassifier):
-            probs = m.probabilities(vol)
-            j = int(probs.argmax())
-            row = {"path": str(f), "shape": list(vol.shape), "label": m.classes[j], "score": round(float(probs[j]), 6),
-                   "probs": {n: round(float(v), 6) for n, v in zip(m.classes, probs)}}
-            rows.append(row)
+        r = m(vol)[0]
+        r.path = str(f)
+        if m.pipeline.classify:
+            rows.append(r.to_dict())
             if verbose:
-                console().print(f"{f}: {row['label']} ({row['score']:.3f}, {(time.perf_counter() - t0) * 1e3:.0f} ms)")
+                console().print(f"{f}: {r.label} ({r.score:.3f}, {(time.perf_counter() - t0) * 1e3:.0f} ms)")
             continue
-        lab = m.segment(vol)
-        counts = np.bincount(lab.numpy().ravel(), minlength=len(m.classes))
-        row = {"path": str(f), "shape": list(vol.shape),
-               "voxels": {n: int(c) for n, c in zip(m.classes, counts) if c}}
         if save_dir:
-            out = outs[f]
-            write_nifti(out, lab.numpy(), affine)
-            row["labels"] = str(out)
+            write_nifti(outs[f], r.labels.numpy(), affine)
+            r.labels_file = str(outs[f])
+        row = r.to_dict()
         rows.append(row)
         if verbose:
             what = ", ".join(f"{n} {c}" for n, c in row["voxels"].items() if n != m.classes[0]) or "background only"

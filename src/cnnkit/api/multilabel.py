@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,10 +20,9 @@ import torch
 
 import cnnkit
 from cnnkit.api._common import config_from_file as _config_from_file
-from cnnkit.api._common import image_batches, list_sources, load_task_model, open_run, resolve_config, run_trainer, standard_hooks
-from cnnkit.api.classify import ClassifierModel, TrainResult, _load_init, _stats
+from cnnkit.api._common import list_sources, open_run, resolve_config, run_trainer, standard_hooks
+from cnnkit.api.classify import TrainResult, _load_init, _stats, prepared_loader
 from cnnkit.data.classification import ClassificationData, TransformedDataset, make_loader
-from cnnkit.data.decode import ImageLike
 from cnnkit.data.multilabel import load_multilabel_data
 from cnnkit.data.transforms import Preprocess, parse_aug
 from cnnkit.engine.checkpoint import load_weights, resolve_weights, save_weights
@@ -33,12 +31,14 @@ from cnnkit.engine.progress import console
 from cnnkit.engine.run import RunDir
 from cnnkit.engine.trainer import Trainer, evaluate, resolve_amp
 from cnnkit.errors import CnnkitError, DataError
-from cnnkit.tasks.multilabel import LOSSES, MultiLabelPrediction, MultiLabelTask
+from cnnkit.runtime.pipeline import Predictor, evaluate_loader
+from cnnkit.runtime.pipeline import load as load_predictor
+from cnnkit.tasks.multilabel import LOSSES, MultiLabelTask
 from cnnkit.utils.device import select_device
 from cnnkit.utils.io import write_json
 from cnnkit.utils.seed import seed_everything
 
-__all__ = ["MultiLabelConfig", "MultiLabelModel", "TrainResult", "train", "load", "val", "predict",
+__all__ = ["MultiLabelConfig", "TrainResult", "train", "load", "val", "predict",
            "write_samples", "config_from_file"]
 
 DEFAULT_AUG = "affine,flip"  # no crops: a crop can cut a labelled object out of the image
@@ -86,43 +86,17 @@ def _task(cfg: MultiLabelConfig, classes: list[str], thresholds: list[float] | N
 # ---------------------------------------------------------------------------------------
 # Loading a trained model
 # ---------------------------------------------------------------------------------------
-class MultiLabelModel(ClassifierModel):
-    """A trained multi-label classifier rebuilt from its weights and model card.
-
-    Decoding uses the per-class thresholds of the card (0.5 where the card has none).
+def load(path: str | Path, device: str | None = "cpu") -> Predictor:
+    """A multi-label :class:`~cnnkit.runtime.pipeline.Predictor` from ``best.safetensors`` (+
+    its card), a run folder or an exported ``.onnx``; decoding uses the card's per-class
+    thresholds (0.5 where the card has none).
 
     Examples:
         >>> model = cnnkit.load("runs/multilabel/train")
-        >>> model.predict(["scene.png"])[0].labels
+        >>> model(["scene.png"])[0].labels
         ['circle', 'star']
     """
-
-    def __init__(self, model: torch.nn.Module, card: dict[str, Any], device: torch.device):
-        super().__init__(model, card, device)
-        given = card.get("thresholds") or {}
-        self.thresholds = [float(given.get(c, 0.5)) for c in self.classes]
-        self.task = MultiLabelTask(self.classes, thresholds=self.thresholds)
-
-    def predict(self, images: ImageLike | Sequence[ImageLike], batch: int = 64) -> list[MultiLabelPrediction]:
-        """Tag images (paths, bytes, PIL images, arrays or tensors).
-
-        Returns one :class:`~cnnkit.tasks.multilabel.MultiLabelPrediction` per image, in order.
-        """
-        if isinstance(images, (str, Path, bytes)) or not isinstance(images, Sequence):
-            images = [images]
-        out: list[MultiLabelPrediction] = []
-        for i in range(0, len(images), batch):
-            chunk = images[i:i + batch]
-            x = torch.stack([self.prepare(im) for im in chunk])
-            paths = [str(p) if isinstance(p, (str, Path)) else None for p in chunk]
-            out += self.task.decode(self.logits(x), paths)
-        return out
-
-
-def load(path: str | Path, device: str | None = "cpu") -> MultiLabelModel:
-    """Rebuild a multi-label classifier from ``best.safetensors`` (+ its card) or a run folder."""
-    model, card = load_task_model(path, "multilabel", MultiLabelTask.build_model)
-    return MultiLabelModel(model, card, select_device(device))
+    return load_predictor(path, device, task="multilabel")
 
 
 # ---------------------------------------------------------------------------------------
@@ -203,7 +177,7 @@ def _finish(cfg: MultiLabelConfig, run: RunDir, data: ClassificationData, pre: P
 
     def loader(split: str):
         return make_loader(TransformedDataset(data.split(split), pre.eval_transform()), cfg.batch * 2,
-                           False, cfg.workers, best.task.collate)
+                           False, cfg.workers, _task(cfg, data.classes).collate)
 
     val_metrics, kept, _ = evaluate(best.model, loader("val"), _task(cfg, data.classes, tune=True),
                                     device, amp, keep=32)
@@ -314,16 +288,17 @@ def val(weights: str | Path, data: str, split: str = "val", batch: int = 64, dev
     if workers < 0:
         raise CnnkitError(f"--workers must be 0 or more, got {workers}")
     model = load(weights, device)
-    trained = model.card.get("trained", {})
+    trained = model.card.provenance
     ds = load_multilabel_data(data, seed=int(trained.get("seed", 0)),
                               val_fraction=float(trained.get("val_fraction", 0.2)),
-                              channels=model.channels, classes=model.classes)
-    loader = make_loader(TransformedDataset(ds.split(split), model.preprocess.eval_transform()), batch,
-                         False, workers, model.task.collate)
-    metrics, _, skipped = evaluate(model.model, loader, model.task, model.device)
+                              channels=model.card.input.channels, classes=model.classes)
+    task = MultiLabelTask(model.classes, thresholds=model.pipeline.thresholds)
+    loader = prepared_loader(model, ds.split(split), batch, workers, task.collate)
+    metrics, _, skipped = evaluate_loader(model, loader, task.metrics())
     if "map" not in metrics:
         raise DataError(f"the {split} split of '{data}' has no readable images")
-    result = {**_public(metrics), "split": split, "data": data, "weights": str(resolve_weights(weights))}
+    result = {**_public(metrics), "split": split, "data": data, "weights": str(resolve_weights(weights)),
+              "backend": model.backend.name}
     if skipped:
         result["skipped_images"] = [{"path": p, "reason": r} for p, r in skipped]
     if json_path:
@@ -348,12 +323,9 @@ def predict(weights: str | Path, source: str | Path, batch: int = 64, device: st
     if batch < 1:
         raise CnnkitError(f"--batch must be at least 1, got {batch}")
     model = load(weights, device)
-    files = list_sources(source)
-    results: list[dict[str, Any]] = []
     skipped: list[tuple[str, str]] = []
     t0 = time.perf_counter()
-    for x, paths in image_batches(files, batch, model.prepare, skipped):
-        results += [p.to_dict() for p in model.task.decode(model.logits(x), paths)]
+    results = [r.to_dict() for r in model(list_sources(source), batch=batch, skipped=skipped)]
     elapsed = time.perf_counter() - t0
     if json_path:
         write_json(json_path, results)

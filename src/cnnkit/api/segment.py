@@ -15,8 +15,7 @@ match training:
 from __future__ import annotations
 
 import datetime as _dt
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,6 @@ from cnnkit.api._common import config_from_file as _config_from_file
 from cnnkit.api._common import (
     copy_matching_weights,
     list_sources,
-    load_task_model,
     open_run,
     resolve_config,
     run_trainer,
@@ -50,8 +48,10 @@ from cnnkit.data.segmentation import (
 )
 from cnnkit.engine.config import TrainConfig
 from cnnkit.engine.progress import console
-from cnnkit.engine.trainer import Trainer, resolve_amp
+from cnnkit.engine.trainer import Trainer
 from cnnkit.errors import CnnkitError, DataError
+from cnnkit.runtime.pipeline import Predictor
+from cnnkit.runtime.pipeline import load as load_predictor
 from cnnkit.tasks.segment import SEG_LOSSES, SegmentTask, SegMetrics
 from cnnkit.utils.device import select_device
 from cnnkit.utils.io import write_json
@@ -226,11 +226,11 @@ def _finish(cfg: SegmentConfig, run, data: SegmentationData, trainer: Trainer, d
 
     con = console()
     best = load(run.best, device=str(device))
-    val_metrics = best.evaluate(data.split("val"))
-    test_metrics = best.evaluate(data.split("test")) if data.splits.get("test") else None
+    val_metrics = evaluate(best, data.split("val"))
+    test_metrics = evaluate(best, data.split("test")) if data.splits.get("test") else None
     results = write_run_results(trainer, run, val_metrics, test_metrics, train_time)
     plot_curves(trainer.history, run.plots / "results.png", ["miou", "dice", "pixel_acc"])
-    best.draw_samples(data.split("val")[:8], run.plots / "val_predictions.png")
+    draw_samples(best, data.split("val")[:8], run.plots / "val_predictions.png")
     if verbose:
         con.print(metrics_table(val_metrics, f"validation (best epoch {trainer.best_epoch})"))
         line = _line(val_metrics, "val")
@@ -261,151 +261,59 @@ def metrics_table(m: dict[str, Any], title: str):
 
 # ---------------------------------------------------------------------------------------
 # Loading and using a trained segmenter
-@dataclass
-class SegmentationResult:
-    """The class-id mask of one image at its original size (``mask`` uint8 (H, W))."""
-
-    path: str
-    width: int
-    height: int
-    mask: torch.Tensor
-    class_names: list[str] = field(default_factory=list)
-    mask_file: str | None = None
-
-    def fractions(self) -> dict[str, float]:
-        """Share of the image's pixels per class present."""
-        counts = torch.bincount(self.mask.flatten().long(), minlength=len(self.class_names))
-        total = max(1, self.mask.numel())
-        return {n: round(float(c) / total, 5) for n, c in zip(self.class_names, counts.tolist()) if c > 0}
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {"path": self.path, "width": self.width, "height": self.height, "classes": self.fractions()}
-        if self.mask_file:
-            out["mask"] = self.mask_file
-        return out
+def load(path: str | Path, device: str = "cpu", tile: bool | None = None) -> Predictor:
+    """A segmenter :class:`~cnnkit.runtime.pipeline.Predictor` from ``best.safetensors``, its
+    run folder or an exported ``.onnx``. ``tile`` (default: as trained; True for ``--crop``
+    models) slides the card's window over full-resolution images."""
+    return load_predictor(path, device, task="segment", tile=tile)
 
 
-class SegmentModel:
-    """A trained segmenter with its model card: ``predict``, ``evaluate``, ``draw_samples``."""
+def scores(model: Predictor, image: torch.Tensor) -> torch.Tensor:
+    """Class scores ``(K, H, W)`` of one uint8 image at its original size."""
+    x, meta = model.pipeline.prepare(image)
+    return model.pipeline.scores(model.raw(x[None], [meta]), meta)
 
-    def __init__(self, model: torch.nn.Module, card: dict[str, Any], device: torch.device):
-        self.model = model.to(device).eval().to(memory_format=torch.channels_last)
-        self.card, self.device = card, device
-        self.classes = list(card["classes"])
-        self.imgsz = int(card["imgsz"][0])
-        self.mode = card.get("preprocess", {}).get("resize", "resize")
-        self.amp = resolve_amp("auto", device)
-        self.timing = {"preprocess_ms": 0.0, "inference_ms": 0.0, "postprocess_ms": 0.0, "images": 0}
 
-    @torch.no_grad()
-    def logits(self, image: torch.Tensor, tile: bool | None = None, overlap: float = 0.25) -> torch.Tensor:
-        """Class scores ``(K, H, W)`` (float32, original size) of one uint8 image ``(3, H, W)``.
+def evaluate(model: Predictor, records: list[SegRecord]) -> dict[str, Any]:
+    """mIoU, Dice, pixel accuracy and per-class IoU/Dice of ``records`` at original size."""
+    from cnnkit.errors import ImageDecodeError
 
-        ``tile`` (default: as trained; True for ``--crop`` models) slides an ``imgsz`` window
-        over the full-resolution image (``overlap`` between windows, Gaussian blending);
-        otherwise the image is resized to ``imgsz`` and the scores back to ``(H, W)``.
-        """
-        h, w = image.shape[-2:]
-        x = image[None].to(self.device).float().div_(255)
-        tile = self.mode == "crop" if tile is None else tile
-        with _autocast(self.device, self.amp):
-            if tile:
-                from monai.inferers import sliding_window_inference
+    ds = SegmentationDataset(records, None, len(model.classes), train=False)
+    state = SegMetrics(model.classes)
+    skipped = []
+    for i in range(len(ds)):
+        try:
+            img, mask = ds.load(i)
+        except ImageDecodeError as e:  # reported, as training skips it too
+            skipped.append({"path": e.path, "reason": e.reason})
+            continue
+        state.add_predictions(scores(model, img).argmax(0).cpu(), mask.long())
+    out = state.compute()
+    out["num_images"] = len(records) - len(skipped)
+    if skipped:
+        out["skipped_images"] = skipped
+    return out
 
-                out = sliding_window_inference(x, (self.imgsz, self.imgsz), 4, self._net, overlap=overlap,
-                                               mode="gaussian")
-            else:
-                xs = F.interpolate(x, size=(self.imgsz, self.imgsz), mode="bilinear", antialias=True,
-                                   align_corners=False) if (h, w) != (self.imgsz, self.imgsz) else x
-                out = self._net(xs)
-        out = out.float()
-        if out.shape[-2:] != (h, w):
-            out = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
-        return out[0]
 
-    def _net(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x.contiguous(memory_format=torch.channels_last))
+def draw_samples(model: Predictor, records: list[SegRecord], path: Path) -> None:
+    """Rows of image | ground truth | prediction (masks blended over the image) as a PNG."""
+    from torchvision.utils import make_grid, save_image
 
-    def evaluate(self, records: list[SegRecord], tile: bool | None = None) -> dict[str, Any]:
-        """mIoU, Dice, pixel accuracy and per-class IoU/Dice of ``records`` at original size."""
-        from cnnkit.errors import ImageDecodeError
+    from cnnkit.errors import ImageDecodeError
 
-        ds = SegmentationDataset(records, None, len(self.classes), train=False)
-        state = SegMetrics(self.classes)
-        skipped = []
-        for i in range(len(ds)):
-            try:
-                img, mask = ds.load(i)
-            except ImageDecodeError as e:  # reported, as training skips it too
-                skipped.append({"path": e.path, "reason": e.reason})
-                continue
-            pred = self.logits(img, tile).argmax(0)
-            state.add_predictions(pred.cpu(), mask.long())
-        out = state.compute()
-        out["num_images"] = len(records) - len(skipped)
-        if skipped:
-            out["skipped_images"] = skipped
-        return out
-
-    def predict(self, source, tile: bool | None = None) -> list[SegmentationResult]:
-        """Masks of an image file, a folder, a list of paths or a uint8 (3, H, W) tensor /
-        (H, W, 3) array. Timing per stage accumulates in ``self.timing``."""
-        from cnnkit.data.decode import read_image
-        from cnnkit.errors import ImageDecodeError
-
-        if isinstance(source, (str, Path)):
-            items: list = list_sources(source)
-        elif isinstance(source, (list, tuple)):
-            items = list(source)
-        else:
-            items = [source]
-        self.skipped: list[tuple[str, str]] = []
-        results = []
-        for i, it in enumerate(items):
-            name = str(it) if isinstance(it, (str, Path)) else f"<image {i}>"
-            t0 = time.perf_counter()
-            try:
-                img = read_image(it, channels=3).contiguous()
-            except ImageDecodeError as e:
-                if len(items) == 1:
-                    raise
-                self.skipped.append((e.path, e.reason))
-                continue
-            t1 = time.perf_counter()
-            scores = self.logits(img, tile)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            t2 = time.perf_counter()
-            mask = scores.argmax(0).to(torch.uint8).cpu()
-            t3 = time.perf_counter()
-            h, w = img.shape[-2:]
-            results.append(SegmentationResult(name, int(w), int(h), mask, self.classes))
-            self.timing["preprocess_ms"] += (t1 - t0) * 1e3
-            self.timing["inference_ms"] += (t2 - t1) * 1e3
-            self.timing["postprocess_ms"] += (t3 - t2) * 1e3
-            self.timing["images"] += 1
-        return results
-
-    def draw_samples(self, records: list[SegRecord], path: Path) -> None:
-        """Rows of image | ground truth | prediction (masks blended over the image) as a PNG."""
-        from torchvision.utils import make_grid, save_image
-
-        from cnnkit.errors import ImageDecodeError
-
-        ds = SegmentationDataset(records, None, len(self.classes), train=False)
-        tiles = []
-        for i in range(len(ds)):
-            try:
-                img, mask = ds.load(i)
-            except ImageDecodeError:
-                continue
-            pred = self.logits(img).argmax(0).cpu()
-            tiles += [img, overlay(img, mask), overlay(img, pred)]
-        if tiles:
-            size = max(max(t.shape[-2:]) for t in tiles)
-            tiles = [F.interpolate(t[None].float(), size=(size, size), mode="nearest")[0] for t in tiles]
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            save_image(make_grid(torch.stack(tiles) / 255, nrow=6, padding=2), str(path))
+    ds = SegmentationDataset(records, None, len(model.classes), train=False)
+    tiles = []
+    for i in range(len(ds)):
+        try:
+            img, mask = ds.load(i)
+        except ImageDecodeError:
+            continue
+        tiles += [img, overlay(img, mask), overlay(img, scores(model, img).argmax(0).cpu())]
+    if tiles:
+        size = max(max(t.shape[-2:]) for t in tiles)
+        tiles = [F.interpolate(t[None].float(), size=(size, size), mode="nearest")[0] for t in tiles]
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        save_image(make_grid(torch.stack(tiles) / 255, nrow=6, padding=2), str(path))
 
 
 def overlay(image: torch.Tensor, mask: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
@@ -419,28 +327,16 @@ def overlay(image: torch.Tensor, mask: torch.Tensor, alpha: float = 0.5) -> torc
     return out.round().clamp(0, 255).to(torch.uint8)
 
 
-def _autocast(device: torch.device, dtype):
-    from contextlib import nullcontext
-
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-
-
-def load(path: str | Path, device: str = "cpu") -> SegmentModel:
-    """Rebuild a trained segmenter from ``best.safetensors`` (or its run folder)."""
-    model, card = load_task_model(path, "segment", build_model)
-    return SegmentModel(model, card, select_device(device))
-
-
 def val(weights: str | Path, data: str, split: str = "val", device: str = "auto", tile: bool | None = None,
         json_path: str | Path | None = None, verbose: bool = True) -> dict[str, Any]:
-    """Evaluate a segmenter on a dataset split at the images' original size: mIoU, Dice,
-    pixel accuracy, per-class IoU and Dice."""
+    """Evaluate a segmenter (``.safetensors``, run folder or ``.onnx``) on a dataset split at the
+    images' original size: mIoU, Dice, pixel accuracy, per-class IoU and Dice."""
     from cnnkit.engine.checkpoint import resolve_weights
 
-    m = load(weights, device)
+    m = load(weights, device, tile)
     if data == "shapes":
-        trained = m.card.get("trained", {})
-        ds = _data("shapes", trained.get("seed", 0), m.imgsz, trained.get("classes", len(m.classes) - 1),
+        trained = m.card.provenance
+        ds = _data("shapes", trained.get("seed", 0), m.card.input.height, trained.get("classes", len(m.classes) - 1),
                    trained.get("max_objects", 4), trained.get("scenes") if split == "train" else 0)
     else:
         ds = _data(data, 0, None)
@@ -450,8 +346,8 @@ def val(weights: str | Path, data: str, split: str = "val", device: str = "auto"
     records = ds.split(split)
     if not records:
         raise DataError(f"the {split} split of '{data}' has no images")
-    metrics = m.evaluate(records, tile)
-    metrics.update(split=split, weights=str(resolve_weights(weights)))
+    metrics = evaluate(m, records)
+    metrics.update(split=split, weights=str(resolve_weights(weights)), backend=m.backend.name)
     if json_path:
         write_json(json_path, metrics)
     if verbose:
@@ -473,8 +369,10 @@ def predict(weights: str | Path, source: str | Path, device: str = "auto", tile:
 
     from cnnkit.data.decode import read_image
 
-    m = load(weights, device)
-    results = m.predict(list_sources(source), tile)
+    m = load(weights, device, tile)
+    skipped: list[tuple[str, str]] = []
+    timing: dict[str, float] = {}
+    results = m(list_sources(source), batch=8, skipped=skipped, timing=timing)
     out = Path(save_dir) if save_dir else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -499,11 +397,10 @@ def predict(weights: str | Path, source: str | Path, device: str = "auto", tile:
             fr = r.fractions()
             what = ", ".join(f"{k} {v:.0%}" for k, v in sorted(fr.items(), key=lambda kv: -kv[1]) if k != m.classes[0])
             con.print(f"{r.path}: {r.width}x{r.height}, {what or 'background only'}")
-        t = m.timing
-        n = max(1, t["images"])
-        con.print(f"speed: {t['preprocess_ms'] / n:.1f} ms preprocess, {t['inference_ms'] / n:.1f} ms inference, "
-                  f"{t['postprocess_ms'] / n:.1f} ms postprocess per image")
-        for p, reason in m.skipped:
+        n = max(1, timing["images"])
+        con.print(f"speed: {timing['preprocess_ms'] / n:.1f} ms preprocess, {timing['inference_ms'] / n:.1f} ms "
+                  f"inference, {timing['postprocess_ms'] / n:.1f} ms postprocess per image ({m.backend.name})")
+        for p, reason in skipped:
             con.print(f"[yellow]skipped[/] {p}: {reason}")
         if out is not None:
             con.print(f"masks and overlays in {out}/")

@@ -249,6 +249,11 @@ from cnnkit.cli.convert import convert
 
 cli.add_command(convert)
 
+from cnnkit.cli.export import benchmark_cmd, export_cmd
+
+cli.add_command(export_cmd)
+cli.add_command(benchmark_cmd)
+
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; user errors print one sentence and exit with code 2."""

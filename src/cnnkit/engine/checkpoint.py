@@ -17,10 +17,12 @@ from cnnkit.errors import ModelError
 from cnnkit.utils.io import atomic_write, write_json
 
 CARD_FORMAT = 1
+EXPORTED = (".onnx", ".torchscript")  # files from `cnnkit export`, run by cnnkit.runtime
 
 
 def resolve_weights(path: str | Path) -> Path:
-    """Accept a ``.safetensors`` file, a ``weights/`` folder or a run folder."""
+    """Accept a ``.safetensors`` file, a ``weights/`` folder or a run folder (or an exported
+    ``.onnx`` / ``.torchscript``, which :func:`load_weights` refuses: the runtime reads those)."""
     p = Path(path)
     if p.is_dir():
         for cand in (p / "weights" / "best.safetensors", p / "best.safetensors"):
@@ -29,6 +31,8 @@ def resolve_weights(path: str | Path) -> Path:
         raise ModelError(f"no weights found in folder '{p}' (looked for weights/best.safetensors)")
     if not p.exists():
         raise ModelError(f"weights file '{p}' does not exist")
+    if p.suffix in EXPORTED:
+        return p
     if p.suffix != ".safetensors":
         raise ModelError(f"weights file '{p}' is not a .safetensors file; pass "
                          "runs/.../weights/best.safetensors or its run folder")
@@ -55,6 +59,8 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     from safetensors.torch import load_file
 
     p = resolve_weights(path)
+    if p.suffix in EXPORTED:
+        raise ModelError(f"'{p}' is an exported model; this needs cnnkit weights (.safetensors or a run folder)")
     cp = card_path(p)
     if not cp.is_file():
         raise ModelError(f"model card '{cp}' is missing; cnnkit weights come with a .json card "

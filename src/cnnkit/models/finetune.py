@@ -146,3 +146,15 @@ def layer_decay_scales(model: nn.Module, decay: float) -> dict[str, float]:
     groups = parameter_groups(model)
     depth = len(groups) - 1
     return {n: decay ** (depth - i) for i, g in enumerate(groups) for n in g}
+
+
+def feature_stages(model: nn.Module) -> dict[str, nn.Module]:
+    """The named feature stages of a registry model, shallow to deep (``feature_info``): of the
+    model itself, or of the registry classifier inside a wrapper (a segmenter's encoder, a
+    detector's backbone), named by their full path in ``model``."""
+    prefix, body = "", model
+    inner = _inner_body(model)
+    if inner is not None:
+        prefix, body = inner[0] + ".", inner[1]
+    modules = dict(body.named_modules())
+    return {prefix + n: modules[n] for n in _feature_modules(body)}

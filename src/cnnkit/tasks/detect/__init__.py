@@ -50,7 +50,7 @@ class DetectMetrics:
 
     def __init__(self, names: list[str], category_ids: list[int] | None = None, keep_predictions: bool = False,
                  masks: bool = False):
-        from cnnkit.tasks.detect_metrics import DetectionEvaluator
+        from cnnkit.tasks.detect.metrics import DetectionEvaluator
 
         self.evaluator = DetectionEvaluator(names, category_ids)
         self.keep_predictions, self.masks = keep_predictions, masks
@@ -71,7 +71,7 @@ class DetectMetrics:
                                gt_occlusion=t["occlusion"].cpu().numpy(), gt_masks=gm, pred_masks=pm)
             if self.keep_predictions:
                 if self.masks:
-                    from cnnkit.tasks.detect_metrics import encode_masks
+                    from cnnkit.tasks.detect.metrics import encode_masks
 
                     self.predictions.append((t["image_id"], pb, ps, pl, encode_masks(pm, len(pl), h, w)))
                 else:

@@ -1,0 +1,136 @@
+"""``cnnkit benchmark``: one model in every format, side by side.
+
+For each format (PyTorch eager, TorchScript, ONNX Runtime) the same core runs on the same
+inputs: file size, median and 90th-percentile latency of the core at batch 1 and batch N,
+images per second at batch N, and, given ``data``, the task's metric on a split through the
+full ``val`` of that format (preprocessing and decoding included), with its change against
+eager. Like Ultralytics' ``benchmark`` mode, for every task.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cnnkit.errors import CnnkitError
+
+FORMATS = ("torch", "torchscript", "onnx")
+METRIC = {"classify": "top1", "multilabel": "map", "detect": "map50_95", "instance": "mask_map50_95",
+          "segment": "miou", "medical": "dice"}
+
+
+def time_core(predictor, x: torch.Tensor, runs: int, warmup: int) -> list[float]:
+    """Milliseconds per call of ``predictor.raw(x)`` over ``runs`` calls after ``warmup``."""
+    for _ in range(warmup):
+        predictor.raw(x)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        predictor.raw(x)
+        if predictor.device.type == "cuda":
+            torch.cuda.synchronize(predictor.device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def p90(xs: list[float]) -> float:
+    return sorted(xs)[min(len(xs) - 1, int(round(0.9 * (len(xs) - 1))))]
+
+
+def benchmark(weights: str | Path, data: str | None = None, batch: int = 16, formats: tuple[str, ...] = FORMATS,
+              runs: int = 20, warmup: int = 3, device: str = "cpu", split: str = "val",
+              out_dir: str | Path | None = None, json_path: str | Path | None = None,
+              verbose: bool = True) -> dict[str, Any]:
+    """Benchmark ``weights`` (``best.safetensors`` or a run folder) in ``formats``.
+
+    Exported files go to ``out_dir`` (default: a temporary folder, removed afterwards).
+    Returns ``{"task", "arch", "batch", "rows": [...]}``; each row has ``format``, ``file``,
+    ``size_mb``, ``b1_median_ms``, ``b1_p90_ms``, ``bN_median_ms``, ``bN_p90_ms``,
+    ``images_per_s``, ``speedup`` (batch-1 median of eager / this format) and, with
+    ``data``, ``metric`` and ``metric_delta`` (this format minus eager).
+    """
+    import cnnkit
+    from cnnkit.engine.checkpoint import resolve_weights
+    from cnnkit.methods.export import export
+    from cnnkit.runtime.pipeline import load
+    from cnnkit.utils.io import write_json
+
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise CnnkitError(f"--formats takes {', '.join(FORMATS)}; got '{unknown[0]}'")
+    if batch < 1 or runs < 1 or warmup < 0:
+        raise CnnkitError("--batch and --runs must be at least 1, --warmup at least 0")
+    src = resolve_weights(weights)
+    if src.suffix != ".safetensors":
+        raise CnnkitError(f"benchmark takes cnnkit weights (.safetensors or a run folder), not '{src.name}'")
+    tmp = None if out_dir else tempfile.TemporaryDirectory(prefix="cnnkit-bench-")
+    folder = Path(out_dir or tmp.name)
+    rows: list[dict[str, Any]] = []
+    try:
+        files = {"torch": src}
+        for fmt in formats:
+            if fmt != "torch":
+                files[fmt] = Path(export(src, fmt, folder / f"model.{fmt}", verbose=False)["file"])
+        base = None
+        for fmt in formats:
+            p = load(files[fmt], device)
+            x1 = p.pipeline.example_input(1)
+            t1 = time_core(p, x1, runs, warmup)
+            row: dict[str, Any] = {"format": fmt, "file": str(files[fmt]),
+                                   "size_mb": round(files[fmt].stat().st_size / 2**20, 3),
+                                   "b1_median_ms": round(statistics.median(t1), 3), "b1_p90_ms": round(p90(t1), 3)}
+            n = batch if p.pipeline.batchable else 1
+            tn = time_core(p, p.pipeline.example_input(n), runs, warmup) if n > 1 else t1
+            row.update(batch=n, bN_median_ms=round(statistics.median(tn), 3), bN_p90_ms=round(p90(tn), 3),
+                       images_per_s=round(n * 1e3 / statistics.median(tn), 1))
+            if data:
+                metrics = cnnkit.val(p.task, files[fmt], data, split=split, device=device, verbose=False)
+                key = METRIC[p.task] if p.task != "medical" or "dice" in metrics else "top1"
+                row.update(metric_name=key, metric=metrics.get(key))
+            base = base or row
+            row["speedup"] = round(base["b1_median_ms"] / row["b1_median_ms"], 3)
+            if data and base.get("metric") is not None and row.get("metric") is not None:
+                row["metric_delta"] = round(row["metric"] - base["metric"], 5)
+            rows.append(row)
+        card = p.card
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    result = {"task": card.task, "arch": card.arch, "weights": str(src), "device": device, "batch": batch,
+              "runs": runs, "input": list(p.pipeline.example_input(1).shape[1:]), "data": data, "split": split,
+              "threads": torch.get_num_threads(), "rows": rows}
+    if json_path:
+        write_json(json_path, result)
+    if verbose:
+        _print(result)
+    return result
+
+
+def _print(result: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    from cnnkit.engine.progress import console
+
+    rows = result["rows"]
+    t = Table(title=f"{result['task']} {result['arch']} · input {'x'.join(map(str, result['input']))} · "
+                    f"{result['device']} ({result['threads']} threads) · {result['runs']} runs")
+    cols = ["format", "MB", "b1 median ms", "b1 p90 ms", f"b{rows[0]['batch']} median ms", "p90 ms", "images/s",
+            "speedup"]
+    has_metric = any("metric" in r for r in rows)
+    if has_metric:
+        cols += [rows[0].get("metric_name", "metric"), "Δ vs torch"]
+    for c in cols:
+        t.add_column(c, justify="left" if c == "format" else "right")
+    for r in rows:
+        cells = [r["format"], f"{r['size_mb']:.2f}", f"{r['b1_median_ms']:.2f}", f"{r['b1_p90_ms']:.2f}",
+                 f"{r['bN_median_ms']:.2f}", f"{r['bN_p90_ms']:.2f}", f"{r['images_per_s']:.1f}", f"{r['speedup']:.2f}x"]
+        if has_metric:
+            m = r.get("metric")
+            cells += ["-" if m is None else f"{m:.4f}", f"{r.get('metric_delta', 0.0):+.4f}"]
+        t.add_row(*cells)
+    console().print(t)

@@ -1,0 +1,346 @@
+"""The inference contract: a task's :class:`Pipeline`, a :class:`Backend` and a
+:class:`ModelCard` make a :class:`Predictor`.
+
+A pipeline turns inputs into tensors (``preprocess``), names the exportable network
+(``core``: tensors in, a tuple of tensors out, no NMS or thresholds, the same module in train
+and eval), turns raw outputs into typed results (``postprocess``), gives a differentiable
+score per sample (``target``, for Grad-CAM and attacks) and the named feature stages
+(``feature_layers``, for distillation and CAM). Every task implements it in
+``cnnkit/tasks/<task>/pipeline.py``; :func:`pipeline_for` finds it from a card.
+
+:func:`load` rebuilds a predictor from cnnkit weights (``.safetensors`` + card, or a run
+folder) on the PyTorch backend, or from an exported ``.onnx`` file on ONNX Runtime; every
+task's ``val``, ``predict`` and ``benchmark`` run through it, so both backends share the
+same preprocessing and decoding.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cnnkit.core.card import ModelCard
+from cnnkit.data.decode import ImageLike, read_image
+from cnnkit.errors import ImageDecodeError, ModelError
+
+PIPELINES = {"classify": "classify", "multilabel": "multilabel", "detect": "detect", "instance": "detect",
+             "segment": "segment", "medical": "medical"}
+
+
+class Pipeline:
+    """Base class of the per-task pipelines (see the module docstring).
+
+    ``batchable`` is False for pipelines whose inputs cannot be stacked (sliding windows over
+    full-resolution images or volumes, torchvision detectors' per-image outputs): the
+    predictor then feeds one input at a time.
+    """
+
+    task = "?"
+    batchable = True
+    channels_last = False  # feed the torch core channels_last tensors (measured faster for some models)
+
+    def __init__(self, card: ModelCard):
+        self.card = card
+        self.classes = list(card.classes)
+
+    def configure(self, **options) -> None:
+        """Options fixed when the model is built (detectors: ``iou``, ``nms``); none by default."""
+        if options:
+            raise ModelError(f"{self.task} models take no build options ({', '.join(sorted(options))})")
+
+    # ---- the model ----------------------------------------------------------------------
+    def build(self) -> nn.Module:
+        """The task's network for this card, freshly initialized."""
+        raise NotImplementedError
+
+    def core(self, model: nn.Module) -> nn.Module:
+        """The exportable network: tensors in, a tuple of tensors out."""
+        return model
+
+    def feature_layers(self, model: nn.Module) -> dict[str, nn.Module]:
+        """Named feature stages, shallow to deep."""
+        return {}
+
+    def example_input(self, batch: int = 1) -> torch.Tensor:
+        """A random input of the core's shape (for export checks and benchmarks)."""
+        g = torch.Generator().manual_seed(0)
+        return torch.rand(self.card.input.shape(batch), generator=g)
+
+    # ---- data ---------------------------------------------------------------------------
+    def decode(self, item: Any) -> torch.Tensor:
+        """One input (path, bytes, PIL image, array, tensor) as a uint8 tensor."""
+        return read_image(item, channels=self.card.input.channels).contiguous()
+
+    def prepare(self, image: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """One decoded input -> the core's input tensor (no batch dim) and its meta."""
+        raise NotImplementedError
+
+    def preprocess(self, images: Sequence[ImageLike]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+        """Inputs -> a batch for the core and one meta dict per input."""
+        xs, metas = [], []
+        for i, item in enumerate(images):
+            x, meta = self.prepare(self.decode(item))
+            meta["path"] = str(item) if isinstance(item, (str, Path)) else None
+            xs.append(x)
+            metas.append(meta)
+        return torch.stack(xs), metas
+
+    def run(self, backend, x: torch.Tensor, metas: list[dict[str, Any]]) -> tuple[torch.Tensor, ...]:
+        """Raw outputs of a preprocessed batch (sliding-window pipelines override this)."""
+        return backend(x)
+
+    def postprocess(self, raw: tuple[torch.Tensor, ...], metas: list[dict[str, Any]], **options) -> list:
+        raise NotImplementedError
+
+    def target(self, raw: tuple[torch.Tensor, ...], selector: Any) -> torch.Tensor:
+        """A differentiable score per sample ``(B,)`` picked by ``selector``."""
+        raise NotImplementedError
+
+
+def pipeline_for(card: ModelCard) -> Pipeline:
+    """The task pipeline of ``card`` (``cnnkit.tasks.<task>.pipeline``)."""
+    module = importlib.import_module(f"cnnkit.tasks.{PIPELINES[card.task]}.pipeline")
+    return module.pipeline(card)
+
+
+class Predictor:
+    """A pipeline on a backend: ``predictor(images, **options) -> list of results``.
+
+    Stateless after construction (options travel with each call), so one predictor can serve
+    several threads. ``timing`` (a dict, optional) accumulates ``preprocess_ms``,
+    ``inference_ms``, ``postprocess_ms`` and ``images`` over a call.
+
+    Examples:
+        >>> p = cnnkit.load("runs/classify/train")            # or "model.onnx"
+        >>> p("digit.png")[0].label
+        >>> p.raw(p.pipeline.example_input(2))[0].shape        # the core's outputs
+    """
+
+    def __init__(self, card: ModelCard, pipeline: Pipeline, backend, source: str | Path | None = None,
+                 model: nn.Module | None = None):
+        self.card, self.pipeline, self.backend, self.source = card, pipeline, backend, source
+        self.model = model  # the torch module (None on ONNX Runtime)
+        self.classes = list(card.classes)
+        self.task = card.task
+
+    @property
+    def device(self) -> torch.device:
+        return getattr(self.backend, "device", torch.device("cpu"))
+
+    def raw(self, x: torch.Tensor, metas: list[dict[str, Any]] | None = None) -> tuple[torch.Tensor, ...]:
+        """The core's outputs for a preprocessed batch."""
+        return self.pipeline.run(self.backend, x, metas or [{}] * len(x))
+
+    def __call__(self, images: ImageLike | Sequence[ImageLike], batch: int = 32,
+                 skipped: list[tuple[str, str]] | None = None, timing: dict[str, float] | None = None,
+                 **options) -> list:
+        """Predict one input or a list; unreadable files in a list of several are appended to
+        ``skipped`` as ``(path, reason)`` (a single unreadable input raises)."""
+        items = [images] if isinstance(images, (str, Path, bytes)) or not isinstance(images, Sequence) else list(images)
+        step = batch if self.pipeline.batchable else 1
+        results: list = []
+        timing = timing if timing is not None else {}
+        for k in ("preprocess_ms", "inference_ms", "postprocess_ms", "images"):
+            timing.setdefault(k, 0.0)
+        for i in range(0, len(items), step):
+            t0 = time.perf_counter()
+            xs, metas = [], []
+            for j, item in enumerate(items[i:i + step]):
+                try:
+                    x, meta = self.pipeline.prepare(self.pipeline.decode(item))
+                except ImageDecodeError as e:
+                    if len(items) == 1 or skipped is None:
+                        raise
+                    skipped.append((e.path, e.reason))
+                    continue
+                meta["path"] = str(item) if isinstance(item, (str, Path)) else f"<image {i + j}>"
+                xs.append(x)
+                metas.append(meta)
+            if not xs:
+                continue
+            x = torch.stack(xs)
+            t1 = time.perf_counter()
+            raw = self.pipeline.run(self.backend, x, metas)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            t2 = time.perf_counter()
+            results += self.pipeline.postprocess(raw, metas, **options)
+            t3 = time.perf_counter()
+            timing["preprocess_ms"] += (t1 - t0) * 1e3
+            timing["inference_ms"] += (t2 - t1) * 1e3
+            timing["postprocess_ms"] += (t3 - t2) * 1e3
+            timing["images"] += len(xs)
+        return results
+
+    predict = __call__
+
+
+def resize_image(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A uint8 or float image ``(C, H, W)`` resized (bilinear, antialiased) to ``size``."""
+    from torchvision.transforms.v2 import functional as TF
+
+    return TF.resize(x, list(size), antialias=True) if tuple(x.shape[-2:]) != tuple(size) else x
+
+
+def interpolate_scores(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Class scores ``(B, K, h, w)`` resized bilinearly to ``size``."""
+    if tuple(scores.shape[-2:]) == tuple(size):
+        return scores
+    return F.interpolate(scores, size=size, mode="bilinear", align_corners=False)
+
+
+def load(weights: str | Path, device: str | None = "cpu", backend: str | None = None, task: str | None = None,
+         **build_options) -> Predictor:
+    """A :class:`Predictor` from cnnkit weights (PyTorch), an exported ``.onnx`` (ONNX Runtime)
+    or an exported ``.torchscript`` (PyTorch, no Python model code needed).
+
+    Args:
+        weights: ``best.safetensors``, its run folder, or an ``.onnx`` file from ``cnnkit export``.
+        device: ``auto``, ``cpu``, ``cuda``...
+        backend: ``torch`` or ``onnx``; default from the file type.
+        task: the task the weights must be for (a clear error otherwise).
+        **build_options: task options fixed when the model is built (detectors: ``iou``, ``nms``).
+    """
+    from cnnkit.utils.device import select_device
+
+    dev = select_device(device)
+    p = Path(weights)
+    if p.suffix == ".onnx" or backend == "onnx":
+        if p.suffix != ".onnx":
+            raise ModelError(f"--backend onnx needs an .onnx file from `cnnkit export`, got '{p}'")
+        from cnnkit.runtime.backend import OrtBackend, read_onnx_card
+
+        card = ModelCard.from_dict(read_onnx_card(p), f"the model card inside '{p}'")
+        _check_task(card, task, p)
+        pipe = pipeline_for(card)
+        pipe.configure(**build_options)
+        return Predictor(card, pipe, OrtBackend(p, dev), p)
+    from cnnkit.engine.trainer import resolve_amp
+    from cnnkit.runtime.backend import TorchBackend
+
+    if p.suffix == ".torchscript":
+        from cnnkit.methods.export import read_torchscript
+
+        module, raw_card = read_torchscript(p)
+        card = ModelCard.from_dict(raw_card, f"the model card inside '{p}'")
+        _check_task(card, task, p)
+        pipe = pipeline_for(card)
+        pipe.configure(**build_options)
+        return Predictor(card, pipe, TorchBackend(module, dev), p)
+    model, card, pipe = load_model(p, task, **build_options)
+
+    backend = TorchBackend(pipe.core(model), dev, resolve_amp("auto", dev), pipe.channels_last)
+    return Predictor(card, pipe, backend, p, model)
+
+
+def _check_task(card: ModelCard, task: str | None, path: Path) -> None:
+    if task is not None and card.task != task:
+        raise ModelError(f"'{path}' holds a {card.task} model, not {task}")
+
+
+def load_model(weights: str | Path, task: str | None = None, **build_options) -> tuple[nn.Module, ModelCard, Pipeline]:
+    """``(model, card, pipeline)`` from ``best.safetensors`` + card or a run folder (eval mode)."""
+    from cnnkit.engine.checkpoint import load_weights
+
+    state, raw_card = load_weights(weights)
+    if task is not None and raw_card.get("task") != task:
+        raise ModelError(f"weights '{weights}' are for task '{raw_card.get('task')}', not {task}")
+    card = ModelCard.from_dict(raw_card, f"the model card of '{weights}'")
+    pipe = pipeline_for(card)
+    pipe.configure(**build_options)
+    model = pipe.build()
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:
+        raise ModelError(f"weights '{weights}' do not match the '{card.arch}' architecture in "
+                         "their model card") from None
+    return model.eval(), card, pipe
+
+
+class Normalized(nn.Module):
+    """``model`` behind a fixed ``(x - mean) / std`` of the first ``len(mean)`` channels (an
+    observation-mask channel after them passes unchanged), so the core takes values in [0, 1]
+    and the normalization travels inside exported files."""
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.mean.shape[1]
+        if x.shape[1] == c:
+            return self.model((x - self.mean) / self.std)
+        return self.model(torch.cat([(x[:, :c] - self.mean) / self.std, x[:, c:]], 1))
+
+
+class ImageClassifierPipeline(Pipeline):
+    """Shared by single- and multi-label classification: squash-resize to the card's size,
+    scale to [0, 1] (plus an all-ones observation-mask channel for mask models), normalize
+    inside the core, ``(B, K)`` logits out."""
+
+    def build(self) -> nn.Module:
+        from cnnkit.models import create_model
+
+        return create_model(self.card.arch, num_classes=self.card.num_classes,
+                            in_chans=self.card.input.model_channels, **self.card.model_kwargs)
+
+    def core(self, model: nn.Module) -> nn.Module:
+        i = self.card.input
+        return Normalized(model, i.mean, i.std)
+
+    def feature_layers(self, model: nn.Module) -> dict[str, nn.Module]:
+        from cnnkit.models.finetune import feature_stages
+
+        return feature_stages(model.model if isinstance(model, Normalized) else model)
+
+    def prepare(self, image: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        i = self.card.input
+        h, w = image.shape[-2:]
+        x = resize_image(image, (i.height, i.width)).float().div_(255)
+        if i.mask_channel:
+            x = torch.cat([x, torch.ones_like(x[:1])], 0)
+        return x, {"height": int(h), "width": int(w)}
+
+    def target(self, raw: tuple[torch.Tensor, ...], selector: Any) -> torch.Tensor:
+        """The logit of class ``selector`` (an index, a name, or a tensor of indices per
+        sample; None: each sample's top class)."""
+        logits = raw[0]
+        if selector is None:
+            idx = logits.argmax(1)
+        elif isinstance(selector, str):
+            idx = torch.full((len(logits),), self.classes.index(selector), device=logits.device)
+        else:
+            idx = torch.as_tensor(selector, device=logits.device).expand(len(logits))
+        return logits.gather(1, idx.view(-1, 1).long())[:, 0]
+
+
+def evaluate_loader(predictor: Predictor, loader, state, output=None, keep: int = 0) -> tuple[dict[str, Any], list, list]:
+    """Run ``predictor`` over a loader of ``{"images", "targets", "skipped"}`` batches (images
+    already prepared by the pipeline) and update the metric ``state`` with
+    ``output(raw, batch)`` (default: the first raw output on the CPU).
+
+    Returns ``(metrics, kept, skipped)``: ``kept`` holds the first ``keep`` ``(input, output,
+    target)`` triples for drawing, ``skipped`` the ``(path, reason)`` of unreadable images.
+    """
+    output = output or (lambda raw, batch: raw[0].float().cpu())
+    kept: list = []
+    skipped: list = []
+    for b in loader:
+        skipped += b.get("skipped", [])
+        if len(b["images"]) == 0:
+            continue
+        out = output(predictor.raw(b["images"]), b)
+        state.update(out, b)
+        if len(kept) < keep:
+            n = min(keep - len(kept), len(b["images"]))
+            kept += [(b["images"][i], out[i], b["targets"][i]) for i in range(n)]
+    return state.compute(), kept, skipped

@@ -1,0 +1,185 @@
+"""Detection's (and instance segmentation's) inference pipeline.
+
+Preprocessing letterboxes every image to the card's square (longer side to the size, padded
+right and bottom with grey 114) and scales it to [0, 1]; the detectors normalize inside.
+
+Cores:
+- fastdet: ``(scores (B, A, C) logits, boxes (B, A, 4) xyxy letterboxed pixels)`` over all A
+  anchor points; no thresholds or NMS, so it exports with a dynamic batch. Post-processing
+  applies the sigmoid, the score threshold, class-wise NMS (hard or soft) and ``max_det``.
+- torchvision's detectors (Faster R-CNN, RetinaNet, SSD, SSDlite, Mask R-CNN): the one
+  documented exception to "no NMS in the core": their proposal and detection NMS live inside
+  torchvision's modules, so the core is their eval forward for one image, ``(boxes, scores,
+  labels[, masks])``, with the NMS IoU (``iou``, ``nms``) fixed when the model is built and a
+  permissive score threshold (0.001); post-processing applies ``conf`` and ``max_det`` (and
+  soft-NMS).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from cnnkit.core.card import ModelCard
+from cnnkit.core.results import Detections
+from cnnkit.errors import ModelError
+from cnnkit.runtime.pipeline import Pipeline
+
+BUILD_CONF = 0.001  # the score threshold inside torchvision's detectors (val uses 0.001 too)
+
+
+class FastDetCore(nn.Module):
+    """fastdet's network and box decoding, without thresholds or NMS."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cls, box, pts, strides = self.model.raw(x)
+        return cls.float(), self.model.decode(box, pts, strides)
+
+
+class TorchvisionCore(nn.Module):
+    """A torchvision detector's eval forward for one image as a tuple of tensors (0-based
+    labels, float32 even under autocast; masks ``(N, 1, S, S)`` probabilities)."""
+
+    def __init__(self, detector: nn.Module):
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        with torch.autocast(x.device.type, enabled=False):
+            o = self.detector.net([x[0].float()])[0]
+        labels = o["labels"] - int(self.detector.background)
+        out = (o["boxes"], o["scores"], labels)
+        return out + (o["masks"],) if "masks" in o else out
+
+
+class DetectPipeline(Pipeline):
+    task = "detect"
+    channels_last = True
+
+    def __init__(self, card: ModelCard):
+        super().__init__(card)
+        self.masks = card.task == "instance"
+        self.fastdet = card.arch == "fastdet"
+        self.batchable = self.fastdet
+        t = card.thresholds
+        self.iou, self.nms = float(t.get("iou", 0.6)), t.get("nms", "hard")
+        self.max_det = int(t.get("max_det", 100))
+        self.size = int(card.input.height)
+
+    def configure(self, iou: float | None = None, nms: str | None = None) -> None:
+        """NMS IoU and method: fastdet applies them per call; torchvision's detectors fix them
+        in the model (and so in an exported file, whose card records them)."""
+        from cnnkit.models.detection.nms import NMS_METHODS
+
+        if nms is not None and nms not in NMS_METHODS:
+            raise ModelError(f"--nms must be one of {', '.join(NMS_METHODS)}, got '{nms}'")
+        self.iou = float(iou) if iou is not None else self.iou
+        self.nms = nms or self.nms
+
+    # ---- the model ----------------------------------------------------------------------
+    def build(self) -> nn.Module:
+        from cnnkit.models.detection.zoo import build_detector
+
+        kw = dict(self.card.model_kwargs)
+        imgsz = int(kw.pop("imgsz", self.size))
+        extra = {"width": kw.pop("width")} if "width" in kw else {}
+        model = build_detector(self.card.arch, self.card.num_classes, imgsz, kw.pop("backbone", None), False,
+                               kw.pop("anchors", None), **extra)
+        if not self.fastdet:  # thresholds inside torchvision's modules (soft: no suppression there)
+            model.set_thresholds(BUILD_CONF, self.iou, self.max_det, self.nms)
+        return model
+
+    def core(self, model: nn.Module) -> nn.Module:
+        if self.fastdet:
+            if not model.training:
+                model.fuse()  # BatchNorm folded into the convolutions: same function, faster
+            return FastDetCore(model)
+        return TorchvisionCore(model)
+
+    def feature_layers(self, model: nn.Module) -> dict[str, nn.Module]:
+        from cnnkit.models.finetune import feature_stages
+
+        if self.fastdet:
+            return {n: getattr(model, n) for n in ("stage1", "stage2", "stage3", "stage4")}
+        return feature_stages(model)
+
+    # ---- data ---------------------------------------------------------------------------
+    def prepare(self, image: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        from cnnkit.data.detection import letterbox
+
+        h, w = image.shape[-2:]
+        x, _, scale = letterbox(image, self.size)
+        return x.float().div_(255), {"height": int(h), "width": int(w), "scale": scale}
+
+    def run(self, backend, x: torch.Tensor, metas: list[dict[str, Any]]):
+        if self.fastdet:
+            return backend(x)
+        return [backend(x[i:i + 1]) for i in range(len(x))]  # per image: (boxes, scores, labels[, masks])
+
+    def detections(self, raw, conf: float = 0.25, max_det: int | None = None) -> list[dict[str, torch.Tensor]]:
+        """Raw outputs -> per image ``{"boxes", "scores", "labels"[, "masks"]}`` in letterboxed
+        pixels, after the score threshold, NMS and ``max_det``."""
+        from cnnkit.models.detection.nms import soft_nms, suppress
+
+        max_det = int(max_det or self.max_det)
+        out = []
+        if self.fastdet:
+            scores_all = raw[0].float().sigmoid()
+            for scores, bx in zip(scores_all, raw[1]):
+                a, c = torch.nonzero(scores > conf, as_tuple=True)
+                sc = scores[a, c]
+                if sc.numel() > 3000:
+                    sc, keep = sc.topk(3000)
+                    a, c = a[keep], c[keep]
+                b = bx[a]
+                keep, kept = suppress(b, sc, c, self.iou, max_det, self.nms, conf)
+                out.append({"boxes": b[keep], "scores": kept, "labels": c[keep]})
+            return out
+        for r in raw:
+            boxes, scores, labels = r[0], r[1], r[2].long()
+            masks = r[3] if len(r) > 3 else None
+            if self.nms == "soft":
+                keep, scores = soft_nms(boxes, scores, labels, self.iou, min_score=conf, max_det=max_det)
+            else:
+                keep = torch.nonzero(scores >= conf)[:, 0][:max_det]  # already sorted by score
+                scores = scores[keep]
+            d = {"boxes": boxes[keep], "scores": scores, "labels": labels[keep]}
+            if masks is not None:
+                d["masks"] = masks[keep]
+            out.append(d)
+        return out
+
+    def postprocess(self, raw, metas: list[dict[str, Any]], conf: float = 0.25, max_det: int | None = None,
+                    **_) -> list[Detections]:
+        from cnnkit.tasks.detect import masks_to_original, to_original
+
+        results = []
+        for d, m in zip(self.detections(raw, conf, max_det), metas):
+            h, w, s = m["height"], m["width"], m["scale"]
+            masks = torch.from_numpy(masks_to_original(d["masks"], s, h, w)) if "masks" in d else None
+            results.append(Detections(m.get("path"), w, h, to_original(d["boxes"].float().cpu(), s, h, w),
+                                      d["scores"].float().cpu(), d["labels"].cpu(), self.classes, masks))
+        return results
+
+    def target(self, raw, selector: Any) -> torch.Tensor:
+        """fastdet: the class score (logit) of anchor point ``selector`` (an index per sample;
+        None: each image's highest-scoring point and class)."""
+        if not self.fastdet:
+            raise ModelError("a differentiable detection score needs fastdet; torchvision's detectors "
+                             "select boxes inside the model")
+        cls = raw[0]
+        flat = cls.flatten(1)
+        if selector is None:
+            return flat.max(1).values
+        idx = torch.as_tensor(selector, device=cls.device).expand(len(cls))
+        return cls[torch.arange(len(cls), device=cls.device), idx.long()].max(1).values
+
+
+def pipeline(card: ModelCard) -> DetectPipeline:
+    return DetectPipeline(card)

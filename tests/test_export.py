@@ -1,0 +1,192 @@
+"""Export every task to ONNX (and TorchScript) and run it in ONNX Runtime: the raw outputs match
+eager PyTorch, predictions match, and val metrics match; bad files are one sentence."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import cnnkit
+from cnnkit.methods.export import export
+
+TASK_RUNS = ("digits_run", "multilabel_run", "tiny_run", "instance_run", "seg_run", "medical_run")
+
+
+@pytest.fixture(scope="module")
+def exported(request, tmp_path_factory):
+    """``{fixture name: (run folder, onnx path, export report)}``, exported once per module."""
+    out = {}
+    for name in TASK_RUNS:
+        run = request.getfixturevalue(name)
+        path = tmp_path_factory.mktemp("onnx") / f"{name}.onnx"
+        out[name] = (run, path, export(run, "onnx", path, verbose=False))
+    return out
+
+
+def _images(name: str, request, tmp: Path) -> list:
+    """A few real inputs of each task (files where the task reads files)."""
+    if name == "digits_run":
+        from cnnkit.data.digits import digits_arrays
+
+        imgs = digits_arrays("test")[0][:6]
+    elif name == "multilabel_run":
+        from conftest import make_colour_csv
+
+        return [p for p, _ in make_colour_csv(tmp / "ml", 6, 7, "x.csv")]
+    elif name == "tiny_run":
+        root = request.getfixturevalue("tiny_yolo").parent
+        return sorted((root / "images" / "val").glob("*"))[:4]
+    elif name == "seg_run":
+        root = request.getfixturevalue("seg_data").parent
+        return sorted((root / "images" / "val").glob("*.png"))[:4]
+    elif name == "instance_run":
+        from cnnkit.data.shapes import SceneParams, sample_scene
+
+        rng = np.random.default_rng(3)
+        imgs = [sample_scene(SceneParams(64, 1, 2), rng, classes=[0, 1]).image for _ in range(3)]
+    else:
+        from cnnkit.data.volumes import phantoms
+
+        return [r.load_image() for r in phantoms({"val": 1}).split("val")]
+    paths = []
+    for i, im in enumerate(imgs):
+        p = tmp / f"{name}_{i}.png"
+        Image.fromarray(np.asarray(im)).save(p)
+        paths.append(p)
+    return paths
+
+
+@pytest.mark.parametrize("name", TASK_RUNS)
+def test_export_matches_eager_and_carries_the_card(exported, name):
+    from cnnkit.core.card import ModelCard
+    from cnnkit.engine.checkpoint import load_weights
+    from cnnkit.runtime.backend import read_onnx_card
+
+    run, path, report = exported[name]
+    assert report["max_abs_diff"] <= 1e-4, report["max_abs_diff"]
+    card = ModelCard.from_dict(read_onnx_card(path))
+    trained = ModelCard.from_dict(load_weights(run)[1])
+    assert card.task == trained.task and card.classes == trained.classes and card.input == trained.input
+    assert card.extra["exported"]["format"] == "onnx"
+
+
+def _same(task: str, a, b) -> None:
+    """Results of the two backends agree (decoded outputs, not only raw tensors)."""
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        if task == "classify":
+            assert x.label == y.label and abs(x.score - y.score) < 1e-4
+        elif task == "multilabel":
+            assert x.labels == y.labels and max(abs(x.scores[c] - y.scores[c]) for c in x.scores) < 1e-4
+        elif task in ("detect", "instance"):
+            assert len(x) == len(y) and torch.equal(x.labels, y.labels)
+            assert torch.allclose(x.boxes, y.boxes, atol=1e-2) and torch.allclose(x.scores, y.scores, atol=1e-4)
+            if x.masks is not None:
+                assert (x.masks == y.masks).float().mean() > 0.999
+        elif task == "segment":
+            assert (x.mask == y.mask).float().mean() > 0.999
+        else:
+            assert (x.labels == y.labels).float().mean() > 0.999
+
+
+@pytest.mark.parametrize("name", TASK_RUNS)
+def test_onnx_runtime_predicts_what_torch_predicts(exported, name, request, tmp_path):
+    run, path, _ = exported[name]
+    torch_model, ort_model = cnnkit.load(run), cnnkit.load(path)
+    assert torch_model.backend.name == "torch" and ort_model.backend.name == "onnx"
+    items = _images(name, request, tmp_path)
+    opts = {"conf": 0.001} if torch_model.task in ("detect", "instance") else {}
+    a, b = torch_model(items, **opts), ort_model(items, **opts)
+    if torch_model.task in ("detect", "instance"):
+        assert sum(len(r) for r in a) > 0  # something to compare
+    _same(torch_model.task, a, b)
+    assert len(a) == len(items) and a[0].to_dict().keys() == b[0].to_dict().keys()
+
+
+def test_val_on_onnx_matches_torch(exported, request, monkeypatch, cli, tmp_path):
+    """val with --weights model.onnx: top-1 identical, mAP and mIoU within 0.002."""
+    import cnnkit.data.detection as dd
+    import cnnkit.data.volumes as dv
+
+    monkeypatch.setattr(dd, "SHAPES_DET_SIZES", {"train": 8, "val": 4, "test": 4})
+    monkeypatch.setattr(dv, "PHANTOM_SIZES", {"train": 4, "val": 2})
+    data = {"digits_run": "digits", "multilabel_run": str(exported["multilabel_run"][0].parent / "data"),
+            "tiny_run": str(request.getfixturevalue("tiny_yolo")), "instance_run": "shapes",
+            "seg_run": str(request.getfixturevalue("seg_data")), "medical_run": "phantoms"}
+    key = {"digits_run": "top1", "multilabel_run": "map", "tiny_run": "map50_95", "instance_run": "mask_map50_95",
+           "seg_run": "miou", "medical_run": "dice"}
+    for name, (run, path, _) in exported.items():
+        task = cnnkit.load(path).task
+        a = cnnkit.val(task, run, data[name], verbose=False)
+        b = cnnkit.val(task, path, data[name], verbose=False)
+        assert b["backend"] == "onnx" if "backend" in b else True
+        tol = 0.0 if name == "digits_run" else 0.002
+        assert abs(a[key[name]] - b[key[name]]) <= tol, (name, a[key[name]], b[key[name]])
+    # the command line takes the .onnx the same way
+    r = cli("classify", "val", "--weights", exported["digits_run"][1], "--data", "digits", "--json", tmp_path / "m.json")
+    assert r.code == 0, r.err
+    assert json.loads((tmp_path / "m.json").read_text())["backend"] == "onnx"
+
+
+def test_cli_export_and_torchscript(digits_run, cli, tmp_path):
+    r = cli("export", "--weights", digits_run, "--format", "torchscript", "--out", tmp_path / "m.torchscript")
+    assert r.code == 0, r.err
+    assert "largest difference" in r.out
+    a = cnnkit.val("classify", digits_run, "digits", verbose=False)
+    b = cnnkit.val("classify", tmp_path / "m.torchscript", "digits", verbose=False)
+    assert a["top1"] == b["top1"]
+    r = cli("export", "--weights", digits_run, "--out", tmp_path / "d.onnx", "--dynamic", "--imgsz", "24", "24")
+    assert r.code == 0, r.err
+    model = cnnkit.load(tmp_path / "d.onnx")
+    assert model.card.input.height == 24 and model.raw(torch.rand(3, 1, 32, 40))[0].shape == (3, 10)
+
+
+def test_bad_exported_files_are_one_sentence(exported, digits_run, cli, tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    def err(*args):
+        r = cli(*args)
+        assert r.code == 2 and r.err.count("\n") == 1 and "Traceback" not in r.err, r.err
+        return r.err
+
+    src = tmp_path / "imgs"
+    src.mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(src / "a.png")
+    assert "does not exist" in err("classify", "predict", "--weights", tmp_path / "nope.onnx", "--source", src)
+    (tmp_path / "corrupt.onnx").write_bytes(b"\x08\x07garbage" * 10)
+    assert "not a readable ONNX model" in err("classify", "predict", "--weights", tmp_path / "corrupt.onnx",
+                                              "--source", src)
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 8, 8])])
+    onnx.save(helper.make_model(graph), tmp_path / "plain.onnx")
+    assert "no cnnkit model card" in err("classify", "predict", "--weights", tmp_path / "plain.onnx", "--source", src)
+    # external data that points outside the model's folder is refused before anything is read
+    w = helper.make_tensor("w", TensorProto.FLOAT, [1], [1.0])
+    w.data_location = TensorProto.EXTERNAL
+    w.ClearField("float_data")
+    entry = w.external_data.add()
+    entry.key, entry.value = "location", "../../etc/passwd"
+    g2 = helper.make_graph([helper.make_node("Identity", ["w"], ["y"])], "g", [],
+                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])], [w])
+    (tmp_path / "evil").mkdir()
+    with open(tmp_path / "evil" / "m.onnx", "wb") as f:
+        f.write(helper.make_model(g2).SerializeToString())
+    assert "outside its folder" in err("classify", "predict", "--weights", tmp_path / "evil" / "m.onnx",
+                                       "--source", src)
+    assert "opsets" in err("export", "--weights", digits_run, "--opset", "99", "--out", tmp_path / "x.onnx")
+    assert not (tmp_path / "x.onnx").exists()
+    assert "does not exist" in err("export", "--weights", tmp_path / "missing", "--out", tmp_path / "y.onnx")
+    # a detector's .onnx given to classify, and images of the wrong channel count
+    assert "not classify" in err("classify", "predict", "--weights", exported["tiny_run"][1], "--source", src)
+    from cnnkit.errors import DataError
+
+    model = cnnkit.load(exported["digits_run"][1])
+    with pytest.raises(DataError, match="takes inputs of shape Nx1x16x16, got 2x3x16x16"):
+        model.raw(torch.rand(2, 3, 16, 16))
