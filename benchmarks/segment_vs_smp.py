@@ -14,7 +14,7 @@ same recipe: the same data loader (cnnkit's dataset and augmentation, so the dat
 what differs), ``smp.losses.DiceLoss("multiclass")`` + cross-entropy, AdamW 3e-3, the same
 warmup + cosine schedule stretched to the budget after the first epoch, validation after
 every epoch inside the budget and the best epoch kept. Both are scored on the val split by
-the same code (mIoU over the 5 classes at 128 px, cnnkit.tasks.segment.SegMetrics).
+the same code (mIoU over the 5 classes at 128 px, cnnkit.tasks.segment.task.SegMetrics).
 
 Throughput: training images/s, validation excluded (cnnkit: the mean of metrics.csv's
 ``images_per_s``; peer: images over the seconds spent in training steps). The two runs go one
@@ -76,7 +76,7 @@ def run_smp(minutes: float, encoder: str, threads: int, seed: int, epochs: int =
     from cnnkit.api.segment import DEFAULT_AUG, parse_seg_aug
     from cnnkit.data.classification import make_loader
     from cnnkit.data.segmentation import SegmentationDataset, shapes_segmentation
-    from cnnkit.tasks.segment import SegmentTask, SegMetrics
+    from cnnkit.tasks.segment.task import SegmentTask, SegMetrics
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)

@@ -27,7 +27,7 @@ from cnnkit.engine.progress import ProgressHook
 from cnnkit.engine.schedule import build_optimizer, build_scheduler
 from cnnkit.engine.trainer import Trainer
 from cnnkit.models import create_model
-from cnnkit.tasks.classify import ClassifyTask
+from cnnkit.tasks.classify.task import ClassifyTask
 
 
 def loader(cfg: ClassifyConfig):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 
 import numpy as np
 from PIL import Image
@@ -165,3 +167,17 @@ def test_init_rebuilds_head_for_new_classes(cli, tmp_path, image_folder):
             src / "weights" / "best.safetensors", "--out", tmp_path / "ft")
     assert r.code == 0, r.err
     assert "the classifier head was rebuilt for 2 classes" in r.out
+
+
+def test_help_imports_no_torch():
+    """`cnnkit --help` and every `cnnkit TASK MODE --help` build from torch-free configs."""
+    code = ("import sys\nfrom cnnkit.cli.main import cli, main\n"
+            "for name, group in cli.commands.items():\n"
+            "    assert main([name, '--help']) == 0\n"
+            "    for mode in getattr(group, 'commands', {}):\n"
+            "        assert main([name, mode, '--help']) == 0\n"
+            "assert main(['--help']) == 0\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'timm', 'monai')))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[]", r.stdout[-500:]

@@ -97,7 +97,7 @@ def test_task_aligned_assign_picks_points_inside_each_object():
 
 def test_fastdet_overfits_a_few_images():
     """The loss, the assignment and the decoding agree: a few scenes are learnt to mAP50 > 0.9."""
-    from cnnkit.tasks.detect import DetectTask
+    from cnnkit.tasks.detect.task import DetectTask
 
     torch.manual_seed(0)
     data = shapes_detection(128, {"train": 8}, num_classes=2, max_objects=3)
@@ -310,7 +310,7 @@ def test_fasterrcnn_learns_a_few_images():
     """torchvision's Faster R-CNN behind cnnkit's adapter (label shift past the background,
     registry backbone with FPN, anchors at 128 px): a few scenes are learnt to mAP50 > 0.85
     (measured 1.0 after 150 steps), so targets, losses and decoding agree."""
-    from cnnkit.tasks.detect import DetectTask
+    from cnnkit.tasks.detect.task import DetectTask
 
     torch.manual_seed(0)
     data = shapes_detection(128, {"train": 8}, num_classes=2, max_objects=3)

@@ -100,7 +100,7 @@ def test_ensemble_module_and_bad_mode():
 
 def test_ensemble_goes_through_evaluate_like_a_model():
     from cnnkit.engine.trainer import evaluate
-    from cnnkit.tasks.classify import ClassifyTask
+    from cnnkit.tasks.classify.task import ClassifyTask
 
     # member a is right on images 0-1, member b on 1-2, member c on 0 and 2: each 2/3 right;
     # the vote (and here the mean) gets all three right

@@ -115,7 +115,7 @@ def test_masks_follow_letterbox_and_flips():
 def test_mask_ap_is_scored_against_full_resolution_truth():
     """Evaluation keeps each image's masks at its own size (``orig_masks``) and scores mask AP
     against them, not against the letterboxed copy (a 1-px outline at 0.4x vanishes there)."""
-    from cnnkit.tasks.detect import DetectMetrics
+    from cnnkit.tasks.detect.task import DetectMetrics
 
     h, w = 80, 160
     masks = np.zeros((1, h, w), bool)
@@ -155,7 +155,7 @@ def test_mosaic_is_refused_with_masks():
 def test_maskrcnn_learns_a_few_scenes():
     """torchvision's Mask R-CNN behind cnnkit's adapter: 8 scenes learnt to mask mAP50 > 0.7,
     so the masks, the letterbox and the mask metrics agree."""
-    from cnnkit.tasks.detect import DetectTask
+    from cnnkit.tasks.detect.task import DetectTask
 
     torch.manual_seed(0)
     data = shapes_detection(128, {"train": 8}, num_classes=2, max_objects=3, masks=True)

@@ -21,7 +21,7 @@ from cnnkit.data.volumes import (
 )
 from cnnkit.errors import DataError
 from cnnkit.models.volumetric import build_volume_model
-from cnnkit.tasks.medical import MedicalTask, VolumeMetrics
+from cnnkit.tasks.medical.task import MedicalTask, VolumeMetrics
 
 
 def test_phantoms_are_seeded_and_hold_every_class():

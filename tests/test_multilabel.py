@@ -19,7 +19,7 @@ from cnnkit.data.multilabel import (ShapesMultiLabel, collate_multilabel, load_m
                                     multilabel_params)
 from cnnkit.data.shapes import SHAPE_CLASSES
 from cnnkit.errors import DataError
-from cnnkit.tasks.multilabel import (MultiLabelMetrics, MultiLabelTask, asymmetric_loss,
+from cnnkit.tasks.multilabel.task import (MultiLabelMetrics, MultiLabelTask, asymmetric_loss,
                                      tune_thresholds)
 
 

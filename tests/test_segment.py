@@ -21,7 +21,7 @@ from cnnkit.data.segmentation import (
 )
 from cnnkit.errors import DataError
 from cnnkit.models.segmentation import build_segmenter
-from cnnkit.tasks.segment import SegmentTask, focal_loss, metrics_from_confusion, soft_dice_loss
+from cnnkit.tasks.segment.task import SegmentTask, focal_loss, metrics_from_confusion, soft_dice_loss
 
 
 # ---- losses --------------------------------------------------------------------------------

@@ -225,7 +225,7 @@ def _toy_loaders(n=64, k=3, seed=0):
     y = torch.arange(n) % k
     x[:, 0, :4, :4] += y[:, None, None].float() * 2  # learnable
     items = [(x[i], int(y[i])) for i in range(n)]
-    from cnnkit.tasks.classify import ClassifyTask
+    from cnnkit.tasks.classify.task import ClassifyTask
 
     task = ClassifyTask([str(i) for i in range(k)])
     tl = make_loader(items, 16, True, 0, task.collate, torch.Generator().manual_seed(seed))

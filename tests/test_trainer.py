@@ -18,7 +18,7 @@ from cnnkit.api.classify import ClassifyConfig, train
 from cnnkit.engine.checkpoint import load_checkpoint, save_checkpoint
 from cnnkit.engine.schedule import WarmupSchedule
 from cnnkit.errors import ModelError, TrainingError
-from cnnkit.tasks.classify import ClassifyTask
+from cnnkit.tasks.classify.task import ClassifyTask
 
 FAST = dict(data="digits", epochs=2, imgsz=12, batch=64)
 

@@ -1,14 +1,13 @@
 """Object detection workflows behind ``cnnkit detect train|val|predict|anchors``.
 
 Wires detection data (:mod:`cnnkit.data.detection` and the readers in ``data/formats``),
-the detectors (:mod:`cnnkit.models.detection.zoo`), the task (:mod:`cnnkit.tasks.detect`)
+the detectors (:mod:`cnnkit.models.detection.zoo`), the task (:mod:`cnnkit.tasks.detect.task`)
 and the Trainer together.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from cnnkit.api._common import (
     write_run_results,
 )
 from cnnkit.api.classify import TrainResult
+from cnnkit.core.results import Detections
 from cnnkit.data.classification import make_loader
 from cnnkit.data.detection import (
     DetectionData,
@@ -35,83 +35,18 @@ from cnnkit.data.detection import (
     parse_det_aug,
 )
 from cnnkit.engine.checkpoint import resolve_weights
-from cnnkit.engine.config import TrainConfig
 from cnnkit.engine.progress import console
 from cnnkit.engine.trainer import Trainer
 from cnnkit.errors import CnnkitError, DataError
-from cnnkit.core.results import Detections
 from cnnkit.runtime.pipeline import Predictor
 from cnnkit.runtime.pipeline import load as load_predictor
-from cnnkit.tasks.detect import DetectMetrics, DetectTask, draw_detections
+from cnnkit.tasks.detect.config import DetectConfig
+from cnnkit.tasks.detect.task import DetectMetrics, DetectTask, draw_detections
 from cnnkit.utils.device import select_device
 from cnnkit.utils.io import write_json
 from cnnkit.utils.seed import seed_everything
 
 DEFAULT_AUG = "flip,scale=0.7:1.3,translate=0.1,color=0.3"
-
-
-@dataclass
-class DetectConfig(TrainConfig):
-    """``cnnkit detect train`` options (the shared ones plus detection's own)."""
-
-    TASK = "detect"  # class attributes, not options: the task name and its models
-    MODELS = ("fastdet", "fasterrcnn", "retinanet", "ssd", "ssdlite")
-
-    data: str = "shapes"
-    model: str = "fastdet"  # fastdet, fasterrcnn, retinanet, ssd or ssdlite
-    backbone: str | None = None  # registry model for fasterrcnn/retinanet/ssd/ssdlite (default per model)
-    width: int = 16  # fastdet: stem channels (stages use 2x .. 16x)
-    anchors: str | None = None  # anchors file from `cnnkit detect anchors` (fasterrcnn, retinanet)
-    aug: str | None = None  # box-aware augmentation; None: flip,scale=0.7:1.3,translate=0.1,color=0.3
-    mosaic: float = 0.5  # share of training images that are 2x2 mosaics of four
-    epochs: int = 30
-    batch: int = 16
-    lr: float = 2e-3
-    weight_decay: float = 0.01
-    warmup_epochs: float = 2.0
-    grad_clip: float = 10.0
-    ema: float = 0.99
-    channels_last: bool = True  # measured faster for these convolutions on CPU too (oneDNN)
-    iou: float = 0.6  # NMS IoU during validation
-    nms: str = "hard"  # hard (torchvision batched_nms) or soft (Gaussian soft-NMS) during validation
-    max_det: int = 100
-    # built-in shapes data
-    classes: int = 8  # shapes: how many of the 8 shape classes
-    max_objects: int = 6  # shapes: at most this many objects per image
-
-    def validate(self) -> None:
-        super().validate()
-        if self.model not in self.MODELS:
-            import difflib
-
-            close = difflib.get_close_matches(self.model, self.MODELS, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise CnnkitError(f"unknown {self.TASK} model '{self.model}'{hint}; choose from {', '.join(self.MODELS)}")
-        if not 0 <= self.mosaic <= 1:
-            raise CnnkitError(f"--mosaic must be in [0, 1], got {self.mosaic}")
-        from cnnkit.models.detection.nms import NMS_METHODS
-
-        if self.nms not in NMS_METHODS:
-            raise CnnkitError(f"--nms must be one of {', '.join(NMS_METHODS)}, got '{self.nms}'")
-        if not 0 < self.iou <= 1:
-            raise CnnkitError(f"--iou must be in (0, 1], got {self.iou}")
-        if self.imgsz is not None and self.imgsz % 32:
-            raise CnnkitError(f"--imgsz must be a multiple of 32 for detection, got {self.imgsz}")
-        if self.width < 4:
-            raise CnnkitError(f"--width must be at least 4, got {self.width}")
-
-
-@dataclass
-class InstanceConfig(DetectConfig):
-    """``cnnkit instance train`` options: detection's, with a mask per object."""
-
-    TASK = "instance"
-    MODELS = ("maskrcnn",)
-
-    model: str = "maskrcnn"
-    mosaic: float = 0.0  # a mosaic would cut masks; instance training does not use it
-    lr: float = 1e-3
-    ema: float = 0.0
 
 
 def config_from_file(path: str | Path, overrides: dict[str, Any], _cls: type = DetectConfig) -> DetectConfig:

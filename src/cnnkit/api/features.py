@@ -14,9 +14,9 @@ import numpy as np
 
 from cnnkit.api._common import image_batches, list_sources
 from cnnkit.api.classify import legacy_preprocess, load
-from cnnkit.runtime.pipeline import Predictor
 from cnnkit.errors import CnnkitError, DataError, ImageDecodeError
 from cnnkit.methods import features as F
+from cnnkit.runtime.pipeline import Predictor
 from cnnkit.utils.io import atomic_write, write_json
 
 WHAT = ("filters", "featuremaps")

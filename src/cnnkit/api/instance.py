@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from cnnkit.api import detect as _detect
-from cnnkit.api.detect import InstanceConfig
 from cnnkit.runtime.pipeline import Predictor
+from cnnkit.tasks.detect.config import InstanceConfig
 
 __all__ = ["InstanceConfig", "config_from_file", "load", "predict", "train", "val"]
 

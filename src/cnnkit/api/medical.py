@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +21,6 @@ import numpy as np
 import torch
 
 import cnnkit
-from cnnkit.runtime.pipeline import Predictor
-from cnnkit.runtime.pipeline import load as load_predictor
 from cnnkit.api._common import config_from_file as _config_from_file
 from cnnkit.api._common import (
     open_run,
@@ -44,59 +41,17 @@ from cnnkit.data.volumes import (
     read_nifti,
     write_nifti,
 )
-from cnnkit.engine.config import TrainConfig
 from cnnkit.engine.progress import console
 from cnnkit.engine.trainer import Trainer
 from cnnkit.errors import CnnkitError, DataError
-from cnnkit.tasks.classify import ClassificationMetrics, ClassifyTask
-from cnnkit.tasks.medical import MEDICAL_LOSSES, MedicalTask, VolumeMetrics
+from cnnkit.runtime.pipeline import Predictor
+from cnnkit.runtime.pipeline import load as load_predictor
+from cnnkit.tasks.classify.task import ClassificationMetrics, ClassifyTask
+from cnnkit.tasks.medical.config import MedicalConfig
+from cnnkit.tasks.medical.task import MedicalTask, VolumeMetrics
 from cnnkit.utils.device import select_device
 from cnnkit.utils.io import write_json
 from cnnkit.utils.seed import seed_everything
-
-
-@dataclass
-class MedicalConfig(TrainConfig):
-    """``cnnkit medical train`` options."""
-
-    UNUSED = ("imgsz", "pretrained", "init", "freeze", "unfreeze_at", "layer_decay", "linear_probe", "channels_last")
-
-    data: str = "phantoms"
-    model: str = "unet3d"  # segmenters unet3d (default), vnet, unet2d; classifiers densenet3d, densenet2d
-    loss: str = "dice+ce"  # dice or dice+ce
-    patch: int | None = None  # train on random cubes of this side (a multiple of 16); None: whole volumes
-    epochs: int = 30
-    batch: int = 4
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 1.0
-
-    def validate(self) -> None:
-        super().validate()
-        from cnnkit.models.volumetric import VOLUME_MODELS
-
-        if self.model not in VOLUME_MODELS:
-            raise CnnkitError(f"--model must be one of {', '.join(VOLUME_MODELS)}, got '{self.model}'")
-        if self.loss not in MEDICAL_LOSSES:
-            raise CnnkitError(f"--loss must be one of {', '.join(MEDICAL_LOSSES)}, got '{self.loss}'")
-        defaults = type(self)()
-        for name in self.UNUSED:
-            if getattr(self, name) != getattr(defaults, name):
-                hint = " (see --patch)" if name == "imgsz" else ""
-                raise CnnkitError(f"--{name.replace('_', '-')} does not apply to 3-D volumes{hint}")
-        if self.patch is not None and (self.patch < 16 or self.patch % 16):
-            raise CnnkitError(f"--patch must be a multiple of 16, got {self.patch}")
-        if self.classify and self.patch is not None and self.patch < 32:
-            raise CnnkitError(f"--patch must be at least 32 for {self.model} (DenseNet-121 halves the size 5 "
-                              f"times), got {self.patch}")
-        if self.classify and self.loss != defaults.loss:
-            raise CnnkitError(f"--loss applies to segmenters; {self.model} is a classifier (cross-entropy)")
-
-    @property
-    def classify(self) -> bool:
-        from cnnkit.models.volumetric import CLASSIFIERS_3D
-
-        return self.model in CLASSIFIERS_3D
 
 
 def config_from_file(path: str | Path, overrides: dict[str, Any]) -> MedicalConfig:
@@ -192,7 +147,7 @@ def load(path: str | Path, device: str = "cpu") -> Predictor:
 def evaluate(model: Predictor, records: list[VolRecord]) -> dict[str, Any]:
     """Segmenters: Dice and HD95 per class over ``records`` (whole volumes, sliding window).
     Classifiers: accuracy, balanced accuracy, macro F1, per-class figures and confusion matrix
-    (:class:`~cnnkit.tasks.classify.ClassificationMetrics`) plus macro AUROC (torchmetrics)."""
+    (:class:`~cnnkit.tasks.classify.task.ClassificationMetrics`) plus macro AUROC (torchmetrics)."""
     if model.pipeline.classify:
         from torchmetrics.functional.classification import multiclass_auroc
 

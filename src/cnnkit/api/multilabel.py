@@ -2,7 +2,7 @@
 
 Wires data, task, model and engine together like :mod:`cnnkit.api.classify`, whose pieces it
 reuses (the run result, the model wrapper, starting weights, normalization statistics). What
-differs lives in :mod:`cnnkit.tasks.multilabel` (sigmoid outputs, BCE/ASL, mAP and F1,
+differs lives in :mod:`cnnkit.tasks.multilabel.task` (sigmoid outputs, BCE/ASL, mAP and F1,
 threshold tuning) and :mod:`cnnkit.data.multilabel` (CSV and ``shapes`` scenes).
 After training, one threshold per class is tuned on the validation split and written into
 the model card (``best.json``: ``thresholds``), so ``load``, ``val`` and ``predict`` use them.
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +25,14 @@ from cnnkit.data.classification import ClassificationData, TransformedDataset, m
 from cnnkit.data.multilabel import load_multilabel_data
 from cnnkit.data.transforms import Preprocess, parse_aug
 from cnnkit.engine.checkpoint import load_weights, resolve_weights, save_weights
-from cnnkit.engine.config import TrainConfig
 from cnnkit.engine.progress import console
 from cnnkit.engine.run import RunDir
 from cnnkit.engine.trainer import Trainer, evaluate, resolve_amp
 from cnnkit.errors import CnnkitError, DataError
 from cnnkit.runtime.pipeline import Predictor, evaluate_loader
 from cnnkit.runtime.pipeline import load as load_predictor
-from cnnkit.tasks.multilabel import LOSSES, MultiLabelTask
+from cnnkit.tasks.multilabel.config import MultiLabelConfig
+from cnnkit.tasks.multilabel.task import MultiLabelTask
 from cnnkit.utils.device import select_device
 from cnnkit.utils.io import write_json
 from cnnkit.utils.seed import seed_everything
@@ -42,39 +41,6 @@ __all__ = ["MultiLabelConfig", "TrainResult", "train", "load", "val", "predict",
            "write_samples", "config_from_file"]
 
 DEFAULT_AUG = "affine,flip"  # no crops: a crop can cut a labelled object out of the image
-
-
-@dataclass
-class MultiLabelConfig(TrainConfig):
-    """``cnnkit multilabel train`` options (the shared ones plus multi-label's own)."""
-
-    data: str = "shapes"
-    schedule: str = "onecycle"
-    loss: str = "bce"  # bce or asl (asymmetric loss)
-    asl_gamma_neg: float = 4.0
-    asl_gamma_pos: float = 0.0
-    asl_clip: float = 0.05
-    aug: str | None = None  # None: affine,flip
-    drop_rate: float = 0.2
-    val_fraction: float = 0.2  # held out from the CSV when there is no val.csv
-    channels: int | None = None  # None: detect (1 for all-grayscale images, else 3)
-    attention: str | None = None  # se, cbam or eca blocks in the backbone (smallcnn, resnets)
-    pool: str = "avg"  # global pooling: avg, max, avgmax, lp, gem, spp
-
-    def validate(self) -> None:
-        super().validate()
-        if self.loss not in LOSSES:
-            raise CnnkitError(f"--loss must be one of {', '.join(LOSSES)}, got '{self.loss}'")
-        if self.asl_gamma_neg < 0 or self.asl_gamma_pos < 0:
-            raise CnnkitError("--asl-gamma-neg and --asl-gamma-pos must be 0 or more")
-        if not 0 <= self.asl_clip < 1:
-            raise CnnkitError(f"--asl-clip must be in [0, 1), got {self.asl_clip}")
-        if not 0 < self.val_fraction < 1:
-            raise CnnkitError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
-        if self.channels not in (None, 1, 3):
-            raise CnnkitError(f"--channels must be 1 or 3, got {self.channels}")
-        if not 0 <= self.drop_rate < 1:
-            raise CnnkitError(f"--drop-rate must be in [0, 1), got {self.drop_rate}")
 
 
 def _task(cfg: MultiLabelConfig, classes: list[str], thresholds: list[float] | None = None,

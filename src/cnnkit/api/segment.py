@@ -1,7 +1,7 @@
 """Semantic segmentation workflows behind ``cnnkit segment train|val|predict``.
 
 Wires segmentation data (:mod:`cnnkit.data.segmentation`), the networks
-(:mod:`cnnkit.models.segmentation`), the task (:mod:`cnnkit.tasks.segment`) and the Trainer.
+(:mod:`cnnkit.models.segmentation`), the task (:mod:`cnnkit.tasks.segment.task`) and the Trainer.
 Two ways to feed images of any size, recorded in the model card so that val and predict
 match training:
 
@@ -15,7 +15,6 @@ match training:
 from __future__ import annotations
 
 import datetime as _dt
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,59 +45,18 @@ from cnnkit.data.segmentation import (
     palette_bytes,
     write_mask,
 )
-from cnnkit.engine.config import TrainConfig
 from cnnkit.engine.progress import console
 from cnnkit.engine.trainer import Trainer
 from cnnkit.errors import CnnkitError, DataError
 from cnnkit.runtime.pipeline import Predictor
 from cnnkit.runtime.pipeline import load as load_predictor
-from cnnkit.tasks.segment import SEG_LOSSES, SegmentTask, SegMetrics
+from cnnkit.tasks.segment.config import SegmentConfig
+from cnnkit.tasks.segment.task import SegmentTask, SegMetrics
 from cnnkit.utils.device import select_device
 from cnnkit.utils.io import write_json
 from cnnkit.utils.seed import seed_everything
 
 DEFAULT_AUG = "flip,affine,color=0.2"
-
-
-@dataclass
-class SegmentConfig(TrainConfig):
-    """``cnnkit segment train`` options (the shared ones plus segmentation's own)."""
-
-    data: str = "shapes"
-    model: str = "unet"  # unet, fcn or deeplabv3
-    encoder: str | None = None  # registry model (default resnet18; smallcnn is the built-in small one)
-    loss: str = "ce+dice"  # ce, dice, focal or ce+dice
-    class_weights: str | None = None  # "auto" (inverse square root of pixel frequency) or "w0,w1,..."
-    aug: str | None = None  # None: flip,affine,color=0.2
-    crop: bool = False  # train on random imgsz crops at full resolution; val/predict slide a window
-    epochs: int = 30
-    batch: int = 16
-    lr: float = 3e-3
-    weight_decay: float = 0.01
-    warmup_epochs: float = 1.0
-    ema: float = 0.0
-    channels_last: bool = True
-    # built-in shapes data
-    classes: int = 4  # shapes: how many of the 8 shape classes (background comes on top)
-    max_objects: int = 4  # shapes: at most this many objects per image
-    scenes: int = SHAPES_SEG_SIZES["train"]  # shapes: training scenes (val and test keep theirs)
-
-    def validate(self) -> None:
-        super().validate()
-        from cnnkit.models.segmentation import SEGMENTERS
-
-        if self.model not in SEGMENTERS:
-            import difflib
-
-            close = difflib.get_close_matches(self.model, SEGMENTERS, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise CnnkitError(f"unknown segmentation model '{self.model}'{hint}; choose from {', '.join(SEGMENTERS)}")
-        if self.loss not in SEG_LOSSES:
-            raise CnnkitError(f"--loss must be one of {', '.join(SEG_LOSSES)}, got '{self.loss}'")
-        if self.imgsz is not None and self.imgsz % 32:
-            raise CnnkitError(f"--imgsz must be a multiple of 32 for segmentation, got {self.imgsz}")
-        if self.scenes < 1:
-            raise CnnkitError(f"--scenes must be at least 1, got {self.scenes}")
 
 
 def config_from_file(path: str | Path, overrides: dict[str, Any]) -> SegmentConfig:

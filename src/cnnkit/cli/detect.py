@@ -45,8 +45,8 @@ INSTANCE_HELP = {
 
 def register(parent: click.Group) -> click.Group:
     """Add the ``detect`` and ``instance`` groups to ``parent``; return ``detect``."""
-    from cnnkit.api.detect import DetectConfig, InstanceConfig
     from cnnkit.cli.main import CONTEXT, SuggestingGroup
+    from cnnkit.tasks.detect.config import DetectConfig, InstanceConfig
 
     @parent.group("detect", cls=SuggestingGroup, context_settings=CONTEXT)
     def detect() -> None:
@@ -66,7 +66,7 @@ def register(parent: click.Group) -> click.Group:
 def _commands(group: click.Group, cfg_cls: type, train_help: str, helps: dict[str, str]) -> None:
     """train, val and predict (and for detect, anchors) under ``group``."""
     from cnnkit.cli.main import CONTEXT, add_train_command
-    from cnnkit.models.detection.nms import NMS_METHODS
+    from cnnkit.core.choices import NMS_METHODS
 
     task = cfg_cls.TASK
     masks = task == "instance"

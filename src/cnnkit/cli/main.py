@@ -81,15 +81,19 @@ def info() -> None:
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("pattern", required=False)
-def models(pattern: str | None) -> None:
-    """List registered models (optionally matching a glob PATTERN)."""
+@click.option("--task", type=click.Choice(["classify", "detect", "instance", "segment", "medical"]), default=None,
+              help="only this task's models (classify also lists the backbones of the others)")
+def models(pattern: str | None, task: str | None) -> None:
+    """List registered models by task (optionally matching a glob PATTERN)."""
     from cnnkit.engine.progress import console
     from cnnkit.models.registry import list_models, model_entry
 
     con = console()
-    for name in list_models(pattern):
+    names = list_models(pattern, task)
+    order = {"classify": 0, "detect": 1, "instance": 2, "segment": 3, "medical": 4}
+    for name in sorted(names, key=lambda n: (order.get(model_entry(n).task, 9), n)):
         e = model_entry(name)
-        con.print(f"{name:<22} {e.family:<7} {e.description}")
+        con.print(f"{name:<22} {e.task:<9} {e.family:<11} {e.description}")
 
 
 @cli.command(context_settings=CONTEXT)
@@ -154,7 +158,7 @@ def add_train_command(group: click.Group, cfg_cls: type, api_module: str, help: 
 
 
 def _add_classify_train() -> None:
-    from cnnkit.api.classify import ClassifyConfig
+    from cnnkit.tasks.classify.config import ClassifyConfig
 
     add_train_command(classify, ClassifyConfig, "cnnkit.api.classify").help = (
         "Train a classifier and write a run folder (weights, metrics, plots).")

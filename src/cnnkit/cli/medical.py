@@ -22,10 +22,9 @@ TRAIN_HELP = {
 
 def register(parent: click.Group) -> click.Group:
     """Add the ``medical`` group to ``parent`` and return it."""
-    from cnnkit.api.medical import MedicalConfig
     from cnnkit.cli.main import CONTEXT, SuggestingGroup, add_train_command
-    from cnnkit.models.volumetric import VOLUME_MODELS
-    from cnnkit.tasks.medical import MEDICAL_LOSSES
+    from cnnkit.core.choices import MEDICAL_LOSSES, VOLUME_MODELS
+    from cnnkit.tasks.medical.config import MedicalConfig
 
     @parent.group("medical", cls=SuggestingGroup, context_settings=CONTEXT)
     def medical() -> None:

@@ -24,10 +24,10 @@ TRAIN_HELP = {
 
 def register(parent: click.Group) -> click.Group:
     """Add the ``multilabel`` group (train, val, predict, samples) to ``parent`` and return it."""
-    from cnnkit.api.multilabel import MultiLabelConfig
     from cnnkit.cli.main import CONTEXT, SuggestingGroup, add_train_command
+    from cnnkit.core.choices import MULTILABEL_LOSSES as LOSSES
     from cnnkit.errors import CnnkitError
-    from cnnkit.tasks.multilabel import LOSSES
+    from cnnkit.tasks.multilabel.config import MultiLabelConfig
 
     @parent.group("multilabel", cls=SuggestingGroup, context_settings=CONTEXT)
     def multilabel() -> None:

@@ -11,8 +11,8 @@ from typing import Any
 
 import click
 
+from cnnkit.core.choices import ATTENTION, POOLS
 from cnnkit.engine.config import AMP_MODES, OPTIMIZERS, SCHEDULES
-from cnnkit.models.blocks import ATTENTION, POOLS
 
 CHOICES: dict[str, tuple[str, ...]] = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "amp": AMP_MODES,
                                        "attention": ("none", *ATTENTION), "pool": POOLS,

@@ -27,10 +27,9 @@ TRAIN_HELP = {
 
 def register(parent: click.Group) -> click.Group:
     """Add the ``segment`` group to ``parent`` and return it."""
-    from cnnkit.api.segment import SegmentConfig
     from cnnkit.cli.main import CONTEXT, SuggestingGroup, add_train_command
-    from cnnkit.models.segmentation import SEGMENTERS
-    from cnnkit.tasks.segment import SEG_LOSSES
+    from cnnkit.core.choices import SEG_LOSSES, SEGMENTERS
+    from cnnkit.tasks.segment.config import SegmentConfig
 
     @parent.group("segment", cls=SuggestingGroup, context_settings=CONTEXT)
     def segment() -> None:

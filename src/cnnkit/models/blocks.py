@@ -13,10 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cnnkit.core.choices import ATTENTION, POOLS
 from cnnkit.errors import ModelError
-
-ATTENTION = ("se", "cbam", "eca")
-POOLS = ("avg", "max", "avgmax", "lp", "gem", "spp")
 
 
 def make_attention(name: str | None, channels: int) -> nn.Module:

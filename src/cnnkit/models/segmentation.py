@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cnnkit.core.choices import SEGMENTERS
 from cnnkit.errors import ModelError
 
-SEGMENTERS = ("unet", "fcn", "deeplabv3")
 DEFAULT_ENCODER = {"unet": "resnet18", "fcn": "resnet18", "deeplabv3": "resnet18"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -69,7 +69,7 @@ class Encoder(nn.Module):
         from cnnkit.models.detection.backbone import MultiScaleBackbone, stage_info
         from cnnkit.models.registry import create_model
 
-        body = create_model(name, num_classes=1, in_chans=in_chans, pretrained=pretrained)
+        body = create_model(name, num_classes=1, in_chans=in_chans, pretrained=pretrained, task="classify")
         if not pretrained:
             unzero_residual_norms(body)
         strides = sorted({d["reduction"] for d in stage_info(body) if d["reduction"] <= max_stride})

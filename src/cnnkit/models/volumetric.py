@@ -23,11 +23,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cnnkit.core.choices import CLASSIFIERS_3D, SEGMENTERS_3D, VOLUME_MODELS  # noqa: F401
 from cnnkit.errors import ModelError
-
-SEGMENTERS_3D = ("unet3d", "vnet", "unet2d")
-CLASSIFIERS_3D = ("densenet3d", "densenet2d")
-VOLUME_MODELS = SEGMENTERS_3D + CLASSIFIERS_3D
 
 
 class SliceWise(nn.Module):

@@ -290,7 +290,7 @@ class ImageClassifierPipeline(Pipeline):
     def build(self) -> nn.Module:
         from cnnkit.models import create_model
 
-        return create_model(self.card.arch, num_classes=self.card.num_classes,
+        return create_model(self.card.arch, num_classes=self.card.num_classes, task="classify",
                             in_chans=self.card.input.model_channels, **self.card.model_kwargs)
 
     def core(self, model: nn.Module) -> nn.Module:

@@ -101,4 +101,4 @@ def registry_backbone(name: str, pretrained: bool = False) -> nn.Module:
     """A registry classifier used as a backbone (3-channel input; its head is not used)."""
     from cnnkit.models.registry import create_model
 
-    return create_model(name, num_classes=1, in_chans=3, pretrained=pretrained)
+    return create_model(name, num_classes=1, in_chans=3, pretrained=pretrained, task="classify")

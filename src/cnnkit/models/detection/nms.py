@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torchvision.ops import batched_nms, box_iou
 
-NMS_METHODS = ("hard", "soft")
+from cnnkit.core.choices import NMS_METHODS
 
 
 def soft_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou: float = 0.5,

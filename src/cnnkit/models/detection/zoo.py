@@ -16,10 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from cnnkit.core.choices import DETECTORS, INSTANCE_MODELS
 from cnnkit.errors import ModelError
 
-DETECTORS = ("fastdet", "fasterrcnn", "retinanet", "ssd", "ssdlite")
-INSTANCE_MODELS = ("maskrcnn",)  # detectors that also predict a mask per object (cnnkit instance)
 DEFAULT_BACKBONE = {"fasterrcnn": "resnet18", "retinanet": "resnet18", "ssd": "resnet18",
                     "ssdlite": "mobilenet_v3_large", "fastdet": "fastdet", "maskrcnn": "resnet18"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -157,7 +157,7 @@ class DetectPipeline(Pipeline):
 
     def postprocess(self, raw, metas: list[dict[str, Any]], conf: float = 0.25, max_det: int | None = None,
                     **_) -> list[Detections]:
-        from cnnkit.tasks.detect import masks_to_original, to_original
+        from cnnkit.tasks.detect.task import masks_to_original, to_original
 
         results = []
         for d, m in zip(self.detections(raw, conf, max_det), metas):
