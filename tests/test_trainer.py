@@ -216,3 +216,50 @@ def test_channels_last_and_bf16_autocast_on_cpu(tmp_path):
     assert r.metrics["top1"] > 0.7
     ck = load_checkpoint(r.run_dir)
     assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+
+
+def test_before_step_after_backward_hooks_and_model_transforms():
+    """before_step sees (and may replace) every training batch, after_backward may edit the
+    gradients before the optimizer step, and model transforms run before the optimizer is built."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from cnnkit.engine.config import TrainConfig
+    from cnnkit.engine.hooks import Hook
+    from cnnkit.engine.trainer import Trainer
+
+    torch.manual_seed(0)
+    x, y = torch.rand(32, 1, 8, 8), torch.randint(0, 2, (32,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0),
+                        collate_fn=lambda items: {"images": torch.stack([i[0] for i in items]),
+                                                  "targets": torch.stack([i[1] for i in items])})
+
+    class Freeze(torch.nn.Module):  # a transform that adds a parameter the optimizer must see
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.scale = inner, torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, x):
+            return self.inner(x) * self.scale
+
+    class Spy(Hook):
+        def __init__(self):
+            self.batches, self.backwards = 0, 0
+
+        def before_step(self, trainer, batch):
+            self.batches += 1
+            return {**batch, "images": batch["images"] * 0 + 0.5}  # every sample the same image
+
+        def after_backward(self, trainer):
+            self.backwards += 1
+            trainer.model.inner[1].weight.grad = None  # this layer never moves
+
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 2))
+    before, bias = net[1].weight.detach().clone(), net[1].bias.detach().clone()
+    spy = Spy()
+    cfg = TrainConfig(epochs=2, batch=8, lr=0.1, warmup_epochs=0, ema=0.0)
+    trainer = Trainer(ClassifyTask(["a", "b"]), net, loader, None, cfg, torch.device("cpu"), hooks=[spy],
+                      model_transforms=[Freeze])
+    trainer.fit()
+    assert isinstance(trainer.model, Freeze) and spy.batches == spy.backwards == 8
+    assert torch.equal(net[1].weight, before) and not torch.equal(net[1].bias, bias)
+    assert trainer.model.scale.item() != 1.0  # the transform's parameter was optimized

@@ -17,7 +17,7 @@ from cnnkit.engine.config import TrainConfig, read_yaml_config
 from cnnkit.engine.hooks import EarlyStopping, Freeze, Hook, MetricsCSV, Snapshots, TimeBudget
 from cnnkit.engine.progress import ProgressHook, console
 from cnnkit.engine.run import RunDir, new_run_dir
-from cnnkit.errors import CnnkitError, DataError
+from cnnkit.errors import CnnkitError
 
 C = TypeVar("C", bound=TrainConfig)
 
@@ -97,21 +97,6 @@ def run_trainer(trainer, ckpt: dict | None, run: RunDir, task: str, verbose: boo
         con.print(f"\n[yellow]interrupted[/]; resume with: cnnkit {task} train --resume {run.root}")
         raise
     return time.perf_counter() - t0
-
-
-def list_sources(source: str | Path) -> list[Path]:
-    """Image files of a file or folder source (folders are searched recursively)."""
-    from cnnkit.data.decode import is_image_file
-
-    p = Path(source)
-    if not p.exists():
-        raise DataError(f"source '{p}' does not exist")
-    if p.is_file():
-        return [p]
-    files = sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f) and not f.name.startswith("."))
-    if not files:
-        raise DataError(f"no images found in folder '{p}'")
-    return files
 
 
 def image_batches(files: list[Path], batch: int, prepare, skipped: list[tuple[str, str]]):

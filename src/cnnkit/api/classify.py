@@ -19,13 +19,14 @@ from torch.utils.data import Dataset
 
 import cnnkit
 from cnnkit.api._common import config_from_file as _config_from_file
-from cnnkit.api._common import list_sources, open_run, resolve_config, run_trainer, standard_hooks
+from cnnkit.api._common import open_run, resolve_config, run_trainer, standard_hooks
 from cnnkit.data.classification import (
     ClassificationData,
     TransformedDataset,
     load_classification_data,
     make_loader,
 )
+from cnnkit.data.decode import list_sources
 from cnnkit.data.mix import make_batch_mix
 from cnnkit.data.sampling import (
     LabelView,

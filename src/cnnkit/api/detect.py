@@ -18,7 +18,6 @@ import cnnkit
 from cnnkit.api._common import config_from_file as _config_from_file
 from cnnkit.api._common import (
     copy_matching_weights,
-    list_sources,
     open_run,
     resolve_config,
     run_trainer,
@@ -28,6 +27,7 @@ from cnnkit.api._common import (
 from cnnkit.api.classify import TrainResult
 from cnnkit.core.results import Detections
 from cnnkit.data.classification import make_loader
+from cnnkit.data.decode import list_sources
 from cnnkit.data.detection import (
     DetectionData,
     DetectionDataset,

@@ -12,8 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from cnnkit.api._common import image_batches, list_sources
+from cnnkit.api._common import image_batches
 from cnnkit.api.classify import legacy_preprocess, load
+from cnnkit.data.decode import list_sources
 from cnnkit.errors import CnnkitError, DataError, ImageDecodeError
 from cnnkit.methods import features as F
 from cnnkit.runtime.pipeline import Predictor

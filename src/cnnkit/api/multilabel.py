@@ -19,9 +19,10 @@ import torch
 
 import cnnkit
 from cnnkit.api._common import config_from_file as _config_from_file
-from cnnkit.api._common import list_sources, open_run, resolve_config, run_trainer, standard_hooks
+from cnnkit.api._common import open_run, resolve_config, run_trainer, standard_hooks
 from cnnkit.api.classify import TrainResult, _load_init, _stats, prepared_loader
 from cnnkit.data.classification import ClassificationData, TransformedDataset, make_loader
+from cnnkit.data.decode import list_sources
 from cnnkit.data.multilabel import load_multilabel_data
 from cnnkit.data.transforms import Preprocess, parse_aug
 from cnnkit.engine.checkpoint import load_weights, resolve_weights, save_weights

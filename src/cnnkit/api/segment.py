@@ -26,7 +26,6 @@ import cnnkit
 from cnnkit.api._common import config_from_file as _config_from_file
 from cnnkit.api._common import (
     copy_matching_weights,
-    list_sources,
     open_run,
     resolve_config,
     run_trainer,
@@ -35,6 +34,7 @@ from cnnkit.api._common import (
 )
 from cnnkit.api.classify import TrainResult
 from cnnkit.data.classification import make_loader
+from cnnkit.data.decode import list_sources
 from cnnkit.data.segmentation import (
     IGNORE_INDEX,
     SHAPES_SEG_SIZES,

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from cnnkit.errors import ImageDecodeError
+from cnnkit.errors import DataError, ImageDecodeError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -156,3 +156,16 @@ def _from_tensor(t: torch.Tensor, channels: int | None) -> torch.Tensor:
         w = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
         return (t.float() * w).sum(0, keepdim=True).round().clamp(0, 255).to(torch.uint8)
     raise ValueError(f"cannot convert a {c}-channel image to {channels} channels")
+
+
+def list_sources(source: str | Path) -> list[Path]:
+    """Image files of a file or folder source (folders are searched recursively)."""
+    p = Path(source)
+    if not p.exists():
+        raise DataError(f"source '{p}' does not exist")
+    if p.is_file():
+        return [p]
+    files = sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f) and not f.name.startswith("."))
+    if not files:
+        raise DataError(f"no images found in folder '{p}'")
+    return files

@@ -22,6 +22,14 @@ class Hook:
 
     def before_epoch(self, trainer: Trainer) -> None: ...
 
+    def before_step(self, trainer: Trainer, batch: dict) -> dict | None:
+        """A training batch on the device, after batch transforms and before the forward pass;
+        return a changed batch (adversarial examples, a teacher's targets) or None to keep it."""
+
+    def after_backward(self, trainer: Trainer) -> None:
+        """Gradients of this batch are in ``trainer.model`` (scaled under fp16), before the
+        optimizer step (gradient masks for pruning, gradient checks)."""
+
     def after_step(self, trainer: Trainer) -> None: ...
 
     def after_epoch(self, trainer: Trainer) -> None: ...

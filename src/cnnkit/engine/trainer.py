@@ -114,12 +114,15 @@ class Trainer:
         hooks: extra :class:`Hook` objects, called in order.
         batch_transforms: callables ``batch -> batch`` applied to every training batch on
             ``device`` (whole-batch augmentation, mixup/cutmix), in order.
+        model_transforms: callables ``model -> model`` applied, in order, before the optimizer
+            is built (a QAT prepare, a DDP wrap, an adapter around a student), so the optimizer
+            sees the parameters of the transformed model.
     """
 
     def __init__(self, task: Task, model: nn.Module, train_loader: DataLoader,
                  val_loader: DataLoader | None, cfg: TrainConfig, device: torch.device,
                  run_dir: Path | None = None, card: dict[str, Any] | None = None,
-                 hooks: Sequence[Hook] = (), batch_transforms: Sequence = ()):
+                 hooks: Sequence[Hook] = (), batch_transforms: Sequence = (), model_transforms: Sequence = ()):
         self.task, self.cfg, self.device = task, cfg, device
         self.train_loader, self.val_loader = train_loader, val_loader
         self.run_dir = Path(run_dir) if run_dir else None
@@ -127,6 +130,8 @@ class Trainer:
         self.hooks = list(hooks)
         self.batch_transforms = list(batch_transforms)
         self.amp_dtype = resolve_amp(cfg.amp, device)
+        for transform in model_transforms:
+            model = transform(model)
         self.model = model.to(device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -245,6 +250,8 @@ class Trainer:
         batch = self.task.to_device(batch, self.device, self.cfg.channels_last)
         for transform in self.batch_transforms:
             batch = transform(batch)
+        for h in self.hooks:
+            batch = h.before_step(self, batch) or batch
         with _autocast(self.device, self.amp_dtype):
             out = self.task.forward(self.model, batch)
             losses = self.task.loss(out, batch)
@@ -261,6 +268,8 @@ class Trainer:
         if self.cfg.accumulate > 1:
             loss = loss / self.cfg.accumulate
         self.scaler.scale(loss).backward()
+        for h in self.hooks:
+            h.after_backward(self)
         return float(losses["loss"].detach())
 
     def _optimizer_step(self) -> None:

@@ -141,8 +141,13 @@ class Predictor:
     def __call__(self, images: ImageLike | Sequence[ImageLike], batch: int = 32,
                  skipped: list[tuple[str, str]] | None = None, timing: dict[str, float] | None = None,
                  **options) -> list:
-        """Predict one input or a list; unreadable files in a list of several are appended to
-        ``skipped`` as ``(path, reason)`` (a single unreadable input raises)."""
+        """Predict one input, a list, or a folder (searched recursively for images); unreadable
+        files in a list of several are appended to ``skipped`` as ``(path, reason)`` when
+        ``skipped`` is given (else, and for a single input, they raise)."""
+        if isinstance(images, (str, Path)) and Path(images).is_dir():
+            from cnnkit.data.decode import list_sources
+
+            images = list_sources(images)
         items = [images] if isinstance(images, (str, Path, bytes)) or not isinstance(images, Sequence) else list(images)
         step = batch if self.pipeline.batchable else 1
         results: list = []
