@@ -284,9 +284,9 @@ def test_cli_csv_train_val_predict_load(cli, tmp_path):
     assert res["map"] > 0.9 and res["test"]["map"] > 0.85, (res["map"], res["test"]["map"])  # chance ~0.4
     assert res["test"]["micro_f1"] > 0.8
     card = json.loads((run / "weights" / "best.json").read_text())
-    assert card["task"] == "multilabel" and set(card["thresholds"]) == set(COLOURS)
-    assert [card["thresholds"][c] for c in card["classes"]] == [res["per_class"][c]["threshold"]
-                                                                for c in card["classes"]]
+    thresholds = card["thresholds"]["per_class"]
+    assert card["task"] == "multilabel" and set(thresholds) == set(COLOURS)
+    assert [thresholds[c] for c in card["classes"]] == [res["per_class"][c]["threshold"] for c in card["classes"]]
     assert (run / "plots" / "results.png").is_file() and (run / "plots" / "val_predictions.png").is_file()
     # val at the card's thresholds reproduces the training run's numbers
     r = cli("multilabel", "val", "--weights", run, "--data", data, "--split", "test", "--json", tmp_path / "v.json")
@@ -312,7 +312,7 @@ def test_cli_csv_train_val_predict_load(cli, tmp_path):
     model = cnnkit.load(run)
     out = model.predict([p for p, _ in test_rows[:5]])
     assert [set(o.labels) for o in out] == [set(preds[p.split("/")[-1]]["labels"]) for p, _ in test_rows[:5]]
-    assert model.pipeline.thresholds == [card["thresholds"][c] for c in model.classes]
+    assert model.pipeline.thresholds == [thresholds[c] for c in model.classes]
 
 
 def test_cli_bad_input_is_one_sentence(cli, tmp_path):

@@ -35,8 +35,8 @@ def test_learns_digits_and_writes_run_dir(digits_run):
     assert {"top1", "top5", "macro_f1", "balanced_accuracy", "per_class"} <= set(res)
     assert res["top1"] > 0.9 and res["test"]["top1"] > 0.9  # 3 epochs are enough for > 90%
     card = json.loads((run / "weights/best.json").read_text())
-    assert card["task"] == "classify" and card["arch"] == "smallcnn" and card["in_chans"] == 1
-    assert card["classes"] == [str(i) for i in range(10)] and card["imgsz"] == [16, 16]
+    assert card["task"] == "classify" and card["arch"] == "smallcnn" and card["input"]["channels"] == 1
+    assert card["classes"] == [str(i) for i in range(10)] and [card["input"]["height"], card["input"]["width"]] == [16, 16]
     import csv
 
     rows = list(csv.DictReader((run / "metrics.csv").open()))

@@ -142,3 +142,17 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, workers: int,
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
                       sampler=sampler, num_workers=workers, collate_fn=collate_fn, generator=generator,
                       drop_last=drop_last, pin_memory=pin_memory, persistent_workers=False)
+
+
+def normalization_stats(data: ClassificationData, pretrained: bool) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and std a classifier normalizes ``data`` with: digits' own (from scratch), else
+    ImageNet's (gray: their luminance)."""
+    from cnnkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    if data.name == "digits" and not pretrained:
+        ds = data.splits["train"]
+        x = getattr(ds, "base", ds).images.float() / 255.0  # (ChannelView: the gray source)
+        return (round(float(x.mean()), 4),) * data.channels, (round(float(x.std()), 4),) * data.channels
+    if data.channels == 1:
+        return (0.449,), (0.226,)
+    return IMAGENET_MEAN, IMAGENET_STD

@@ -14,9 +14,11 @@ freezes the encoder and trains the rest.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch.nn as nn
 
-from cnnkit.errors import CnnkitError
+from cnnkit.errors import CnnkitError, ModelError
 
 
 def _feature_modules(model: nn.Module) -> list[str]:
@@ -158,3 +160,42 @@ def feature_stages(model: nn.Module) -> dict[str, nn.Module]:
         prefix, body = inner[0] + ".", inner[1]
     modules = dict(body.named_modules())
     return {prefix + n: modules[n] for n in _feature_modules(body)}
+
+
+def load_init(model: nn.Module, path: str, in_chans: int, num_classes: int) -> str:
+    """Load a classifier's starting weights (``--init``: cnnkit weights or a timm/torchvision
+    state dict); the head is rebuilt when the class count differs. Returns the note to print."""
+    import torch
+
+    from cnnkit.core.card import ModelCard
+    from cnnkit.engine.checkpoint import load_weights
+
+    p = Path(path)
+    if p.suffix == ".safetensors" or p.is_dir():
+        state, card = load_weights(p)
+        chans = ModelCard.from_dict(card, f"the model card of '{path}'").input.channels if "classes" in card else in_chans
+        if chans != in_chans:
+            raise ModelError(f"--init weights '{path}' take {chans}-channel images but the "
+                             f"data has {in_chans} channel(s); pass --channels {chans}")
+    elif p.is_file():
+        state = torch.load(p, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
+    else:
+        raise ModelError(f"--init weights '{path}' do not exist")
+    arch = getattr(model, "cnnkit_arch", "?")
+    own = model.state_dict()
+    if not set(state) & set(own):
+        raise ModelError(f"--init weights '{path}' share no parameter names with model '{arch}'")
+    head = model.get_classifier()
+    head_prefix = next(n for n, m in model.named_modules() if m is head) + "."
+    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    body = [k for k in mismatched if not k.startswith(head_prefix)]
+    if body:
+        raise ModelError(f"--init weights '{path}' do not fit model '{arch}' (shape mismatch in "
+                         f"{body[0]}); use the architecture they were trained with")
+    note = ""
+    if mismatched:
+        state = {k: v for k, v in state.items() if k not in mismatched}
+        note = f"the classifier head was rebuilt for {num_classes} classes"
+    model.load_state_dict(state, strict=False)
+    return note

@@ -1,0 +1,247 @@
+"""Single-label classification's workflow spec: data, model, task and card for a run, the
+SMOTE head after the loop, the final evaluation through the predictor, plots and tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from cnnkit.core.card import InputSpec, ModelCard, OutputSpec
+from cnnkit.data.classification import (ClassificationData, TransformedDataset, load_classification_data,
+                                        make_loader, normalization_stats)
+from cnnkit.data.mix import make_batch_mix
+from cnnkit.data.sampling import (LabelView, bootstrap, class_counts, class_weights, long_tail, make_sampler,
+                                  noisy_labels)
+from cnnkit.data.transforms import Preprocess, parse_aug
+from cnnkit.engine.progress import console, per_class_table
+from cnnkit.engine.workflow import Setup, WorkflowSpec, provenance
+from cnnkit.errors import DataError, ModelError
+from cnnkit.models.finetune import load_init
+from cnnkit.tasks.classify.config import SAMPLERS, ClassifyConfig, parse_imbalance
+from cnnkit.tasks.classify.task import ClassifyTask
+
+# Per-dataset defaults used when --imgsz / --aug are not given.
+DATA_DEFAULTS = {"digits": {"aug": "affine"}, "shapes": {"aug": "affine,flip"}}
+FOLDER_AUG = "crop=0.6,flip"
+
+
+def default_aug(data: ClassificationData) -> str:
+    return DATA_DEFAULTS.get(data.name, {}).get("aug", FOLDER_AUG)
+
+
+def prepared_loader(pipeline, split: Dataset, batch: int, workers: int, collate) -> Any:
+    """A loader of ``split`` with each image prepared by ``pipeline`` (as predict does)."""
+    return make_loader(TransformedDataset(split, lambda img: pipeline.prepare(img)[0]), batch, False, workers,
+                       collate)
+
+
+def evaluate_split(predictor, split: Dataset, batch: int = 64, workers: int = 0, keep: int = 0, task=None):
+    """``(metrics, kept, skipped)`` of a classifier predictor on a dataset split (``task``
+    gives the metrics; default: single-label over the predictor's classes)."""
+    from cnnkit.runtime.pipeline import evaluate_loader
+
+    task = task or ClassifyTask(predictor.classes)
+    loader = prepared_loader(predictor.pipeline, split, batch, workers, task.collate)
+    return evaluate_loader(predictor, loader, task.metrics(), keep=keep)
+
+
+class ClassifySpec(WorkflowSpec):
+    name = "classify"
+    config = ClassifyConfig
+    curves = ("top1", "macro_f1", "balanced_accuracy")
+    keep = 32
+
+    def setup(self, cfg: ClassifyConfig, device, verbose: bool, resuming: bool) -> Setup:
+        con = console()
+        data = load_classification_data(cfg.data, seed=cfg.seed, val_fraction=cfg.val_fraction, channels=cfg.channels)
+        imgsz = cfg.imgsz or data.default_imgsz
+        mean, std = normalization_stats(data, cfg.pretrained)
+        pre = Preprocess(imgsz, mean, std, data.channels, mask_channel=cfg.missing_input == "mask")
+        # with --batch-aug the default per-image augmentation is off (it would augment twice)
+        aug = cfg.aug if cfg.aug is not None else ("none" if cfg.batch_aug else default_aug(data))
+        train_tf = pre.train_transform(parse_aug(aug, imgsz), cfg.missing, cfg.missing_mode)
+        imb = parse_imbalance(cfg.imbalance)
+        train_split, val_split = _experiment_splits(cfg, data)
+        num_classes = len(data.classes)
+        task = _make_task(cfg, data.classes, train_split.targets, imb)
+        model_kwargs = {"drop_rate": cfg.drop_rate, "attention": cfg.attention, "pool": cfg.pool}
+        model = ClassifyTask.build_model(cfg.model, num_classes, pre.model_channels, cfg.pretrained, **model_kwargs)
+        if cfg.init and not resuming:
+            note = load_init(model, cfg.init, data.channels, num_classes)
+            if verbose and note:
+                con.print(f"[yellow]note:[/] {note}")
+        gen = torch.Generator().manual_seed(cfg.seed)
+        train_ds = TransformedDataset(train_split, train_tf)
+        if len(train_ds) == 0:
+            raise DataError(f"the train split of '{cfg.data}' has no images")
+        sampler_name = next((k for k in SAMPLERS if k in imb), None)
+        sampler = make_sampler(sampler_name, train_split.targets, num_classes, gen) if sampler_name else None
+        pin = device.type == "cuda"
+        train_loader = make_loader(train_ds, cfg.batch, True, cfg.workers, task.collate, gen, pin_memory=pin,
+                                   sampler=sampler)
+        val_loader = make_loader(TransformedDataset(val_split, pre.eval_transform()), cfg.batch * 2, False,
+                                 cfg.workers, task.collate, pin_memory=pin)
+        batch_transforms = []
+        if cfg.batch_aug:
+            from cnnkit.data.batch_aug import BatchAugment
+
+            batch_transforms.append(BatchAugment.from_spec(cfg.batch_aug, mean, std))
+        if (mix := make_batch_mix(num_classes, cfg.mixup, cfg.cutmix)) is not None:
+            batch_transforms.append(mix)
+        if verbose and (cfg.imbalance_ratio < 1 or cfg.label_noise > 0 or cfg.bootstrap or sampler_name):
+            con.print(f"train split: {len(train_split)} images, per class "
+                      f"{class_counts(train_split.targets, num_classes).tolist()}"
+                      + (f"; sampler {sampler_name}" if sampler_name else ""))
+        card = ModelCard("classify", cfg.model, list(data.classes),
+                         InputSpec(imgsz, imgsz, data.channels, mean=tuple(mean), std=tuple(std),
+                                   mask_channel=pre.mask_channel),
+                         OutputSpec(("logits",), "softmax"), model_kwargs, provenance=provenance(cfg, aug=aug))
+        return Setup(model, task, train_loader, val_loader, card, data, batch_transforms=batch_transforms,
+                     state={"imb": imb, "pre": pre, "train_split": train_split, "val_split": val_split})
+
+    def after_fit(self, cfg: ClassifyConfig, run, setup: Setup, trainer, device, verbose: bool) -> None:
+        if "smote" in setup.state["imb"]:
+            pre = setup.state["pre"]
+            _smote_head(run, TransformedDataset(setup.state["train_split"], pre.eval_transform()), setup.task,
+                        cfg, device, verbose)
+
+    def evaluate(self, cfg: ClassifyConfig, setup: Setup, predictor, split: str, keep: int = 0):
+        ds = setup.state["val_split"] if split == "val" else setup.data.split(split)
+        metrics, kept, _ = evaluate_split(predictor, ds, cfg.batch * 2, cfg.workers, keep)
+        return metrics, kept
+
+    def public(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        keys = ("top1", "top5", "macro_f1", "balanced_accuracy", "loss", "num_images", "per_class",
+                "confusion_matrix")
+        return {k: metrics[k] for k in keys if k in metrics}
+
+    def line(self, m: dict[str, Any], split: str) -> str:
+        return f"{split} top1 {m['top1']:.4f}  macro_f1 {m['macro_f1']:.4f}"
+
+    def report(self, cfg, run, setup, predictor, trainer, val, test, kept, verbose) -> None:
+        from cnnkit.utils.plotting import plot_confusion
+
+        plot_confusion(val["confusion_matrix"], setup.data.classes, run.plots / "confusion_matrix.png",
+                       title=f"confusion matrix (val, epoch {trainer.best_epoch})")
+        plot_predictions(kept, setup.task, setup.card.input.channels, run.plots / "val_predictions.png")
+        if verbose:
+            console().print(per_class_table(val, f"validation (best epoch {trainer.best_epoch})"))
+
+
+SPEC = ClassifySpec()
+
+
+def _experiment_splits(cfg: ClassifyConfig, data: ClassificationData) -> tuple[Dataset, Dataset]:
+    """The train and val splits after --imbalance-ratio, --label-noise and --bootstrap.
+
+    Label noise goes into train and val alike (both are "your labelled data"); test, when
+    there is one, stays clean, so it measures what the noise cost.
+    """
+    train, val = data.split("train"), data.split("val")
+    k = len(data.classes)
+    if cfg.imbalance_ratio < 1:
+        train = LabelView(train, long_tail(train.targets, k, cfg.imbalance_ratio, cfg.seed))
+    if cfg.label_noise > 0:
+        train = LabelView(train, range(len(train)),
+                          noisy_labels(train.targets, k, cfg.label_noise, cfg.noise_type, cfg.seed))
+        val = LabelView(val, range(len(val)),
+                        noisy_labels(val.targets, k, cfg.label_noise, cfg.noise_type, cfg.seed + 1))
+    if cfg.bootstrap:
+        train = LabelView(train, bootstrap(len(train), cfg.seed))
+    return train, val
+
+
+def _make_task(cfg: ClassifyConfig, classes: list[str], targets: list[int],
+               imb: dict[str, float | None]) -> ClassifyTask:
+    weights = None
+    if "class-weights" in imb:
+        weights = class_weights(targets, len(classes), "inverse")
+    elif "class-balanced" in imb:
+        weights = class_weights(targets, len(classes), "effective", imb["class-balanced"] or 0.999)
+    loss = "focal" if "focal" in imb else cfg.loss
+    return ClassifyTask(classes, cfg.label_smoothing, loss=loss, class_weights=weights,
+                        ohem=(imb["ohem"] or 0.5) if "ohem" in imb else 0.0,
+                        focal_gamma=imb.get("focal") or 2.0)
+
+
+@torch.no_grad()
+def _embed(model: torch.nn.Module, ds: Dataset, task: ClassifyTask, device: torch.device,
+           batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Pre-logit embeddings ``(N, D)`` and labels of a dataset (unreadable images left out)."""
+    feats, labels = [], []
+    model.eval()
+    for b in make_loader(ds, batch, False, 0, task.collate):
+        if len(b["targets"]) == 0:
+            continue
+        x = b["images"].to(device)
+        feats.append(model.forward_head(model.forward_features(x), pre_logits=True).float().cpu())
+        labels.append(b["targets"])
+    return torch.cat(feats).numpy(), torch.cat(labels).numpy()
+
+
+def _smote_head(run, train_ds: Dataset, task: ClassifyTask, cfg: ClassifyConfig,
+                device: torch.device, verbose: bool) -> None:
+    """``--imbalance smote``: SMOTE in feature space, then retrain the linear head on it.
+
+    The trained network embeds every training image (no augmentation); imbalanced-learn's
+    SMOTE adds synthetic minority embeddings between neighbours of the same class until every
+    class matches the largest; the classifier head is retrained on the balanced embeddings
+    (full-batch L-BFGS from the trained head) and the best weights are rewritten.
+    """
+    from imblearn.over_sampling import SMOTE
+
+    from cnnkit.engine.checkpoint import load_weights, save_weights
+    from cnnkit.runtime.pipeline import load_model
+
+    model = load_model(run.best)[0].to(device)
+    head = model.get_classifier()
+    if not isinstance(head, torch.nn.Linear):
+        raise ModelError(f"--imbalance smote retrains a linear classifier head; '{cfg.model}' has "
+                         f"{type(head).__name__}")
+    x, y = _embed(model, train_ds, task, device)
+    counts = np.bincount(y)
+    smallest = int(counts[counts > 0].min())
+    if smallest < 2:
+        raise DataError("--imbalance smote needs at least 2 training images in every class")
+    xs, ys = SMOTE(k_neighbors=min(5, smallest - 1), random_state=cfg.seed).fit_resample(x, y)
+    xt, yt = torch.as_tensor(xs, dtype=torch.float32, device=device), torch.as_tensor(ys, device=device)
+    head.train()
+    opt = torch.optim.LBFGS(head.parameters(), lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
+    decay = 1e-4
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(head(xt), yt) + decay * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    state, card = load_weights(run.best)
+    state.update({k: v.detach().cpu() for k, v in model.state_dict().items()})
+    card["provenance"] = {**card.get("provenance", {}), "smote": {"real": int(len(y)), "synthetic": int(len(ys) - len(y))}}
+    save_weights(run.best, state, card)
+    if verbose:
+        console().print(f"smote: {len(ys) - len(y)} synthetic embeddings added; classifier head retrained")
+
+
+def plot_predictions(kept: list, task, channels: int, path: Path) -> None:
+    """A grid of kept ``(image in [0, 1], logits, target)`` samples titled with the prediction
+    (red where it is wrong); ``task.decode`` turns logits into a prediction."""
+    from cnnkit.utils.plotting import denormalize, plot_image_grid
+
+    if not kept:
+        return
+    images, titles, colors = [], [], []
+    for img, out, target in kept:
+        pred = task.decode(out[None])[0]
+        truth = task.classes[int(target)]
+        images.append(denormalize(img[:channels], (0.0,) * channels, (1.0,) * channels))  # [0, 1]; no mask channel
+        titles.append(f"{pred.label} {pred.score:.2f}" + ("" if pred.label == truth else f"\n(true {truth})"))
+        colors.append("green" if pred.label == truth else "red")
+    plot_image_grid(images, titles, path, colors)
+
+
