@@ -73,7 +73,7 @@ def run_smp(minutes: float, encoder: str, threads: int, seed: int, epochs: int =
             workers: int = 0, log=print) -> dict:
     import segmentation_models_pytorch as smp
 
-    from cnnkit.api.segment import DEFAULT_AUG, parse_seg_aug
+    from cnnkit.tasks.segment.spec import DEFAULT_AUG, parse_seg_aug
     from cnnkit.data.classification import make_loader
     from cnnkit.data.segmentation import SegmentationDataset, shapes_segmentation
     from cnnkit.tasks.segment.task import SegmentTask, SegMetrics

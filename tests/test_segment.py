@@ -290,7 +290,7 @@ def test_python_api_returns_masks(seg_run, seg_data):
 
 
 def test_scenes_sets_the_train_split_only():
-    from cnnkit.api.segment import _data
+    from cnnkit.tasks.segment.spec import load_data as _data
 
     data = _data("shapes", 0, 32, classes=2, max_objects=2, scenes=3)
     assert {k: len(v) for k, v in data.splits.items()} == {"train": 3, "val": 150, "test": 150}

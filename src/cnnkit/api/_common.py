@@ -123,31 +123,6 @@ def image_batches(files: list[Path], batch: int, prepare, skipped: list[tuple[st
             yield torch.stack(xs), paths
 
 
-def copy_matching_weights(model, init: str | Path, prefixes: tuple[str, ...] = ("",)) -> str:
-    """``--init`` for models that embed a classifier: copy every tensor of ``init`` whose name
-    (tried with each of ``prefixes`` in front) and shape match a tensor of ``model``, so a
-    classifier checkpoint fills a detector's backbone or a segmenter's encoder. Returns the
-    note to print.
-
-    Raises:
-        CnnkitError: nothing in ``init`` matches.
-    """
-    from cnnkit.engine.checkpoint import load_weights
-
-    state, card = load_weights(init)
-    own = model.state_dict()
-    copied = {}
-    for k, v in state.items():
-        for p in prefixes:
-            if p + k in own and own[p + k].shape == v.shape:
-                copied[p + k] = v
-                break
-    if not copied:
-        raise CnnkitError(f"no tensor of --init '{init}' matches this model's layers")
-    model.load_state_dict(copied, strict=False)
-    return f"--init copied {len(copied)} of {len(own)} tensors from '{init}' ({card.get('task')} {card.get('arch')})"
-
-
 def write_run_results(trainer, run: RunDir, val_metrics: dict[str, Any], test_metrics: dict[str, Any] | None,
                       train_time: float) -> dict[str, Any]:
     """``results.json`` of a finished run: the val metrics of the best weights at top level,

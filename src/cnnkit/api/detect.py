@@ -7,211 +7,46 @@ and the Trainer together.
 
 from __future__ import annotations
 
-import datetime as _dt
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-import cnnkit
 from cnnkit.api._common import config_from_file as _config_from_file
-from cnnkit.api._common import (
-    copy_matching_weights,
-    open_run,
-    resolve_config,
-    run_trainer,
-    standard_hooks,
-    write_run_results,
-)
-from cnnkit.api.classify import TrainResult
 from cnnkit.core.results import Detections
-from cnnkit.data.classification import make_loader
 from cnnkit.data.decode import list_sources
-from cnnkit.data.detection import (
-    DetectionData,
-    DetectionDataset,
-    load_detection_data,
-    parse_det_aug,
-)
+from cnnkit.engine import workflow
 from cnnkit.engine.checkpoint import resolve_weights
 from cnnkit.engine.progress import console
-from cnnkit.engine.trainer import Trainer
+from cnnkit.engine.workflow import TrainResult
 from cnnkit.errors import CnnkitError, DataError
 from cnnkit.runtime.pipeline import Predictor
 from cnnkit.runtime.pipeline import load as load_predictor
-from cnnkit.tasks.detect.config import DetectConfig
-from cnnkit.tasks.detect.task import DetectMetrics, DetectTask, draw_detections
-from cnnkit.utils.device import select_device
+from cnnkit.tasks.detect.config import DetectConfig, InstanceConfig
+from cnnkit.tasks.detect.spec import DEFAULT_IMGSZ, DETECT, INSTANCE, evaluate, load_data, metrics_table
+from cnnkit.tasks.detect.task import draw_detections
 from cnnkit.utils.io import write_json
-from cnnkit.utils.seed import seed_everything
-
-DEFAULT_AUG = "flip,scale=0.7:1.3,translate=0.1,color=0.3"
-
 
 def config_from_file(path: str | Path, overrides: dict[str, Any], _cls: type = DetectConfig) -> DetectConfig:
     return _config_from_file(_cls, _cls.TASK, path, overrides)
 
 
-def build_model(arch: str, num_classes: int, in_chans: int = 3, imgsz: int = 320, backbone: str | None = None,
-                anchors: list | None = None, width: int = 16, pretrained: bool = False) -> torch.nn.Module:
-    """The detector of a model card (``in_chans`` is always 3 for detection)."""
-    from cnnkit.models.detection.zoo import build_detector
-
-    kwargs = {"width": width} if arch == "fastdet" else {}
-    return build_detector(arch, num_classes, imgsz, backbone, pretrained, anchors, **kwargs)
-
-
-def _data(cfg_data: str, seed: int, imgsz: int | None, classes: int = 8, max_objects: int = 6,
-          verbose: bool = True, masks: bool = False) -> DetectionData:
-    data = load_detection_data(cfg_data, imgsz, seed=seed, num_classes=classes, max_objects=max_objects,
-                               masks=masks) if cfg_data == "shapes" else load_detection_data(cfg_data)
-    if verbose:
-        for w in data.warnings:
-            console().print(f"[yellow]warning:[/] {w}")
-    return data
-
-
-def _default_imgsz(data: DetectionData) -> int:
-    return 320
-
-
 def train(cfg: DetectConfig | None = None, *, resume: str | Path | None = None, verbose: bool = True,
           _cls: type = DetectConfig, **overrides: Any) -> TrainResult:
-    """Train a detector; the Python twin of ``cnnkit detect train``.
+    """Train a detector; the Python twin of ``cnnkit detect train`` (``_cls=InstanceConfig``:
+    ``cnnkit instance train``).
 
     Returns:
-        :class:`~cnnkit.api.classify.TrainResult`; ``metrics`` holds the validation
+        :class:`~cnnkit.engine.workflow.TrainResult`; ``metrics`` holds the validation
         ``map50_95``, ``map50``, ``map75``, ``per_class_ap``, size and occlusion APs.
 
     Examples:
         >>> result = cnnkit.train("detect", data="shapes", model="fastdet", epochs=30)
         >>> result.metrics["map50"]
     """
-    from cnnkit.models.detection.anchors import read_anchors, scale_anchors
-
-    con = console()
-    kind = _cls.TASK
-    masks = kind == "instance"
-    cfg, ckpt, run = resolve_config(_cls, kind, cfg, resume, overrides, verbose)
-    device = select_device(cfg.device)
-    seed_everything(cfg.seed)
-    data = _data(cfg.data, cfg.seed, cfg.imgsz, cfg.classes, cfg.max_objects, verbose, masks)
-    imgsz = cfg.imgsz or _default_imgsz(data)
-    train_recs, val_recs = data.split("train"), data.split("val")
-    if not train_recs:
-        raise DataError(f"the train split of '{cfg.data}' has no images")
-    if not val_recs:
-        raise DataError(f"the val split of '{cfg.data}' has no images")
-    anchors = None
-    if cfg.anchors:
-        levels, a_imgsz = read_anchors(cfg.anchors)
-        anchors = [np.asarray(lv, np.float64).tolist() for lv in scale_anchors(levels, a_imgsz, imgsz)]
-    aug = cfg.aug if cfg.aug is not None else DEFAULT_AUG
-    model_kwargs = {"imgsz": imgsz, "backbone": cfg.backbone, "anchors": anchors}
-    if cfg.model == "fastdet":
-        model_kwargs["width"] = cfg.width
-    model = build_model(cfg.model, len(data.names), 3, pretrained=cfg.pretrained, **model_kwargs)
-    if cfg.init and ckpt is None:
-        note = _load_init(model, cfg.init)
-        if verbose and note:
-            con.print(f"[yellow]note:[/] {note}")
-    task = DetectTask(data.names, data.category_ids if hasattr(data, "category_ids") else None, masks)
-    model.set_thresholds(0.001, cfg.iou, cfg.max_det, cfg.nms)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    if masks and "occlude" in aug:
-        raise CnnkitError("occlude paints over objects without changing their masks; leave it out for instance masks")
-    if masks and verbose:
-        bare, total = sum(r.maskless() for r in train_recs), sum(len(r.labels) for r in train_recs)
-        if bare:
-            con.print(f"[yellow]warning:[/] {bare} of {total} training objects have no mask or polygon "
-                      "(box-only labels); Mask R-CNN learns their boxes, filled, as their masks")
-    train_ds = DetectionDataset(train_recs, imgsz, parse_det_aug(aug, imgsz), cfg.mosaic, masks=masks)
-    val_ds = DetectionDataset(val_recs, imgsz, masks=masks, full_masks=True)
-    pin = device.type == "cuda"
-    train_loader = make_loader(train_ds, cfg.batch, True, cfg.workers, task.collate, gen, drop_last=len(train_ds) > cfg.batch,
-                               pin_memory=pin)
-    val_loader = make_loader(val_ds, cfg.batch * 2, False, cfg.workers, task.collate, pin_memory=pin)
-    run = open_run(cfg, kind, run)
-    card = {
-        "task": kind, "arch": cfg.model, "model_kwargs": model_kwargs,
-        "classes": data.names, "num_classes": len(data.names), "in_chans": 3, "imgsz": [imgsz, imgsz],
-        "preprocess": {"resize": "letterbox", "imgsz": imgsz, "pad": 114, "input": "rgb 0-1"},
-        "category_ids": getattr(data, "category_ids", None), "cnnkit_version": cnnkit.__version__,
-        "iou": cfg.iou, "nms": cfg.nms, "max_det": cfg.max_det,
-        "trained": {"data": cfg.data, "epochs": cfg.epochs, "seed": cfg.seed, "aug": aug, "mosaic": cfg.mosaic,
-                    "classes": cfg.classes, "max_objects": cfg.max_objects,
-                    "pretrained": cfg.pretrained, "init": cfg.init,
-                    "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")},
-    }
-    trainer = Trainer(task, model, train_loader, val_loader, cfg, device, run.root, card,
-                      standard_hooks(cfg, run, verbose))
-    train_time = run_trainer(trainer, ckpt, run, kind, verbose)
-    return _finish(cfg, run, data, trainer, device, train_time, verbose)
-
-
-def _load_init(model: torch.nn.Module, init: str) -> str:
-    """Start from a detector's or a classifier's weights (a classifier fills the backbone)."""
-    return copy_matching_weights(model, init, ("", "net.backbone.features.body.", "net.backbone.fpn.features.body."))
-
-
-def _finish(cfg: DetectConfig, run, data: DetectionData, trainer: Trainer, device: torch.device,
-            train_time: float, verbose: bool) -> TrainResult:
-    from cnnkit.utils.plotting import plot_curves
-
-    con = console()
-    best = load(run.best, device=str(device), task=cfg.TASK)
-    val_metrics = evaluate(best, data.split("val"), batch=cfg.batch * 2, workers=cfg.workers)
-    test_metrics = None
-    if data.splits.get("test"):
-        test_metrics = evaluate(best, data.split("test"), batch=cfg.batch * 2, workers=cfg.workers)
-    results = write_run_results(trainer, run, val_metrics, test_metrics, train_time)
-    plot_curves(trainer.history, run.plots / "results.png",
-                ["mask_map50_95", "map50_95", "mask_map50"] if best.pipeline.masks else ["map50_95", "map50"])
-    draw_samples(best, data.split("val")[:16], run.plots / "val_predictions.png")
-    if verbose:
-        con.print(metrics_table(val_metrics, f"validation (best epoch {trainer.best_epoch})"))
-        line = _line(val_metrics, "val")
-        if test_metrics is not None:
-            line += "  ·  " + _line(test_metrics, "test")
-        con.print(line + f"  ·  trained {train_time:.0f} s")
-        con.print(f"results in {run.root}/ (weights/best.safetensors, metrics.csv, results.json, plots/)")
-    return TrainResult(run.root, results, test_metrics, trainer.best_epoch, dict(trainer.skipped))
-
-
-def _line(m: dict[str, Any], split: str) -> str:
-    line = f"{split} mAP50-95 {m['map50_95']:.4f}  mAP50 {m['map50']:.4f}  mAP75 {m['map75']:.4f}"
-    if m.get("mask_map50_95") is not None:
-        line = (f"{split} mask mAP50-95 {m['mask_map50_95']:.4f}  mask mAP50 {m['mask_map50']:.4f}  "
-                f"box mAP50-95 {m['map50_95']:.4f}  box mAP50 {m['map50']:.4f}")
-    return line
-
-
-def metrics_table(m: dict[str, Any], title: str):
-    """Per-class AP (and mask AP for instance models) plus AP by object size and by occlusion,
-    as a rich table."""
-    from rich.table import Table
-
-    t = Table(title=title, title_justify="left")
-    t.add_column("group")
-    t.add_column("AP50-95", justify="right")
-    t.add_column("AP50", justify="right")
-    t.add_column("objects", justify="right")
-
-    def f(v):
-        return "-" if v is None else f"{v:.3f}"
-
-    masks = m.get("mask_per_class_ap")
-    if masks is not None:
-        t.add_column("mask AP50-95", justify="right")
-    counts = m.get("per_class_gt", {})
-    for name, ap in m.get("per_class_ap", {}).items():
-        extra = [f(masks.get(name))] if masks is not None else []
-        t.add_row(name, f(ap), f(m.get("per_class_ap50", {}).get(name)), str(counts.get(name, "")), *extra)
-    for key, label in (("size_ap", "size"), ("occlusion_ap", "occluded")):
-        for bucket, v in (m.get(key) or {}).items():
-            t.add_row(f"{label} {bucket}", f(v.get("map50_95")), f(v.get("map50")), str(v.get("num_gt", "")))
-    return t
+    spec = INSTANCE if _cls is InstanceConfig else DETECT
+    return workflow.train(spec, cfg, resume=resume, verbose=verbose, **overrides)
 
 
 # ---------------------------------------------------------------------------------------
@@ -229,56 +64,12 @@ def load(path: str | Path, device: str = "cpu", task: str = "detect", iou: float
     return load_predictor(path, device, task=task, iou=iou, nms=nms)
 
 
-def evaluate(model: Predictor, records, batch: int = 32, workers: int = 0, conf: float = 0.001,
-             keep_predictions: bool = False):
-    """COCO metrics of ``records`` (original-image pixels) on either backend; with
-    ``keep_predictions`` also the raw predictions for ``--save-json``."""
-    pipe = model.pipeline
-    task = DetectTask(model.classes, model.card.extra.get("category_ids"), pipe.masks)
-    loader = make_loader(DetectionDataset(records, pipe.size, masks=pipe.masks, full_masks=True), batch, False,
-                         workers, task.collate)
-    state = DetectMetrics(model.classes, model.card.extra.get("category_ids"), keep_predictions, pipe.masks)
-    skipped: list = []
-    for b in loader:
-        skipped += b.get("skipped", [])
-        if not len(b["targets"]):
-            continue
-        x = b["images"].float().div_(255)
-        state.update(pipe.detections(model.raw(x), conf), b)
-    metrics = state.compute()
-    if skipped:
-        metrics["skipped_images"] = [{"path": p, "reason": r} for p, r in skipped]
-    return (metrics, state.predictions) if keep_predictions else metrics
-
-
 def draw(model: Predictor, result: Detections, image=None) -> torch.Tensor:
     """The image of ``result`` with its boxes (and masks) drawn (uint8 (3, H, W))."""
     from cnnkit.data.decode import read_image
 
     img = read_image(image if image is not None else result.path, channels=3).contiguous()
     return draw_detections(img, result.boxes, result.labels, result.scores, model.classes, masks=result.masks)
-
-
-def draw_samples(model: Predictor, records, path: Path, conf: float = 0.25) -> None:
-    """A grid of ``records`` with predicted boxes (ground truth in white) as a PNG."""
-    from torchvision.utils import make_grid, save_image
-
-    pipe = model.pipeline
-    ds = DetectionDataset(records, pipe.size, masks=pipe.masks)
-    tiles = []
-    for i in range(len(records)):
-        x, t = ds[i]
-        if x is None:
-            continue
-        o = pipe.detections(model.raw(x[None].float() / 255), conf)[0]
-        img = draw_detections(x, t["boxes"], [0] * len(t["boxes"]), [1.0] * len(t["boxes"]),
-                              ["gt"], width=1) if len(t["boxes"]) else x
-        masks = (o["masks"][:, 0].cpu() >= 0.5) if "masks" in o else None
-        tiles.append(draw_detections(img, o["boxes"].cpu(), o["labels"].cpu(), o["scores"].cpu(), model.classes,
-                                     masks=masks))
-    if tiles:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        save_image(make_grid(torch.stack(tiles).float() / 255, nrow=4, padding=2), str(path))
 
 
 def val(weights: str | Path, data: str, split: str = "val", batch: int = 32, device: str = "auto",
@@ -296,10 +87,10 @@ def val(weights: str | Path, data: str, split: str = "val", batch: int = 32, dev
     card, pipe = m.card, m.pipeline
     if data == "shapes":
         trained = card.provenance
-        ds = _data("shapes", trained.get("seed", 0), pipe.size, card.num_classes, trained.get("max_objects", 6),
+        ds = load_data("shapes", trained.get("seed", 0), pipe.size, card.num_classes, trained.get("max_objects", 6),
                    verbose, pipe.masks)
     else:
-        ds = _data(data, 0, None, verbose=verbose)
+        ds = load_data(data, 0, None, verbose=verbose)
     if list(ds.names) != m.classes:
         raise DataError(f"the classes of '{data}' ({', '.join(ds.names)}) differ from the model's "
                         f"({', '.join(m.classes)})")
@@ -323,7 +114,7 @@ def val(weights: str | Path, data: str, split: str = "val", batch: int = 32, dev
     if verbose:
         con = console()
         con.print(metrics_table(metrics, f"{split} split of {data} ({len(records)} images)"))
-        con.print(_line(metrics, split))
+        con.print(DETECT.line(metrics, split))
         if save_json:
             con.print(f"COCO-format detections in {save_json}")
     return metrics
@@ -385,8 +176,8 @@ def anchors(data: str, k: int | None = None, model: str = "fasterrcnn", imgsz: i
 
     if model not in ("fasterrcnn", "retinanet"):
         raise CnnkitError(f"anchors are fitted for fasterrcnn or retinanet, not '{model}' (fastdet is anchor-free)")
-    ds = _data(data, seed, imgsz, verbose=verbose) if data != "shapes" else _data("shapes", seed, imgsz)
-    size = imgsz or _default_imgsz(ds)
+    ds = load_data(data, seed, imgsz, verbose=verbose) if data != "shapes" else load_data("shapes", seed, imgsz)
+    size = imgsz or DEFAULT_IMGSZ
     wh = all_boxes_wh(ds.split("train"), size)
     wh = wh[(wh > 0).all(1)]
     if len(wh) == 0:

@@ -12,129 +12,36 @@ AUROC. The model chooses the task: ``--model densenet3d|densenet2d`` classifies.
 
 from __future__ import annotations
 
-import datetime as _dt
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
-import cnnkit
 from cnnkit.api._common import config_from_file as _config_from_file
-from cnnkit.api._common import (
-    open_run,
-    resolve_config,
-    run_trainer,
-    standard_hooks,
-    write_run_results,
-)
-from cnnkit.api.classify import TrainResult
-from cnnkit.data.classification import make_loader
-from cnnkit.data.volumes import (
-    NIFTI_SUFFIXES,
-    VolRecord,
-    VolumeData,
-    VolumeDataset,
-    collate_volumes,
-    load_volume_data,
-    read_nifti,
-    write_nifti,
-)
+from cnnkit.data.volumes import NIFTI_SUFFIXES, load_volume_data, read_nifti, write_nifti
+from cnnkit.engine import workflow
 from cnnkit.engine.progress import console
-from cnnkit.engine.trainer import Trainer
+from cnnkit.engine.workflow import TrainResult
 from cnnkit.errors import CnnkitError, DataError
 from cnnkit.runtime.pipeline import Predictor
 from cnnkit.runtime.pipeline import load as load_predictor
-from cnnkit.tasks.classify.task import ClassificationMetrics, ClassifyTask
 from cnnkit.tasks.medical.config import MedicalConfig
-from cnnkit.tasks.medical.task import MedicalTask, VolumeMetrics
-from cnnkit.utils.device import select_device
+from cnnkit.tasks.medical.spec import SPEC, evaluate
 from cnnkit.utils.io import write_json
-from cnnkit.utils.seed import seed_everything
 
 
 def config_from_file(path: str | Path, overrides: dict[str, Any]) -> MedicalConfig:
     return _config_from_file(MedicalConfig, "medical", path, overrides)
 
 
-def build_model(arch: str, num_classes: int, in_chans: int = 1) -> torch.nn.Module:
-    from cnnkit.models.volumetric import build_volume_model
-
-    return build_volume_model(arch, num_classes, in_chans)
-
-
-def _window(data: VolumeData, patch: int | None) -> int:
-    """The training cube side: ``--patch``, else the first training volume's largest side
-    rounded up to a multiple of 16 (classifiers resize every volume to it)."""
-    if patch:
-        return patch
-    rec = data.split("train")[0]
-    side = max(rec.load_image().shape, default=16)
-    return int(np.ceil(side / 16) * 16)
-
-
 def train(cfg: MedicalConfig | None = None, *, resume: str | Path | None = None, verbose: bool = True,
           **overrides: Any) -> TrainResult:
-    """Train a 3-D segmenter; the Python twin of ``cnnkit medical train``.
+    """Train a 3-D segmenter or volume classifier; the Python twin of ``cnnkit medical train``.
 
     Examples:
         >>> result = cnnkit.train("medical", data="phantoms", model="vnet", epochs=20)
         >>> result.metrics["dice"]
     """
-    con = console()
-    cfg, ckpt, run = resolve_config(MedicalConfig, "medical", cfg, resume, overrides, verbose)
-    device = select_device(cfg.device)
-    seed_everything(cfg.seed)
-    data = load_volume_data(cfg.data, cfg.seed, cfg.classify)
-    if not data.splits.get("train") or not data.splits.get("val"):
-        raise DataError(f"'{cfg.data}' needs a train and a val split")
-    k = len(data.names)
-    window = max(32, _window(data, cfg.patch)) if cfg.classify else _window(data, cfg.patch)
-    model = build_model(cfg.model, k)
-    task = ClassifyTask(data.names) if cfg.classify else MedicalTask(data.names, cfg.loss)
-    task.collate = collate_volumes
-    gen = torch.Generator().manual_seed(cfg.seed)
-    train_ds = VolumeDataset(data.split("train"), k, window, train=True, classify=cfg.classify)
-    val_ds = VolumeDataset(data.split("val"), k, window, classify=cfg.classify)
-    train_loader = make_loader(train_ds, cfg.batch, True, cfg.workers, task.collate, gen,
-                               drop_last=len(train_ds) > cfg.batch, pin_memory=device.type == "cuda")
-    val_loader = make_loader(val_ds, cfg.batch, False, cfg.workers, task.collate)
-    run = open_run(cfg, "medical", run)
-    card = {"task": "medical", "arch": cfg.model, "model_kwargs": {}, "classes": data.names, "num_classes": k,
-            "head": "classify" if cfg.classify else "segment", "in_chans": 1, "window": window,
-            "preprocess": {"normalize": "per-volume z-score", "resize": "trilinear" if cfg.classify else None},
-            "cnnkit_version": cnnkit.__version__,
-            "trained": {"data": cfg.data, "epochs": cfg.epochs, "seed": cfg.seed, "loss": cfg.loss, "patch": cfg.patch,
-                        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}}
-    trainer = Trainer(task, model, train_loader, val_loader, cfg, device, run.root, card,
-                      standard_hooks(cfg, run, verbose))
-    train_time = run_trainer(trainer, ckpt, run, "medical", verbose)
-    best = load(run.best, str(device))
-    val_m = evaluate(best, data.split("val"))
-    test_m = evaluate(best, data.split("test")) if data.splits.get("test") else None
-    results = write_run_results(trainer, run, val_m, test_m, train_time)
-    from cnnkit.utils.plotting import plot_curves
-
-    plot_curves(trainer.history, run.plots / "results.png", ["top1"] if cfg.classify else ["dice"])
-    if verbose:
-        con.print(_line(val_m, "val") + ("  ·  " + _line(test_m, "test") if test_m else "")
-                  + f"  ·  trained {train_time:.0f} s")
-        con.print(f"results in {run.root}/ (weights/best.safetensors, metrics.csv, results.json, plots/)")
-    return TrainResult(run.root, results, test_m, trainer.best_epoch, dict(trainer.skipped))
-
-
-def _line(m: dict[str, Any], split: str) -> str:
-    if "top1" in m:
-        auc = f", AUROC {m['auroc']:.4f}" if m.get("auroc") is not None else ""
-        return (f"{split} accuracy {m['top1']:.4f}, balanced {m['balanced_accuracy']:.4f}, "
-                f"macro F1 {m['macro_f1']:.4f}{auc}")
-    per = ", ".join(f"{n} {v:.3f}" for n, v in m["per_class_dice"].items() if v is not None)
-    hd = f"  HD95 {m['hd95']:.2f} vox" if m.get("hd95") is not None else ""
-    undefined = sum(m.get("hd95_undefined", {}).values())
-    if undefined:
-        hd += f" ({undefined} class-volumes missed or falsely found, not in HD95)"
-    return f"{split} Dice {m['dice']:.4f} ({per}){hd}"
+    return workflow.train(SPEC, cfg, resume=resume, verbose=verbose, **overrides)
 
 
 def load(path: str | Path, device: str = "cpu") -> Predictor:
@@ -142,33 +49,6 @@ def load(path: str | Path, device: str = "cpu") -> Predictor:
     ``best.safetensors``, its run folder or an exported ``.onnx``; it takes NIfTI paths or
     (D, H, W) arrays of any size."""
     return load_predictor(path, device, task="medical")
-
-
-def evaluate(model: Predictor, records: list[VolRecord]) -> dict[str, Any]:
-    """Segmenters: Dice and HD95 per class over ``records`` (whole volumes, sliding window).
-    Classifiers: accuracy, balanced accuracy, macro F1, per-class figures and confusion matrix
-    (:class:`~cnnkit.tasks.classify.task.ClassificationMetrics`) plus macro AUROC (torchmetrics)."""
-    if model.pipeline.classify:
-        from torchmetrics.functional.classification import multiclass_auroc
-
-        if any(r.target is None for r in records):
-            raise DataError("these volumes have no class labels; give a YAML with class subfolders per split")
-        probs = torch.tensor([[r.probs[c] for c in model.classes] for r in
-                              (model(r.load_image())[0] for r in records)])
-        targets = torch.tensor([int(r.target) for r in records])
-        state = ClassificationMetrics(model.classes)
-        state.update(probs.clamp(min=1e-7).log(), {"targets": targets})
-        m = state.compute()
-        both = len(set(targets.tolist())) > 1
-        m["auroc"] = float(multiclass_auroc(probs, targets, len(model.classes), average="macro")) if both else None
-        m["num_volumes"] = len(records)
-        return m
-    ds = VolumeDataset(records, len(model.classes))
-    state = VolumeMetrics(model.classes)
-    for i in range(len(ds)):
-        img, lab = ds.load(i)
-        state.add_predictions(model(img[0].numpy())[0].labels[None], lab[None])
-    return state.compute()
 
 
 def val(weights: str | Path, data: str, split: str = "val", device: str = "auto",
@@ -185,7 +65,7 @@ def val(weights: str | Path, data: str, split: str = "val", device: str = "auto"
     if json_path:
         write_json(json_path, metrics)
     if verbose:
-        console().print(_line(metrics, split))
+        console().print(SPEC.line(metrics, split))
     return metrics
 
 

@@ -16,7 +16,7 @@ import torch
 from cnnkit.errors import ModelError
 from cnnkit.utils.io import atomic_write, write_json
 
-CARD_FORMAT = 1
+from cnnkit.core.card import CARD_VERSION as CARD_FORMAT  # noqa: E402  (written when a card has no format)
 EXPORTED = (".onnx", ".torchscript")  # files from `cnnkit export`, run by cnnkit.runtime
 
 

@@ -69,6 +69,10 @@ class WorkflowSpec:
     def after_fit(self, cfg: TrainConfig, run, setup: Setup, trainer, device, verbose: bool) -> None:
         """Work after the training loop that changes the best weights or card."""
 
+    def curve_keys(self, cfg: TrainConfig) -> tuple[str, ...]:
+        """Metrics drawn in ``plots/results.png``."""
+        return self.curves
+
     def has_split(self, setup: Setup, split: str) -> bool:
         return bool(setup.data.splits.get(split))
 
@@ -126,7 +130,7 @@ def train(spec: WorkflowSpec, cfg: TrainConfig | None = None, *, resume: str | P
     test = spec.evaluate(cfg, s, best, "test")[0] if spec.has_split(s, "test") else None
     results = write_run_results(trainer, run, spec.public(val), spec.public(test) if test is not None else None,
                                 train_time)
-    plot_curves(trainer.history, run.plots / "results.png", list(spec.curves))
+    plot_curves(trainer.history, run.plots / "results.png", list(spec.curve_keys(cfg)))
     spec.report(cfg, run, s, best, trainer, val, test, kept, verbose)
     if verbose:
         line = spec.line(val, "val") + ("  ·  " + spec.line(test, "test") if test is not None else "")
