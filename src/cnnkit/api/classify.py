@@ -25,7 +25,7 @@ from cnnkit.errors import CnnkitError, ModelError
 from cnnkit.runtime.pipeline import Predictor, evaluate_loader, pipeline_for
 from cnnkit.runtime.pipeline import load as load_predictor
 from cnnkit.tasks.classify.config import ClassifyConfig, parse_imbalance
-from cnnkit.tasks.classify.spec import SPEC, prepared_loader
+from cnnkit.tasks.classify.spec import SPEC
 from cnnkit.tasks.classify.task import ClassifyTask
 from cnnkit.utils.io import write_json
 
@@ -160,7 +160,8 @@ def val(weights: str | Path | Sequence[str | Path], data: str, split: str = "val
     ds = load_classification_data(data, channels=model.card.input.channels)
     _check_classes(model, ds.classes, name, data)
     task = ClassifyTask(model.classes)
-    loader = prepared_loader(model.pipeline, ds.split(split), batch, workers, task.collate)
+    loader = make_loader(TransformedDataset(ds.split(split), lambda img: model.pipeline.prepare(img)[0]), batch,
+                         False, workers, task.collate)
     metrics, _, skipped = evaluate_loader(model, loader, task.metrics())
     resolved = [str(resolve_weights(p)) for p in paths]
     result = {**SPEC.public(metrics), "split": split, "data": data,

@@ -133,3 +133,23 @@ def read_yaml_config(path: str | Path) -> dict[str, Any]:
     if not isinstance(d, dict):
         raise CnnkitError(f"config file '{p}' must hold a mapping of option names to values")
     return d
+
+
+@dataclass
+class ImageClassifierConfig(TrainConfig):
+    """Options shared by single- and multi-label classification (folders, channels, head)."""
+
+    val_fraction: float = 0.2  # held out from train when the data has no val split
+    channels: int | None = None  # None: detect (1 for all-grayscale images, else 3)
+    drop_rate: float = 0.2
+    attention: str | None = None  # se, cbam or eca blocks in the backbone (smallcnn, resnets)
+    pool: str = "avg"  # global pooling: avg, max, avgmax, lp, gem, spp
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0 < self.val_fraction < 1:
+            raise CnnkitError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        if self.channels not in (None, 1, 3):
+            raise CnnkitError(f"--channels must be 1 or 3, got {self.channels}")
+        if not 0 <= self.drop_rate < 1:
+            raise CnnkitError(f"--drop-rate must be in [0, 1), got {self.drop_rate}")

@@ -349,3 +349,14 @@ def evaluate_loader(predictor: Predictor, loader, state, output=None, keep: int 
             n = min(keep - len(kept), len(b["images"]))
             kept += [(b["images"][i], out[i], b["targets"][i]) for i in range(n)]
     return state.compute(), kept, skipped
+
+
+def evaluate_dataset(predictor: Predictor, dataset, task, batch: int = 64, workers: int = 0, keep: int = 0):
+    """``(metrics, kept, skipped)`` of ``predictor`` on a dataset of ``(image, target)`` items:
+    each image prepared by the predictor's pipeline (exactly as for predict), batched with
+    ``task.collate`` and scored by ``task.metrics()``."""
+    from cnnkit.data.classification import TransformedDataset, make_loader
+
+    loader = make_loader(TransformedDataset(dataset, lambda img: predictor.pipeline.prepare(img)[0]), batch, False,
+                         workers, task.collate)
+    return evaluate_loader(predictor, loader, task.metrics(), keep=keep)

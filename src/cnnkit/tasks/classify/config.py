@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cnnkit.engine.config import TrainConfig
+from cnnkit.engine.config import ImageClassifierConfig
 from cnnkit.errors import CnnkitError
 
 IMBALANCE = ("weighted-sampler", "oversample", "undersample", "class-weights", "class-balanced", "focal",
@@ -45,7 +45,7 @@ def parse_imbalance(spec: str | None) -> dict[str, float | None]:
 
 
 @dataclass
-class ClassifyConfig(TrainConfig):
+class ClassifyConfig(ImageClassifierConfig):
     """``cnnkit classify train`` options (the shared ones plus classification's own)."""
 
     # defaults measured on digits (benchmarks/digits_vs_svc.py): one-cycle + EMA gave the
@@ -54,11 +54,6 @@ class ClassifyConfig(TrainConfig):
     ema: float = 0.995
     label_smoothing: float = 0.1
     aug: str | None = None  # None: the dataset's default (digits: affine; shapes: affine,flip; folders: crop=0.6,flip)
-    drop_rate: float = 0.2
-    val_fraction: float = 0.2  # held out from train/ when a folder has no val/
-    channels: int | None = None  # None: detect (1 for all-grayscale folders, else 3)
-    attention: str | None = None  # se, cbam or eca blocks in the backbone (smallcnn, resnets)
-    pool: str = "avg"  # global pooling: avg, max, avgmax, lp, gem, spp
     # loss, mixing and data-level experiments
     loss: str = "ce"  # ce, sce (symmetric CE) or gce (generalized CE); focal comes with --imbalance focal
     mixup: float = 0.0  # mixup Beta(alpha, alpha); 0 is off
@@ -100,9 +95,3 @@ class ClassifyConfig(TrainConfig):
             raise CnnkitError(f"--imbalance focal replaces the loss; it cannot be combined with --loss {self.loss}")
         if not 0 <= self.label_smoothing < 1:
             raise CnnkitError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
-        if not 0 < self.val_fraction < 1:
-            raise CnnkitError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
-        if self.channels not in (None, 1, 3):
-            raise CnnkitError(f"--channels must be 1 or 3, got {self.channels}")
-        if not 0 <= self.drop_rate < 1:
-            raise CnnkitError(f"--drop-rate must be in [0, 1), got {self.drop_rate}")

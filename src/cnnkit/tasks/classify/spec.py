@@ -33,20 +33,11 @@ def default_aug(data: ClassificationData) -> str:
     return DATA_DEFAULTS.get(data.name, {}).get("aug", FOLDER_AUG)
 
 
-def prepared_loader(pipeline, split: Dataset, batch: int, workers: int, collate) -> Any:
-    """A loader of ``split`` with each image prepared by ``pipeline`` (as predict does)."""
-    return make_loader(TransformedDataset(split, lambda img: pipeline.prepare(img)[0]), batch, False, workers,
-                       collate)
+def evaluate_split(predictor, split: Dataset, batch: int = 64, workers: int = 0, keep: int = 0):
+    """``(metrics, kept, skipped)`` of a single-label predictor on a dataset split."""
+    from cnnkit.runtime.pipeline import evaluate_dataset
 
-
-def evaluate_split(predictor, split: Dataset, batch: int = 64, workers: int = 0, keep: int = 0, task=None):
-    """``(metrics, kept, skipped)`` of a classifier predictor on a dataset split (``task``
-    gives the metrics; default: single-label over the predictor's classes)."""
-    from cnnkit.runtime.pipeline import evaluate_loader
-
-    task = task or ClassifyTask(predictor.classes)
-    loader = prepared_loader(predictor.pipeline, split, batch, workers, task.collate)
-    return evaluate_loader(predictor, loader, task.metrics(), keep=keep)
+    return evaluate_dataset(predictor, split, ClassifyTask(predictor.classes), batch, workers, keep)
 
 
 class ClassifySpec(WorkflowSpec):

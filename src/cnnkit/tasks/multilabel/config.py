@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cnnkit.engine.config import TrainConfig
+from cnnkit.engine.config import ImageClassifierConfig
 from cnnkit.errors import CnnkitError
 
 
 @dataclass
-class MultiLabelConfig(TrainConfig):
+class MultiLabelConfig(ImageClassifierConfig):
     """``cnnkit multilabel train`` options (the shared ones plus multi-label's own)."""
 
     data: str = "shapes"
@@ -20,11 +20,6 @@ class MultiLabelConfig(TrainConfig):
     asl_gamma_pos: float = 0.0
     asl_clip: float = 0.05
     aug: str | None = None  # None: affine,flip
-    drop_rate: float = 0.2
-    val_fraction: float = 0.2  # held out from the CSV when there is no val.csv
-    channels: int | None = None  # None: detect (1 for all-grayscale images, else 3)
-    attention: str | None = None  # se, cbam or eca blocks in the backbone (smallcnn, resnets)
-    pool: str = "avg"  # global pooling: avg, max, avgmax, lp, gem, spp
 
     def validate(self) -> None:
         super().validate()
@@ -36,9 +31,3 @@ class MultiLabelConfig(TrainConfig):
             raise CnnkitError("--asl-gamma-neg and --asl-gamma-pos must be 0 or more")
         if not 0 <= self.asl_clip < 1:
             raise CnnkitError(f"--asl-clip must be in [0, 1), got {self.asl_clip}")
-        if not 0 < self.val_fraction < 1:
-            raise CnnkitError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
-        if self.channels not in (None, 1, 3):
-            raise CnnkitError(f"--channels must be 1 or 3, got {self.channels}")
-        if not 0 <= self.drop_rate < 1:
-            raise CnnkitError(f"--drop-rate must be in [0, 1), got {self.drop_rate}")

@@ -32,12 +32,10 @@ def evaluate_split(predictor, split, batch: int = 64, workers: int = 0, keep: in
                    task: MultiLabelTask | None = None):
     """``(metrics, kept, skipped)`` of a multi-label predictor on a dataset split (at the card's
     thresholds unless ``task`` says otherwise, e.g. ``tune=True``)."""
-    from cnnkit.runtime.pipeline import evaluate_loader
+    from cnnkit.runtime.pipeline import evaluate_dataset
 
     task = task or MultiLabelTask(predictor.classes, thresholds=predictor.pipeline.thresholds)
-    loader = make_loader(TransformedDataset(split, lambda img: predictor.pipeline.prepare(img)[0]), batch, False,
-                         workers, task.collate)
-    return evaluate_loader(predictor, loader, task.metrics(), keep=keep)
+    return evaluate_dataset(predictor, split, task, batch, workers, keep)
 
 
 class MultiLabelSpec(WorkflowSpec):
