@@ -17,7 +17,8 @@ from cnnkit.data.detection import (
     parse_det_aug,
     shapes_detection,
 )
-from cnnkit.models.detection.fastdet import FastDet, dfl, task_aligned_assign
+from cnnkit.models.detection.fastdet import FastDet
+from cnnkit.tasks.detect.losses import FastDetLoss, dfl, task_aligned_assign
 from cnnkit.models.detection.zoo import build_detector
 
 torch.set_num_threads(2)
@@ -101,14 +102,14 @@ def test_fastdet_overfits_a_few_images():
 
     torch.manual_seed(0)
     data = shapes_detection(128, {"train": 8}, num_classes=2, max_objects=3)
-    task = DetectTask(data.names)
+    model = FastDet(2, width=8)
+    task = DetectTask(data.names, loss=FastDetLoss.for_model(model))  # the loss lives in the task
     batch = task.to_device(collate([DetectionDataset(data.splits["train"], 128)[i] for i in range(8)]),
                            torch.device("cpu"))
-    model = FastDet(2, width=8)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(250):  # measured: mAP50 0.92 after 150 steps, 1.0 after 250
         model.train()
-        loss = model(batch["images"], batch["targets"])["loss"]
+        loss = task.loss(task.forward(model, batch), batch)["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -127,8 +128,11 @@ def test_detectors_train_and_predict(arch):
     targets = [{"boxes": torch.tensor([[10.0, 10.0, 60.0, 70.0]]), "labels": torch.tensor([2])},
                {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}]
     model.train()
-    losses = model(x, targets)
-    total = sum(v for k, v in losses.items() if k != "loss") if "loss" not in losses else losses["loss"]
+    from cnnkit.tasks.detect.task import DetectTask
+
+    task = DetectTask(["a", "b", "c"], loss=FastDetLoss.for_model(model) if arch == "fastdet" else None)
+    losses = task.loss(task.forward(model, {"images": x, "targets": targets}), {"targets": targets})
+    total = losses["loss"]
     total.backward()
     assert torch.isfinite(total)
     model.eval()

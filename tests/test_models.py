@@ -119,8 +119,13 @@ def _train_loss(card, model, x):
         if card.task == "instance":
             t["masks"] = torch.zeros(1, 64, 64, dtype=torch.uint8)
             t["masks"][0, 10:44, 8:40] = 1
-        losses = model(x, [dict(t) for _ in range(len(x))])
-        return sum(losses.values()) if "loss" not in losses else losses["loss"]
+        from cnnkit.tasks.detect.losses import FastDetLoss
+        from cnnkit.tasks.detect.task import DetectTask
+
+        task = DetectTask(card.classes, masks=card.task == "instance",
+                          loss=FastDetLoss.for_model(model) if card.arch == "fastdet" else None)
+        batch = {"images": x, "targets": [dict(t) for _ in range(len(x))]}
+        return task.loss(task.forward(model, batch), batch)["loss"]
     return sum(o.float().square().mean() for o in pipeline_for(card).core(model)(x))
 
 

@@ -45,23 +45,32 @@ def test_readme_has_commands():
     assert len(commands()) >= 6 and blocks("python")
 
 
-# one test per command (in README order, sharing one folder), so each gets its own time limit
+# one test per command (in README order, sharing one folder), so each gets its own time limit; they run
+# in-process (no interpreter start and torch import per command), the first one also as a real
+# subprocess through the installed entry point
 @pytest.mark.slow
 @pytest.mark.parametrize("cmd", commands(), ids=[f"{i:02d}-{' '.join(c.split()[1:3])}" for i, c in
                                                  enumerate(commands())])
-def test_readme_command_runs_as_written(cmd, readme_dir):
-    exe = Path(sys.executable).parent / "cnnkit"
-    r = subprocess.run([str(exe), *shlex.split(cmd)[1:]], cwd=readme_dir, capture_output=True, text=True, check=False,
-                       timeout=900)
-    assert r.returncode == 0, f"{cmd}\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
+def test_readme_command_runs_as_written(cmd, readme_dir, monkeypatch, capsys):
+    from cnnkit.cli.main import main
+
+    if cmd == commands()[0]:
+        exe = Path(sys.executable).parent / "cnnkit"
+        r = subprocess.run([str(exe), *shlex.split(cmd)[1:]], cwd=readme_dir, capture_output=True, text=True,
+                           check=False, timeout=900)
+        assert r.returncode == 0, f"{cmd}\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
+        return
+    monkeypatch.chdir(readme_dir)
+    code = main(shlex.split(cmd)[1:])
+    out = capsys.readouterr()
+    assert code == 0, f"{cmd}\n{out.out[-2000:]}\n{out.err[-2000:]}"
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("code", blocks("python"), ids=[f"python-{i}" for i in range(len(blocks("python")))])
-def test_readme_python_runs_as_written(code, readme_dir):
-    r = subprocess.run([sys.executable, "-c", code], cwd=readme_dir, capture_output=True, text=True, check=False,
-                       timeout=900)
-    assert r.returncode == 0, f"{code}\n{r.stderr[-3000:]}"
+def test_readme_python_runs_as_written(code, readme_dir, monkeypatch):
+    monkeypatch.chdir(readme_dir)
+    exec(compile(code, "<README python block>", "exec"), {"__name__": "__readme__"})
 
 
 def test_readme_error_example_is_true(cli):

@@ -52,7 +52,6 @@ def preview(data: str, aug: str | None, n: int = 16, imgsz: int | None = None, s
     import torch
     from torchvision.transforms import v2
 
-    from cnnkit.api.classify import DATA_DEFAULTS, FOLDER_AUG
     from cnnkit.data.classification import load_classification_data
     from cnnkit.data.transforms import parse_aug
 
@@ -66,7 +65,9 @@ def preview(data: str, aug: str | None, n: int = 16, imgsz: int | None = None, s
     if out.is_dir():
         raise CnnkitError(f"--out '{out}' is a folder; give a file name such as {out / 'aug.png'}")
     ds = load_classification_data(data, seed=seed)
-    spec = aug if aug is not None else DATA_DEFAULTS.get(ds.name, {}).get("aug", FOLDER_AUG)
+    from cnnkit.tasks.classify.spec import default_aug
+
+    spec = aug if aug is not None else default_aug(ds)
     size = imgsz or ds.default_imgsz
     augs = parse_aug(spec, size)
     resize = v2.Resize((size, size), antialias=True)

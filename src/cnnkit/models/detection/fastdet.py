@@ -12,8 +12,9 @@ cnnkit's Trainer and exports as one plain ``nn.Module``):
 - assignment: task-aligned (TOOD, Feng et al. 2021): for each object the ``topk`` anchor
   points inside it with the highest ``score^0.5 * IoU^6``; classification targets are that
   alignment normalised to the object's best IoU, so scores rank boxes by localisation quality;
-- losses: BCE for classes, complete-IoU (torchvision's ``complete_box_iou_loss``) and DFL for
-  boxes; decoding uses torchvision's ``batched_nms`` (or soft-NMS).
+- losses (in the task, :mod:`cnnkit.tasks.detect.losses`): BCE for classes, complete-IoU
+  (torchvision's ``complete_box_iou_loss``) and DFL for boxes; decoding uses torchvision's
+  ``batched_nms`` (or soft-NMS).
 
 Why hand-written: torchvision has no anchor-free detector of this kind (its FCOS uses a
 ResNet-FPN and centerness, several times the CPU cost), and the peers that have one
@@ -27,7 +28,6 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.ops import box_iou, complete_box_iou_loss
 
 from cnnkit.models.detection.nms import suppress
 
@@ -167,16 +167,15 @@ class FastDet(nn.Module):
 
     def decode(self, box_logits: torch.Tensor, points: torch.Tensor, strides: torch.Tensor) -> torch.Tensor:
         """Box logits -> xyxy pixels (expected distance under each side's distribution)."""
-        dist = box_logits.float().softmax(-1) @ self.proj  # (B, A, 4) in strides
-        dist = dist * strides[None, :, None]
-        return torch.cat([points - dist[..., :2], points + dist[..., 2:]], -1)
+        return decode_boxes(box_logits, points, strides, self.proj)
 
-    def forward(self, images: torch.Tensor, targets: list[dict] | None = None):
+    def forward(self, images: torch.Tensor):
+        """Training: the raw outputs of :meth:`raw` (the task computes the loss,
+        :class:`cnnkit.tasks.detect.losses.FastDetLoss`); eval: detections per image after the
+        thresholds of :meth:`set_thresholds`."""
         cls, box, pts, strides = self.raw(images)
         if self.training:
-            if targets is None:
-                raise ValueError("training needs targets")
-            return self.loss(cls, box, pts, strides, targets)
+            return cls, box, pts, strides
         return self.postprocess(cls, self.decode(box, pts, strides))
 
     def set_thresholds(self, conf: float, iou: float, max_det: int, nms: str = "hard") -> None:
@@ -213,93 +212,11 @@ class FastDet(nn.Module):
             out.append({"boxes": b[keep], "scores": kept, "labels": c[keep]})
         return out
 
-    # ---- training -----------------------------------------------------------------------
-    def loss(self, cls: torch.Tensor, box: torch.Tensor, pts: torch.Tensor, strides: torch.Tensor,
-             targets: list[dict]) -> dict[str, torch.Tensor]:
-        B, A, C = cls.shape
-        M = max(1, max(len(t["boxes"]) for t in targets))
-        gt_boxes = cls.new_zeros(B, M, 4, dtype=torch.float32)
-        gt_labels = torch.zeros(B, M, dtype=torch.long, device=cls.device)
-        gt_mask = torch.zeros(B, M, dtype=torch.bool, device=cls.device)
-        for i, t in enumerate(targets):
-            n = len(t["boxes"])
-            gt_boxes[i, :n], gt_labels[i, :n], gt_mask[i, :n] = t["boxes"], t["labels"], True
-        pred_boxes = self.decode(box, pts, strides)
-        with torch.no_grad():
-            tgt_boxes, tgt_scores, fg = task_aligned_assign(
-                cls.detach().float().sigmoid(), pred_boxes.detach(), pts, gt_boxes, gt_labels, gt_mask,
-                self.topk)
-        norm = tgt_scores.sum().clamp(min=1.0)
-        loss_cls = F.binary_cross_entropy_with_logits(cls.float(), tgt_scores, reduction="sum") / norm
-        if fg.any():
-            weight = tgt_scores.sum(-1)[fg]
-            loss_box = (complete_box_iou_loss(pred_boxes[fg], tgt_boxes[fg], reduction="none") * weight).sum() / norm
-            s = strides[None].expand(B, A)[fg][:, None]
-            p = pts[None].expand(B, A, 2)[fg]
-            t = tgt_boxes[fg]
-            ltrb = torch.cat([p - t[:, :2], t[:, 2:] - p], 1) / s
-            loss_dfl = (dfl(box[fg].float(), ltrb.clamp(0, self.reg_max - 1.01)) * weight).sum() / norm
-        else:
-            loss_box = loss_dfl = pred_boxes.sum() * 0.0
-        gb, gc, gd = self.gains
-        total = gb * loss_box + gc * loss_cls + gd * loss_dfl
-        return {"loss": total, "box": loss_box.detach(), "cls": loss_cls.detach(), "dfl": loss_dfl.detach()}
 
-
-def dfl(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Distribution focal loss: cross-entropy to the two bins around each continuous target,
-    weighted by closeness. ``logits`` (N, 4, R), ``target`` (N, 4) in bins -> (N,)."""
-    left = target.long()
-    wl = left + 1 - target
-    lp = F.log_softmax(logits, -1)
-    ce_l = -lp.gather(-1, left[..., None]).squeeze(-1)
-    ce_r = -lp.gather(-1, (left + 1)[..., None]).squeeze(-1)
-    return (ce_l * wl + ce_r * (1 - wl)).mean(-1)
-
-
-def task_aligned_assign(scores: torch.Tensor, pred_boxes: torch.Tensor, points: torch.Tensor,
-                        gt_boxes: torch.Tensor, gt_labels: torch.Tensor, gt_mask: torch.Tensor,
-                        topk: int = 10, alpha: float = 0.5, beta: float = 6.0, eps: float = 1e-9):
-    """Task-aligned assignment (TOOD). Shapes: scores (B, A, C), pred_boxes (B, A, 4), points
-    (A, 2), gt_boxes (B, M, 4), gt_labels (B, M), gt_mask (B, M) bool.
-
-    Returns ``(target_boxes (B, A, 4), target_scores (B, A, C), fg (B, A) bool)``.
-    """
-    B, A, C = scores.shape
-    M = gt_boxes.shape[1]
-    lt = points[None, None] - gt_boxes[..., None, :2]
-    rb = gt_boxes[..., None, 2:] - points[None, None]
-    inside = (torch.cat([lt, rb], -1).amin(-1) > eps) & gt_mask[..., None]  # (B, M, A)
-    iou = torch.stack([box_iou(g, p) for g, p in zip(gt_boxes, pred_boxes)]).clamp(min=0)  # (B, M, A)
-    iou = iou * inside
-    cls_score = scores.gather(2, gt_labels[:, None, :].expand(B, A, M)).transpose(1, 2)  # (B, M, A)
-    align = cls_score.pow(alpha) * iou.pow(beta) * inside
-    k = min(topk, A)
-    top = align.topk(k, dim=-1).indices
-    pos = torch.zeros_like(inside).scatter_(-1, top, True) & inside & (align > 0)
-    # small objects may have no point with a positive alignment yet: take their nearest
-    # inside points by IoU-free topk on the inside mask so every object gets gradients
-    empty = (pos.sum(-1) == 0) & gt_mask
-    if empty.any():
-        centre = (gt_boxes[..., :2] + gt_boxes[..., 2:]) / 2
-        d = (points[None, None] - centre[..., None, :]).pow(2).sum(-1)
-        d = d.masked_fill(~inside, float("inf"))
-        near = d.topk(min(3, A), dim=-1, largest=False).indices
-        extra = torch.zeros_like(inside).scatter_(-1, near, True) & inside
-        pos = torch.where(empty[..., None], extra, pos)
-    # a point claimed by several objects goes to the one it overlaps most
-    multi = pos.sum(1, keepdim=True) > 1
-    if multi.any():
-        best = iou.argmax(1, keepdim=True)
-        only = torch.zeros_like(pos).scatter_(1, best, True)
-        pos = torch.where(multi, only & pos.any(1, keepdim=True), pos)
-    fg = pos.any(1)  # (B, A)
-    idx = pos.float().argmax(1)  # (B, A) object index of each point
-    tgt_boxes = gt_boxes.gather(1, idx[..., None].expand(B, A, 4))
-    tgt_labels = gt_labels.gather(1, idx)
-    align = align * pos
-    norm = (align * iou.amax(-1, keepdim=True) / (align.amax(-1, keepdim=True) + eps)).amax(1)  # (B, A)
-    # points assigned by the fallback have zero alignment: give them their IoU as the target
-    norm = torch.where(fg & (norm <= 0), (iou * pos).amax(1).clamp(min=0.05), norm)
-    tgt_scores = F.one_hot(tgt_labels, C).float() * (norm * fg)[..., None]
-    return tgt_boxes, tgt_scores, fg
+def decode_boxes(box_logits: torch.Tensor, points: torch.Tensor, strides: torch.Tensor,
+                 proj: torch.Tensor) -> torch.Tensor:
+    """Box-side distributions ``(B, A, 4, R)`` -> xyxy pixels: the expected distance under each
+    side's softmax (``proj`` = 0..R-1), in strides, from each anchor point."""
+    dist = box_logits.float().softmax(-1) @ proj  # (B, A, 4) in strides
+    dist = dist * strides[None, :, None]
+    return torch.cat([points - dist[..., :2], points + dist[..., 2:]], -1)

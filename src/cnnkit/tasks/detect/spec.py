@@ -74,7 +74,9 @@ class DetectSpec(WorkflowSpec):
             if verbose and note:
                 con.print(f"[yellow]note:[/] {note}")
         category_ids = getattr(data, "category_ids", None)
-        task = DetectTask(data.names, category_ids, masks)
+        from cnnkit.tasks.detect.losses import FastDetLoss
+
+        task = DetectTask(data.names, category_ids, masks, FastDetLoss.for_model(model) if cfg.model == "fastdet" else None)
         model.set_thresholds(0.001, cfg.iou, cfg.max_det, cfg.nms)
         if masks and "occlude" in aug:
             raise CnnkitError("occlude paints over objects without changing their masks; leave it out for instance masks")

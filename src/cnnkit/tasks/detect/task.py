@@ -92,8 +92,10 @@ class DetectTask(Task):
     monitor = "map50_95"
     monitor_mode = "max"
 
-    def __init__(self, names: list[str], category_ids: list[int] | None = None, masks: bool = False):
+    def __init__(self, names: list[str], category_ids: list[int] | None = None, masks: bool = False,
+                 loss=None):
         self.names = list(names)
+        self.loss_fn = loss  # fastdet: a FastDetLoss over the model's raw outputs
         self.category_ids = category_ids
         self.masks = masks  # instance segmentation: targets and outputs carry masks
         if masks:
@@ -111,11 +113,15 @@ class DetectTask(Task):
         return out
 
     def forward(self, model: nn.Module, batch: dict) -> Any:
-        if model.training:
+        if model.training and self.loss_fn is None:  # torchvision's detectors compute their losses inside
             return model(batch["images"], batch["targets"])
         return model(batch["images"])
 
-    def loss(self, output: dict, batch: dict) -> dict[str, torch.Tensor]:
+    def loss(self, output, batch: dict) -> dict[str, torch.Tensor]:
+        """fastdet: the task's :class:`~cnnkit.tasks.detect.losses.FastDetLoss` on the raw
+        outputs; torchvision's detectors (the documented exception): their own loss dict."""
+        if self.loss_fn is not None:
+            return self.loss_fn(output, batch["targets"])
         if "loss" in output:
             return output
         total = sum(output.values())
