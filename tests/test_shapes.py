@@ -9,15 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from cnnkit.data.shapes import (
-    SHAPE_CLASSES,
-    SceneParams,
-    ShapesClassification,
-    ShapeSpec,
-    render_scene,
-    sample_scene,
-    sample_sequence,
-)
+from cnnkit.data.shapes import SHAPE_CLASSES, SceneParams, ShapeSpec, render_scene, sample_scene
+from cnnkit.data.shapes_classification import ShapesClassification
+from cnnkit.data.shapes_video import sample_sequence
 
 CLEAN = dict(clutter=0.0, lighting=0.0, noise=0.0, occlusion=0.0)
 

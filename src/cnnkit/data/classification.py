@@ -43,7 +43,7 @@ def load_classification_data(spec: str, seed: int = 0, val_fraction: float = 0.2
 
         splits = {s: DigitsDataset(s) for s in ("train", "val", "test")}
     elif spec == "shapes":
-        from cnnkit.data.shapes import ShapesClassification
+        from cnnkit.data.shapes_classification import ShapesClassification
 
         splits = {s: ShapesClassification(s) for s in ("train", "val", "test")}
     elif spec in ("", None):

@@ -2,7 +2,9 @@
 
 Every image comes from one scene model: :class:`ShapeSpec` objects drawn in order over a
 background, then occluders, lighting and sensor noise. Classification, tagging, detection,
-segmentation and tracking data all come from :func:`render_scene`, so labels match the pixels.
+segmentation and tracking data all come from :func:`render_scene`, so labels match the pixels
+(classification: :mod:`cnnkit.data.shapes_classification`; moving sequences:
+:mod:`cnnkit.data.shapes_video`).
 
 Conventions: pixel ``(x, y)`` covers ``[x, x+1) x [y, y+1)`` (centre ``(x + 0.5, y + 0.5)``), so
 a shape at ``(32, 32)`` sits exactly in the middle of a 64 px image. ``ShapeSpec.size`` is the
@@ -15,16 +17,14 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
 
 __all__ = ["SHAPE_CLASSES", "ShapeSpec", "SceneParams", "Occluder", "Lighting", "Scene",
-           "render_scene", "sample_scene", "sample_sequence", "sample_background",
-           "sample_lighting", "classification_params", "ShapesClassification"]
+           "render_scene", "sample_scene", "sample_background", "sample_lighting"]
 
 SHAPE_CLASSES = ("circle", "ring", "triangle", "square", "pentagon", "hexagon", "star", "cross")
 _SS = 4  # supersampling factor per axis
@@ -485,123 +485,3 @@ def sample_scene(params: SceneParams, rng: np.random.Generator,
     """
     bg = sample_background(params, rng)
     return render_scene(_sample_objects(params, rng, bg, classes), params, rng, background=bg)
-
-
-def _step(o: ShapeSpec, imgsz: int) -> ShapeSpec:
-    """Move one frame, bouncing so the circumscribed circle stays inside the image."""
-    m = min(o.size, imgsz / 2)
-    pos, vel = [o.cx, o.cy], list(o.velocity)
-    for i in range(2):
-        pos[i] += vel[i]
-        if not m <= pos[i] <= imgsz - m:
-            pos[i] = 2 * (m if pos[i] < m else imgsz - m) - pos[i]
-            vel[i] = -vel[i]
-        pos[i] = min(max(pos[i], m), imgsz - m)
-    return replace(o, cx=pos[0], cy=pos[1], velocity=(vel[0], vel[1]),
-                   angle=(o.angle + o.spin) % 360)
-
-
-def sample_sequence(params: SceneParams, rng: np.random.Generator, num_frames: int,
-                    speed: float = 2.0) -> list[Scene]:
-    """Sample a video of moving shapes for tracking.
-
-    Each object moves at ``speed * U(0.5, 1.5)`` px/frame in a random direction, spins up to
-    5 deg/frame (if ``params.rotation``) and bounces off the borders (its circumscribed circle
-    stays inside). Background, clutter and occluders (sampled on frame 0, so ``max_occlusion``
-    only holds there) stay fixed; lighting drifts slowly; noise is new every frame.
-    ``ShapeSpec.velocity`` in frame t is the step to frame t+1 (flipped on a bounce) and
-    ``track_id`` is constant. Moving objects may overlap even with ``allow_overlap=False``.
-
-    Args:
-        params: Generator settings.
-        rng: Source of all randomness.
-        num_frames: Number of frames.
-        speed: Mean speed in px/frame.
-
-    Returns:
-        ``num_frames`` scenes.
-    """
-    bg = sample_background(params, rng)
-    objects = []
-    for o in _sample_objects(params, rng, bg):
-        a, v = rng.uniform(0, 2 * math.pi), speed * rng.uniform(0.5, 1.5)
-        spin = float(rng.uniform(-5, 5)) if params.rotation else 0.0
-        objects.append(replace(o, velocity=(v * math.cos(a), v * math.sin(a)), spin=spin))
-    light, occluders, frames = sample_lighting(params, rng), None, []
-    for _ in range(num_frames):
-        frames.append(render_scene(objects, params, rng, background=bg, occluders=occluders,
-                                   lighting=light))
-        occluders = frames[-1].occluders
-        objects = [_step(o, params.imgsz) for o in objects]
-        if params.lighting > 0:
-            d = params.lighting * rng.normal(0, 1, 4)
-            light = replace(light, gain=float(np.clip(light.gain + 0.004 * d[0], 0.5, 1.5)),
-                            offset=float(np.clip(light.offset + 0.8 * d[1], -60, 60)),
-                            gx=light.gx + 0.004 * d[2], gy=light.gy + 0.004 * d[3])
-    return frames
-
-
-def classification_params(imgsz: int = 64) -> SceneParams:
-    """Default settings of :class:`ShapesClassification`: one large shape (circumscribed
-    diameter 45-80% of the image), clutter 0.5, occlusion 0.3 hiding at most 40%, lighting 0.5."""
-    return SceneParams(imgsz=imgsz, size_range=(0.45, 0.8), clutter=0.5, occlusion=0.3,
-                       max_occlusion=0.4, lighting=0.5, noise=0.02)
-
-
-class ShapesClassification(torch.utils.data.Dataset):
-    """One main shape per image; the label is its index in :data:`SHAPE_CLASSES`.
-
-    Random access and deterministic: item ``i`` of a split is generated from
-    ``np.random.default_rng([seed, split_index, i])`` (train 0, val 1, test 2, so splits never
-    share images) and DataLoader workers need no shared state. Labels are balanced: each block
-    of 8 consecutive items holds every class once, in an order drawn from the block's own seed.
-
-    Args:
-        split: "train", "val" or "test".
-        size: Number of items; defaults to 2000 / 400 / 400.
-        seed: Dataset seed.
-        params: Generator settings; defaults to :func:`classification_params`.
-        cache: Keep rendered items in memory after first access.
-    """
-
-    name = "shapes"
-    channels = 3
-    default_imgsz = 64
-    paths = None
-
-    def __init__(self, split: str = "train", size: int | None = None, seed: int = 0,
-                 params: SceneParams | None = None, cache: bool = True) -> None:
-        if split not in _SPLITS:
-            raise ValueError(f"split must be one of {list(_SPLITS)}, got {split!r}")
-        self.split, self.seed, self.cache = split, seed, cache
-        self.size = _DEFAULT_SIZES[split] if size is None else int(size)
-        self.params = params if params is not None else classification_params(self.default_imgsz)
-        self.classes = list(SHAPE_CLASSES)
-        self._cache: dict[int, torch.Tensor] = {}
-        nc, idx = len(SHAPE_CLASSES), _SPLITS[split]
-        blocks = [np.random.default_rng([seed, idx, b, 0xC1A55]).permutation(nc)
-                  for b in range(-(-self.size // nc))]
-        self._targets = [int(c) for c in np.concatenate(blocks or [[]])[: self.size]]
-
-    @property
-    def targets(self) -> list[int]:
-        """Label of every item, computed without rendering."""
-        return self._targets
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        """Return item ``i`` as (uint8 tensor of shape (3, H, W), label)."""
-        if not -self.size <= i < self.size:
-            raise IndexError(f"index {i} out of range for {self.size} items")
-        i = int(i) % self.size
-        label = self._targets[i]
-        if i in self._cache:
-            return self._cache[i], label
-        rng = np.random.default_rng([self.seed, _SPLITS[self.split], i])
-        scene = sample_scene(self.params, rng, classes=[label])
-        x = torch.from_numpy(np.ascontiguousarray(scene.image.transpose(2, 0, 1)))
-        if self.cache:
-            self._cache[i] = x
-        return x, label
