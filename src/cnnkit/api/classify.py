@@ -173,25 +173,18 @@ def val(weights: str | Path | Sequence[str | Path], data: str, split: str = "val
         result.update(ensemble=extra["ensemble"], members_top1=tops, mean_member_top1=sum(tops) / len(tops))
     if "tta" in extra:
         result["tta"] = extra["tta"]
-    if skipped:
-        result["skipped_images"] = [{"path": p, "reason": r} for p, r in skipped]
-    if json_path:
-        write_json(json_path, result)
-    if verbose:
-        con = console()
-        con.print(per_class_table(metrics, f"{data} · {split} · {metrics.get('num_images', 0)} images"))
-        con.print(f"top1 {metrics['top1']:.4f}  top5 {metrics['top5']:.4f}  macro_f1 {metrics['macro_f1']:.4f}  "
-                  f"balanced_accuracy {metrics['balanced_accuracy']:.4f}")
-        if "ensemble" in result:
-            con.print(f"ensemble of {len(paths)} ({ensemble}): top1 {metrics['top1']:.4f} · members "
-                      + " ".join(f"{t:.4f}" for t in result["members_top1"])
-                      + f" (mean {result['mean_member_top1']:.4f}, gain "
-                      f"{metrics['top1'] - result['mean_member_top1']:+.4f})")
-        if "tta" in result:
-            con.print(f"tta: {len(result['tta'])} views ({', '.join(result['tta'])})")
-        for p, r in skipped:
-            con.print(f"[yellow]skipped[/] {p}: {r}")
-    return result
+    notes = []
+    if "ensemble" in result:
+        notes.append(f"ensemble of {len(paths)} ({ensemble}): top1 {metrics['top1']:.4f} · members "
+                     + " ".join(f"{t:.4f}" for t in result["members_top1"])
+                     + f" (mean {result['mean_member_top1']:.4f}, gain {metrics['top1'] - result['mean_member_top1']:+.4f})")
+    if "tta" in result:
+        notes.append(f"tta: {len(result['tta'])} views ({', '.join(result['tta'])})")
+    line = (f"top1 {metrics['top1']:.4f}  top5 {metrics['top5']:.4f}  macro_f1 {metrics['macro_f1']:.4f}  "
+            f"balanced_accuracy {metrics['balanced_accuracy']:.4f}")
+    return workflow.finish_val(result, json_path, verbose,
+                               per_class_table(metrics, f"{data} · {split} · {metrics.get('num_images', 0)} images"),
+                               line, skipped, notes)
 
 
 def predict(weights: str | Path | Sequence[str | Path], source: str | Path | Iterable, topk: int = 5,
@@ -209,12 +202,10 @@ def predict(weights: str | Path | Sequence[str | Path], source: str | Path | Ite
     timing: dict[str, float] = {}
     results = [r.to_dict() for r in model(list_sources(source), batch=batch, topk=topk, skipped=skipped,
                                           timing=timing)]
-    if json_path:
-        write_json(json_path, results)
+    table = None
     if verbose:
         from rich.table import Table
 
-        con = console()
         extra = ""
         if "ensemble" in model.card.extra:
             extra += f" · ensemble of {len(model.card.extra['ensemble']['members'])} ({ensemble})"
@@ -225,14 +216,8 @@ def predict(weights: str | Path | Sequence[str | Path], source: str | Path | Ite
         for col in ("path", "label", "score", f"top{min(topk, len(model.classes))}"):
             table.add_column(col)
         for r in results:
-            table.add_row(r["path"], r["label"], f"{r['score']:.3f}",
-                          ", ".join(f"{n} {s:.2f}" for n, s in r["topk"][1:]))
-        con.print(table)
-        for p, reason in skipped:
-            con.print(f"[yellow]skipped[/] {p}: {reason}")
-        if json_path:
-            con.print(f"predictions written to {json_path}")
-    return results
+            table.add_row(r["path"], r["label"], f"{r['score']:.3f}", ", ".join(f"{n} {s:.2f}" for n, s in r["topk"][1:]))
+    return workflow.finish_predict(results, json_path, verbose, table, skipped=skipped)
 
 
 def missing_curve(weights: Sequence[str | Path], data: str, ratios: Sequence[float], split: str = "val",

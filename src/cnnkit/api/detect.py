@@ -91,12 +91,7 @@ def val(weights: str | Path, data: str, split: str = "val", batch: int = 32, dev
                    verbose, pipe.masks)
     else:
         ds = load_data(data, 0, None, verbose=verbose)
-    if list(ds.names) != m.classes:
-        raise DataError(f"the classes of '{data}' ({', '.join(ds.names)}) differ from the model's "
-                        f"({', '.join(m.classes)})")
-    records = ds.split(split)
-    if not records:
-        raise DataError(f"the {split} split of '{data}' has no images")
+    records = workflow.eval_records(m, ds, data, split)
     metrics, preds = evaluate(m, records, batch, workers, conf, keep_predictions=True)
     metrics.update(split=split, weights=str(resolve_weights(weights)), num_images=len(records),
                    backend=m.backend.name)
@@ -109,15 +104,9 @@ def val(weights: str | Path, data: str, split: str = "val", batch: int = 32, dev
             for d, r in zip(res, rles):
                 d["segmentation"] = {"size": [int(v) for v in r["size"]], "counts": r["counts"].decode("ascii")}
         write_json(save_json, res)
-    if json_path:
-        write_json(json_path, metrics)
-    if verbose:
-        con = console()
-        con.print(metrics_table(metrics, f"{split} split of {data} ({len(records)} images)"))
-        con.print(DETECT.line(metrics, split))
-        if save_json:
-            con.print(f"COCO-format detections in {save_json}")
-    return metrics
+    return workflow.finish_val(metrics, json_path, verbose,
+                               metrics_table(metrics, f"{split} split of {data} ({len(records)} images)"),
+                               DETECT.line(metrics, split), notes=[f"COCO-format detections in {save_json}"] if save_json else [])
 
 
 def predict(weights: str | Path, source: str | Path, conf: float = 0.25, iou: float = 0.5, max_det: int = 100,

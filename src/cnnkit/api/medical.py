@@ -57,16 +57,9 @@ def val(weights: str | Path, data: str, split: str = "val", device: str = "auto"
     accuracy, balanced accuracy, macro F1 and AUROC (classifiers)."""
     m = load(weights, device)
     ds = load_volume_data(data, m.card.provenance.get("seed", 0) if data == "phantoms" else 0, m.pipeline.classify)
-    if list(ds.names) != m.classes:
-        raise DataError(f"the classes of '{data}' ({', '.join(ds.names)}) differ from the model's "
-                        f"({', '.join(m.classes)})")
-    metrics = evaluate(m, ds.split(split))
+    metrics = evaluate(m, workflow.eval_records(m, ds, data, split))
     metrics.update(split=split, backend=m.backend.name)
-    if json_path:
-        write_json(json_path, metrics)
-    if verbose:
-        console().print(SPEC.line(metrics, split))
-    return metrics
+    return workflow.finish_val(metrics, json_path, verbose, line=SPEC.line(metrics, split))
 
 
 def predict(weights: str | Path, source: str | Path, device: str = "auto", save_dir: str | Path | None = None,

@@ -19,14 +19,12 @@ from cnnkit.data.decode import list_sources
 from cnnkit.data.multilabel import load_multilabel_data
 from cnnkit.engine import workflow
 from cnnkit.engine.checkpoint import resolve_weights
-from cnnkit.engine.progress import console
 from cnnkit.engine.workflow import TrainResult
 from cnnkit.errors import CnnkitError, DataError
 from cnnkit.runtime.pipeline import Predictor
 from cnnkit.runtime.pipeline import load as load_predictor
 from cnnkit.tasks.multilabel.config import MultiLabelConfig
 from cnnkit.tasks.multilabel.spec import SPEC, evaluate_split, per_class_table
-from cnnkit.utils.io import write_json
 
 __all__ = ["MultiLabelConfig", "TrainResult", "train", "load", "val", "predict",
            "write_samples", "config_from_file"]
@@ -95,17 +93,9 @@ def val(weights: str | Path, data: str, split: str = "val", batch: int = 64, dev
         raise DataError(f"the {split} split of '{data}' has no readable images")
     result = {**SPEC.public(metrics), "split": split, "data": data, "weights": str(resolve_weights(weights)),
               "backend": model.backend.name}
-    if skipped:
-        result["skipped_images"] = [{"path": p, "reason": r} for p, r in skipped]
-    if json_path:
-        write_json(json_path, result)
-    if verbose:
-        con = console()
-        con.print(per_class_table(metrics, f"{data} · {split} · {metrics['num_images']} images"))
-        con.print(SPEC.line(metrics, split))
-        for p, r in skipped:
-            con.print(f"[yellow]skipped[/] {p}: {r}")
-    return result
+    return workflow.finish_val(result, json_path, verbose,
+                               per_class_table(metrics, f"{data} · {split} · {metrics['num_images']} images"),
+                               SPEC.line(metrics, split), skipped)
 
 
 def predict(weights: str | Path, source: str | Path, batch: int = 64, device: str = "auto",
@@ -123,25 +113,18 @@ def predict(weights: str | Path, source: str | Path, batch: int = 64, device: st
     t0 = time.perf_counter()
     results = [r.to_dict() for r in model(list_sources(source), batch=batch, skipped=skipped)]
     elapsed = time.perf_counter() - t0
-    if json_path:
-        write_json(json_path, results)
+    table = None
     if verbose:
         from rich.table import Table
 
-        con = console()
-        table = Table(title=f"{len(results)} image(s) · {elapsed * 1000 / max(1, len(results)):.1f} ms/image")
+        table = Table(title=f"{len(results)} image(s) · {elapsed * 1000 / max(1, len(results)):.1f} ms/image · "
+                            f"{model.backend.name}")
         for col in ("path", "labels", "top scores"):
             table.add_column(col)
         for r in results:
             top = sorted(r["scores"].items(), key=lambda kv: -kv[1])[:3]
-            table.add_row(r["path"], ", ".join(r["labels"]) or "(none)",
-                          ", ".join(f"{n} {s:.2f}" for n, s in top))
-        con.print(table)
-        for p, reason in skipped:
-            con.print(f"[yellow]skipped[/] {p}: {reason}")
-        if json_path:
-            con.print(f"predictions written to {json_path}")
-    return results
+            table.add_row(r["path"], ", ".join(r["labels"]) or "(none)", ", ".join(f"{n} {s:.2f}" for n, s in top))
+    return workflow.finish_predict(results, json_path, verbose, table, skipped=skipped)
 
 
 def write_samples(data: str, out: str | Path, split: str = "test", count: int = 16) -> Path:

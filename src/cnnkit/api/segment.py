@@ -23,7 +23,6 @@ from cnnkit.data.segmentation import write_mask
 from cnnkit.engine import workflow
 from cnnkit.engine.progress import console
 from cnnkit.engine.workflow import TrainResult
-from cnnkit.errors import DataError
 from cnnkit.runtime.pipeline import Predictor
 from cnnkit.runtime.pipeline import load as load_predictor
 from cnnkit.tasks.segment.config import SegmentConfig
@@ -71,23 +70,12 @@ def val(weights: str | Path, data: str, split: str = "val", device: str = "auto"
                    trained.get("max_objects", 4), trained.get("scenes") if split == "train" else 0)
     else:
         ds = load_data(data, 0, None)
-    if list(ds.names) != m.classes:
-        raise DataError(f"the classes of '{data}' ({', '.join(ds.names)}) differ from the model's "
-                        f"({', '.join(m.classes)})")
-    records = ds.split(split)
-    if not records:
-        raise DataError(f"the {split} split of '{data}' has no images")
+    records = workflow.eval_records(m, ds, data, split)
     metrics = evaluate(m, records)
     metrics.update(split=split, weights=str(resolve_weights(weights)), backend=m.backend.name)
-    if json_path:
-        write_json(json_path, metrics)
-    if verbose:
-        con = console()
-        con.print(metrics_table(metrics, f"{split} split of {data} ({len(records)} images)"))
-        con.print(SPEC.line(metrics, split))
-        for row in metrics.get("skipped_images", []):
-            con.print(f"[yellow]skipped[/] {row['path']}: {row['reason']}")
-    return metrics
+    return workflow.finish_val(metrics, json_path, verbose,
+                               metrics_table(metrics, f"{split} split of {data} ({len(records)} images)"),
+                               SPEC.line(metrics, split), metrics.pop("skipped_images", []))
 
 
 def predict(weights: str | Path, source: str | Path, device: str = "auto", tile: bool | None = None,

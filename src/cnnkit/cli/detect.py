@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import click
 
+from cnnkit.cli.options import option
+
 TRAIN_HELP = {
     "data": "dataset: shapes (generated scenes), an Ultralytics data.yaml, a COCO YAML "
             "({train: {images, annotations}, val: ...}) or a Pascal VOC folder",
@@ -74,17 +76,17 @@ def _commands(group: click.Group, cfg_cls: type, train_help: str, helps: dict[st
                       choices={"model": cfg_cls.MODELS, "nms": NMS_METHODS})
 
     @group.command("val", context_settings=CONTEXT)
-    @click.option("--weights", required=True, help="best.safetensors or its run folder")
+    @option("weights")
     @click.option("--data", required=True, help="shapes, a YOLO data.yaml, a COCO YAML/JSON or a VOC folder")
-    @click.option("--split", type=click.Choice(["train", "val", "test"]), default="val", help="which split")
+    @option("split")
     @click.option("--batch", type=int, default=32, help="batch size")
     @click.option("--conf", type=float, default=0.001, help="score threshold (low, so AP sees the whole curve)")
     @click.option("--iou", type=float, default=0.6, help="NMS IoU threshold")
     @click.option("--nms", type=click.Choice(NMS_METHODS), default=None,
                   help="hard NMS, or soft (Gaussian soft-NMS: overlapping boxes keep a lowered score); "
                        "default: as in training")
-    @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    @click.option("--workers", type=int, default=0, help="data-loading worker processes")
+    @option("device")
+    @option("workers")
     @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
                   help="also write the metrics to this JSON file")
     @click.option("--save-json", type=click.Path(dir_okay=False), default=None,
@@ -100,14 +102,14 @@ def _commands(group: click.Group, cfg_cls: type, train_help: str, helps: dict[st
                 json_path=json_path, save_json=save_json, nms=nms, task=task)
 
     @group.command("predict", context_settings=CONTEXT)
-    @click.option("--weights", required=True, help="best.safetensors or its run folder")
-    @click.option("--source", required=True, help="an image file or a folder (searched recursively)")
+    @option("weights")
+    @option("source")
     @click.option("--conf", type=float, default=0.25, help="score threshold")
     @click.option("--iou", type=float, default=0.5, help="NMS IoU threshold")
     @click.option("--max-det", type=int, default=100, help="detections kept per image")
     @click.option("--nms", type=click.Choice(NMS_METHODS), default="hard",
                   help="hard NMS, or soft (Gaussian soft-NMS: overlapping boxes keep a lowered score)")
-    @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    @option("device")
     @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
                   help='write [{"path", "width", "height", "detections": [{"box": [x1, y1, x2, y2], "score", '
                        '"class_id", "class_name"' + (', "mask": COCO RLE' if masks else "") +

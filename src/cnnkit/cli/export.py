@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import click
 
+from cnnkit.cli.options import option
+
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 110}
 
 
 @click.command("export", context_settings=CONTEXT)
-@click.option("--weights", required=True, help="best.safetensors or its run folder (any task)")
+@option("weights", help="best.safetensors or its run folder (any task)")
 @click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript"]), default="onnx", help="what to write")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="file to write (default: beside the weights, best.onnx or best.torchscript)")
@@ -33,14 +35,14 @@ def export_cmd(weights, fmt, out, dynamic, opset, imgsz, no_check) -> None:
 
 
 @click.command("benchmark", context_settings=CONTEXT)
-@click.option("--weights", required=True, help="best.safetensors or its run folder (any task)")
+@option("weights", help="best.safetensors or its run folder (any task)")
 @click.option("--data", default=None, help="also measure the task's metric on this data (as for val)")
-@click.option("--split", type=click.Choice(["train", "val", "test"]), default="val", help="split for the metric")
+@option("split", help="split for the metric")
 @click.option("--batch", type=int, default=16, help="the larger batch size timed (batch 1 is always timed)")
 @click.option("--formats", default="torch,torchscript,onnx", help="comma-separated: torch, torchscript, onnx")
 @click.option("--runs", type=int, default=20, help="timed calls per batch size (after --warmup)")
 @click.option("--warmup", type=int, default=3, help="untimed calls first")
-@click.option("--device", default="cpu", help="cpu, cuda, cuda:N")
+@option("device", default="cpu")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="keep the exported files in this folder (default: a temporary one)")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="write the table as JSON")

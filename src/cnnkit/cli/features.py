@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from cnnkit.cli.options import option
 from cnnkit.errors import CnnkitError
 
 
@@ -16,15 +17,15 @@ def register(group: click.Group) -> None:
     context = dict(group.context_settings)  # the group's help and default-display settings
 
     @group.command("features", context_settings=context)
-    @click.option("--weights", required=True, help="best.safetensors or its run folder")
-    @click.option("--source", default=None, help="an image file or a folder (searched recursively)")
+    @option("weights")
+    @option("source", required=False, default=None)
     @click.option("--layer", required=True,
                   help="stage to read (e.g. stages.3, layer4, pre_logits, logits, or any module name); "
                        "`--layer list` prints the stages with their output shapes")
     @click.option("--maps", is_flag=True, default=False,
                   help="keep the (C, H, W) feature maps instead of global-average-pooled (C,) vectors")
     @click.option("--batch", type=int, default=64, help="batch size")
-    @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    @option("device")
     @click.option("--out", type=click.Path(dir_okay=False), default=None,
                   help="write the array to this .npy file (+ a .json beside it: the image path of "
                        "each row)")
@@ -48,7 +49,7 @@ def register(group: click.Group) -> None:
         api.features(weights, source, layer, out=out, pooled=not maps, batch=batch, device=device)
 
     @group.command("visualize", context_settings=context)
-    @click.option("--weights", required=True, help="best.safetensors or its run folder")
+    @option("weights")
     @click.option("--what", type=click.Choice(["filters", "featuremaps"]), required=True,
                   help="filters: first-layer filters as a grid; featuremaps: the most active channels "
                        "of every stage for each image of --source")
@@ -56,7 +57,7 @@ def register(group: click.Group) -> None:
     @click.option("--layer", "layers", multiple=True,
                   help="stage to draw (repeat for several); default: every stage")
     @click.option("--topk", type=int, default=8, help="channels to show per stage")
-    @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    @option("device")
     @click.option("--out", default="runs/classify/visualize", help="folder for the PNG files")
     def visualize_cmd(weights, what, source, layers, topk, device, out) -> None:
         """PNGs of first-layer filters or per-stage feature maps."""

@@ -9,6 +9,7 @@ import sys
 import click
 
 from cnnkit import __version__
+from cnnkit.cli.options import option
 from cnnkit.errors import CnnkitError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 110}
@@ -99,7 +100,7 @@ def models(pattern: str | None, task: str | None) -> None:
 @cli.command(context_settings=CONTEXT)
 @click.option("--out", default="runs/demo", help="where the demo run goes")
 @click.option("--epochs", type=int, default=20, help="training epochs")
-@click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+@option("device")
 def demo(out: str, epochs: int, device: str) -> None:
     """Train a CNN on the bundled handwritten digits, test it, predict a few images."""
     from cnnkit.cli.demo import run_demo
@@ -182,10 +183,10 @@ TTA_HELP = ("test-time augmentation, views averaged with the original: flip (hor
 @classify.command("val", context_settings=CONTEXT)
 @click.option("--weights", cls=MultiValueOption, metavar="PATH...", required=True, help=WEIGHTS_HELP)
 @click.option("--data", required=True, help="dataset: digits, shapes or an ImageFolder path")
-@click.option("--split", type=click.Choice(["train", "val", "test"]), default="val", help="which split")
+@option("split")
 @click.option("--batch", type=int, default=64, help="batch size")
-@click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-@click.option("--workers", type=int, default=0, help="data-loading worker processes")
+@option("device")
+@option("workers")
 @click.option("--ensemble", type=click.Choice(["mean", "vote"]), default="mean", help=ENSEMBLE_HELP)
 @click.option("--tta", default=None, help=TTA_HELP)
 @click.option("--missing", default=None,
@@ -217,10 +218,10 @@ def val_cmd(weights, data, split, batch, device, workers, ensemble, tta, missing
 
 @classify.command("predict", context_settings=CONTEXT)
 @click.option("--weights", cls=MultiValueOption, metavar="PATH...", required=True, help=WEIGHTS_HELP)
-@click.option("--source", required=True, help="an image file or a folder (searched recursively)")
+@option("source")
 @click.option("--topk", type=int, default=5, help="how many classes to list per image")
 @click.option("--batch", type=int, default=64, help="batch size")
-@click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+@option("device")
 @click.option("--ensemble", type=click.Choice(["mean", "vote"]), default="mean", help=ENSEMBLE_HELP)
 @click.option("--tta", default=None, help=TTA_HELP)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,

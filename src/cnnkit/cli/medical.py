@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from cnnkit.cli.options import option
+
 TRAIN_HELP = {
     "data": "phantoms (built-in 3-D MR-like volumes: organ + lesions, noise, bias field; for classifiers half "
             "have no lesion) or a YAML naming NIfTI images/labels folders per split and the class names (for "
@@ -39,10 +41,10 @@ def register(parent: click.Group) -> click.Group:
                       hide=MedicalConfig.UNUSED)
 
     @medical.command("val", context_settings=CONTEXT)
-    @click.option("--weights", required=True, help="best.safetensors or its run folder")
+    @option("weights")
     @click.option("--data", required=True, help="phantoms or a NIfTI YAML")
-    @click.option("--split", type=click.Choice(["train", "val", "test"]), default="val", help="which split")
-    @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    @option("split")
+    @option("device")
     @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
                   help="also write the metrics to this JSON file")
     def val_cmd(weights, data, split, device, json_path) -> None:
@@ -53,9 +55,9 @@ def register(parent: click.Group) -> click.Group:
         api.val(weights, data, split=split, device=device, json_path=json_path)
 
     @medical.command("predict", context_settings=CONTEXT)
-    @click.option("--weights", required=True, help="best.safetensors or its run folder")
-    @click.option("--source", required=True, help="a .nii/.nii.gz file or a folder of them")
-    @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    @option("weights")
+    @option("source", help="a .nii/.nii.gz file or a folder of them")
+    @option("device")
     @click.option("--save-dir", type=click.Path(file_okay=False), default=None,
                   help="write each label volume here as NIfTI (the input's name, subfolder and affine)")
     @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import click
 
+from cnnkit.cli.options import option
+
 # help for the options that only multi-label training has, or that mean more here
 TRAIN_HELP = {
     "data": "dataset: shapes, a path,labels CSV (labels separated by ';'), or a folder with "
@@ -39,12 +41,12 @@ def register(parent: click.Group) -> click.Group:
                       option_help=TRAIN_HELP, choices={"loss": LOSSES})
 
     @multilabel.command("val", context_settings=CONTEXT)
-    @click.option("--weights", required=True, help="best.safetensors or its run folder")
+    @option("weights")
     @click.option("--data", required=True, help="dataset: shapes, a CSV file or a folder with train.csv")
-    @click.option("--split", type=click.Choice(["train", "val", "test"]), default="val", help="which split")
+    @option("split")
     @click.option("--batch", type=int, default=64, help="batch size")
-    @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    @click.option("--workers", type=int, default=0, help="data-loading worker processes")
+    @option("device")
+    @option("workers")
     @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
                   help="also write the metrics to this JSON file")
     def val_cmd(weights, data, split, batch, device, workers, json_path) -> None:
@@ -56,10 +58,10 @@ def register(parent: click.Group) -> click.Group:
                 json_path=json_path)
 
     @multilabel.command("predict", context_settings=CONTEXT)
-    @click.option("--weights", required=True, help="best.safetensors or its run folder")
-    @click.option("--source", required=True, help="an image file or a folder (searched recursively)")
+    @option("weights")
+    @option("source")
     @click.option("--batch", type=int, default=64, help="batch size")
-    @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    @option("device")
     @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
                   help='write [{"path", "labels": [...], "scores": {class: probability}}] to this file')
     def predict_cmd(weights, source, batch, device, json_path) -> None:
@@ -72,7 +74,7 @@ def register(parent: click.Group) -> click.Group:
 
     @multilabel.command("samples", context_settings=CONTEXT)
     @click.option("--data", default="shapes", help="dataset: shapes, a CSV file or a folder with train.csv")
-    @click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", help="which split")
+    @option("split", default="test")
     @click.option("--count", type=int, default=16, help="how many images (the first of the split)")
     @click.option("--out", required=True, type=click.Path(file_okay=False), help="folder to write to")
     def samples_cmd(data, split, count, out) -> None:

@@ -123,3 +123,21 @@ def explicit_options(ctx: click.Context, names: list[str]) -> dict[str, Any]:
 
     return {n: ctx.params[n] for n in names
             if ctx.get_parameter_source(n) not in (ParameterSource.DEFAULT, None)}
+
+
+# ---- options shared by val, predict, export, benchmark and the other modes: one definition each ----
+SHARED: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
+    "weights": (("--weights",), {"required": True, "help": "best.safetensors or its run folder, or an exported "
+                                                            ".onnx / .torchscript (cnnkit export)"}),
+    "device": (("--device",), {"default": "auto", "help": "auto, cpu, cuda, cuda:N or mps"}),
+    "split": (("--split",), {"type": click.Choice(["train", "val", "test"]), "default": "val", "help": "which split"}),
+    "workers": (("--workers",), {"type": int, "default": 0, "help": "data-loading worker processes"}),
+    "source": (("--source",), {"required": True, "help": "an image file or a folder (searched recursively)"}),
+}
+
+
+def option(name: str, **overrides: Any) -> Callable:
+    """The shared click option ``name`` (type, default, choices and help from :data:`SHARED`),
+    with ``overrides`` for a mode that needs another default or help."""
+    decls, kwargs = SHARED[name]
+    return click.option(*decls, **{**kwargs, **overrides})

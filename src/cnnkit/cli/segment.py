@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from cnnkit.cli.options import option
+
 TRAIN_HELP = {
     "data": "dataset: shapes (generated scenes with per-pixel classes) or a segmentation YAML "
             "(train/val image folders, masks/ beside images/, names with background first)",
@@ -44,10 +46,10 @@ def register(parent: click.Group) -> click.Group:
                                  "Gaussian blending) instead of resizing it; default: as trained (--crop models tile)")
 
     @segment.command("val", context_settings=CONTEXT)
-    @click.option("--weights", required=True, help="best.safetensors or its run folder")
+    @option("weights")
     @click.option("--data", required=True, help="shapes or a segmentation YAML")
-    @click.option("--split", type=click.Choice(["train", "val", "test"]), default="val", help="which split")
-    @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    @option("split")
+    @option("device")
     @tile_opt
     @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
                   help="also write the metrics to this JSON file")
@@ -58,9 +60,9 @@ def register(parent: click.Group) -> click.Group:
         api.val(weights, data, split=split, device=device, tile=tile, json_path=json_path)
 
     @segment.command("predict", context_settings=CONTEXT)
-    @click.option("--weights", required=True, help="best.safetensors or its run folder")
-    @click.option("--source", required=True, help="an image file or a folder (searched recursively)")
-    @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    @option("weights")
+    @option("source")
+    @option("device")
     @tile_opt
     @click.option("--save-dir", type=click.Path(file_okay=False), default=None,
                   help="write NAME_mask.png (class ids; a palette PNG, so it also shows colours) and "

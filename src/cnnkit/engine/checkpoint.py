@@ -16,7 +16,6 @@ import torch
 from cnnkit.errors import ModelError
 from cnnkit.utils.io import atomic_write, write_json
 
-from cnnkit.core.card import CARD_VERSION as CARD_FORMAT  # noqa: E402  (written when a card has no format)
 EXPORTED = (".onnx", ".torchscript")  # files from `cnnkit export`, run by cnnkit.runtime
 
 
@@ -44,13 +43,22 @@ def card_path(weights: Path) -> Path:
 
 
 def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor], card: dict[str, Any]) -> None:
-    """Write ``path`` (safetensors) and its ``.json`` model card, each atomically."""
+    """Write ``path`` (safetensors) and its ``.json`` model card, each atomically. The card (a
+    dict of any format, or a :class:`~cnnkit.core.card.ModelCard`) is written in the current
+    format; a top-level ``epoch`` goes to ``extra``."""
+    from cnnkit.core.card import ModelCard
+
     from safetensors.torch import save_file
 
     path = Path(path)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
     atomic_write(path, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    write_json(card_path(path), {"format": CARD_FORMAT, **card})
+    if not isinstance(card, ModelCard):
+        epoch = card.get("epoch")
+        card = ModelCard.from_dict(card, f"the model card for '{path}'")
+        if epoch is not None:
+            card.extra["epoch"] = epoch
+    write_json(card_path(path), card.to_dict())
 
 
 def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -141,3 +141,57 @@ def train(spec: WorkflowSpec, cfg: TrainConfig | None = None, *, resume: str | P
                 con.print(f"  {p}: {r}")
         con.print(f"results in {run.root}/ (weights/best.safetensors, metrics.csv, results.json, plots/)")
     return TrainResult(run.root, results, results.get("test"), trainer.best_epoch, dict(trainer.skipped))
+
+
+# ---- val: the steps every task's ``val`` shares -----------------------------------------
+def eval_records(model, ds, data: str, split: str) -> list:
+    """The records of ``split`` of a dataset with ``names``, after checking that its classes
+    are the model's and the split is not empty."""
+    from cnnkit.errors import DataError
+
+    if list(ds.names) != model.classes:
+        raise DataError(f"the classes of '{data}' ({', '.join(ds.names)}) differ from the model's "
+                        f"({', '.join(model.classes)})")
+    records = ds.split(split)
+    if not records:
+        raise DataError(f"the {split} split of '{data}' has no images")
+    return records
+
+
+def finish_val(result: dict[str, Any], json_path, verbose: bool, table=None, line: str = "",
+               skipped=(), notes=()) -> dict[str, Any]:
+    """Add skipped images to a val ``result``, write it as JSON, print the table, the
+    headline line, ``notes`` and the skipped images; return ``result``."""
+    from cnnkit.utils.io import write_json
+
+    skipped = [(s["path"], s["reason"]) if isinstance(s, dict) else s for s in skipped]
+    if skipped:
+        result["skipped_images"] = [{"path": p, "reason": r} for p, r in skipped]
+    if json_path:
+        write_json(json_path, result)
+    if verbose:
+        _print(table, [line] if line else [], notes, skipped)
+    return result
+
+
+def _print(table, lines, notes, skipped) -> None:
+    from cnnkit.engine.progress import console
+
+    con = console()
+    for item in ([table] if table is not None else []) + list(lines) + list(notes):
+        con.print(item)
+    for p, reason in skipped:
+        con.print(f"[yellow]skipped[/] {p}: {reason}")
+
+
+def finish_predict(rows: list[dict[str, Any]], json_path, verbose: bool, table=None, lines=(), skipped=(),
+                   notes=()) -> list[dict[str, Any]]:
+    """Write ``predict`` rows as JSON; print the table (or one line per image), the skipped
+    images and ``notes``; return the rows."""
+    from cnnkit.utils.io import write_json
+
+    if json_path:
+        write_json(json_path, rows)
+    if verbose:
+        _print(table, lines, list(notes) + ([f"predictions written to {json_path}"] if json_path else []), skipped)
+    return rows
