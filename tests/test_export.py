@@ -52,7 +52,8 @@ def _images(name: str, request, tmp: Path) -> list:
     else:
         from cnnkit.data.volumes import phantoms
 
-        return [r.load_image() for r in phantoms({"val": 1}).split("val")]
+        vol = phantoms({"val": 1}).split("val")[0].load_image()
+        return [vol, np.pad(vol, ((4, 6), (0, 9), (3, 3)), mode="reflect")]  # larger than the window: sliding
     paths = []
     for i, im in enumerate(imgs):
         p = tmp / f"{name}_{i}.png"
@@ -190,3 +191,19 @@ def test_bad_exported_files_are_one_sentence(exported, digits_run, cli, tmp_path
     model = cnnkit.load(exported["digits_run"][1])
     with pytest.raises(DataError, match="takes inputs of shape Nx1x16x16, got 2x3x16x16"):
         model.raw(torch.rand(2, 3, 16, 16))
+
+
+def test_predictor_is_stateless_across_threads(exported, request, tmp_path):
+    """One predictor per backend serves several threads at once with the same answers as
+    sequential calls (nothing is mutated per call; options travel with each call)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    run, path, _ = exported["tiny_run"]
+    items = _images("tiny_run", request, tmp_path)
+    for model in (cnnkit.load(run), cnnkit.load(path)):
+        expected = {conf: [r.to_dict() for r in model(items, conf=conf)] for conf in (0.001, 0.01, 0.05)}
+        jobs = [conf for conf in (0.001, 0.01, 0.05) for _ in range(4)]
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda c: (c, [r.to_dict() for r in model(items, conf=c)]), jobs))
+        assert all(rows == expected[c] for c, rows in got)
+        assert expected[0.001] != expected[0.05]  # the per-call option took effect

@@ -84,7 +84,7 @@ def benchmark(weights: str | Path, data: str | None = None, batch: int = 16, for
             row: dict[str, Any] = {"format": fmt, "file": str(files[fmt]),
                                    "size_mb": round(files[fmt].stat().st_size / 2**20, 3),
                                    "b1_median_ms": round(statistics.median(t1), 3), "b1_p90_ms": round(p90(t1), 3)}
-            n = batch if p.pipeline.batchable else 1
+            n = 1 if p.pipeline.fixed_batch else batch
             tn = time_core(p, p.pipeline.example_input(n), runs, warmup) if n > 1 else t1
             row.update(batch=n, bN_median_ms=round(statistics.median(tn), 3), bN_p90_ms=round(p90(tn), 3),
                        images_per_s=round(n * 1e3 / statistics.median(tn), 1))

@@ -91,7 +91,7 @@ def export(weights: str | Path, format: str = "onnx", out: str | Path | None = N
     core = pipe.core(model).eval()
     out = Path(out) if out else src.with_suffix(SUFFIX[format])
     out.parent.mkdir(parents=True, exist_ok=True)
-    x = pipe.example_input(2 if pipe.batchable else 1)
+    x = pipe.example_input(1 if pipe.fixed_batch else 2)
     card = replace(card, extra={**card.extra, "exported": {"format": format, "from": str(src), "dynamic": dynamic,
                                                           **({"opset": opset} if format == "onnx" else {})}})
     t0 = time.perf_counter()
@@ -99,7 +99,7 @@ def export(weights: str | Path, format: str = "onnx", out: str | Path | None = N
         warnings.simplefilter("ignore")  # tracer warnings about data-dependent control flow
         ref = _as_tuple(core(x))
         if format == "onnx":
-            _export_onnx(core, x, out, card, dynamic, opset, pipe.batchable)
+            _export_onnx(core, x, out, card, dynamic, opset, not pipe.fixed_batch)
         else:
             traced = torch.jit.trace(core, (x,), check_trace=False)
             atomic_write(out, lambda p: torch.jit.save(traced, str(p), _extra_files={TS_CARD: card.to_json()}))
@@ -143,12 +143,12 @@ def max_difference(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> 
 
 
 def _export_onnx(core: torch.nn.Module, x: torch.Tensor, out: Path, card: ModelCard, dynamic: bool, opset: int,
-                 batchable: bool) -> None:
+                 dynamic_batch: bool) -> None:
     import onnx
 
     names = list(card.output.names)
     axes: dict[str, dict[int, str]] = {}
-    if batchable:
+    if dynamic_batch:  # sliding windows and val batches feed several samples per call
         axes["images"] = {0: "batch"}
         axes.update({n: {0: "batch"} for n in names})
     else:

@@ -43,7 +43,8 @@ class Pipeline:
     """
 
     task = "?"
-    batchable = True
+    batchable = True  # inputs of one call can be stacked (else the predictor feeds one at a time)
+    fixed_batch = False  # the core only takes one sample per call (torchvision's detectors)
     channels_last = False  # feed the torch core channels_last tensors (measured faster for some models)
 
     def __init__(self, card: ModelCard):

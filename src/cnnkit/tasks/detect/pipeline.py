@@ -67,6 +67,7 @@ class DetectPipeline(Pipeline):
         self.masks = card.task == "instance"
         self.fastdet = card.arch == "fastdet"
         self.batchable = self.fastdet
+        self.fixed_batch = not self.fastdet  # torchvision's detectors: one image, a list of outputs
         t = card.thresholds
         self.iou, self.nms = float(t.get("iou", 0.6)), t.get("nms", "hard")
         self.max_det = int(t.get("max_det", 100))
