@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -69,21 +68,6 @@ class ClassificationMetrics:
         }
 
 
-@dataclass
-class Prediction:
-    """One image's prediction: the best label, its probability and the top-k list."""
-
-    path: str | None
-    label: str
-    class_id: int
-    score: float
-    topk: list[tuple[str, float]]
-
-    def to_dict(self) -> dict:
-        return {"path": self.path, "label": self.label, "class_id": self.class_id,
-                "score": self.score, "topk": [[n, s] for n, s in self.topk]}
-
-
 class ClassifyTask(Task):
     """Single-label classification over ``classes``."""
 
@@ -118,18 +102,12 @@ class ClassifyTask(Task):
     def metrics(self, device: torch.device | str = "cpu") -> ClassificationMetrics:
         return ClassificationMetrics(self.classes, device)
 
-    def decode(self, output: torch.Tensor, paths: list[str | None] | None = None,
-               topk: int = 5) -> list[Prediction]:
-        """Softmax logits ``(B, K)`` into :class:`Prediction` objects."""
-        probs = output.float().softmax(1).cpu()
-        k = min(topk, probs.shape[1])
-        scores, idx = probs.topk(k, dim=1)
-        paths = paths or [None] * len(probs)
-        out = []
-        for p, s, i in zip(paths, scores.tolist(), idx.tolist()):
-            out.append(Prediction(p, self.classes[i[0]], i[0], s[0],
-                                  [(self.classes[j], sc) for j, sc in zip(i, s)]))
-        return out
+    def decode(self, output: torch.Tensor, paths: list[str | None] | None = None, topk: int = 5) -> list:
+        """Softmax logits ``(B, K)`` into :class:`~cnnkit.core.results.Classification` results
+        (the pipeline's decoding)."""
+        from cnnkit.tasks.classify.pipeline import decode_topk
+
+        return decode_topk(output, self.classes, paths or [None] * len(output), topk)
 
     def summary(self, metrics: dict[str, Any]) -> str:
         return f"top1 {metrics.get('top1', float('nan')):.4f}"

@@ -22,14 +22,20 @@ class MultiLabelPipeline(ImageClassifierPipeline):
         return [float(given.get(c, 0.5)) for c in self.classes]
 
     def postprocess(self, raw: tuple[torch.Tensor, ...], metas: list[dict[str, Any]], **_) -> list[MultiLabel]:
-        probs = raw[0].float().sigmoid().cpu().numpy()
-        thr = np.asarray(self.thresholds)
-        out = []
-        for meta, p in zip(metas, probs):
-            on = [int(i) for i in np.argsort(-p, kind="stable") if p[i] >= thr[i]]
-            out.append(MultiLabel(meta.get("path"), [self.classes[i] for i in on],
-                                  {c: float(s) for c, s in zip(self.classes, p)}))
-        return out
+        return decode_multilabel(raw[0], self.classes, self.thresholds, [m.get("path") for m in metas])
+
+
+def decode_multilabel(logits: torch.Tensor, classes: list[str], thresholds: list[float],
+                      paths: list[str | None]) -> list[MultiLabel]:
+    """Logits ``(B, K)`` -> :class:`~cnnkit.core.results.MultiLabel`: the classes at or above
+    their threshold, highest score first, and every class's probability."""
+    probs = logits.float().sigmoid().cpu().numpy()
+    thr = np.asarray(thresholds)
+    out = []
+    for path, p in zip(paths, probs):
+        on = [int(i) for i in np.argsort(-p, kind="stable") if p[i] >= thr[i]]
+        out.append(MultiLabel(path, [classes[i] for i in on], {c: float(s) for c, s in zip(classes, p)}))
+    return out
 
 
 def pipeline(card: ModelCard) -> MultiLabelPipeline:

@@ -6,10 +6,8 @@ from __future__ import annotations
 import functools
 import inspect
 import warnings
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -162,19 +160,6 @@ class MultiLabelMetrics:
         }
 
 
-@dataclass
-class MultiLabelPrediction:
-    """One image's prediction: the labels at or above their threshold (highest score first)
-    and the probability of every class."""
-
-    path: str | None
-    labels: list[str]
-    scores: dict[str, float]
-
-    def to_dict(self) -> dict:
-        return {"path": self.path, "labels": list(self.labels), "scores": dict(self.scores)}
-
-
 class MultiLabelTask(Task):
     """Multi-label classification over ``classes``: one independent sigmoid per class.
 
@@ -226,17 +211,12 @@ class MultiLabelTask(Task):
     def metrics(self, device: torch.device | str = "cpu") -> MultiLabelMetrics:
         return MultiLabelMetrics(self.classes, self.thresholds, self.loss_fn, self.tune)
 
-    def decode(self, output: torch.Tensor, paths: list[str | None] | None = None) -> list[MultiLabelPrediction]:
-        """Logits ``(B, K)`` into :class:`MultiLabelPrediction` objects (sigmoid, thresholds)."""
-        probs = output.float().sigmoid().cpu().numpy()
-        thr = np.asarray(self.thresholds)
-        paths = paths or [None] * len(probs)
-        out = []
-        for path, p in zip(paths, probs):
-            on = [int(i) for i in np.argsort(-p, kind="stable") if p[i] >= thr[i]]
-            out.append(MultiLabelPrediction(path, [self.classes[i] for i in on],
-                                            {c: float(s) for c, s in zip(self.classes, p)}))
-        return out
+    def decode(self, output: torch.Tensor, paths: list[str | None] | None = None) -> list:
+        """Logits ``(B, K)`` into :class:`~cnnkit.core.results.MultiLabel` results at this
+        task's thresholds (the pipeline's decoding)."""
+        from cnnkit.tasks.multilabel.pipeline import decode_multilabel
+
+        return decode_multilabel(output, self.classes, self.thresholds, paths or [None] * len(output))
 
     def summary(self, metrics: dict[str, Any]) -> str:
         return (f"map {metrics.get('map', float('nan')):.4f}  "
