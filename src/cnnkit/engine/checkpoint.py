@@ -45,7 +45,7 @@ def card_path(weights: Path) -> Path:
 def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor], card: dict[str, Any]) -> None:
     """Write ``path`` (safetensors) and its ``.json`` model card, each atomically. The card (a
     dict of any format, or a :class:`~cnnkit.core.card.ModelCard`) is written in the current
-    format; a top-level ``epoch`` goes to ``extra``."""
+    format (a top-level ``epoch`` goes to ``extra``); an incomplete dict is written as given."""
     from cnnkit.core.card import ModelCard
 
     from safetensors.torch import save_file
@@ -55,7 +55,11 @@ def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor], card: di
     atomic_write(path, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     if not isinstance(card, ModelCard):
         epoch = card.get("epoch")
-        card = ModelCard.from_dict(card, f"the model card for '{path}'")
+        try:
+            card = ModelCard.from_dict(card, f"the model card for '{path}'")
+        except ModelError:  # not a complete card: written as given (loading will say what is wrong)
+            write_json(card_path(path), card)
+            return
         if epoch is not None:
             card.extra["epoch"] = epoch
     write_json(card_path(path), card.to_dict())
