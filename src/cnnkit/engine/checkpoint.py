@@ -16,7 +16,11 @@ import torch
 from cnnkit.errors import ModelError
 from cnnkit.utils.io import atomic_write, write_json
 
-EXPORTED = (".onnx", ".torchscript")  # files from `cnnkit export`, run by cnnkit.runtime
+EXPORTED = (".onnx", ".torchscript")
+# top-level keys a card of format 1 or 2 knows; any other key a caller adds goes to ``extra``
+CARD_KEYS = {"format", "task", "arch", "classes", "input", "output", "model_kwargs", "thresholds", "provenance",
+             "metrics", "extra", "num_classes", "in_chans", "imgsz", "preprocess", "cnnkit_version", "trained",
+             "category_ids", "iou", "nms", "max_det", "head", "window", "thresholds_tuned_on", "ensemble", "tta"}  # files from `cnnkit export`, run by cnnkit.runtime
 
 
 def resolve_weights(path: str | Path) -> Path:
@@ -45,7 +49,8 @@ def card_path(weights: Path) -> Path:
 def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor], card: dict[str, Any]) -> None:
     """Write ``path`` (safetensors) and its ``.json`` model card, each atomically. The card (a
     dict of any format, or a :class:`~cnnkit.core.card.ModelCard`) is written in the current
-    format (a top-level ``epoch`` goes to ``extra``); an incomplete dict is written as given."""
+    format (other top-level keys, such as the Trainer's ``epoch``, go to ``extra``); an
+    incomplete dict is written as given."""
     from cnnkit.core.card import ModelCard
 
     from safetensors.torch import save_file
@@ -54,14 +59,13 @@ def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor], card: di
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
     atomic_write(path, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     if not isinstance(card, ModelCard):
-        epoch = card.get("epoch")
+        extra = {k: v for k, v in card.items() if k not in CARD_KEYS}  # e.g. the Trainer's epoch, a snapshot index
         try:
             card = ModelCard.from_dict(card, f"the model card for '{path}'")
         except ModelError:  # not a complete card: written as given (loading will say what is wrong)
             write_json(card_path(path), card)
             return
-        if epoch is not None:
-            card.extra["epoch"] = epoch
+        card.extra.update(extra)
     write_json(card_path(path), card.to_dict())
 
 
