@@ -24,9 +24,17 @@ from cnnkit.errors import CnnkitError, DataError
 from cnnkit.runtime.pipeline import Predictor
 from cnnkit.runtime.pipeline import load as load_predictor
 from cnnkit.tasks.detect.config import DetectConfig, InstanceConfig
-from cnnkit.tasks.detect.spec import DEFAULT_IMGSZ, DETECT, INSTANCE, evaluate, load_data, metrics_table
+from cnnkit.tasks.detect.spec import (
+    DEFAULT_IMGSZ,
+    DETECT,
+    INSTANCE,
+    evaluate,
+    load_data,
+    metrics_table,
+)
 from cnnkit.tasks.detect.task import draw_detections
 from cnnkit.utils.io import write_json
+
 
 def config_from_file(path: str | Path, overrides: dict[str, Any], _cls: type = DetectConfig) -> DetectConfig:
     return _config_from_file(_cls, _cls.TASK, path, overrides)

@@ -29,6 +29,7 @@ from cnnkit.tasks.segment.config import SegmentConfig
 from cnnkit.tasks.segment.spec import SPEC, evaluate, load_data, metrics_table, overlay, scores  # noqa: F401
 from cnnkit.utils.io import write_json
 
+
 def config_from_file(path: str | Path, overrides: dict[str, Any]) -> SegmentConfig:
     return _config_from_file(SegmentConfig, "segment", path, overrides)
 

@@ -8,8 +8,15 @@ from dataclasses import replace
 
 import numpy as np
 
-from cnnkit.data.shapes import (SceneParams, Scene, ShapeSpec, _sample_objects, render_scene, sample_background,
-                                sample_lighting)
+from cnnkit.data.shapes import (
+    Scene,
+    SceneParams,
+    ShapeSpec,
+    _sample_objects,
+    render_scene,
+    sample_background,
+    sample_lighting,
+)
 
 
 def _step(o: ShapeSpec, imgsz: int) -> ShapeSpec:

@@ -51,9 +51,9 @@ def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor], card: di
     dict of any format, or a :class:`~cnnkit.core.card.ModelCard`) is written in the current
     format (other top-level keys, such as the Trainer's ``epoch``, go to ``extra``); an
     incomplete dict is written as given."""
-    from cnnkit.core.card import ModelCard
-
     from safetensors.torch import save_file
+
+    from cnnkit.core.card import ModelCard
 
     path = Path(path)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}

@@ -105,7 +105,13 @@ def provenance(cfg: TrainConfig, **extra: Any) -> dict[str, Any]:
 def train(spec: WorkflowSpec, cfg: TrainConfig | None = None, *, resume: str | Path | None = None,
           verbose: bool = True, **overrides: Any) -> TrainResult:
     """Train ``spec``'s task; what every ``cnnkit TASK train`` and ``cnnkit.train`` run."""
-    from cnnkit.api._common import open_run, resolve_config, run_trainer, standard_hooks, write_run_results
+    from cnnkit.api._common import (
+        open_run,
+        resolve_config,
+        run_trainer,
+        standard_hooks,
+        write_run_results,
+    )
     from cnnkit.engine.progress import console
     from cnnkit.engine.trainer import Trainer
     from cnnkit.runtime.pipeline import load

@@ -11,11 +11,23 @@ import torch
 from torch.utils.data import Dataset
 
 from cnnkit.core.card import InputSpec, ModelCard, OutputSpec
-from cnnkit.data.classification import (ClassificationData, TransformedDataset, load_classification_data,
-                                        make_loader, normalization_stats)
+from cnnkit.data.classification import (
+    ClassificationData,
+    TransformedDataset,
+    load_classification_data,
+    make_loader,
+    normalization_stats,
+)
 from cnnkit.data.mix import make_batch_mix
-from cnnkit.data.sampling import (LabelView, bootstrap, class_counts, class_weights, long_tail, make_sampler,
-                                  noisy_labels)
+from cnnkit.data.sampling import (
+    LabelView,
+    bootstrap,
+    class_counts,
+    class_weights,
+    long_tail,
+    make_sampler,
+    noisy_labels,
+)
 from cnnkit.data.transforms import Preprocess, parse_aug
 from cnnkit.engine.progress import console, per_class_table
 from cnnkit.engine.workflow import Setup, WorkflowSpec, provenance

@@ -12,7 +12,12 @@ import torch
 
 from cnnkit.core.card import InputSpec, ModelCard, OutputSpec
 from cnnkit.data.classification import make_loader
-from cnnkit.data.detection import DetectionData, DetectionDataset, load_detection_data, parse_det_aug
+from cnnkit.data.detection import (
+    DetectionData,
+    DetectionDataset,
+    load_detection_data,
+    parse_det_aug,
+)
 from cnnkit.engine.progress import console
 from cnnkit.engine.workflow import Setup, WorkflowSpec, provenance
 from cnnkit.errors import CnnkitError, DataError

@@ -11,7 +11,13 @@ import torch
 
 from cnnkit.core.card import InputSpec, ModelCard, OutputSpec
 from cnnkit.data.classification import make_loader
-from cnnkit.data.volumes import VolRecord, VolumeData, VolumeDataset, collate_volumes, load_volume_data
+from cnnkit.data.volumes import (
+    VolRecord,
+    VolumeData,
+    VolumeDataset,
+    collate_volumes,
+    load_volume_data,
+)
 from cnnkit.engine.workflow import Setup, WorkflowSpec, provenance
 from cnnkit.errors import DataError
 from cnnkit.runtime.pipeline import Predictor

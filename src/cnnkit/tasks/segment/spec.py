@@ -14,8 +14,15 @@ import torch.nn.functional as F
 
 from cnnkit.core.card import InputSpec, ModelCard, OutputSpec
 from cnnkit.data.classification import make_loader
-from cnnkit.data.segmentation import (IGNORE_INDEX, SHAPES_SEG_SIZES, SegmentationData, SegmentationDataset,
-                                      SegRecord, load_segmentation_data, palette_bytes)
+from cnnkit.data.segmentation import (
+    IGNORE_INDEX,
+    SHAPES_SEG_SIZES,
+    SegmentationData,
+    SegmentationDataset,
+    SegRecord,
+    load_segmentation_data,
+    palette_bytes,
+)
 from cnnkit.engine.progress import console
 from cnnkit.engine.workflow import Setup, WorkflowSpec, provenance
 from cnnkit.errors import CnnkitError, DataError
