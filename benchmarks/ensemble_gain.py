@@ -36,12 +36,12 @@ def train_runs(data: str, epochs: int, seeds: list[int], root: Path) -> list[dic
 
 
 def evaluate_triple(paths: list[str], data: str, tta: str) -> dict:
-    from cnnkit.api.classify import val
+    from cnnkit import val
 
     out: dict = {}
     for mode in ("mean", "vote"):
         for views in (None, tta):
-            r = val(paths, data, split="test", ensemble=mode, tta=views, verbose=False)
+            r = val("classify", paths, data, split="test", ensemble=mode, tta=views, verbose=False)
             key = mode + ("+tta" if views else "")
             out[key] = r["top1"]
             out.setdefault("members_top1" + ("_tta" if views else ""), r["members_top1"])

@@ -6,7 +6,7 @@
     python benchmarks/techniques.py missing     # accuracy vs missing share: zero-fill vs mask channel
     python benchmarks/techniques.py all
 
-Every run is a normal ``cnnkit.api.classify.train`` call; figures are test-split metrics of
+Every run is a normal ``cnnkit.train("classify", ...)`` call; figures are test-split metrics of
 the best-on-val weights. Results go to ``benchmarks/results/techniques_<name>.json``.
 """
 
@@ -27,10 +27,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _train(out: Path, **kw) -> dict:
-    from cnnkit.api.classify import ClassifyConfig, train
+    import cnnkit
 
     t0 = time.perf_counter()
-    r = train(ClassifyConfig(out=str(out), **kw), verbose=False)
+    r = cnnkit.train("classify", out=str(out), verbose=False, **kw)
     test = r.test_metrics or r.metrics
     return {"test": test, "seconds": round(time.perf_counter() - t0, 1)}
 
@@ -124,7 +124,7 @@ def transfer(pre_epochs: int = 10, ft_epochs: int = 15, shots: int = 20, seeds=(
 def missing(epochs: int = 20, p: float = 0.6, seeds=(0,), ratios=(0.0, 0.1, 0.3, 0.5, 0.7)) -> dict:
     """Digits with square patches missing: a plain model, a zero-fill model trained with
     ``--missing P`` and a mask-channel model trained the same way, on the same holes."""
-    from cnnkit.api.classify import missing_curve
+    from cnnkit.methods.missing import missing_curve
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

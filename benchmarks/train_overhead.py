@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from rich.console import Console
 
 from _common import save
-from cnnkit.api.classify import ClassifyConfig
+from cnnkit.tasks.classify.config import ClassifyConfig
 from cnnkit.data.classification import TransformedDataset, load_classification_data, make_loader
 from cnnkit.data.transforms import Preprocess, parse_aug
 from cnnkit.engine.progress import ProgressHook

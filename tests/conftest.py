@@ -66,10 +66,10 @@ def image_folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def digits_run(tmp_path_factory) -> Path:
     """A short digits training run shared by tests that need trained weights."""
-    from cnnkit.api.classify import ClassifyConfig, train
+    import cnnkit
 
     out = tmp_path_factory.mktemp("runs") / "digits"
-    train(ClassifyConfig(data="digits", epochs=3, out=str(out)), verbose=False)
+    cnnkit.train("classify", data="digits", epochs=3, out=str(out), verbose=False)
     return out
 
 

@@ -228,13 +228,13 @@ def test_members_with_different_preprocessing_get_their_own_inputs():
 @pytest.fixture(scope="module")
 def digits_runs(tmp_path_factory) -> list[Path]:
     """Three short digits runs that differ only by seed."""
-    from cnnkit.api.classify import ClassifyConfig, train
+    import cnnkit
 
     root = tmp_path_factory.mktemp("ensemble")
     runs = []
     for seed in SEEDS:
         out = root / f"digits-s{seed}"
-        train(ClassifyConfig(data="digits", epochs=EPOCHS, seed=seed, out=str(out)), verbose=False)
+        cnnkit.train("classify", data="digits", epochs=EPOCHS, seed=seed, out=str(out), verbose=False)
         runs.append(out)
     return runs
 
@@ -273,7 +273,7 @@ def test_cli_val_ensemble_writes_members(cli, digits_runs, tmp_path):
 
 
 def test_cli_predict_ensemble_follows_the_majority(cli, digits_runs, tmp_path):
-    from cnnkit.api.classify import load
+    from cnnkit import load
     from cnnkit.data.digits import digits_arrays
 
     images, labels = digits_arrays("test")
@@ -328,7 +328,7 @@ def test_mismatched_members_and_bad_options_exit_2(cli, digits_runs, tmp_path):
 
 def test_python_api_val_and_load_ensemble(digits_runs):
     import cnnkit
-    from cnnkit.api.classify import load_ensemble
+    from cnnkit.methods.ensemble import load_ensemble
 
     res = cnnkit.val("classify", [str(p) for p in digits_runs], "digits", split="test", ensemble="vote",
                      verbose=False)
@@ -343,11 +343,11 @@ def test_python_api_val_and_load_ensemble(digits_runs):
 
 def test_ensemble_beats_its_average_member(digits_runs):
     """THE claim of the issue: three small models together beat the average one of them."""
-    from cnnkit.api.classify import val
+    from cnnkit import val
 
     paths = [str(p) for p in digits_runs]
-    mean = val(paths, "digits", split="test", ensemble="mean", verbose=False)
-    vote = val(paths, "digits", split="test", ensemble="vote", verbose=False)
+    mean = val("classify", paths, "digits", split="test", ensemble="mean", verbose=False)
+    vote = val("classify", paths, "digits", split="test", ensemble="vote", verbose=False)
     members = mean["members_top1"]
     assert vote["members_top1"] == pytest.approx(members)
     print(f"members {members} mean member {mean['mean_member_top1']:.4f} ensemble mean {mean['top1']:.4f} "

@@ -180,8 +180,7 @@ def test_cli_layer_list(cli, small_run, resnet_run):
 
 
 def test_cli_features_writes_rows_in_paths_order(cli, small_run, samples, tmp_path):
-    from cnnkit.api.classify import load
-    from cnnkit.api.features import features, raw_transform
+    from cnnkit.methods.inspect import features, load, raw_transform
 
     out = tmp_path / "x.npy"
     r = cli("classify", "features", "--weights", small_run, "--source", samples, "--layer", "stages.2",
@@ -221,7 +220,7 @@ def test_cli_feature_errors(cli, small_run, samples, tmp_path):
 
 
 def test_visualize_filters_and_featuremaps(cli, small_run, resnet_run, samples, tmp_path):
-    from cnnkit.api.features import visualize
+    from cnnkit.methods.inspect import visualize
 
     r = cli("classify", "visualize", "--weights", resnet_run, "--what", "filters", "--out", tmp_path / "v")
     assert r.code == 0, r.err

@@ -280,9 +280,9 @@ def test_python_api_returns_masks(seg_run, seg_data):
     # one window that covers the image gives the same scores as the plain forward pass
     x = torch.from_numpy(np.ascontiguousarray(img[:64, :64].transpose(2, 0, 1))).clone()
     x = torch.nn.functional.pad(x, (0, 0, 0, 14))[:, :64, :64]
-    from cnnkit.api.segment import load, scores
+    from cnnkit.tasks.segment.spec import scores
 
-    tiled, plain = load(seg_run, tile=True), load(seg_run, tile=False)
+    tiled, plain = cnnkit.load(seg_run, tile=True), cnnkit.load(seg_run, tile=False)
     assert torch.allclose(scores(tiled, x), scores(plain, x), atol=1e-4)
     # a large image is tiled at full resolution and comes back at its own size
     big = torch.randint(0, 255, (3, 150, 230), dtype=torch.uint8)

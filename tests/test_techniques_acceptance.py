@@ -17,9 +17,9 @@ pytestmark = pytest.mark.slow
 
 
 def _test_metrics(out: Path, **kw) -> dict:
-    from cnnkit.api.classify import ClassifyConfig, train
+    import cnnkit
 
-    return train(ClassifyConfig(out=str(out), **kw), verbose=False).test_metrics
+    return cnnkit.train("classify", out=str(out), verbose=False, **kw).test_metrics
 
 
 def test_imbalance_strategy_beats_plain_cross_entropy(tmp_path):
@@ -69,7 +69,7 @@ def test_pretrained_beats_scratch_on_a_small_target_set(tmp_path):
 def test_mask_channel_beats_zero_fill_with_missing_patches(tmp_path):
     """Trained with up to 60% of every image missing; at 50% missing the mask-aware model is no
     worse than zero-filling, and both beat a model never trained with holes."""
-    from cnnkit.api.classify import missing_curve
+    from cnnkit.methods.missing import missing_curve
 
     runs = []
     for name, kw in (("plain", {}), ("zero", {"missing": 0.6}), ("mask", {"missing": 0.6, "missing_input": "mask"})):

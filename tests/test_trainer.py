@@ -14,13 +14,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cnnkit.api.classify import ClassifyConfig, train
+from cnnkit.engine.workflow import train as _train
+from cnnkit.tasks.classify.config import ClassifyConfig
+from cnnkit.tasks.classify.spec import SPEC
 from cnnkit.engine.checkpoint import load_checkpoint, save_checkpoint
 from cnnkit.engine.schedule import WarmupSchedule
 from cnnkit.errors import ModelError, TrainingError
 from cnnkit.tasks.classify.task import ClassifyTask
 
 FAST = dict(data="digits", epochs=2, imgsz=12, batch=64)
+
+
+def train(cfg=None, **kw):
+    """The classify workflow with a config object (``cnnkit.train("classify", cfg)``)."""
+    return _train(SPEC, cfg, **kw)
 
 
 def test_learns_digits_and_writes_run_dir(digits_run):

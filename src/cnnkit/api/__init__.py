@@ -1,10 +1,17 @@
-"""The Python API: the same verbs and option names as the command line.
+"""The Python API: the same verbs and option names as the command line, for every task.
+
+``cnnkit.train(TASK, ...)``, ``cnnkit.val(TASK, ...)`` and ``cnnkit.predict(TASK, ...)`` take
+the options of ``cnnkit TASK train|val|predict`` as keywords (``--max-det`` is ``max_det``,
+``--json`` is ``json_path``); ``cnnkit.load`` returns a predictor for any task and format;
+``cnnkit.export`` writes ONNX or TorchScript. Each verb finds the task's workflow spec by name
+(:mod:`cnnkit.tasks`) and runs the one workflow (:mod:`cnnkit.engine.workflow`).
 
 Examples:
     >>> import cnnkit
     >>> result = cnnkit.train("classify", data="digits", epochs=5)
     >>> model = cnnkit.load(result.weights)
     >>> model(["digit.png"])[0].label
+    >>> cnnkit.val("classify", result.run_dir, "digits", split="test")["top1"]
 """
 
 from __future__ import annotations
@@ -12,43 +19,38 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cnnkit.errors import CnnkitError
+from cnnkit.tasks import TASKS, config_class, spec
 
-TASKS = ("classify", "multilabel", "detect", "instance", "segment", "medical")  # each is the module cnnkit.api.<task>
-
-
-def _module(task: str):
-    if task in TASKS:
-        import importlib
-
-        return importlib.import_module(f"cnnkit.api.{task}")
-    import difflib
-
-    close = difflib.get_close_matches(task, TASKS, n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    raise CnnkitError(f"unknown task '{task}'{hint}; tasks: {', '.join(TASKS)}")
+__all__ = ["TASKS", "config_from_file", "export", "load", "predict", "train", "val"]
 
 
-def train(task: str, **options: Any):
-    """Train a model for ``task`` with the options of ``cnnkit TASK train``."""
-    resume = options.pop("resume", None)
-    verbose = options.pop("verbose", True)
-    return _module(task).train(resume=resume, verbose=verbose, **options)
+def train(task: str, cfg: Any = None, *, resume: str | Path | None = None, verbose: bool = True, **options: Any):
+    """Train a model for ``task`` with the options of ``cnnkit TASK train`` (or a full config
+    object ``cfg``); ``resume`` continues a stopped run exactly. Returns a
+    :class:`~cnnkit.engine.workflow.TrainResult` (run folder, val and test metrics)."""
+    from cnnkit.engine.workflow import train as run
+
+    return run(spec(task), cfg, resume=resume, verbose=verbose, **options)
 
 
-def val(task: str, weights: str | Path, data: str, **options: Any) -> dict[str, Any]:
-    """Evaluate ``weights`` on ``data``; the options of ``cnnkit TASK val``."""
-    return _module(task).val(weights, data, **options)
+def val(task: str, weights: str | Path | list, data: str, **options: Any) -> dict[str, Any]:
+    """Evaluate ``weights`` (``.safetensors``, a run folder, ``.onnx`` or ``.torchscript``) on a
+    split of ``data``; the options of ``cnnkit TASK val``. Returns the metrics dict (the
+    ``--json`` file's content)."""
+    return spec(task).val(weights, data, **options)
 
 
-def predict(task: str, weights: str | Path, source: str | Path, **options: Any) -> list[dict[str, Any]]:
-    """Predict a file or folder; the options of ``cnnkit TASK predict``."""
-    return _module(task).predict(weights, source, **options)
+def predict(task: str, weights: str | Path | list, source: str | Path, **options: Any) -> list[dict[str, Any]]:
+    """Predict a file or folder; the options of ``cnnkit TASK predict``. Returns one dict per
+    input (the ``--json`` rows)."""
+    return spec(task).predict(weights, source, **options)
 
 
 def load(path: str | Path, device: str = "cpu", backend: str | None = None, **options: Any):
     """A :class:`~cnnkit.runtime.pipeline.Predictor` for any task: from ``best.safetensors``
-    (+ its card) or a run folder on PyTorch, or from an exported ``.onnx`` on ONNX Runtime.
+    (+ its card) or a run folder on PyTorch, from an exported ``.onnx`` on ONNX Runtime, or
+    from a ``.torchscript`` file. ``options`` are the task's load options (detectors ``iou``
+    and ``nms``, segmenters ``tile``).
 
     Examples:
         >>> model = cnnkit.load("runs/detect/train")
@@ -57,3 +59,19 @@ def load(path: str | Path, device: str = "cpu", backend: str | None = None, **op
     from cnnkit.runtime.pipeline import load as load_predictor
 
     return load_predictor(path, device, backend, **options)
+
+
+def export(weights: str | Path, format: str = "onnx", **options: Any) -> dict[str, Any]:
+    """Export ``weights`` to ONNX or TorchScript with the options of ``cnnkit export`` (``out``,
+    ``dynamic``, ``opset``, ``imgsz``); the file carries the model card and is checked against
+    eager PyTorch. Returns the report (path, size, largest difference)."""
+    from cnnkit.methods.export import export as run
+
+    return run(weights, format, **options)
+
+
+def config_from_file(task: str, path: str | Path, overrides: dict[str, Any] | None = None):
+    """``task``'s config from a ``config.yaml`` with ``overrides`` on top."""
+    from cnnkit.engine.steps import config_from_file as read
+
+    return read(config_class(task), task, path, overrides or {})

@@ -10,16 +10,16 @@ def run_demo(out: str, epochs: int, device: str) -> None:
     """Train on digits, evaluate on the test split, predict a few saved test images."""
     from PIL import Image
 
-    from cnnkit.api import classify as api
+    import cnnkit.api as api
     from cnnkit.data.digits import digits_arrays
     from cnnkit.engine.progress import console
 
     con = console()
     t0 = time.perf_counter()
     con.rule("[bold]1/3 train[/] a small CNN on 1,257 real handwritten digits (8x8, scikit-learn)")
-    result = api.train(api.ClassifyConfig(data="digits", epochs=epochs, device=device, out=out))
+    result = api.train("classify", data="digits", epochs=epochs, device=device, out=out)
     con.rule("[bold]2/3 evaluate[/] the best weights on the 270 held-out test digits")
-    test = api.val(result.run_dir, "digits", split="test", device=device,
+    test = api.val("classify", result.run_dir, "digits", split="test", device=device,
                    json_path=Path(out) / "test_results.json")
     con.rule("[bold]3/3 predict[/] eight test digits saved as PNG files")
     samples = Path(out) / "samples"
@@ -27,7 +27,7 @@ def run_demo(out: str, epochs: int, device: str) -> None:
     images, labels = digits_arrays("test")
     for i in range(8):
         Image.fromarray(images[i]).resize((32, 32), Image.NEAREST).save(samples / f"digit_{i}_true{labels[i]}.png")
-    api.predict(result.run_dir, samples, topk=3, device=device, json_path=Path(out) / "predictions.json")
+    api.predict("classify", result.run_dir, samples, topk=3, device=device, json_path=Path(out) / "predictions.json")
     run = Path(result.run_dir)
     con.rule("[bold]done[/]")
     con.print(f"test top-1 accuracy {test['top1']:.4f} on {test['num_images']} digits · "

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import click
 
-from cnnkit.cli.options import option
 
 TRAIN_HELP = {
     "data": "dataset: shapes (generated scenes), an Ultralytics data.yaml, a COCO YAML "
@@ -67,64 +66,18 @@ def register(parent: click.Group) -> click.Group:
 
 def _commands(group: click.Group, cfg_cls: type, train_help: str, helps: dict[str, str]) -> None:
     """train, val and predict (and for detect, anchors) under ``group``."""
-    from cnnkit.cli.main import CONTEXT, add_train_command
+    from cnnkit.cli.main import CONTEXT, add_mode_commands, add_train_command
     from cnnkit.core.choices import NMS_METHODS
 
     task = cfg_cls.TASK
     masks = task == "instance"
-    add_train_command(group, cfg_cls, f"cnnkit.api.{task}", help=train_help, option_help=helps,
+    add_train_command(group, cfg_cls, help=train_help, option_help=helps,
                       choices={"model": cfg_cls.MODELS, "nms": NMS_METHODS})
 
-    @group.command("val", context_settings=CONTEXT)
-    @option("weights")
-    @click.option("--data", required=True, help="shapes, a YOLO data.yaml, a COCO YAML/JSON or a VOC folder")
-    @option("split")
-    @click.option("--batch", type=int, default=32, help="batch size")
-    @click.option("--conf", type=float, default=0.001, help="score threshold (low, so AP sees the whole curve)")
-    @click.option("--iou", type=float, default=0.6, help="NMS IoU threshold")
-    @click.option("--nms", type=click.Choice(NMS_METHODS), default=None,
-                  help="hard NMS, or soft (Gaussian soft-NMS: overlapping boxes keep a lowered score); "
-                       "default: as in training")
-    @option("device")
-    @option("workers")
-    @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
-                  help="also write the metrics to this JSON file")
-    @click.option("--save-json", type=click.Path(dir_okay=False), default=None,
-                  help="write the detections in COCO results format "
-                       '([{"image_id", "category_id", "bbox": [x, y, w, h], "score"' +
-                       (', "segmentation": RLE' if masks else "") + '}])')
-    def val_cmd(weights, data, split, batch, conf, iou, nms, device, workers, json_path, save_json) -> None:
-        """COCO mAP@[.5:.95], mAP50, mAP75, per-class AP, AR, and AP by object size and by occlusion
-        (instance: for masks too)."""
-        from cnnkit.api import detect as api
-
-        api.val(weights, data, split=split, batch=batch, device=device, workers=workers, conf=conf, iou=iou,
-                json_path=json_path, save_json=save_json, nms=nms, task=task)
-
-    @group.command("predict", context_settings=CONTEXT)
-    @option("weights")
-    @option("source")
-    @click.option("--conf", type=float, default=0.25, help="score threshold")
-    @click.option("--iou", type=float, default=0.5, help="NMS IoU threshold")
-    @click.option("--max-det", type=int, default=100, help="detections kept per image")
-    @click.option("--nms", type=click.Choice(NMS_METHODS), default="hard",
-                  help="hard NMS, or soft (Gaussian soft-NMS: overlapping boxes keep a lowered score)")
-    @option("device")
-    @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
-                  help='write [{"path", "width", "height", "detections": [{"box": [x1, y1, x2, y2], "score", '
-                       '"class_id", "class_name"' + (', "mask": COCO RLE' if masks else "") +
-                       '}]}] (original-image pixels)')
-    @click.option("--save-dir", type=click.Path(file_okay=False), default=None,
-                  help="write each image with its boxes drawn as PNG here")
-    def predict_cmd(weights, source, conf, iou, max_det, nms, device, json_path, save_dir) -> None:
-        """Detect objects in images; print one line per image and the time per stage."""
-        from cnnkit.api import detect as api
-        from cnnkit.errors import CnnkitError
-
-        if not 0 <= conf <= 1 or not 0 < iou <= 1:
-            raise CnnkitError("--conf must be in [0, 1] and --iou in (0, 1]")
-        api.predict(weights, source, conf=conf, iou=iou, max_det=max_det, device=device, json_path=json_path,
-                    save_dir=save_dir, nms=nms, task=task)
+    add_mode_commands(group, cfg_cls,
+                      "COCO mAP@[.5:.95], mAP50, mAP75, per-class AP, AR, and AP by object size and by occlusion"
+                      + (" (for boxes and masks)." if masks else "."),
+                      "Detect objects in images; print one line per image and the time per stage.")
 
     if masks:
         return
@@ -141,6 +94,6 @@ def _commands(group: click.Group, cfg_cls: type, train_help: str, helps: dict[st
     def anchors_cmd(data, model, k, imgsz, thr, out, seed) -> None:
         """Fit anchors to a dataset's boxes (k-means, 1 - IoU distance); print best-possible recall of
         the current and the fitted anchors; write them for `detect train --anchors FILE`."""
-        from cnnkit.api import detect as api
+        from cnnkit.tasks.detect.anchors import anchors
 
-        api.anchors(data, k=k, model=model, imgsz=imgsz, out=out, thr=thr, seed=seed)
+        anchors(data, k=k, model=model, imgsz=imgsz, out=out, thr=thr, seed=seed)

@@ -31,7 +31,7 @@ def register(group: click.Group) -> None:
                        "each row)")
     def features_cmd(weights, source, layer, maps, batch, device, out) -> None:
         """Feature maps or pooled vectors of any named stage, for a file or folder of images."""
-        from cnnkit.api import features as api
+        from cnnkit.methods import inspect as api
         from cnnkit.engine.progress import console
 
         if layer == "list":
@@ -61,7 +61,7 @@ def register(group: click.Group) -> None:
     @click.option("--out", default="runs/classify/visualize", help="folder for the PNG files")
     def visualize_cmd(weights, what, source, layers, topk, device, out) -> None:
         """PNGs of first-layer filters or per-stage feature maps."""
-        from cnnkit.api import features as api
+        from cnnkit.methods import inspect as api
 
         api.visualize(weights, what, source=source, out_dir=out, layers=list(layers) or None,
                       topk=topk, device=device)

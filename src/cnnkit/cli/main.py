@@ -113,21 +113,19 @@ def classify() -> None:
     """Image classification (single label): train, val, predict, features, visualize."""
 
 
-def add_train_command(group: click.Group, cfg_cls: type, api_module: str, help: str | None = None,
+def add_train_command(group: click.Group, cfg_cls: type, help: str | None = None,
                       option_help: dict[str, str] | None = None, choices: dict[str, tuple] | None = None,
                       hide: tuple[str, ...] = ()) -> click.Command:
     """``cnnkit TASK train``: options generated from ``cfg_cls``, plus ``--config`` and ``--resume``.
 
-    ``api_module`` (imported on use, to keep ``--help`` fast) provides ``train(cfg, resume=...)``
-    and ``config_from_file(path, overrides)``. A task's own wording goes in ``help`` (the
-    command's) and ``option_help`` (per option name); ``choices`` turns options into fixed
-    choices; ``hide`` drops shared options the task does not use.
+    A task's own wording goes in ``help`` (the command's) and ``option_help`` (per option
+    name); ``choices`` turns options into fixed choices; ``hide`` drops shared options the
+    task does not use. The command runs ``cnnkit.api.train(TASK, ...)`` (imported on use, to
+    keep ``--help`` fast).
     """
-    import importlib
-
     from cnnkit.cli.options import config_options, explicit_options
 
-    task = group.name
+    task = cfg_cls.TASK
 
     @group.command("train", context_settings=CONTEXT)
     @config_options(cfg_cls)
@@ -137,16 +135,17 @@ def add_train_command(group: click.Group, cfg_cls: type, api_module: str, help: 
                   help="continue a stopped run exactly (its folder or weights/last.ckpt)")
     @click.pass_context
     def train_cmd(ctx: click.Context, config_file: str | None, resume: str | None, **options) -> None:
-        api = importlib.import_module(api_module)
+        import cnnkit.api as api
+
         names = [f.name for f in dataclasses.fields(cfg_cls)]
         if resume:
-            api.train(resume=resume, **explicit_options(ctx, names))
+            api.train(task, resume=resume, **explicit_options(ctx, names))
             return
         if config_file:
-            cfg = api.config_from_file(config_file, explicit_options(ctx, names))
+            cfg = api.config_from_file(task, config_file, explicit_options(ctx, names))
         else:
             cfg = cfg_cls(**options)
-        api.train(cfg)
+        api.train(task, cfg)
 
     train_cmd.help = help or f"Train a {task} model and write a run folder (weights, metrics, plots)."
     train_cmd.params = [p for p in train_cmd.params if p.name not in hide]
@@ -158,84 +157,41 @@ def add_train_command(group: click.Group, cfg_cls: type, api_module: str, help: 
     return train_cmd
 
 
-def _add_classify_train() -> None:
+def add_mode_commands(group: click.Group, cfg_cls: type, val_help: str, predict_help: str) -> None:
+    """``cnnkit TASK val`` and ``cnnkit TASK predict`` with the options the task declares in
+    ``cfg_cls.VAL`` and ``cfg_cls.PREDICT``; they run ``cnnkit.api.val/predict(TASK, ...)``."""
+    from cnnkit.cli.options import mode_options
+
+    task = cfg_cls.TASK
+
+    @group.command("val", context_settings=CONTEXT, help=val_help)
+    @mode_options(cfg_cls.VAL)
+    def val_cmd(weights, data, **options) -> None:
+        import cnnkit.api as api
+
+        api.val(task, list(weights) if isinstance(weights, tuple) else weights, data, **options)
+
+    @group.command("predict", context_settings=CONTEXT, help=predict_help)
+    @mode_options(cfg_cls.PREDICT)
+    def predict_cmd(weights, source, **options) -> None:
+        import cnnkit.api as api
+
+        api.predict(task, list(weights) if isinstance(weights, tuple) else weights, source, **options)
+
+
+def _add_classify_commands() -> None:
     from cnnkit.tasks.classify.config import ClassifyConfig
 
-    add_train_command(classify, ClassifyConfig, "cnnkit.api.classify").help = (
-        "Train a classifier and write a run folder (weights, metrics, plots).")
+    add_train_command(classify, ClassifyConfig,
+                      help="Train a classifier and write a run folder (weights, metrics, plots).")
+    add_mode_commands(
+        classify, ClassifyConfig,
+        "Evaluate weights (or an ensemble of several) on a dataset split (top-1, top-5, per-class, macro-F1, "
+        "balanced accuracy; with several weights also each member's top-1).",
+        "Classify images with one model or an ensemble; print a table (and optionally write JSON).")
 
 
-_add_classify_train()
-
-
-from cnnkit.cli.multivalue import MultiValueOption
-
-WEIGHTS_HELP = ("best.safetensors or its run folder; several (--weights A B C, or a shell glob such as "
-                "run/weights/snapshot*.safetensors) are combined into an ensemble")
-ENSEMBLE_HELP = ("how several --weights combine: mean (average probabilities) or vote (majority of the "
-                 "members' top-1, ties broken by mean probability)")
-TTA_HELP = ("test-time augmentation, views averaged with the original: flip (horizontal), vflip, "
-            "scale[=S] (zoom by 1-S and 1+S, default 0.1), comma-separated (every combination is a view); "
-            "use views that keep the label: scale for digits and text (a flipped digit is another "
-            "symbol), flip,scale for objects such as shapes")
-
-
-@classify.command("val", context_settings=CONTEXT)
-@click.option("--weights", cls=MultiValueOption, metavar="PATH...", required=True, help=WEIGHTS_HELP)
-@click.option("--data", required=True, help="dataset: digits, shapes or an ImageFolder path")
-@option("split")
-@click.option("--batch", type=int, default=64, help="batch size")
-@option("device")
-@option("workers")
-@click.option("--ensemble", type=click.Choice(["mean", "vote"]), default="mean", help=ENSEMBLE_HELP)
-@click.option("--tta", default=None, help=TTA_HELP)
-@click.option("--missing", default=None,
-              help="missing-data curve: comma-separated shares of each image to drop (e.g. 0,0.1,0.3,0.5); "
-                   "several --weights are then compared, not ensembled")
-@click.option("--missing-mode", type=click.Choice(["pixel", "patch"]), default="patch",
-              help="with --missing: drop single pixels or square patches")
-@click.option("--plot", type=click.Path(dir_okay=False), default="missing_curve.png",
-              help="with --missing: where the accuracy-vs-missing PNG goes")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
-              help="also write the metrics to this JSON file")
-def val_cmd(weights, data, split, batch, device, workers, ensemble, tta, missing, missing_mode, plot,
-            json_path) -> None:
-    """Evaluate weights (or an ensemble of several) on a dataset split (top-1, top-5, per-class,
-    macro-F1, balanced accuracy; with several weights also each member's top-1)."""
-    from cnnkit.api import classify as api
-
-    if missing is not None:
-        try:
-            ratios = [float(r) for r in missing.split(",") if r.strip()]
-        except ValueError:
-            raise CnnkitError(f"--missing takes comma-separated numbers, e.g. 0,0.1,0.3,0.5; got '{missing}'") from None
-        api.missing_curve(list(weights), data, ratios, split=split, mode=missing_mode, batch=batch,
-                          device=device, plot=plot, json_path=json_path)
-        return
-    api.val(list(weights), data, split=split, batch=batch, device=device, workers=workers,
-            ensemble=ensemble, tta=tta, json_path=json_path)
-
-
-@classify.command("predict", context_settings=CONTEXT)
-@click.option("--weights", cls=MultiValueOption, metavar="PATH...", required=True, help=WEIGHTS_HELP)
-@option("source")
-@click.option("--topk", type=int, default=5, help="how many classes to list per image")
-@click.option("--batch", type=int, default=64, help="batch size")
-@option("device")
-@click.option("--ensemble", type=click.Choice(["mean", "vote"]), default="mean", help=ENSEMBLE_HELP)
-@click.option("--tta", default=None, help=TTA_HELP)
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
-              help='write [{"path", "label", "score", "topk": [[label, score], ...]}] to this file')
-def predict_cmd(weights, source, topk, batch, device, ensemble, tta, json_path) -> None:
-    """Classify images with one model or an ensemble; print a table (and optionally write JSON)."""
-    from cnnkit.api import classify as api
-
-    if topk < 1:
-        raise CnnkitError(f"--topk must be at least 1, got {topk}")
-    if batch < 1:
-        raise CnnkitError(f"--batch must be at least 1, got {batch}")
-    api.predict(list(weights), source, topk=topk, batch=batch, device=device, ensemble=ensemble,
-                tta=tta, json_path=json_path)
+_add_classify_commands()
 
 
 from cnnkit.cli.features import register as _register_features

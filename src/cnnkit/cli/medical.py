@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import click
 
-from cnnkit.cli.options import option
-
 TRAIN_HELP = {
     "data": "phantoms (built-in 3-D MR-like volumes: organ + lesions, noise, bias field; for classifiers half "
             "have no lesion) or a YAML naming NIfTI images/labels folders per split and the class names (for "
@@ -24,7 +22,7 @@ TRAIN_HELP = {
 
 def register(parent: click.Group) -> click.Group:
     """Add the ``medical`` group to ``parent`` and return it."""
-    from cnnkit.cli.main import CONTEXT, SuggestingGroup, add_train_command
+    from cnnkit.cli.main import CONTEXT, SuggestingGroup, add_mode_commands, add_train_command
     from cnnkit.core.choices import MEDICAL_LOSSES, VOLUME_MODELS
     from cnnkit.tasks.medical.config import MedicalConfig
 
@@ -34,39 +32,15 @@ def register(parent: click.Group) -> click.Group:
         (DenseNet-121 in 3-D or over slices): train, val, predict."""
 
     # the image-classifier options 3-D training does not use are hidden (MedicalConfig refuses them)
-    add_train_command(medical, MedicalConfig, "cnnkit.api.medical",
+    add_train_command(medical, MedicalConfig,
                       help="Train a volume segmenter or classifier and write a run folder (weights, metrics, "
                            "plots).",
                       option_help=TRAIN_HELP, choices={"model": VOLUME_MODELS, "loss": MEDICAL_LOSSES},
                       hide=MedicalConfig.UNUSED)
 
-    @medical.command("val", context_settings=CONTEXT)
-    @option("weights")
-    @click.option("--data", required=True, help="phantoms or a NIfTI YAML")
-    @option("split")
-    @option("device")
-    @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
-                  help="also write the metrics to this JSON file")
-    def val_cmd(weights, data, split, device, json_path) -> None:
-        """Dice and 95th-percentile Hausdorff distance (voxels) per class; for classifiers accuracy,
-        balanced accuracy, macro F1 and AUROC."""
-        from cnnkit.api import medical as api
-
-        api.val(weights, data, split=split, device=device, json_path=json_path)
-
-    @medical.command("predict", context_settings=CONTEXT)
-    @option("weights")
-    @option("source", help="a .nii/.nii.gz file or a folder of them")
-    @option("device")
-    @click.option("--save-dir", type=click.Path(file_okay=False), default=None,
-                  help="write each label volume here as NIfTI (the input's name, subfolder and affine)")
-    @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
-                  help='write [{"path", "shape", "voxels": {class: count}, "labels"}] (classifiers: '
-                       '[{"path", "shape", "label", "score", "probs"}])')
-    def predict_cmd(weights, source, device, save_dir, json_path) -> None:
-        """Segment volumes (sliding window over any size) or classify them; print one line per volume."""
-        from cnnkit.api import medical as api
-
-        api.predict(weights, source, device=device, save_dir=save_dir, json_path=json_path)
+    add_mode_commands(medical, MedicalConfig,
+                      "Dice and 95th-percentile Hausdorff distance (voxels) per class; for classifiers accuracy, "
+                      "balanced accuracy, macro F1 and AUROC.",
+                      "Segment volumes (sliding window over any size) or classify them; print one line per volume.")
 
     return medical

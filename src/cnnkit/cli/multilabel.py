@@ -26,51 +26,22 @@ TRAIN_HELP = {
 
 def register(parent: click.Group) -> click.Group:
     """Add the ``multilabel`` group (train, val, predict, samples) to ``parent`` and return it."""
-    from cnnkit.cli.main import CONTEXT, SuggestingGroup, add_train_command
+    from cnnkit.cli.main import CONTEXT, SuggestingGroup, add_mode_commands, add_train_command
     from cnnkit.core.choices import MULTILABEL_LOSSES as LOSSES
-    from cnnkit.errors import CnnkitError
     from cnnkit.tasks.multilabel.config import MultiLabelConfig
 
     @parent.group("multilabel", cls=SuggestingGroup, context_settings=CONTEXT)
     def multilabel() -> None:
         """Multi-label classification (any number of labels per image): train, val, predict, samples."""
 
-    add_train_command(multilabel, MultiLabelConfig, "cnnkit.api.multilabel",
+    add_train_command(multilabel, MultiLabelConfig,
                       help="Train a multi-label classifier, tune one threshold per class on val, and "
                            "write a run folder (weights, metrics, plots).",
                       option_help=TRAIN_HELP, choices={"loss": LOSSES})
-
-    @multilabel.command("val", context_settings=CONTEXT)
-    @option("weights")
-    @click.option("--data", required=True, help="dataset: shapes, a CSV file or a folder with train.csv")
-    @option("split")
-    @click.option("--batch", type=int, default=64, help="batch size")
-    @option("device")
-    @option("workers")
-    @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
-                  help="also write the metrics to this JSON file")
-    def val_cmd(weights, data, split, batch, device, workers, json_path) -> None:
-        """Evaluate weights on a dataset split (mAP, micro/macro F1, per-class AP/precision/recall/F1)
-        at the thresholds in the model card."""
-        from cnnkit.api import multilabel as api
-
-        api.val(weights, data, split=split, batch=batch, device=device, workers=workers,
-                json_path=json_path)
-
-    @multilabel.command("predict", context_settings=CONTEXT)
-    @option("weights")
-    @option("source")
-    @click.option("--batch", type=int, default=64, help="batch size")
-    @option("device")
-    @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
-                  help='write [{"path", "labels": [...], "scores": {class: probability}}] to this file')
-    def predict_cmd(weights, source, batch, device, json_path) -> None:
-        """Tag images with every label whose probability reaches its threshold."""
-        from cnnkit.api import multilabel as api
-
-        if batch < 1:
-            raise CnnkitError(f"--batch must be at least 1, got {batch}")
-        api.predict(weights, source, batch=batch, device=device, json_path=json_path)
+    add_mode_commands(multilabel, MultiLabelConfig,
+                      "Evaluate weights on a dataset split at the thresholds in the model card: mAP, micro and "
+                      "macro F1, per-class AP, precision, recall and F1.",
+                      "Tag images: the labels at or above their threshold and every class's probability.")
 
     @multilabel.command("samples", context_settings=CONTEXT)
     @click.option("--data", default="shapes", help="dataset: shapes, a CSV file or a folder with train.csv")
@@ -79,10 +50,10 @@ def register(parent: click.Group) -> click.Group:
     @click.option("--out", required=True, type=click.Path(file_okay=False), help="folder to write to")
     def samples_cmd(data, split, count, out) -> None:
         """Write images of a dataset split as PNG files with their labels.csv (path,labels)."""
-        from cnnkit.api import multilabel as api
+        from cnnkit.data.multilabel import write_samples
         from cnnkit.engine.progress import console
 
-        path = api.write_samples(data, out, split=split, count=count)
+        path = write_samples(data, out, split=split, count=count)
         console().print(f"wrote {path} and its images")
 
     return multilabel

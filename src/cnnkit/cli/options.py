@@ -125,19 +125,39 @@ def explicit_options(ctx: click.Context, names: list[str]) -> dict[str, Any]:
             if ctx.get_parameter_source(n) not in (ParameterSource.DEFAULT, None)}
 
 
-# ---- options shared by val, predict, export, benchmark and the other modes: one definition each ----
-SHARED: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
-    "weights": (("--weights",), {"required": True, "help": "best.safetensors or its run folder, or an exported "
-                                                            ".onnx / .torchscript (cnnkit export)"}),
-    "device": (("--device",), {"default": "auto", "help": "auto, cpu, cuda, cuda:N or mps"}),
-    "split": (("--split",), {"type": click.Choice(["train", "val", "test"]), "default": "val", "help": "which split"}),
-    "workers": (("--workers",), {"type": int, "default": 0, "help": "data-loading worker processes"}),
-    "source": (("--source",), {"required": True, "help": "an image file or a folder (searched recursively)"}),
-}
+def option(name: str, **changes: Any) -> Callable:
+    """The shared click option ``name`` (type, default, choices and help from
+    :data:`cnnkit.core.options.SHARED`), with ``changes`` (``default``, ``help``, ``required``)
+    for a command that needs its own."""
+    from cnnkit.core.options import shared
+
+    return mode_options((shared(name, **changes),))
 
 
-def option(name: str, **overrides: Any) -> Callable:
-    """The shared click option ``name`` (type, default, choices and help from :data:`SHARED`),
-    with ``overrides`` for a mode that needs another default or help."""
-    decls, kwargs = SHARED[name]
-    return click.option(*decls, **{**kwargs, **overrides})
+# ---- val and predict: options generated from a task's VAL / PREDICT lists (cnnkit.core.options) ----
+def mode_options(opts) -> Callable:
+    """A decorator adding one click option per :class:`~cnnkit.core.options.Opt` in ``opts``."""
+    from cnnkit.cli.multivalue import MultiValueOption
+
+    def decorate(f: Callable) -> Callable:
+        for o in reversed(opts):
+            kw: dict[str, Any] = {"help": o.help, "required": o.required}
+            decl = o.cli_flag
+            if o.kind == "paths":
+                kw.update(cls=MultiValueOption, metavar="PATH...")
+            elif o.kind is bool:
+                if o.default is None or o.default:
+                    decl = f"{decl}/--no-{decl[2:]}"
+                else:
+                    kw["is_flag"] = True
+                kw["default"] = o.default
+            else:
+                kw["type"] = (click.Choice(o.choices) if o.choices else
+                              click.Path(dir_okay=False) if o.kind == "file" else
+                              click.Path(file_okay=False) if o.kind == "dir" else o.kind)
+                if not o.required:
+                    kw["default"] = o.default
+            f = click.option(decl, o.name, **kw)(f)
+        return f
+
+    return decorate

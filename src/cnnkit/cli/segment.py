@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import click
 
-from cnnkit.cli.options import option
-
 TRAIN_HELP = {
     "data": "dataset: shapes (generated scenes with per-pixel classes) or a segmentation YAML "
             "(train/val image folders, masks/ beside images/, names with background first)",
@@ -29,7 +27,7 @@ TRAIN_HELP = {
 
 def register(parent: click.Group) -> click.Group:
     """Add the ``segment`` group to ``parent`` and return it."""
-    from cnnkit.cli.main import CONTEXT, SuggestingGroup, add_train_command
+    from cnnkit.cli.main import CONTEXT, SuggestingGroup, add_mode_commands, add_train_command
     from cnnkit.core.choices import SEG_LOSSES, SEGMENTERS
     from cnnkit.tasks.segment.config import SegmentConfig
 
@@ -37,42 +35,12 @@ def register(parent: click.Group) -> click.Group:
     def segment() -> None:
         """Semantic segmentation (a class per pixel): train, val, predict."""
 
-    add_train_command(segment, SegmentConfig, "cnnkit.api.segment",
+    add_train_command(segment, SegmentConfig,
                       help="Train a U-Net, FCN or DeepLabV3 and write a run folder (weights, metrics, plots).",
                       option_help=TRAIN_HELP, choices={"model": SEGMENTERS, "loss": SEG_LOSSES})
 
-    tile_opt = click.option("--tile/--no-tile", default=None,
-                            help="slide a training-size window over the full-resolution image (overlap 25%, "
-                                 "Gaussian blending) instead of resizing it; default: as trained (--crop models tile)")
-
-    @segment.command("val", context_settings=CONTEXT)
-    @option("weights")
-    @click.option("--data", required=True, help="shapes or a segmentation YAML")
-    @option("split")
-    @option("device")
-    @tile_opt
-    @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
-                  help="also write the metrics to this JSON file")
-    def val_cmd(weights, data, split, device, tile, json_path) -> None:
-        """mIoU, Dice, pixel accuracy and IoU per class, at the images' original size."""
-        from cnnkit.api import segment as api
-
-        api.val(weights, data, split=split, device=device, tile=tile, json_path=json_path)
-
-    @segment.command("predict", context_settings=CONTEXT)
-    @option("weights")
-    @option("source")
-    @option("device")
-    @tile_opt
-    @click.option("--save-dir", type=click.Path(file_okay=False), default=None,
-                  help="write NAME_mask.png (class ids; a palette PNG, so it also shows colours) and "
-                       "NAME_overlay.png per image here")
-    @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
-                  help='write [{"path", "width", "height", "classes": {name: share of pixels}, "mask"}]')
-    def predict_cmd(weights, source, device, tile, save_dir, json_path) -> None:
-        """Segment images; print one line per image and the time per stage."""
-        from cnnkit.api import segment as api
-
-        api.predict(weights, source, device=device, tile=tile, json_path=json_path, save_dir=save_dir)
+    add_mode_commands(segment, SegmentConfig,
+                      "mIoU, Dice, pixel accuracy and IoU per class, at the images' original size.",
+                      "Segment images; print one line per image and the time per stage.")
 
     return segment

@@ -217,3 +217,37 @@ def load_multilabel_data(spec: str, seed: int = 0, val_fraction: float = 0.2,
     name = str(path)
     splits = {s: MultiLabelFiles(r, list(classes), channels, name=name) for s, r in rows.items()}
     return ClassificationData(name, list(classes), channels, 224, dict(splits))
+
+
+def write_samples(data: str, out: str | Path, split: str = "test", count: int = 16) -> Path:
+    """Write the first ``count`` images of a split as PNG files plus their ``labels.csv``
+    (the ``path,labels`` format); the twin of ``cnnkit multilabel samples``.
+
+    Handy for looking at a built-in dataset, trying ``predict`` on it, or starting a CSV
+    dataset of your own in the right format.
+
+    Returns:
+        The path of the written ``labels.csv``.
+    """
+    from PIL import Image
+
+    from cnnkit.data.formats.multilabel_csv import write_multilabel_csv
+    from cnnkit.errors import CnnkitError
+
+    if count < 1:
+        raise CnnkitError(f"--count must be at least 1, got {count}")
+    ds = load_multilabel_data(data)
+    items = ds.split(split)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(min(count, len(items))):
+        img, target = items[i]
+        labels = [c for c, t in zip(ds.classes, target.tolist()) if t > 0.5]
+        path = out / f"{split}_{i:04d}.png"
+        arr = img.permute(1, 2, 0).numpy()
+        Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr).save(path)
+        rows.append((str(path), labels))
+    csv_path = out / "labels.csv"
+    write_multilabel_csv(csv_path, rows)
+    return csv_path

@@ -92,6 +92,120 @@ class WorkflowSpec:
                kept: list, verbose: bool) -> None:
         """The task's own plots (written always) and tables (printed when verbose)."""
 
+    # ---- val and predict: the steps are here, the task's parts in the hooks below ----------
+    load_options: tuple[str, ...] = ()  # val/predict options the predictor is loaded with (iou, nms, tile)
+    call_options: tuple[str, ...] = ()  # predict options passed to every predictor call (conf, topk)
+    predict_batch = 8  # images per predictor call when the task has no --batch
+
+    def val(self, weights, data: str, *, verbose: bool = True, **options: Any) -> dict[str, Any]:
+        """Evaluate ``weights`` (``.safetensors``, a run folder, ``.onnx`` or ``.torchscript``) on
+        a split of ``data``; what ``cnnkit TASK val`` and :func:`cnnkit.val` run. ``options``
+        are the task's ``VAL`` options (``cnnkit TASK val --help``)."""
+        from cnnkit.core.options import resolve
+
+        o = resolve(self.config.VAL, {"weights": weights, "data": data, **options}, f"cnnkit {self.name} val")
+        model = self.load(o)
+        records = self.val_records(model, o["data"], o["split"], verbose)
+        ev = self.val_metrics(model, records, o)
+        result = {**self.public(ev.metrics), **ev.extra, "split": o["split"], "data": o["data"],
+                  "weights": _weights_name(o["weights"]), "backend": model.backend.name}
+        title = f"{o['data']} · {o['split']} · {len(records)} images"
+        return finish_val(result, o["json_path"], verbose, self.val_table(ev.metrics, title),
+                          self.line(ev.metrics, o["split"]), ev.skipped, ev.notes)
+
+    def predict(self, weights, source, *, verbose: bool = True, **options: Any) -> list[dict[str, Any]]:
+        """Predict a file or a folder (searched recursively); what ``cnnkit TASK predict`` and
+        :func:`cnnkit.predict` run. Returns the ``to_dict()`` of every result (the ``--json``
+        rows). Unreadable files inside a folder are reported and skipped; a single unreadable
+        file is an error."""
+        from cnnkit.core.options import resolve
+
+        o = resolve(self.config.PREDICT, {"weights": weights, "source": source, **options},
+                    f"cnnkit {self.name} predict")
+        model = self.load(o)
+        skipped: list[tuple[str, str]] = []
+        timing: dict[str, float] = {}
+        results = self.predict_results(model, self.sources(o), o, skipped, timing)
+        notes = []
+        if o.get("save_dir"):
+            out = Path(o["save_dir"])
+            out.mkdir(parents=True, exist_ok=True)
+            notes.append(self.save_results(model, results, out, o))
+        rows = [r.to_dict() for r in results]
+        table, lines = self.predict_view(model, results, timing, o) if verbose else (None, [])
+        return finish_predict(rows, o["json_path"], verbose, table, lines, skipped, notes)
+
+    def load(self, options: dict[str, Any]):
+        """The predictor of ``options["weights"]`` on ``options["device"]``, with the task's
+        ``load_options``."""
+        from cnnkit.runtime.pipeline import load
+
+        return load(options["weights"], options["device"], task=self.name,
+                    **{k: options[k] for k in self.load_options if k in options})
+
+    def val_records(self, model, data: str, split: str, verbose: bool) -> list:
+        """The records of ``split`` of ``data``, read the way ``model`` was trained (checked by
+        :func:`eval_records`)."""
+        raise NotImplementedError
+
+    def val_metrics(self, model, records: list, options: dict[str, Any]) -> Evaluation:
+        """The metrics of ``model`` on ``records``."""
+        raise NotImplementedError
+
+    def val_table(self, metrics: dict[str, Any], title: str):
+        """A rich table of val metrics (per class), or None."""
+        return None
+
+    def sources(self, options: dict[str, Any]) -> list:
+        """What ``predict`` runs on: the images of ``options["source"]``."""
+        from cnnkit.data.decode import list_sources
+
+        return list_sources(options["source"])
+
+    def predict_results(self, model, sources: list, options: dict[str, Any], skipped: list, timing: dict) -> list:
+        """Typed results of ``model`` on ``sources``."""
+        call = {k: options[k] for k in self.call_options}
+        return model(sources, batch=options.get("batch") or self.predict_batch, skipped=skipped, timing=timing,
+                     **call)
+
+    def save_results(self, model, results: list, out: Path, options: dict[str, Any]) -> str:
+        """Write ``--save-dir`` files for ``results`` into ``out``; return one line saying what."""
+        raise NotImplementedError
+
+    def predict_view(self, model, results: list, timing: dict, options: dict[str, Any]) -> tuple[Any, list[str]]:
+        """``(table or None, lines)`` printed for ``results``: by default a line per result and the
+        time per stage."""
+        return None, [self.result_line(model, r) for r in results] + [speed_line(model, timing)]
+
+    def result_line(self, model, result) -> str:
+        return str(result.path)
+
+
+@dataclass
+class Evaluation:
+    """What a task's ``val_metrics`` returns."""
+
+    metrics: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)  # result keys beside the metrics (ensemble members)
+    skipped: list = field(default_factory=list)  # (path, reason) of unreadable images
+    notes: list[str] = field(default_factory=list)  # lines printed after the metrics
+
+
+def _weights_name(weights) -> str | list[str]:
+    from cnnkit.engine.checkpoint import resolve_weights
+
+    if isinstance(weights, (list, tuple)):
+        names = [str(resolve_weights(w)) for w in weights]
+        return names[0] if len(names) == 1 else names
+    return str(resolve_weights(weights))
+
+
+def speed_line(model, timing: dict[str, float]) -> str:
+    """``speed: P ms preprocess, I ms inference, Q ms postprocess per image (backend)``."""
+    n = max(1, timing.get("images", 0))
+    return (f"speed: {timing['preprocess_ms'] / n:.1f} ms preprocess, {timing['inference_ms'] / n:.1f} ms "
+            f"inference, {timing['postprocess_ms'] / n:.1f} ms postprocess per image ({model.backend.name})")
+
 
 def provenance(cfg: TrainConfig, **extra: Any) -> dict[str, Any]:
     """The card's provenance: data, epochs, seed, starting weights, date and cnnkit version."""
@@ -105,7 +219,7 @@ def provenance(cfg: TrainConfig, **extra: Any) -> dict[str, Any]:
 def train(spec: WorkflowSpec, cfg: TrainConfig | None = None, *, resume: str | Path | None = None,
           verbose: bool = True, **overrides: Any) -> TrainResult:
     """Train ``spec``'s task; what every ``cnnkit TASK train`` and ``cnnkit.train`` run."""
-    from cnnkit.api._common import (
+    from cnnkit.engine.steps import (
         open_run,
         resolve_config,
         run_trainer,

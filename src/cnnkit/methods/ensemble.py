@@ -27,6 +27,7 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -83,7 +84,7 @@ class Ensemble(nn.Module):
 
     Every member takes the same input tensor and returns ``(B, K)`` logits or
     log-probabilities over the same classes in the same order (checking classes and channels is
-    the caller's part: :func:`build_ensemble` and ``cnnkit.api.classify.load_ensemble`` do it).
+    the caller's part: :func:`build_ensemble` and :func:`load_ensemble` do it).
 
     Args:
         members: the models (at least one).
@@ -332,3 +333,55 @@ def build_ensemble(models: Sequence[nn.Module], pres: Sequence[Preprocess], mode
     if len(members) == 1:
         return members[0], pre
     return Ensemble(members, mode), pre
+
+
+def load_ensemble(weights: str | Path | Sequence[str | Path], device: str | None = "cpu",
+                  ensemble: str = "mean", tta: str | None = None):
+    """Load one or more weights as one classifier: an ensemble (``mean`` or ``vote``) and/or TTA.
+
+    Returns a :class:`~cnnkit.runtime.pipeline.Predictor`. One weights file without TTA is
+    exactly ``cnnkit.load`` (an ``.onnx`` runs in ONNX Runtime).
+    Several must be classifiers of the same classes in the same order and with the same
+    channels; they may differ in architecture and input size (see
+    :func:`build_ensemble`). The card's ``extra`` records what was
+    combined: ``ensemble = {"mode", "members"}`` and ``tta`` (view names).
+
+    Examples:
+        >>> model = load_ensemble(["runs/a", "runs/b", "runs/c"], ensemble="vote", tta="scale")
+        >>> model("digit.png")[0].label
+    """
+    from dataclasses import replace
+
+    from cnnkit.engine.checkpoint import resolve_weights
+    from cnnkit.runtime.backend import TorchBackend
+    from cnnkit.runtime.pipeline import Predictor, load, pipeline_for
+
+    paths = [weights] if isinstance(weights, (str, Path)) else list(weights)
+    if not paths:
+        raise CnnkitError("--weights needs at least one weights file or run folder")
+    if ensemble not in ENSEMBLE_MODES:
+        raise CnnkitError(f"--ensemble must be one of {', '.join(ENSEMBLE_MODES)}, got '{ensemble}'")
+    views = parse_tta(tta)
+    if len(paths) == 1 and len(views) == 1:
+        return load(paths[0], device, task="classify")
+    if any(Path(p).suffix == ".onnx" for p in paths):
+        raise CnnkitError("ensembles and --tta combine PyTorch weights; give .safetensors files or run folders")
+    members = [load(p, device, task="classify") for p in paths]
+    first = members[0]
+    for path, m in zip(paths[1:], members[1:]):
+        if m.classes != first.classes:
+            ours, theirs = ((f"{len(m.classes)} classes", f"{len(first.classes)}")
+                            if len(m.classes) != len(first.classes) else (f"classes {m.classes}", f"{first.classes}"))
+            raise ModelError(f"weights '{path}' were trained on {ours} but '{paths[0]}' on {theirs}; "
+                             "ensemble members need the same classes in the same order")
+    # every member's core takes [0, 1] images and normalizes itself: the ensemble only resizes
+    pres = [Preprocess(m.card.input.height, (0.0,) * m.card.input.channels, (1.0,) * m.card.input.channels,
+                       m.card.input.channels, mask_channel=m.card.input.mask_channel) for m in members]
+    module, pre = build_ensemble([m.backend.core for m in members], pres, ensemble, views)
+    extra = dict(first.card.extra)
+    if len(members) > 1:
+        extra["ensemble"] = {"mode": ensemble, "members": [str(resolve_weights(p)) for p in paths]}
+    if len(views) > 1:
+        extra["tta"] = [v.name for v in views]
+    card = replace(first.card, input=replace(first.card.input, height=pre.imgsz, width=pre.imgsz), extra=extra)
+    return Predictor(card, pipeline_for(card), TorchBackend(module, first.device), paths[0], module)

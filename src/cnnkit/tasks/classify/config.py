@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cnnkit.core.options import Opt, shared
 from cnnkit.engine.config import ImageClassifierConfig
 from cnnkit.errors import CnnkitError
 
@@ -47,6 +48,10 @@ def parse_imbalance(spec: str | None) -> dict[str, float | None]:
 @dataclass
 class ClassifyConfig(ImageClassifierConfig):
     """``cnnkit classify train`` options (the shared ones plus classification's own)."""
+
+    TASK = "classify"  # class attributes, not options: the task name and its val/predict options
+    VAL = ()  # set below the class
+    PREDICT = ()
 
     # defaults measured on digits (benchmarks/digits_vs_svc.py): one-cycle + EMA gave the
     # steadiest test accuracy across seeds
@@ -95,3 +100,30 @@ class ClassifyConfig(ImageClassifierConfig):
             raise CnnkitError(f"--imbalance focal replaces the loss; it cannot be combined with --loss {self.loss}")
         if not 0 <= self.label_smoothing < 1:
             raise CnnkitError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+
+
+WEIGHTS_HELP = ("best.safetensors or its run folder (or an exported .onnx); several (--weights A B C, or a shell "
+                "glob such as run/weights/snapshot*.safetensors) are combined into an ensemble")
+_WEIGHTS = shared("weights", kind="paths", help=WEIGHTS_HELP)
+_ENSEMBLE = Opt("ensemble", default="mean", choices=("mean", "vote"),
+                help="how several --weights combine: mean (average probabilities) or vote (majority of the "
+                     "members' top-1, ties broken by mean probability)")
+_TTA = Opt("tta", help="test-time augmentation, views averaged with the original: flip (horizontal), vflip, "
+                       "scale[=S] (zoom by 1-S and 1+S, default 0.1), comma-separated (every combination is a "
+                       "view); use views that keep the label: scale for digits and text (a flipped digit is "
+                       "another symbol), flip,scale for objects such as shapes")
+ClassifyConfig.VAL = (
+    _WEIGHTS, shared("data", help="dataset: digits, shapes or an ImageFolder path"), shared("split"),
+    shared("batch"), shared("device"), shared("workers"), _ENSEMBLE, _TTA,
+    Opt("missing", help="missing-data curve: comma-separated shares of each image to drop (e.g. 0,0.1,0.3,0.5); "
+                        "several --weights are then compared, not ensembled"),
+    Opt("missing_mode", default="patch", choices=("pixel", "patch"),
+        help="with --missing: drop single pixels or square patches"),
+    Opt("plot", "file", "missing_curve.png", "with --missing: where the accuracy-vs-missing PNG goes"),
+    shared("json_path"),
+)
+ClassifyConfig.PREDICT = (
+    _WEIGHTS, shared("source"), Opt("topk", int, 5, "how many classes to list per image", lo=1), shared("batch"),
+    shared("device"), _ENSEMBLE, _TTA,
+    shared("json_path", help='write [{"path", "label", "score", "topk": [[label, score], ...]}] to this file'),
+)

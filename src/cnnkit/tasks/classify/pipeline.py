@@ -7,8 +7,8 @@ from typing import Any
 import torch
 
 from cnnkit.core.card import ModelCard
-from cnnkit.core.results import Classification
 from cnnkit.runtime.pipeline import ImageClassifierPipeline
+from cnnkit.tasks.softmax import decode_topk
 
 
 class ClassifyPipeline(ImageClassifierPipeline):
@@ -19,13 +19,13 @@ class ClassifyPipeline(ImageClassifierPipeline):
         return decode_topk(raw[0], self.classes, [m.get("path") for m in metas], topk)
 
 
-def decode_topk(logits: torch.Tensor, classes: list[str], paths: list[str | None], topk: int = 5) -> list[Classification]:
-    """Softmax logits ``(B, K)`` into :class:`~cnnkit.core.results.Classification` results."""
-    probs = logits.float().softmax(1).cpu()
-    k = min(topk, probs.shape[1])
-    scores, idx = probs.topk(k, dim=1)
-    return [Classification(p, classes[i[0]], i[0], s[0], [(classes[j], sc) for j, sc in zip(i, s)])
-            for p, s, i in zip(paths, scores.tolist(), idx.tolist())]
+def legacy_preprocess(card: ModelCard):
+    """The normalizing :class:`~cnnkit.data.transforms.Preprocess` a card's model was trained
+    with (the raw model, not the core, takes its output)."""
+    from cnnkit.data.transforms import Preprocess
+
+    i = card.input
+    return Preprocess(i.height, tuple(i.mean), tuple(i.std), i.channels, mask_channel=i.mask_channel)
 
 
 def pipeline(card: ModelCard) -> ClassifyPipeline:

@@ -30,7 +30,7 @@ from cnnkit.data.sampling import (
 )
 from cnnkit.data.transforms import Preprocess, parse_aug
 from cnnkit.engine.progress import console, per_class_table
-from cnnkit.engine.workflow import Setup, WorkflowSpec, provenance
+from cnnkit.engine.workflow import Evaluation, Setup, WorkflowSpec, provenance
 from cnnkit.errors import DataError, ModelError
 from cnnkit.models.finetune import load_init
 from cnnkit.tasks.classify.config import SAMPLERS, ClassifyConfig, parse_imbalance
@@ -135,7 +135,99 @@ class ClassifySpec(WorkflowSpec):
             console().print(per_class_table(val, f"validation (best epoch {trainer.best_epoch})"))
 
 
+    # ---- val and predict
+    call_options = ("topk",)
+
+    def val(self, weights, data: str, *, verbose: bool = True, **options: Any) -> dict[str, Any]:
+        """Evaluate weights, or several as one ensemble (``ensemble="mean"`` or ``"vote"``; the
+        result then also has ``ensemble``, ``members_top1`` and ``mean_member_top1``), with
+        test-time augmentation (``tta="scale"``, ...); ``missing="0,0.1,0.3"`` draws the
+        accuracy-vs-missing-data curve of each weights instead
+        (:func:`cnnkit.methods.missing.missing_curve`)."""
+        if options.get("missing") is None:
+            return super().val(weights, data, verbose=verbose, **options)
+        from cnnkit.core.options import resolve
+        from cnnkit.methods.missing import missing_curve
+
+        o = resolve(self.config.VAL, {"weights": weights, "data": data, **options}, "cnnkit classify val")
+        try:
+            ratios = [float(r) for r in str(o["missing"]).split(",") if r.strip()]
+        except ValueError:
+            raise DataError(f"--missing takes comma-separated numbers, e.g. 0,0.1,0.3,0.5; got '{o['missing']}'") from None
+        paths = [weights] if isinstance(weights, (str, Path)) else list(weights)
+        return missing_curve(paths, data, ratios, split=o["split"], mode=o["missing_mode"], batch=o["batch"],
+                             device=o["device"], plot=o["plot"], json_path=o["json_path"], verbose=verbose)
+
+    def load(self, options: dict[str, Any]):
+        from cnnkit.methods.ensemble import load_ensemble
+
+        return load_ensemble(options["weights"], options["device"], options["ensemble"], options["tta"])
+
+    def val_records(self, model, data: str, split: str, verbose: bool):
+        ds = load_classification_data(data, channels=model.card.input.channels)
+        n = len(model.card.extra.get("ensemble", {}).get("members", [])) or 1
+        check_classes(model, ds.classes, f"weights '{model.source}'" if n == 1 else f"the {n} ensemble weights", data)
+        records = ds.split(split)
+        if len(records) == 0:
+            raise DataError(f"the {split} split of '{data}' has no images")
+        return records
+
+    def val_metrics(self, model, records, options: dict[str, Any]) -> Evaluation:
+        from cnnkit.runtime.backend import TorchBackend
+        from cnnkit.runtime.pipeline import Predictor, evaluate_loader
+
+        task = ClassifyTask(model.classes)
+        loader = make_loader(TransformedDataset(records, lambda img: model.pipeline.prepare(img)[0]),
+                             options["batch"], False, options["workers"], task.collate)
+        metrics, _, skipped = evaluate_loader(model, loader, task.metrics())
+        extra, notes = {}, []
+        if "ensemble" in model.card.extra:
+            ens = model.card.extra["ensemble"]
+            tops = [evaluate_loader(Predictor(model.card, model.pipeline, TorchBackend(m, model.device)), loader,
+                                    task.metrics())[0]["top1"] for m in model.model.members]
+            mean = sum(tops) / len(tops)
+            extra.update(ensemble=ens, members_top1=tops, mean_member_top1=mean)
+            notes.append(f"ensemble of {len(tops)} ({ens['mode']}): top1 {metrics['top1']:.4f} · members "
+                         + " ".join(f"{t:.4f}" for t in tops) + f" (mean {mean:.4f}, gain {metrics['top1'] - mean:+.4f})")
+        if "tta" in model.card.extra:
+            extra["tta"] = model.card.extra["tta"]
+            notes.append(f"tta: {len(extra['tta'])} views ({', '.join(extra['tta'])})")
+        return Evaluation(metrics, extra, skipped, notes)
+
+    def val_table(self, metrics: dict[str, Any], title: str):
+        return per_class_table(metrics, title)
+
+    def predict_view(self, model, results, timing, options):
+        from rich.table import Table
+
+        extra = ""
+        if "ensemble" in model.card.extra:
+            ens = model.card.extra["ensemble"]
+            extra += f" · ensemble of {len(ens['members'])} ({ens['mode']})"
+        if "tta" in model.card.extra:
+            extra += f" · tta {len(model.card.extra['tta'])} views"
+        ms = (timing["preprocess_ms"] + timing["inference_ms"] + timing["postprocess_ms"]) / max(1, len(results))
+        table = Table(title=f"{len(results)} image(s) · {ms:.1f} ms/image · {model.backend.name}{extra}")
+        k = min(options["topk"], len(model.classes))
+        for col in ("path", "label", "score", f"top{k}"):
+            table.add_column(col)
+        for r in results:
+            table.add_row(r.path, r.label, f"{r.score:.3f}", ", ".join(f"{n} {s:.2f}" for n, s in r.topk[1:]))
+        return table, []
+
+
 SPEC = ClassifySpec()
+
+
+def check_classes(model, classes: list[str], name: str, data: str) -> None:
+    """Refuse data whose classes are not ``model``'s, in the same order."""
+    if list(classes) == model.classes:
+        return
+    if len(classes) != len(model.classes):
+        raise ModelError(f"{name} were trained on {len(model.classes)} classes but data "
+                         f"'{data}' has {len(classes)}; evaluate on data with the same classes")
+    raise ModelError(f"{name} were trained on classes {model.classes} but data '{data}' has "
+                     f"{classes}; evaluate on data with the same classes")
 
 
 def _experiment_splits(cfg: ClassifyConfig, data: ClassificationData) -> tuple[Dataset, Dataset]:

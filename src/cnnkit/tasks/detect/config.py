@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cnnkit.core.choices import NMS_METHODS
+from cnnkit.core.options import Opt, shared
 from cnnkit.engine.config import TrainConfig
 from cnnkit.errors import CnnkitError
 
@@ -13,8 +15,10 @@ from cnnkit.errors import CnnkitError
 class DetectConfig(TrainConfig):
     """``cnnkit detect train`` options (the shared ones plus detection's own)."""
 
-    TASK = "detect"  # class attributes, not options: the task name and its models
+    TASK = "detect"  # class attributes, not options: the task name, its models, its val/predict options
     MODELS = ("fastdet", "fasterrcnn", "retinanet", "ssd", "ssdlite")
+    VAL = ()  # set below the classes
+    PREDICT = ()
 
     data: str = "shapes"
     model: str = "fastdet"  # fastdet, fasterrcnn, retinanet, ssd or ssdlite
@@ -71,3 +75,37 @@ class InstanceConfig(DetectConfig):
     mosaic: float = 0.0  # a mosaic would cut masks; instance training does not use it
     lr: float = 1e-3
     ema: float = 0.0
+
+
+_NMS_HELP = "hard NMS, or soft (Gaussian soft-NMS: overlapping boxes keep a lowered score)"
+
+
+def _val(masks: bool) -> tuple[Opt, ...]:
+    return (
+        shared("weights"), shared("data", help="shapes, a YOLO data.yaml, a COCO YAML/JSON or a VOC folder"),
+        shared("split"), shared("batch", default=32),
+        Opt("conf", float, 0.001, "score threshold (low, so AP sees the whole curve)", lo=0, hi=1),
+        Opt("iou", float, 0.6, "NMS IoU threshold", lo=0, hi=1, lo_open=True),
+        Opt("nms", default=None, choices=NMS_METHODS, help=_NMS_HELP + "; default: as in training"),
+        shared("device"), shared("workers"), shared("json_path"),
+        Opt("save_json", "file", None, 'write the detections in COCO results format ([{"image_id", "category_id", '
+            '"bbox": [x, y, w, h], "score"' + (', "segmentation": RLE' if masks else "") + "}])"))
+
+
+def _predict(masks: bool) -> tuple[Opt, ...]:
+    return (
+        shared("weights"), shared("source"),
+        Opt("conf", float, 0.25, "score threshold", lo=0, hi=1),
+        Opt("iou", float, 0.5, "NMS IoU threshold", lo=0, hi=1, lo_open=True),
+        Opt("max_det", int, 100, "detections kept per image", lo=1),
+        Opt("nms", default="hard", choices=NMS_METHODS, help=_NMS_HELP),
+        shared("device"),
+        shared("json_path", help='write [{"path", "width", "height", "detections": [{"box": [x1, y1, x2, y2], '
+                                 '"score", "class_id", "class_name"' + (', "mask": COCO RLE' if masks else "") +
+                                 "}]}] (original-image pixels)"),
+        shared("save_dir", help="write each image with its boxes" + (" and masks" if masks else "") +
+                                " drawn as PNG here"))
+
+
+DetectConfig.VAL, DetectConfig.PREDICT = _val(False), _predict(False)
+InstanceConfig.VAL, InstanceConfig.PREDICT = _val(True), _predict(True)

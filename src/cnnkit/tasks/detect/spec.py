@@ -19,7 +19,7 @@ from cnnkit.data.detection import (
     parse_det_aug,
 )
 from cnnkit.engine.progress import console
-from cnnkit.engine.workflow import Setup, WorkflowSpec, provenance
+from cnnkit.engine.workflow import Evaluation, Setup, WorkflowSpec, provenance
 from cnnkit.errors import CnnkitError, DataError
 from cnnkit.runtime.pipeline import Predictor
 from cnnkit.tasks.detect.config import DetectConfig, InstanceConfig
@@ -120,8 +120,71 @@ class DetectSpec(WorkflowSpec):
         if verbose:
             console().print(metrics_table(val, f"validation (best epoch {trainer.best_epoch})"))
 
+    # ---- val and predict
+    load_options = ("iou", "nms")
+    call_options = ("conf", "max_det")
+
+    def val_records(self, model, data: str, split: str, verbose: bool) -> list:
+        from cnnkit.engine.workflow import eval_records
+
+        card, pipe = model.card, model.pipeline
+        if data == "shapes":  # the scenes the model was trained on: its seed, size and generator settings
+            trained = card.provenance
+            ds = load_data("shapes", trained.get("seed", 0), pipe.size, card.num_classes,
+                           trained.get("max_objects", 6), verbose, pipe.masks)
+        else:
+            ds = load_data(data, 0, None, verbose=verbose)
+        return eval_records(model, ds, data, split)
+
+    def val_metrics(self, model, records, options: dict[str, Any]) -> Evaluation:
+        """COCO metrics; ``save_json`` also writes the detections in COCO results format (with
+        RLE masks for instance models)."""
+        from cnnkit.tasks.detect.metrics import coco_results
+        from cnnkit.utils.io import write_json
+
+        metrics, preds = evaluate(model, records, options["batch"], options["workers"], options["conf"],
+                                  keep_predictions=True)
+        metrics["num_images"] = len(records)
+        skipped = metrics.pop("skipped_images", [])
+        notes = []
+        if options["save_json"]:
+            res = coco_results([p[0] for p in preds], [p[1] for p in preds], [p[2] for p in preds],
+                               [p[3] for p in preds], model.card.extra.get("category_ids"))
+            if model.pipeline.masks:  # results come out in the order of preds and of each image's detections
+                for d, r in zip(res, [r for p in preds for r in p[4]]):
+                    d["segmentation"] = {"size": [int(v) for v in r["size"]], "counts": r["counts"].decode("ascii")}
+            write_json(options["save_json"], res)
+            notes.append(f"COCO-format detections in {options['save_json']}")
+        return Evaluation(metrics, skipped=skipped, notes=notes)
+
+    def val_table(self, metrics: dict[str, Any], title: str):
+        return metrics_table(metrics, title)
+
+    def save_results(self, model, results: list, out: Path, options: dict[str, Any]) -> str:
+        from PIL import Image
+
+        for r in results:
+            Image.fromarray(draw(model, r).permute(1, 2, 0).numpy()).save(out / (Path(r.path).stem + ".png"))
+        return f"drawn boxes in {out}/"
+
+    def result_line(self, model, r) -> str:
+        counts: dict[str, int] = {}
+        for c in r.labels.tolist():
+            counts[model.classes[c]] = counts.get(model.classes[c], 0) + 1
+        what = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no objects"
+        return f"{r.path}: {r.width}x{r.height}, {what}"
+
 
 DETECT, INSTANCE = DetectSpec(), DetectSpec(masks=True)
+
+
+def draw(model: Predictor, result, image=None) -> torch.Tensor:
+    """The image of a :class:`~cnnkit.core.results.Detections` ``result`` with its boxes (and
+    masks) drawn (uint8 (3, H, W))."""
+    from cnnkit.data.decode import read_image
+
+    img = read_image(image if image is not None else result.path, channels=3).contiguous()
+    return draw_detections(img, result.boxes, result.labels, result.scores, model.classes, masks=result.masks)
 
 
 def evaluate(model: Predictor, records, batch: int = 32, workers: int = 0, conf: float = 0.001,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cnnkit.core.options import Opt, shared
 from cnnkit.engine.config import TrainConfig
 from cnnkit.errors import CnnkitError
 
@@ -12,6 +13,15 @@ from cnnkit.errors import CnnkitError
 @dataclass
 class MedicalConfig(TrainConfig):
     """``cnnkit medical train`` options."""
+
+    TASK = "medical"  # class attributes, not options: the task name, its val/predict options, unused options
+    VAL = (shared("weights"), shared("data", help="phantoms or a NIfTI YAML"), shared("split"),
+                            shared("device"), shared("json_path"))
+    PREDICT = (
+        shared("weights"), shared("source", help="a .nii/.nii.gz file or a folder of them"), shared("device"),
+        shared("save_dir", help="write each label volume here as NIfTI (the input's name, subfolder and affine)"),
+        shared("json_path", help='write [{"path", "shape", "voxels": {class: count}, "labels"}] (classifiers: '
+                                 '[{"path", "shape", "label", "score", "probs"}])'))
 
     UNUSED = ("imgsz", "pretrained", "init", "freeze", "unfreeze_at", "layer_decay", "linear_probe", "channels_last")
 

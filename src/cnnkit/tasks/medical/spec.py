@@ -4,6 +4,7 @@ and HD95 per class with sliding windows, or accuracy, balanced accuracy, F1 and 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,12 +19,12 @@ from cnnkit.data.volumes import (
     collate_volumes,
     load_volume_data,
 )
-from cnnkit.engine.workflow import Setup, WorkflowSpec, provenance
-from cnnkit.errors import DataError
+from cnnkit.engine.workflow import Evaluation, Setup, WorkflowSpec, provenance
+from cnnkit.errors import CnnkitError, DataError
 from cnnkit.runtime.pipeline import Predictor
-from cnnkit.tasks.classify.task import ClassificationMetrics, ClassifyTask
 from cnnkit.tasks.medical.config import MedicalConfig
 from cnnkit.tasks.medical.task import MedicalTask, VolumeMetrics
+from cnnkit.tasks.softmax import ClassificationMetrics, SoftmaxTask
 
 
 def _window(data: VolumeData, patch: int | None) -> int:
@@ -39,7 +40,7 @@ def _window(data: VolumeData, patch: int | None) -> int:
 def evaluate(model: Predictor, records: list[VolRecord]) -> dict[str, Any]:
     """Segmenters: Dice and HD95 per class over ``records`` (whole volumes, sliding window).
     Classifiers: accuracy, balanced accuracy, macro F1, per-class figures and confusion matrix
-    (:class:`~cnnkit.tasks.classify.task.ClassificationMetrics`) plus macro AUROC (torchmetrics)."""
+    (:class:`~cnnkit.tasks.softmax.ClassificationMetrics`) plus macro AUROC (torchmetrics)."""
     if model.pipeline.classify:
         from torchmetrics.functional.classification import multiclass_auroc
 
@@ -92,7 +93,7 @@ class MedicalSpec(WorkflowSpec):
         k = len(data.names)
         window = max(32, _window(data, cfg.patch)) if cfg.classify else _window(data, cfg.patch)
         model = build_volume_model(cfg.model, k, 1)
-        task = ClassifyTask(data.names) if cfg.classify else MedicalTask(data.names, cfg.loss)
+        task = SoftmaxTask(data.names) if cfg.classify else MedicalTask(data.names, cfg.loss)
         task.collate = collate_volumes
         gen = torch.Generator().manual_seed(cfg.seed)
         train_ds = VolumeDataset(data.split("train"), k, window, train=True, classify=cfg.classify)
@@ -113,6 +114,64 @@ class MedicalSpec(WorkflowSpec):
 
     def line(self, m: dict[str, Any], split: str) -> str:
         return _line(m, split)
+
+    # ---- val and predict
+    predict_batch = 1
+
+    def val_records(self, model, data: str, split: str, verbose: bool) -> list:
+        from cnnkit.engine.workflow import eval_records
+
+        seed = model.card.provenance.get("seed", 0) if data == "phantoms" else 0
+        return eval_records(model, load_volume_data(data, seed, model.pipeline.classify), data, split)
+
+    def val_metrics(self, model, records, options: dict[str, Any]) -> Evaluation:
+        return Evaluation(evaluate(model, records))
+
+    def sources(self, options: dict[str, Any]) -> list:
+        """The NIfTI files of ``source``; with ``save_dir``, refuse to write a label volume over
+        an input."""
+        from cnnkit.data.volumes import NIFTI_SUFFIXES
+
+        p = Path(options["source"])
+        if not p.exists():
+            raise DataError(f"source '{p}' does not exist")
+        files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.name.endswith(NIFTI_SUFFIXES))
+        if not files:
+            raise DataError(f"no .nii or .nii.gz files in '{p}'")
+        if options.get("save_dir"):
+            inputs = {f.resolve() for f in files}
+            clash = next((f for f in files if _label_path(f, p, options["save_dir"]).resolve() in inputs), None)
+            if clash is not None:
+                raise CnnkitError(f"--save-dir would overwrite the input '{clash}' with its labels; "
+                                  "choose another folder")
+        return files
+
+    def save_results(self, model, results: list, out: Path, options: dict[str, Any]) -> str:
+        """Each label volume as NIfTI with its input's name, subfolder and affine."""
+        import nibabel as nib
+
+        from cnnkit.data.volumes import write_nifti
+
+        if model.pipeline.classify:
+            return "classifiers write no volumes; --save-dir left empty"
+        for r in results:
+            f = Path(r.path)
+            target = _label_path(f, Path(options["source"]), out)
+            write_nifti(target, r.labels.numpy(), nib.load(str(f)).affine)
+            r.labels_file = str(target)
+        return f"label volumes in {out}/"
+
+    def result_line(self, model, r) -> str:
+        if model.pipeline.classify:
+            return f"{r.path}: {r.label} ({r.score:.3f})"
+        row = r.to_dict()
+        what = ", ".join(f"{n} {c}" for n, c in row["voxels"].items() if n != model.classes[0]) or "background only"
+        return f"{r.path}: {'x'.join(map(str, row['shape']))} voxels, {what}"
+
+
+def _label_path(f: Path, source: Path, out) -> Path:
+    """Where ``f``'s label volume goes: its path below the source folder, under ``out``."""
+    return Path(out) / (f.name if source.is_file() else f.relative_to(source))
 
 
 SPEC = MedicalSpec()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cnnkit.core.options import Opt, shared
 from cnnkit.engine.config import ImageClassifierConfig
 from cnnkit.errors import CnnkitError
 
@@ -12,6 +13,14 @@ from cnnkit.errors import CnnkitError
 @dataclass
 class MultiLabelConfig(ImageClassifierConfig):
     """``cnnkit multilabel train`` options (the shared ones plus multi-label's own)."""
+
+    TASK = "multilabel"  # class attributes, not options: the task name and its val/predict options
+    VAL = (
+        shared("weights"), shared("data", help="dataset: shapes, a CSV file or a folder with train.csv"),
+        shared("split"), shared("batch"), shared("device"), shared("workers"), shared("json_path"))
+    PREDICT = (
+        shared("weights"), shared("source"), shared("batch"), shared("device"),
+        shared("json_path", help='write [{"path", "labels", "scores": {class: probability}}] to this file'))
 
     data: str = "shapes"
     schedule: str = "onecycle"

@@ -14,7 +14,7 @@ from cnnkit.data.classification import TransformedDataset, make_loader, normaliz
 from cnnkit.data.multilabel import load_multilabel_data
 from cnnkit.data.transforms import Preprocess, parse_aug
 from cnnkit.engine.progress import console
-from cnnkit.engine.workflow import Setup, WorkflowSpec, provenance
+from cnnkit.engine.workflow import Evaluation, Setup, WorkflowSpec, provenance
 from cnnkit.errors import DataError
 from cnnkit.models.finetune import load_init
 from cnnkit.tasks.multilabel.config import MultiLabelConfig
@@ -101,6 +101,37 @@ class MultiLabelSpec(WorkflowSpec):
         if verbose:
             console().print(per_class_table(val, f"validation (best epoch {trainer.best_epoch}; "
                                                  "thresholds tuned on it)"))
+
+
+    # ---- val and predict
+    def val_records(self, model, data: str, split: str, verbose: bool):
+        # a CSV without val.csv is split with the seed and val_fraction the model was trained with
+        trained = model.card.provenance
+        ds = load_multilabel_data(data, seed=int(trained.get("seed", 0)),
+                                  val_fraction=float(trained.get("val_fraction", 0.2)),
+                                  channels=model.card.input.channels, classes=model.classes)
+        return ds.split(split)
+
+    def val_metrics(self, model, records, options: dict[str, Any]) -> Evaluation:
+        metrics, _, skipped = evaluate_split(model, records, options["batch"], options["workers"])
+        if "map" not in metrics:
+            raise DataError(f"the {options['split']} split of '{options['data']}' has no readable images")
+        return Evaluation(metrics, skipped=skipped)
+
+    def val_table(self, metrics: dict[str, Any], title: str):
+        return per_class_table(metrics, title)
+
+    def predict_view(self, model, results, timing, options):
+        from rich.table import Table
+
+        ms = (timing["preprocess_ms"] + timing["inference_ms"] + timing["postprocess_ms"]) / max(1, len(results))
+        table = Table(title=f"{len(results)} image(s) · {ms:.1f} ms/image · {model.backend.name}")
+        for col in ("path", "labels", "top scores"):
+            table.add_column(col)
+        for r in results:
+            top = sorted(r.scores.items(), key=lambda kv: -kv[1])[:3]
+            table.add_row(r.path, ", ".join(r.labels) or "(none)", ", ".join(f"{n} {s:.2f}" for n, s in top))
+        return table, []
 
 
 SPEC = MultiLabelSpec()

@@ -226,6 +226,7 @@ class MultiLabelTask(Task):
     def build_model(arch: str, num_classes: int, in_chans: int, pretrained: bool = False,
                     **kwargs) -> nn.Module:
         """The same backbones and heads as single-label classification: K logits."""
-        from cnnkit.tasks.classify.task import ClassifyTask
+        from cnnkit.models import create_model
 
-        return ClassifyTask.build_model(arch, num_classes, in_chans, pretrained, **kwargs)
+        return create_model(arch, num_classes=num_classes, in_chans=in_chans, task="classify",
+                            pretrained=pretrained, **kwargs)

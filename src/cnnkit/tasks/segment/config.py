@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cnnkit.core.options import Opt, shared
 from cnnkit.engine.config import TrainConfig
 from cnnkit.errors import CnnkitError
 
@@ -12,6 +13,10 @@ from cnnkit.errors import CnnkitError
 @dataclass
 class SegmentConfig(TrainConfig):
     """``cnnkit segment train`` options (the shared ones plus segmentation's own)."""
+
+    TASK = "segment"  # class attributes, not options: the task name and its val/predict options
+    VAL = ()  # set below the class
+    PREDICT = ()
 
     data: str = "shapes"
     model: str = "unet"  # unet, fcn or deeplabv3
@@ -49,3 +54,14 @@ class SegmentConfig(TrainConfig):
             raise CnnkitError(f"--imgsz must be a multiple of 32 for segmentation, got {self.imgsz}")
         if self.scenes < 1:
             raise CnnkitError(f"--scenes must be at least 1, got {self.scenes}")
+
+
+_TILE = Opt("tile", bool, None, "slide a training-size window over the full-resolution image (overlap 25%, Gaussian "
+                                "blending) instead of resizing it; default: as trained (--crop models tile)")
+SegmentConfig.VAL = (shared("weights"), shared("data", help="shapes or a segmentation YAML"), shared("split"),
+                     shared("device"), _TILE, shared("json_path"))
+SegmentConfig.PREDICT = (
+    shared("weights"), shared("source"), shared("device"), _TILE,
+    shared("save_dir", help="write NAME_mask.png (class ids; a palette PNG, so it also shows colours) and "
+                            "NAME_overlay.png per image here"),
+    shared("json_path", help='write [{"path", "width", "height", "classes": {name: share of pixels}, "mask"}]'))

@@ -22,9 +22,10 @@ from cnnkit.data.segmentation import (
     SegRecord,
     load_segmentation_data,
     palette_bytes,
+    write_mask,
 )
 from cnnkit.engine.progress import console
-from cnnkit.engine.workflow import Setup, WorkflowSpec, provenance
+from cnnkit.engine.workflow import Evaluation, Setup, WorkflowSpec, provenance
 from cnnkit.errors import CnnkitError, DataError
 from cnnkit.runtime.pipeline import Predictor
 from cnnkit.tasks.segment.config import SegmentConfig
@@ -202,6 +203,53 @@ class SegmentSpec(WorkflowSpec):
         draw_samples(predictor, setup.data.split("val")[:8], run.plots / "val_predictions.png")
         if verbose:
             console().print(metrics_table(val, f"validation (best epoch {trainer.best_epoch})"))
+
+    # ---- val and predict
+    load_options = ("tile",)
+
+    def val_records(self, model, data: str, split: str, verbose: bool) -> list:
+        from cnnkit.engine.workflow import eval_records
+
+        if data == "shapes":  # the scenes the model was trained on: its seed, size and generator settings
+            trained = model.card.provenance
+            ds = load_data("shapes", trained.get("seed", 0), model.card.input.height,
+                           trained.get("classes", len(model.classes) - 1), trained.get("max_objects", 4),
+                           trained.get("scenes") if split == "train" else 0)
+        else:
+            ds = load_data(data, 0, None)
+        return eval_records(model, ds, data, split)
+
+    def val_metrics(self, model, records, options: dict[str, Any]) -> Evaluation:
+        metrics = evaluate(model, records)
+        return Evaluation(metrics, skipped=metrics.pop("skipped_images", []))
+
+    def val_table(self, metrics: dict[str, Any], title: str):
+        return metrics_table(metrics, title)
+
+    def save_results(self, model, results: list, out: Path, options: dict[str, Any]) -> str:
+        """``NAME_mask.png`` (class ids as a palette PNG) and ``NAME_overlay.png`` per image."""
+        from PIL import Image
+
+        from cnnkit.data.decode import read_image
+
+        used: set[str] = set()
+        for r in results:
+            stem = Path(r.path).stem
+            base, n = stem, 1
+            while base in used:  # same name in two sub-folders
+                n += 1
+                base = f"{stem}_{n}"
+            used.add(base)
+            r.mask_file = str(out / f"{base}_mask.png")
+            write_mask(r.mask_file, r.mask.numpy())
+            img = read_image(r.path, channels=3)
+            Image.fromarray(overlay(img, r.mask).permute(1, 2, 0).numpy()).save(out / f"{base}_overlay.png")
+        return f"masks and overlays in {out}/"
+
+    def result_line(self, model, r) -> str:
+        fr = r.fractions()
+        what = ", ".join(f"{k} {v:.0%}" for k, v in sorted(fr.items(), key=lambda kv: -kv[1]) if k != model.classes[0])
+        return f"{r.path}: {r.width}x{r.height}, {what or 'background only'}"
 
 
 SPEC = SegmentSpec()

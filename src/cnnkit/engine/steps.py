@@ -1,9 +1,6 @@
-"""Workflow pieces every task's ``train``/``val``/``predict`` shares.
-
-A task's API module (``api/classify.py``, ``api/multilabel.py``, ...) builds its data, task
-and model, then uses these helpers for the parts that are the same everywhere: resolving a
-config or a ``--resume``, opening the run folder, the standard hooks, running the Trainer
-with a clean interrupt message, and listing prediction sources.
+"""The steps of :func:`cnnkit.engine.workflow.train` that are plain functions: resolving a
+config or a ``--resume``, reading ``config.yaml``, opening the run folder, the standard
+hooks, running the Trainer with a clean interrupt message, and writing ``results.json``.
 """
 
 from __future__ import annotations
@@ -97,30 +94,6 @@ def run_trainer(trainer, ckpt: dict | None, run: RunDir, task: str, verbose: boo
         con.print(f"\n[yellow]interrupted[/]; resume with: cnnkit {task} train --resume {run.root}")
         raise
     return time.perf_counter() - t0
-
-
-def image_batches(files: list[Path], batch: int, prepare, skipped: list[tuple[str, str]]):
-    """Yield ``(images (B, C, H, W), paths)`` for ``files``, decoded and preprocessed by ``prepare``.
-
-    An unreadable file in a list of several is appended to ``skipped`` as ``(path, reason)``;
-    a single unreadable file raises its :class:`~cnnkit.errors.ImageDecodeError`.
-    """
-    import torch
-
-    from cnnkit.errors import ImageDecodeError
-
-    for i in range(0, len(files), batch):
-        xs, paths = [], []
-        for f in files[i:i + batch]:
-            try:
-                xs.append(prepare(f))
-                paths.append(str(f))
-            except ImageDecodeError as e:
-                if len(files) == 1:
-                    raise
-                skipped.append((str(f), e.reason))
-        if xs:
-            yield torch.stack(xs), paths
 
 
 def write_run_results(trainer, run: RunDir, val_metrics: dict[str, Any], test_metrics: dict[str, Any] | None,

@@ -1,4 +1,4 @@
-"""Feature extraction and visualization behind ``cnnkit classify features|visualize``.
+"""Feature extraction and visualization behind ``cnnkit classify layers|features|visualize``.
 
 The model-level work (hooks, pooling, drawing) lives in :mod:`cnnkit.methods.features`; this
 module loads weights, reads images and writes files.
@@ -12,12 +12,12 @@ from typing import Any
 
 import numpy as np
 
-from cnnkit.api._common import image_batches
-from cnnkit.api.classify import legacy_preprocess, load
 from cnnkit.data.decode import list_sources
 from cnnkit.errors import CnnkitError, DataError, ImageDecodeError
 from cnnkit.methods import features as F
 from cnnkit.runtime.pipeline import Predictor
+from cnnkit.runtime.pipeline import load as _load
+from cnnkit.tasks.classify.pipeline import legacy_preprocess
 from cnnkit.utils.io import atomic_write, write_json
 
 WHAT = ("filters", "featuremaps")
@@ -32,6 +32,34 @@ class FeatureSet:
     layer: str
     pooled: bool
     skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def load(path, device: str = "auto") -> Predictor:
+    return _load(path, device, task="classify")
+
+
+def image_batches(files: list[Path], batch: int, prepare, skipped: list[tuple[str, str]]):
+    """Yield ``(images (B, C, H, W), paths)`` for ``files``, decoded and preprocessed by ``prepare``.
+
+    An unreadable file in a list of several is appended to ``skipped`` as ``(path, reason)``;
+    a single unreadable file raises its :class:`~cnnkit.errors.ImageDecodeError`.
+    """
+    import torch
+
+    from cnnkit.errors import ImageDecodeError
+
+    for i in range(0, len(files), batch):
+        xs, paths = [], []
+        for f in files[i:i + batch]:
+            try:
+                xs.append(prepare(f))
+                paths.append(str(f))
+            except ImageDecodeError as e:
+                if len(files) == 1:
+                    raise
+                skipped.append((str(f), e.reason))
+        if xs:
+            yield torch.stack(xs), paths
 
 
 def _check_batch(batch: int) -> None:

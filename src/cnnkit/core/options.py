@@ -1,0 +1,96 @@
+"""The options of ``val`` and ``predict`` for every task, declared once (no torch here).
+
+Each task lists its modes' options in ``tasks/<task>/config.py`` (``VAL`` and ``PREDICT``),
+mostly by naming a shared option from :data:`SHARED` and giving it the task's default or
+wording. The command line generates its ``cnnkit TASK val|predict`` options from these
+lists (``cli/options.py``), and the Python API (:func:`cnnkit.val`, :func:`cnnkit.predict`)
+fills defaults and checks ranges with :func:`resolve`, so both accept the same names,
+defaults and limits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from cnnkit.errors import CnnkitError
+
+
+@dataclass(frozen=True)
+class Opt:
+    """One option: ``--name`` on the command line, ``name=`` in Python.
+
+    ``kind`` is ``str``, ``int``, ``float``, ``bool`` (a flag; ``default=None`` makes it
+    tri-state ``--x/--no-x``), ``"file"`` or ``"dir"`` (an output path), ``"paths"`` (one or
+    more values: ``--weights A B C``). ``lo``/``hi`` bound numbers (``lo_open``: strictly
+    above ``lo``).
+    """
+
+    name: str
+    kind: Any = str
+    default: Any = None
+    help: str = ""
+    choices: tuple[str, ...] | None = None
+    required: bool = False
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    flag: str | None = None  # the command-line spelling when it is not --name (--json for json_path)
+
+    @property
+    def cli_flag(self) -> str:
+        return self.flag or "--" + self.name.replace("_", "-")
+
+    def check(self, value: Any) -> None:
+        """Raise a one-sentence :class:`CnnkitError` for a value out of range or choices."""
+        if value is None:
+            return
+        if self.choices is not None and value not in self.choices:
+            raise CnnkitError(f"{self.cli_flag} must be one of {', '.join(self.choices)}, got '{value}'")
+        if self.kind in (int, float):
+            low_bad = self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo)
+            high_bad = self.hi is not None and value > self.hi
+            if low_bad or high_bad:
+                if self.hi is None and not self.lo_open:
+                    want = f"at least {self.lo:g}"
+                else:
+                    want = f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}]"
+                raise CnnkitError(f"{self.cli_flag} must be {want}, got {value}")
+
+
+SHARED: dict[str, Opt] = {o.name: o for o in (
+    Opt("weights", required=True, help="best.safetensors or its run folder, or an exported .onnx / .torchscript "
+                                       "(cnnkit export)"),
+    Opt("data", required=True, help="dataset"),
+    Opt("source", required=True, help="an image file or a folder (searched recursively)"),
+    Opt("split", default="val", choices=("train", "val", "test"), help="which split"),
+    Opt("batch", int, 64, "batch size", lo=1),
+    Opt("device", default="auto", help="auto, cpu, cuda, cuda:N or mps"),
+    Opt("workers", int, 0, "data-loading worker processes", lo=0),
+    Opt("json_path", "file", None, "also write the metrics to this JSON file", flag="--json"),
+    Opt("save_dir", "dir", None, "write drawn results here"),
+)}
+
+
+def shared(name: str, **changes: Any) -> Opt:
+    """The shared option ``name`` with a task's own default or wording."""
+    return replace(SHARED[name], **changes)
+
+
+def resolve(opts: tuple[Opt, ...], given: dict[str, Any], what: str) -> dict[str, Any]:
+    """``given`` with every missing option at its default, after refusing unknown names and
+    values out of range; ``what`` names the mode in messages (``cnnkit detect val``)."""
+    known = {o.name: o for o in opts}
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], list(known), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise CnnkitError(f"{what} has no option '{unknown[0]}'{hint}; options: {', '.join(known)}")
+    out = {}
+    for o in opts:
+        value = given.get(o.name, o.default)
+        o.check(value)
+        out[o.name] = value
+    return out
