@@ -17,8 +17,6 @@ class DetectConfig(TrainConfig):
 
     TASK = "detect"  # class attributes, not options: the task name, its models, its val/predict options
     MODELS = ("fastdet", "fasterrcnn", "retinanet", "ssd", "ssdlite")
-    VAL = ()  # set below the classes
-    PREDICT = ()
 
     data: str = "shapes"
     model: str = "fastdet"  # fastdet, fasterrcnn, retinanet, ssd or ssdlite

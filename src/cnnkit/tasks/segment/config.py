@@ -14,9 +14,7 @@ from cnnkit.errors import CnnkitError
 class SegmentConfig(TrainConfig):
     """``cnnkit segment train`` options (the shared ones plus segmentation's own)."""
 
-    TASK = "segment"  # class attributes, not options: the task name and its val/predict options
-    VAL = ()  # set below the class
-    PREDICT = ()
+    TASK = "segment"  # a class attribute, not an option (VAL and PREDICT are set below the class)
 
     data: str = "shapes"
     model: str = "unet"  # unet, fcn or deeplabv3
