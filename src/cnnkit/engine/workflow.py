@@ -58,10 +58,13 @@ class Setup:
 class WorkflowSpec:
     """A task's part of the workflow (see the module docstring)."""
 
-    name = "?"
-    config: type[TrainConfig] = TrainConfig
+    config: type[TrainConfig] = TrainConfig  # the task's options; its TASK attribute is the task's name
     curves: tuple[str, ...] = ()  # metrics drawn in plots/results.png
     keep = 0  # validation samples kept for the prediction plot
+
+    @property
+    def name(self) -> str:
+        return self.config.TASK
 
     def setup(self, cfg: TrainConfig, device, verbose: bool, resuming: bool) -> Setup:
         raise NotImplementedError

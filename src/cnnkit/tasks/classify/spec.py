@@ -53,7 +53,6 @@ def evaluate_split(predictor, split: Dataset, batch: int = 64, workers: int = 0,
 
 
 class ClassifySpec(WorkflowSpec):
-    name = "classify"
     config = ClassifyConfig
     curves = ("top1", "macro_f1", "balanced_accuracy")
     keep = 32

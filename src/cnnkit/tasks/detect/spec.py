@@ -46,7 +46,6 @@ class DetectSpec(WorkflowSpec):
 
     def __init__(self, masks: bool = False):
         self.masks = masks
-        self.name = "instance" if masks else "detect"
         self.config = InstanceConfig if masks else DetectConfig
         self.curves = ("mask_map50_95", "map50_95", "mask_map50") if masks else ("map50_95", "map50")
 

@@ -78,7 +78,6 @@ def _line(m: dict[str, Any], split: str) -> str:
 
 
 class MedicalSpec(WorkflowSpec):
-    name = "medical"
     config = MedicalConfig
 
     def curve_keys(self, cfg: MedicalConfig) -> tuple[str, ...]:

@@ -39,7 +39,6 @@ def evaluate_split(predictor, split, batch: int = 64, workers: int = 0, keep: in
 
 
 class MultiLabelSpec(WorkflowSpec):
-    name = "multilabel"
     config = MultiLabelConfig
     curves = ("map", "micro_f1", "macro_f1")
     keep = 32

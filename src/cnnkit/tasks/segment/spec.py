@@ -154,7 +154,6 @@ def metrics_table(m: dict[str, Any], title: str):
 
 
 class SegmentSpec(WorkflowSpec):
-    name = "segment"
     config = SegmentConfig
     curves = ("miou", "dice", "pixel_acc")
 
