@@ -335,3 +335,23 @@ def test_fasterrcnn_learns_a_few_images():
     with torch.no_grad():
         state.update(model(batch["images"]), batch)
     assert state.compute()["map50"] > 0.85
+
+
+def test_scenes_sets_the_train_split_only(cli, monkeypatch):
+    """``--scenes`` changes how many training scenes shapes renders; val and test (seeded per
+    index) stay the same images, and the CLI refuses 0."""
+    import numpy as np
+
+    import cnnkit.data.detection as dd
+    from cnnkit.tasks.detect.spec import load_data
+
+    monkeypatch.setattr(dd, "SHAPES_DET_SIZES", {"train": 6, "val": 3, "test": 2})
+    data = load_data("shapes", 0, 64, classes=2, max_objects=2, verbose=False, scenes=2)
+    assert {k: len(v) for k, v in data.splits.items()} == {"train": 2, "val": 3, "test": 2}
+    plain = load_data("shapes", 0, 64, classes=2, max_objects=2, verbose=False)
+    for a, b in zip(data.splits["val"], plain.splits["val"], strict=True):
+        assert np.array_equal(a.image, b.image) and np.array_equal(a.boxes, b.boxes)
+    for a, b in zip(data.splits["train"], plain.splits["train"][:2], strict=True):
+        assert np.array_equal(a.image, b.image)
+    r = cli("detect", "train", "--scenes", "0")
+    assert r.code == 2 and "--scenes must be at least 1, got 0" in r.err

@@ -27,6 +27,7 @@ TRAIN_HELP = {
     "max_det": "detections kept per image",
     "classes": "shapes: how many of the 8 shape classes to use",
     "max_objects": "shapes: at most this many objects per image",
+    "scenes": "shapes: how many training scenes to generate (default 400; val and test keep 100 each)",
     "pretrained": "ImageNet weights for the backbone (registry loader; needs network once)",
     "init": "start from a detector's or a classifier's weights (matching layers are copied; a classifier "
             "fills the backbone)",

@@ -39,6 +39,7 @@ class DetectConfig(TrainConfig):
     # built-in shapes data
     classes: int = 8  # shapes: how many of the 8 shape classes
     max_objects: int = 6  # shapes: at most this many objects per image
+    scenes: int | None = None  # shapes: training scenes to generate (default 400; val and test keep 100 each)
 
     def validate(self) -> None:
         super().validate()
@@ -58,6 +59,8 @@ class DetectConfig(TrainConfig):
             raise CnnkitError(f"--iou must be in (0, 1], got {self.iou}")
         if self.imgsz is not None and self.imgsz % 32:
             raise CnnkitError(f"--imgsz must be a multiple of 32 for detection, got {self.imgsz}")
+        if self.scenes is not None and self.scenes < 1:
+            raise CnnkitError(f"--scenes must be at least 1, got {self.scenes}")
         if self.width < 4:
             raise CnnkitError(f"--width must be at least 4, got {self.width}")
 

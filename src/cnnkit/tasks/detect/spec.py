@@ -30,11 +30,14 @@ DEFAULT_IMGSZ = 320
 
 
 def load_data(spec: str, seed: int, imgsz: int | None, classes: int = 8, max_objects: int = 6,
-              verbose: bool = True, masks: bool = False) -> DetectionData:
-    """``--data`` for detection (shapes with its generator settings, or a dataset file); the
-    readers' warnings are printed when ``verbose``."""
+              verbose: bool = True, masks: bool = False, scenes: int | None = None) -> DetectionData:
+    """``--data`` for detection (shapes with its generator settings and ``scenes`` training
+    scenes, default 400; or a dataset file); the readers' warnings are printed when ``verbose``."""
+    from cnnkit.data import detection
+
+    sizes = None if scenes is None else {**detection.SHAPES_DET_SIZES, "train": scenes}
     data = load_detection_data(spec, imgsz, seed=seed, num_classes=classes, max_objects=max_objects,
-                               masks=masks) if spec == "shapes" else load_detection_data(spec)
+                               masks=masks, sizes=sizes) if spec == "shapes" else load_detection_data(spec)
     if verbose:
         for w in data.warnings:
             console().print(f"[yellow]warning:[/] {w}")
@@ -55,7 +58,7 @@ class DetectSpec(WorkflowSpec):
         from cnnkit.models.finetune import copy_matching_weights
 
         con, masks = console(), self.masks
-        data = load_data(cfg.data, cfg.seed, cfg.imgsz, cfg.classes, cfg.max_objects, verbose, masks)
+        data = load_data(cfg.data, cfg.seed, cfg.imgsz, cfg.classes, cfg.max_objects, verbose, masks, cfg.scenes)
         imgsz = cfg.imgsz or DEFAULT_IMGSZ
         train_recs, val_recs = data.split("train"), data.split("val")
         if not train_recs:
@@ -101,7 +104,8 @@ class DetectSpec(WorkflowSpec):
         card = ModelCard(self.name, cfg.model, list(data.names), InputSpec(imgsz, imgsz, 3, "letterbox"),
                          OutputSpec(names, "fastdet" if cfg.model == "fastdet" else "detections"), model_kwargs,
                          {"iou": cfg.iou, "nms": cfg.nms, "max_det": cfg.max_det},
-                         provenance(cfg, aug=aug, mosaic=cfg.mosaic, classes=cfg.classes, max_objects=cfg.max_objects),
+                         provenance(cfg, aug=aug, mosaic=cfg.mosaic, classes=cfg.classes, max_objects=cfg.max_objects,
+                                    scenes=cfg.scenes),
                          extra={"category_ids": category_ids})
         return Setup(model, task, train_loader, val_loader, card, data)
 
@@ -130,7 +134,8 @@ class DetectSpec(WorkflowSpec):
         if data == "shapes":  # the scenes the model was trained on: its seed, size and generator settings
             trained = card.provenance
             ds = load_data("shapes", trained.get("seed", 0), pipe.size, card.num_classes,
-                           trained.get("max_objects", 6), verbose, pipe.masks)
+                           trained.get("max_objects", 6), verbose, pipe.masks,
+                           trained.get("scenes") if split == "train" else 0)
         else:
             ds = load_data(data, 0, None, verbose=verbose)
         return eval_records(model, ds, data, split)
