@@ -10,7 +10,7 @@ def run_demo(out: str, epochs: int, device: str) -> None:
     """Train on digits, evaluate on the test split, predict a few saved test images."""
     from PIL import Image
 
-    import cnnkit.api as api
+    from cnnkit import api
     from cnnkit.data.digits import digits_arrays
     from cnnkit.engine.progress import console
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import click
 
-
 TRAIN_HELP = {
     "data": "dataset: shapes (generated scenes), an Ultralytics data.yaml, a COCO YAML "
             "({train: {images, annotations}, val: ...}) or a Pascal VOC folder",

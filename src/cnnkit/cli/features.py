@@ -31,8 +31,8 @@ def register(group: click.Group) -> None:
                        "each row)")
     def features_cmd(weights, source, layer, maps, batch, device, out) -> None:
         """Feature maps or pooled vectors of any named stage, for a file or folder of images."""
-        from cnnkit.methods import inspect as api
         from cnnkit.engine.progress import console
+        from cnnkit.methods import inspect as api
 
         if layer == "list":
             info = api.layers(weights, device)

@@ -135,7 +135,7 @@ def add_train_command(group: click.Group, cfg_cls: type, help: str | None = None
                   help="continue a stopped run exactly (its folder or weights/last.ckpt)")
     @click.pass_context
     def train_cmd(ctx: click.Context, config_file: str | None, resume: str | None, **options) -> None:
-        import cnnkit.api as api
+        from cnnkit import api
 
         names = [f.name for f in dataclasses.fields(cfg_cls)]
         if resume:
@@ -167,14 +167,14 @@ def add_mode_commands(group: click.Group, cfg_cls: type, val_help: str, predict_
     @group.command("val", context_settings=CONTEXT, help=val_help)
     @mode_options(cfg_cls.VAL)
     def val_cmd(weights, data, **options) -> None:
-        import cnnkit.api as api
+        from cnnkit import api
 
         api.val(task, list(weights) if isinstance(weights, tuple) else weights, data, **options)
 
     @group.command("predict", context_settings=CONTEXT, help=predict_help)
     @mode_options(cfg_cls.PREDICT)
     def predict_cmd(weights, source, **options) -> None:
-        import cnnkit.api as api
+        from cnnkit import api
 
         api.predict(task, list(weights) if isinstance(weights, tuple) else weights, source, **options)
 

@@ -157,7 +157,7 @@ class WorkflowSpec:
 
     def val_table(self, metrics: dict[str, Any], title: str):
         """A rich table of val metrics (per class), or None."""
-        return None
+        return
 
     def sources(self, options: dict[str, Any]) -> list:
         """What ``predict`` runs on: the images of ``options["source"]``."""
@@ -222,6 +222,7 @@ def provenance(cfg: TrainConfig, **extra: Any) -> dict[str, Any]:
 def train(spec: WorkflowSpec, cfg: TrainConfig | None = None, *, resume: str | Path | None = None,
           verbose: bool = True, **overrides: Any) -> TrainResult:
     """Train ``spec``'s task; what every ``cnnkit TASK train`` and ``cnnkit.train`` run."""
+    from cnnkit.engine.progress import console
     from cnnkit.engine.steps import (
         open_run,
         resolve_config,
@@ -229,7 +230,6 @@ def train(spec: WorkflowSpec, cfg: TrainConfig | None = None, *, resume: str | P
         standard_hooks,
         write_run_results,
     )
-    from cnnkit.engine.progress import console
     from cnnkit.engine.trainer import Trainer
     from cnnkit.runtime.pipeline import load
     from cnnkit.utils.device import select_device

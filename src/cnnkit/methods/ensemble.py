@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from cnnkit.data.transforms import Preprocess
 from cnnkit.errors import CnnkitError, ModelError

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from cnnkit.core.card import ModelCard
+from cnnkit.core.results import Classification
 from cnnkit.runtime.pipeline import ImageClassifierPipeline
 from cnnkit.tasks.softmax import decode_topk
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cnnkit.core.options import Opt, shared
+from cnnkit.core.options import shared
 from cnnkit.engine.config import TrainConfig
 from cnnkit.errors import CnnkitError
 

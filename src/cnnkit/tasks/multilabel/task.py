@@ -9,8 +9,8 @@ import warnings
 from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from cnnkit.core.choices import MULTILABEL_LOSSES as LOSSES
 from cnnkit.data.multilabel import collate_multilabel
