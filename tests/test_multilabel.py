@@ -7,20 +7,31 @@ import math
 
 import numpy as np
 import pytest
-from conftest import COLOURS, make_colour_csv
 import torch
 import torch.nn.functional as F
+from conftest import COLOURS, make_colour_csv
 from PIL import Image
 
 from cnnkit.data.classification import Skipped
-from cnnkit.data.formats.multilabel_csv import (LabeledImage, read_multilabel_csv,
-                                                write_multilabel_csv)
-from cnnkit.data.multilabel import (ShapesMultiLabel, collate_multilabel, load_multilabel_data,
-                                    multilabel_params)
+from cnnkit.data.formats.multilabel_csv import (
+    LabeledImage,
+    read_multilabel_csv,
+    write_multilabel_csv,
+)
+from cnnkit.data.multilabel import (
+    ShapesMultiLabel,
+    collate_multilabel,
+    load_multilabel_data,
+    multilabel_params,
+)
 from cnnkit.data.shapes import SHAPE_CLASSES
 from cnnkit.errors import DataError
-from cnnkit.tasks.multilabel.task import (MultiLabelMetrics, MultiLabelTask, asymmetric_loss,
-                                     tune_thresholds)
+from cnnkit.tasks.multilabel.task import (
+    MultiLabelMetrics,
+    MultiLabelTask,
+    asymmetric_loss,
+    tune_thresholds,
+)
 
 
 def _logit(p: torch.Tensor) -> torch.Tensor:
@@ -332,19 +343,3 @@ def test_cli_bad_input_is_one_sentence(cli, tmp_path):
     r = cli("multilabel", "val", "--weights", tmp_path / "w", "--data", "shapes")
     assert r.code == 2 and r.err.startswith("Error: weights '") and "not multilabel" in r.err
     assert r.err.count("\n") == 1 and "Traceback" not in r.err
-
-
-README_TRAIN = ("multilabel", "train", "--data", "shapes", "--imgsz", "32", "--epochs", "8")
-
-
-@pytest.mark.slow
-def test_shapes_readme_run_learns_well_above_chance(cli, tmp_path):
-    """The README's command (about a minute on 2 CPU cores): measured test mAP 0.56 and micro-F1
-    0.55; a random scorer gets mAP 0.245 and predicting every label micro-F1 0.38."""
-    run = tmp_path / "run"
-    r = cli(*README_TRAIN, "--out", run)
-    assert r.code == 0, r.err
-    res = json.loads((run / "results.json").read_text())
-    assert res["test"]["map"] > 0.45 and res["test"]["micro_f1"] > 0.45, res["test"]
-    assert res["map"] > 0.45 and res["num_images"] == 400
-    assert set(res["per_class"]) == set(SHAPE_CLASSES)

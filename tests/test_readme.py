@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import subprocess
@@ -64,6 +65,44 @@ def test_readme_command_runs_as_written(cmd, readme_dir, monkeypatch, capsys):
     code = main(shlex.split(cmd)[1:])
     out = capsys.readouterr()
     assert code == 0, f"{cmd}\n{out.out[-2000:]}\n{out.err[-2000:]}"
+    for prefix, check in CHECKS.items():
+        if cmd.startswith(prefix):
+            check(readme_dir)
+
+
+def multilabel_shapes_learns_well_above_chance(root: Path) -> None:
+    """The README's multilabel run (about a minute on 2 CPU cores): measured test mAP 0.56 and
+    micro-F1 0.55; a random scorer gets mAP 0.245 and predicting every label micro-F1 0.38."""
+    from cnnkit.data.shapes import SHAPE_CLASSES
+
+    res = json.loads((root / "runs/multilabel/shapes/results.json").read_text())
+    assert res["test"]["map"] > 0.45 and res["test"]["micro_f1"] > 0.45, res["test"]
+    assert res["map"] > 0.45 and res["num_images"] == 400
+    assert set(res["per_class"]) == set(SHAPE_CLASSES)
+
+
+def digits_default_training_reaches_98_5_percent(root: Path) -> None:
+    """Acceptance: the default digits training beats 98.5% top-1 on the fixed test split.
+
+    The README trains it with seeds 0, 1 and 2 (the ensemble members). One seed is not a fair
+    bar: the test split has 270 images (one image is 0.0037), and the same seed with the same
+    pins lands 6 images apart on two machines (most likely different CPU kernels) (seed 0:
+    0.9963 on the machine BENCHMARKS.md was measured on, 0.9778 on an AMD EPYC with the same
+    pins). The bar is on the mean of three seeds (there: 0.990; on the EPYC: 0.986).
+    """
+    top1 = []
+    for run in ("digits", "digits-s1", "digits-s2"):
+        res = json.loads((root / "runs/classify" / run / "results.json").read_text())
+        assert res["test"]["num_images"] == 270
+        top1.append(res["test"]["top1"])
+    assert sum(top1) / 3 >= 0.985, top1
+
+
+# what a README run must reach, checked right after its command (README command prefix -> check)
+CHECKS = {
+    "cnnkit classify train --data digits --seed 2 --out runs/classify/digits-s2": digits_default_training_reaches_98_5_percent,
+    "cnnkit multilabel train --data shapes --imgsz 32 --epochs 8 ": multilabel_shapes_learns_well_above_chance,
+}
 
 
 @pytest.mark.slow
@@ -79,3 +118,8 @@ def test_readme_error_example_is_true(cli):
     assert m, "README shows an error example"
     r = cli(*shlex.split(m.group(1))[1:])
     assert r.code == 2 and r.err.strip() == m.group(2)
+
+
+def test_every_readme_check_matches_one_command():
+    for prefix in CHECKS:
+        assert sum(c.startswith(prefix) for c in commands()) == 1, prefix
