@@ -204,6 +204,40 @@ def test_predictor_is_stateless_across_threads(exported, request, tmp_path):
         expected = {conf: [r.to_dict() for r in model(items, conf=conf)] for conf in (0.001, 0.01, 0.05)}
         jobs = [conf for conf in (0.001, 0.01, 0.05) for _ in range(4)]
         with ThreadPoolExecutor(4) as pool:
-            got = list(pool.map(lambda c: (c, [r.to_dict() for r in model(items, conf=c)]), jobs))
+            got = list(pool.map(lambda c, m=model: (c, [r.to_dict() for r in m(items, conf=c)]), jobs))
         assert all(rows == expected[c] for c, rows in got)
         assert expected[0.001] != expected[0.05]  # the per-call option took effect
+
+
+def test_benchmark_interleaves_formats_and_reports_each(digits_run, tmp_path):
+    """Formats are timed in rounds that take them in turn (a drifting machine moves all alike);
+    every format gets ``runs`` timings; ORT's top-1 on digits equals eager's."""
+    from cnnkit.methods import benchmark as bm
+
+    calls: list[str] = []
+
+    class Fake:
+        device = torch.device("cpu")
+
+        def __init__(self, name):
+            self.name = name
+
+        def raw(self, x):
+            calls.append(self.name)
+
+    x = torch.zeros(1)
+    times = bm.time_interleaved({"a": Fake("a"), "b": Fake("b")}, {"a": x, "b": x}, runs=7, warmup=2)
+    assert {k: len(v) for k, v in times.items()} == {"a": 7, "b": 7}
+    assert calls[:4] == ["a", "a", "b", "b"]  # warm-up, then rounds alternate
+    timed = calls[4:]
+    assert timed.index("b") < len(timed) - timed[::-1].index("a") - 1  # a runs again after b started
+    assert timed.count("a") == 7 + (bm.ROUNDS - 1)  # one untimed warm-up call per later round
+
+    r = bm.benchmark(digits_run, "digits", batch=4, formats=("torch", "onnx"), runs=3, warmup=1, split="test",
+                     json_path=tmp_path / "b.json", verbose=False)
+    rows = {row["format"]: row for row in r["rows"]}
+    assert set(rows) == {"torch", "onnx"} and rows["torch"]["speedup"] == 1.0
+    assert rows["onnx"]["speedup"] == round(rows["torch"]["b1_median_ms"] / rows["onnx"]["b1_median_ms"], 3)
+    assert rows["onnx"]["batch"] == 4 and rows["onnx"]["metric_name"] == "top1"
+    assert rows["onnx"]["metric_delta"] == 0.0
+    assert json.loads((tmp_path / "b.json").read_text())["rows"][1]["format"] == "onnx"

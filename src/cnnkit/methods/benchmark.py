@@ -5,6 +5,10 @@ inputs: file size, median and 90th-percentile latency of the core at batch 1 and
 images per second at batch N, and, given ``data``, the task's metric on a split through the
 full ``val`` of that format (preprocessing and decoding included), with its change against
 eager. Like Ultralytics' ``benchmark`` mode, for every task.
+
+The formats are timed in interleaved rounds (each round times every format in turn, after one
+warm-up call of its own), so a machine that drifts during the run (frequency scaling, another
+process, caches) moves every format alike instead of whichever happened to run then.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ METRIC = {"classify": "top1", "multilabel": "map", "detect": "map50_95", "instan
           "segment": "miou", "medical": "dice"}
 
 
+ROUNDS = 5  # interleaved rounds over the formats
+
+
 def time_core(predictor, x: torch.Tensor, runs: int, warmup: int) -> list[float]:
     """Milliseconds per call of ``predictor.raw(x)`` over ``runs`` calls after ``warmup``."""
     for _ in range(warmup):
@@ -38,8 +45,23 @@ def time_core(predictor, x: torch.Tensor, runs: int, warmup: int) -> list[float]
     return times
 
 
+def time_interleaved(predictors: dict[str, Any], inputs: dict[str, torch.Tensor], runs: int,
+                     warmup: int) -> dict[str, list[float]]:
+    """``runs`` timed calls per format, spread over :data:`ROUNDS` rounds that take the formats
+    in turn (``warmup`` calls each before the first round, one more before each later round)."""
+    for name, p in predictors.items():
+        time_core(p, inputs[name], 0, warmup)
+    rounds = min(ROUNDS, runs)
+    times: dict[str, list[float]] = {name: [] for name in predictors}
+    for r in range(rounds):
+        n = runs // rounds + (r < runs % rounds)
+        for name, p in predictors.items():
+            times[name] += time_core(p, inputs[name], n, 1 if r else 0)
+    return times
+
+
 def p90(xs: list[float]) -> float:
-    return sorted(xs)[min(len(xs) - 1, int(round(0.9 * (len(xs) - 1))))]
+    return sorted(xs)[min(len(xs) - 1, round(0.9 * (len(xs) - 1)))]
 
 
 def benchmark(weights: str | Path, data: str | None = None, batch: int = 16, formats: tuple[str, ...] = FORMATS,
@@ -76,18 +98,21 @@ def benchmark(weights: str | Path, data: str | None = None, batch: int = 16, for
         for fmt in formats:
             if fmt != "torch":
                 files[fmt] = Path(export(src, fmt, folder / f"model.{fmt}", verbose=False)["file"])
+        preds = {fmt: load(files[fmt], device) for fmt in formats}
+        p = preds[formats[0]]
+        n = 1 if p.pipeline.fixed_batch else batch
+        t1 = time_interleaved(preds, {f: q.pipeline.example_input(1) for f, q in preds.items()}, runs, warmup)
+        tn = t1 if n == 1 else time_interleaved(preds, {f: q.pipeline.example_input(n) for f, q in preds.items()},
+                                                runs, warmup)
         base = None
         for fmt in formats:
-            p = load(files[fmt], device)
-            x1 = p.pipeline.example_input(1)
-            t1 = time_core(p, x1, runs, warmup)
             row: dict[str, Any] = {"format": fmt, "file": str(files[fmt]),
                                    "size_mb": round(files[fmt].stat().st_size / 2**20, 3),
-                                   "b1_median_ms": round(statistics.median(t1), 3), "b1_p90_ms": round(p90(t1), 3)}
-            n = 1 if p.pipeline.fixed_batch else batch
-            tn = time_core(p, p.pipeline.example_input(n), runs, warmup) if n > 1 else t1
-            row.update(batch=n, bN_median_ms=round(statistics.median(tn), 3), bN_p90_ms=round(p90(tn), 3),
-                       images_per_s=round(n * 1e3 / statistics.median(tn), 1))
+                                   "b1_median_ms": round(statistics.median(t1[fmt]), 3),
+                                   "b1_p90_ms": round(p90(t1[fmt]), 3),
+                                   "batch": n, "bN_median_ms": round(statistics.median(tn[fmt]), 3),
+                                   "bN_p90_ms": round(p90(tn[fmt]), 3),
+                                   "images_per_s": round(n * 1e3 / statistics.median(tn[fmt]), 1)}
             if data:
                 metrics = cnnkit.val(p.task, files[fmt], data, split=split, device=device, verbose=False)
                 key = METRIC[p.task] if p.task != "medical" or "dice" in metrics else "top1"
