@@ -8,7 +8,10 @@ eager. Like Ultralytics' ``benchmark`` mode, for every task.
 
 The formats are timed in interleaved rounds (each round times every format in turn, after one
 warm-up call of its own), so a machine that drifts during the run (frequency scaling, another
-process, caches) moves every format alike instead of whichever happened to run then.
+process, caches) moves every format alike instead of whichever happened to run then. Before each
+format's turn the benchmark pauses briefly: ONNX Runtime's worker threads keep spinning after a
+call, and on a 2-core machine eager PyTorch started right after ORT ran about 2x slower for
+several calls (a U-Net at 128 px: 32 ms against 16 ms), which would have flattered ORT.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ METRIC = {"classify": "top1", "multilabel": "map", "detect": "map50_95", "instan
 
 
 ROUNDS = 5  # interleaved rounds over the formats
+SETTLE_S = 0.1  # pause before each format's turn, so the previous runtime's threads go idle
 
 
 def time_core(predictor, x: torch.Tensor, runs: int, warmup: int) -> list[float]:
@@ -48,7 +52,8 @@ def time_core(predictor, x: torch.Tensor, runs: int, warmup: int) -> list[float]
 def time_interleaved(predictors: dict[str, Any], inputs: dict[str, torch.Tensor], runs: int,
                      warmup: int) -> dict[str, list[float]]:
     """``runs`` timed calls per format, spread over :data:`ROUNDS` rounds that take the formats
-    in turn (``warmup`` calls each before the first round, one more before each later round)."""
+    in turn (``warmup`` calls each before the first round, one more before each later round,
+    and a pause of :data:`SETTLE_S` before each turn)."""
     for name, p in predictors.items():
         time_core(p, inputs[name], 0, warmup)
     rounds = min(ROUNDS, runs)
@@ -56,6 +61,8 @@ def time_interleaved(predictors: dict[str, Any], inputs: dict[str, torch.Tensor]
     for r in range(rounds):
         n = runs // rounds + (r < runs % rounds)
         for name, p in predictors.items():
+            if len(predictors) > 1:
+                time.sleep(SETTLE_S)
             times[name] += time_core(p, inputs[name], n, 1 if r else 0)
     return times
 

@@ -30,6 +30,7 @@ from torch import nn
 
 from cnnkit.core.choices import SEGMENTERS
 from cnnkit.errors import ModelError
+from cnnkit.models.blocks import upsample_nearest
 
 DEFAULT_ENCODER = {"unet": "resnet18", "fcn": "resnet18", "deeplabv3": "resnet18"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -102,7 +103,7 @@ class _DecoderBlock(nn.Module):
         self.conv = nn.Sequential(conv_bn_relu(cin + skip, cout), conv_bn_relu(cout, cout))
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None, size) -> torch.Tensor:
-        x = F.interpolate(x, size=size, mode="nearest")
+        x = upsample_nearest(x, size)
         if skip is not None:
             x = torch.cat([x, skip], 1)
         return self.conv(x)

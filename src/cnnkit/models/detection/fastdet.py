@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cnnkit.models.blocks import upsample_nearest
 from cnnkit.models.detection.nms import suppress
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -145,8 +146,8 @@ class FastDet(nn.Module):
         p3 = self.stage2(self.stage1(self.stem(x)))
         p4 = self.stage3(p3)
         p5 = self.stage4(p4)
-        t4 = self.td4(torch.cat([F.interpolate(p5, size=p4.shape[-2:], mode="nearest"), p4], 1))
-        n3 = self.td3(torch.cat([F.interpolate(t4, size=p3.shape[-2:], mode="nearest"), p3], 1))
+        t4 = self.td4(torch.cat([upsample_nearest(p5, p4.shape[-2:]), p4], 1))
+        n3 = self.td3(torch.cat([upsample_nearest(t4, p3.shape[-2:]), p3], 1))
         n4 = self.bu4(torch.cat([self.down3(n3), t4], 1))
         n5 = self.bu5(torch.cat([self.down4(n4), p5], 1))
         return [n3, n4, n5]
