@@ -241,3 +241,22 @@ def test_benchmark_interleaves_formats_and_reports_each(digits_run, tmp_path):
     assert rows["onnx"]["batch"] == 4 and rows["onnx"]["metric_name"] == "top1"
     assert rows["onnx"]["metric_delta"] == 0.0
     assert json.loads((tmp_path / "b.json").read_text())["rows"][1]["format"] == "onnx"
+
+
+@pytest.mark.parametrize("name", ["tiny_run", "seg_run"])
+def test_decoder_upsampling_exports_as_a_constant_scale(exported, name):
+    """fastdet's neck and the U-Net's decoder upsample by a constant scale in ONNX (no ``Shape``
+    ops feeding the ``Resize``), the form ONNX Runtime keeps in its blocked layout; the eager
+    step gives exactly what resizing to the skip's size gives, also off the stride grid."""
+    import onnx
+    import torch.nn.functional as F
+
+    from cnnkit.models.blocks import upsample_nearest
+
+    graph = onnx.load(str(exported[name][1])).graph
+    consts = {o for n in graph.node if n.op_type == "Constant" for o in n.output} | {i.name for i in graph.initializer}
+    resizes = [n for n in graph.node if n.op_type == "Resize"]
+    assert resizes and all(n.input[2] in consts and (len(n.input) < 4 or not n.input[3]) for n in resizes)
+    x = torch.rand(2, 3, 5, 7)
+    for size in ((10, 14), (15, 7), (11, 13)):
+        assert torch.equal(upsample_nearest(x, size), F.interpolate(x, size=size, mode="nearest"))
