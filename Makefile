@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.cnnkit-installed
 
-.PHONY: install run test test-fast bench clean
+.PHONY: install browser run test test-fast bench clean
 
 install: $(STAMP)
 
@@ -14,10 +14,17 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test]"
 	@touch $(STAMP)
 
+# Debian's Chromium for the web page test of `cnnkit serve` (needs root and apt; else the test skips)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+	  apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq --no-install-recommends chromium >/dev/null; } || \
+	  echo "note: Chromium is not installed and could not be (needs root and apt); the web page test will skip"
+
 run: install
 	$(BIN)/cnnkit demo
 
-test: install
+test: install browser
 	$(BIN)/python -m pytest
 
 test-fast: install

@@ -23,9 +23,12 @@ def commands() -> list[str]:
     for block in blocks("bash"):
         for line in block.splitlines():
             line = line.split("  #")[0].strip()
-            if line.startswith("cnnkit "):
+            if line.startswith(("cnnkit ", "curl ")) or line == "kill %1":
                 out.append(line)
     return out
+
+
+BACKGROUND: list[subprocess.Popen] = []  # `cnnkit ... &` started by a README command, stopped by `kill %1`
 
 
 def test_readme_quickstart_comes_first():
@@ -55,6 +58,24 @@ def test_readme_has_commands():
 def test_readme_command_runs_as_written(cmd, readme_dir, monkeypatch, capsys):
     from cnnkit.cli.main import main
 
+    if cmd.endswith(" &"):  # a server: started through the installed entry point, stopped by `kill %1`
+        exe = Path(sys.executable).parent / "cnnkit"
+        BACKGROUND.append(subprocess.Popen([str(exe), *shlex.split(cmd[:-2])[1:]], cwd=readme_dir,
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        return
+    if cmd == "kill %1":
+        proc = BACKGROUND.pop()
+        proc.terminate()
+        assert proc.wait(60) == 0, proc.stderr.read()[-2000:]
+        return
+    if cmd.startswith("curl "):
+        r = subprocess.run(shlex.split(cmd), cwd=readme_dir, capture_output=True, text=True, check=False,
+                           timeout=300)
+        assert r.returncode == 0 and r.stdout.strip(), f"{cmd}\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
+        for prefix, check in CHECKS.items():
+            if cmd.startswith(prefix):
+                check(r.stdout)
+        return
     if cmd == commands()[0]:
         exe = Path(sys.executable).parent / "cnnkit"
         r = subprocess.run([str(exe), *shlex.split(cmd)[1:]], cwd=readme_dir, capture_output=True, text=True,
@@ -98,8 +119,21 @@ def digits_default_training_reaches_98_5_percent(root: Path) -> None:
     assert sum(top1) / 3 >= 0.985, top1
 
 
-# what a README run must reach, checked right after its command (README command prefix -> check)
+def served_prediction_is_the_predict_json(out: str) -> None:
+    """The server's answer is the `predict --json` row of the sample (label, score, top-k)."""
+    row = json.loads(out)[0]
+    assert {"path", "label", "score", "topk"} == set(row) and 0 <= row["score"] <= 1
+
+
+def metrics_counted_the_request(out: str) -> None:
+    assert 'cnnkit_requests_total{model="digits",status="200"} 2.0' in out, out  # the two predict calls
+
+
+# what a README run must reach, checked right after its command (README command prefix -> check; a
+# curl command's check gets its output, a cnnkit command's the README folder)
 CHECKS = {
+    "curl -s --data-binary @runs/demo/samples/digit_0_true6.png": served_prediction_is_the_predict_json,
+    "curl -s http://127.0.0.1:8000/metrics": metrics_counted_the_request,
     "cnnkit classify train --data digits --seed 2 --out runs/classify/digits-s2": digits_default_training_reaches_98_5_percent,
     "cnnkit multilabel train --data shapes --imgsz 32 --epochs 8 ": multilabel_shapes_learns_well_above_chance,
 }

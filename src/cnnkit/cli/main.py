@@ -215,6 +215,10 @@ from cnnkit.cli.export import benchmark_cmd, export_cmd
 cli.add_command(export_cmd)
 cli.add_command(benchmark_cmd)
 
+from cnnkit.cli.serve import serve_cmd
+
+cli.add_command(serve_cmd)
+
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; user errors print one sentence and exit with code 2."""

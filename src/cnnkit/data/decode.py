@@ -29,7 +29,8 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(IMAGE_EXTENSIONS)
 
 
-def read_image(src: ImageLike, channels: int | None = 3, name: str | None = None) -> torch.Tensor:
+def read_image(src: ImageLike, channels: int | None = 3, name: str | None = None,
+               max_pixels: int | None = None) -> torch.Tensor:
     """Decode an image into a ``uint8`` tensor.
 
     Args:
@@ -38,6 +39,8 @@ def read_image(src: ImageLike, channels: int | None = 3, name: str | None = None
         channels: 1 (grayscale) or 3 (RGB) to convert to; None keeps 1 for grayscale
             sources and 3 otherwise.
         name: how to name the image in error messages (defaults to the path or "<bytes>").
+        max_pixels: refuse encoded images with more pixels than this, from their header,
+            before any pixel is decoded (the server's guard; Pillow's own bomb guard stays on).
 
     Returns:
         Tensor of shape ``(C, H, W)`` and dtype ``uint8``; decoded files and PIL images come
@@ -60,19 +63,22 @@ def read_image(src: ImageLike, channels: int | None = 3, name: str | None = None
         return _pil_to_tensor(_convert(_upright(src), channels))
     if isinstance(src, (bytes, bytearray)):
         label = name or "<bytes>"
-        return _decode(lambda: Image.open(io.BytesIO(src)), label, channels)
+        return _decode(lambda: Image.open(io.BytesIO(src)), label, channels, max_pixels)
     path = Path(src)
     label = name or str(src)
     if not path.exists():
         raise ImageDecodeError(label, "the file does not exist")
     if path.is_dir():
         raise ImageDecodeError(label, "it is a folder, not an image file")
-    return _decode(lambda: Image.open(path), label, channels)
+    return _decode(lambda: Image.open(path), label, channels, max_pixels)
 
 
-def _decode(opener, label: str, channels: int | None) -> torch.Tensor:
+def _decode(opener, label: str, channels: int | None, max_pixels: int | None = None) -> torch.Tensor:
     try:
         with opener() as im:
+            if max_pixels and im.width * im.height > max_pixels:
+                raise ImageDecodeError(label, f"too large ({im.width} x {im.height} pixels; the limit is "
+                                              f"{max_pixels:,} pixels)")
             im.load()  # raises on truncated data
             im = _upright(im)
             return _pil_to_tensor(_convert(im, channels))

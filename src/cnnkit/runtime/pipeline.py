@@ -75,9 +75,10 @@ class Pipeline:
         return torch.rand(self.card.input.shape(batch), generator=g)
 
     # ---- data ---------------------------------------------------------------------------
-    def decode(self, item: Any) -> torch.Tensor:
-        """One input (path, bytes, PIL image, array, tensor) as a uint8 tensor."""
-        return read_image(item, channels=self.card.input.channels).contiguous()
+    def decode(self, item: Any, max_pixels: int | None = None) -> torch.Tensor:
+        """One input (path, bytes, PIL image, array, tensor) as a uint8 tensor; encoded images
+        over ``max_pixels`` are refused from their header."""
+        return read_image(item, channels=self.card.input.channels, max_pixels=max_pixels).contiguous()
 
     def prepare(self, image: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         """One decoded input -> the core's input tensor (no batch dim) and its meta."""
@@ -160,22 +161,19 @@ class Predictor:
             xs, metas = [], []
             for j, item in enumerate(items[i:i + step]):
                 try:
-                    x, meta = self.pipeline.prepare(self.pipeline.decode(item))
+                    x, meta = self.prepare(item, str(item) if isinstance(item, (str, Path)) else f"<image {i + j}>")
                 except ImageDecodeError as e:
                     if len(items) == 1 or skipped is None:
                         raise
                     skipped.append((e.path, e.reason))
                     continue
-                meta["path"] = str(item) if isinstance(item, (str, Path)) else f"<image {i + j}>"
                 xs.append(x)
                 metas.append(meta)
             if not xs:
                 continue
             x = torch.stack(xs)
             t1 = time.perf_counter()
-            raw = self.pipeline.run(self.backend, x, metas)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+            raw = self.infer(x, metas)
             t2 = time.perf_counter()
             results += self.pipeline.postprocess(raw, metas, **options)
             t3 = time.perf_counter()
@@ -184,6 +182,22 @@ class Predictor:
             timing["postprocess_ms"] += (t3 - t2) * 1e3
             timing["images"] += len(xs)
         return results
+
+    def prepare(self, item: ImageLike, name: str | None = None, max_pixels: int | None = None
+                ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """One input decoded and preprocessed: the core's input (no batch dim) and its meta
+        (``meta["path"]`` is ``name``). ``max_pixels`` refuses larger images before decoding."""
+        x, meta = self.pipeline.prepare(self.pipeline.decode(item, max_pixels))
+        meta["path"] = name
+        return x, meta
+
+    def infer(self, x: torch.Tensor, metas: list[dict[str, Any]]) -> tuple[torch.Tensor, ...]:
+        """The core's outputs for a stacked batch of prepared inputs (synchronized on CUDA, so
+        timing it is honest)."""
+        raw = self.pipeline.run(self.backend, x, metas)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return raw
 
     predict = __call__
 

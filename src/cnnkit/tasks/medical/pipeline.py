@@ -41,7 +41,7 @@ class MedicalPipeline(Pipeline):
         named = dict(net.named_children())
         return {n: m for n, m in named.items() if n != "class_layers"}
 
-    def decode(self, item: Any) -> torch.Tensor:
+    def decode(self, item: Any, max_pixels: int | None = None) -> torch.Tensor:
         if isinstance(item, (str, Path)):
             from cnnkit.data.volumes import read_nifti
 

@@ -1,0 +1,310 @@
+"""`cnnkit serve`: a real server on 127.0.0.1 answers what `cnnkit TASK predict --json` writes,
+for every task, batches concurrent requests, counts them in /metrics, and holds under bad
+and hostile input."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from servers import running
+from task_inputs import task_images
+
+import cnnkit
+
+SERVED = {"digits_run": "digits", "multilabel_run": "tags", "tiny_run": "det", "instance_run": "inst",
+          "seg_run": "seg"}
+
+
+def _png(h: int = 40, w: int = 56, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def same(a, b, key: str = "") -> bool:
+    """Rows equal up to float noise: batched inference sums in another order (scores within
+    1e-4; boxes, rounded to 0.01 px, within 0.011)."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k], k) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(same(x, y, key) for x, y in zip(a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        tol = 0.011 if key == "box" else 1e-4
+        return isinstance(b, (int, float)) and abs(a - b) <= tol
+    return a == b
+
+
+@pytest.fixture(scope="module")
+def served(request):
+    """Every 2-D task's tiny model, loaded once: ``{name: (fixture name, predictor)}``."""
+    from cnnkit.serve import load_models
+
+    runs = {fx: request.getfixturevalue(fx) for fx in SERVED}
+    models = load_models([f"{SERVED[fx]}={run}" for fx, run in runs.items()])
+    return runs, models
+
+
+def test_http_answers_what_cli_predict_writes_for_every_task(served, request, tmp_path):
+    from pycocotools import mask as mask_utils
+
+    runs, models = served
+    with running(models) as (url, _):
+        listed = {m["name"]: m for m in httpx.get(f"{url}/v1/models").json()["models"]}
+        assert set(listed) == set(SERVED.values())
+        for fx, name in SERVED.items():
+            assert listed[name]["task"] == models[name].task and listed[name]["card"]["classes"] == models[name].classes
+            files = task_images(fx, request, tmp_path)[:3]
+            expected = []
+            for f in files:
+                expected += cnnkit.predict(models[name].task, runs[fx], str(f), verbose=False)
+            parts = [("file", (str(f), Path(f).read_bytes(), "image/png")) for f in files]
+            r = httpx.post(f"{url}/v1/models/{name}/predict", files=parts, timeout=60)
+            assert r.status_code == 200, r.text
+            got = r.json()
+            assert [g["path"] for g in got] == [str(f) for f in files]
+            for g, e in zip(got, expected):
+                masks = g.pop("masks", None)
+                assert same(g, json.loads(json.dumps(e))), (name, g, e)
+                if masks is not None:  # semantic masks travel as RLE per class; their areas are the fractions
+                    area = {c: mask_utils.area(m) / (g["width"] * g["height"]) for c, m in masks.items()}
+                    assert {c: round(a, 5) for c, a in area.items()} == g["classes"]
+            # one raw-body image and one JSON base64 image answer the same as the upload
+            raw = httpx.post(f"{url}/v1/models/{name}/predict", content=Path(files[0]).read_bytes(), timeout=60)
+            b64 = httpx.post(f"{url}/v1/models/{name}/predict", timeout=60,
+                             json={"images": [base64.b64encode(Path(files[0]).read_bytes()).decode()]})
+            for alt in (raw.json()[0], b64.json()[0]):
+                alt.pop("masks", None)
+                alt["path"] = str(files[0])
+                assert same(alt, got[0])
+
+
+def test_concurrent_requests_share_batches_and_metrics_count_them(served):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from cnnkit.serve.app import ServeSettings
+
+    _, models = served
+    images = [_png(seed=i) for i in range(12)]
+    alone = {}
+    with running({"digits": models["digits"]}, ServeSettings(max_wait_ms=200)) as (url, _):
+        for i, img in enumerate(images[:3]):
+            alone[i] = httpx.post(f"{url}/v1/models/digits/predict?topk=3", content=img).json()
+
+        async def burst():
+            async with httpx.AsyncClient(timeout=60) as client:
+                return await asyncio.gather(*(client.post(f"{url}/v1/models/digits/predict?topk=3", content=img)
+                                              for img in images))
+
+        answers = asyncio.run(burst())
+        assert all(a.status_code == 200 for a in answers)
+        for i in range(3):  # batched with others, each request still gets its own answer
+            assert same(answers[i].json(), alone[i])
+        assert all(len(a.json()[0]["topk"]) == 3 for a in answers)
+        families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)}
+    sizes = families["cnnkit_batch_images"].samples
+    count = next(s.value for s in sizes if s.name.endswith("_count"))
+    total = next(s.value for s in sizes if s.name.endswith("_sum"))
+    assert total == 15 and count < 15  # 15 images in fewer core calls: the burst shared calls
+    ok = next(s.value for s in families["cnnkit_requests"].samples
+              if s.name == "cnnkit_requests_total" and s.labels == {"model": "digits", "status": "200"})
+    assert ok == 15
+    classes = sum(s.value for s in families["cnnkit_predicted_class"].samples if s.name.endswith("_total"))
+    assert classes == 15
+    stages = {s.labels["stage"] for s in families["cnnkit_latency_seconds"].samples}
+    assert {"queue", "preprocess", "inference", "postprocess", "total"} <= stages
+
+
+def test_a_full_queue_is_refused_at_once_with_retry_after(served, monkeypatch):
+    """A slow model with room for 2 waiting images: a burst of 12 gets 429s with Retry-After at
+    once, the admitted ones are answered, and the server serves normally afterwards."""
+    from cnnkit.serve.app import ServeSettings
+
+    _, models = served
+    p = models["digits"]
+    real = p.infer
+
+    def slow(x, metas):
+        time.sleep(0.3)
+        return real(x, metas)
+
+    monkeypatch.setattr(p, "infer", slow)
+    with running({"digits": p}, ServeSettings(max_batch=1, max_queue=2, max_wait_ms=0)) as (url, _):
+        async def burst():
+            async with httpx.AsyncClient(timeout=60) as client:
+                return await asyncio.gather(*(client.post(f"{url}/v1/models/digits/predict", content=_png(seed=i))
+                                              for i in range(12)))
+
+        answers = asyncio.run(burst())
+        codes = sorted(a.status_code for a in answers)
+        assert codes.count(429) >= 6 and set(codes) <= {200, 429}, codes
+        refused = next(a for a in answers if a.status_code == 429)
+        assert refused.headers["retry-after"] == "1" and "busy" in refused.json()["detail"]
+        monkeypatch.setattr(p, "infer", real)
+        assert httpx.post(f"{url}/v1/models/digits/predict", content=_png()).status_code == 200
+
+
+def test_a_request_that_times_out_is_dropped(served, monkeypatch):
+    from cnnkit.serve.app import ServeSettings
+
+    _, models = served
+    p = models["digits"]
+    real, calls = p.infer, []
+
+    def slow(x, metas):
+        calls.append(len(x))
+        time.sleep(0.5)
+        return real(x, metas)
+
+    monkeypatch.setattr(p, "infer", slow)
+    with running({"digits": p}, ServeSettings(max_batch=1, timeout_s=0.2, max_wait_ms=0)) as (url, _):
+        async def two():
+            async with httpx.AsyncClient(timeout=60) as client:
+                return await asyncio.gather(*(client.post(f"{url}/v1/models/digits/predict", content=_png(seed=i))
+                                              for i in range(2)))
+
+        answers = asyncio.run(two())
+        assert [a.status_code for a in answers] == [504, 504]
+        time.sleep(0.8)
+    assert len(calls) == 1  # the second request timed out in the queue and never ran
+
+
+def _bomb(side: int = 14000) -> bytes:
+    """A side x side PNG of a few kilobytes (196 M pixels once decoded at 14,000)."""
+    buf = io.BytesIO()
+    Image.new("1", (side, side)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _truncated_jpeg() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()[:300]
+
+
+def test_hostile_input_is_refused_and_ordinary_requests_go_on(served, tmp_path):
+    from cnnkit.serve.app import ServeSettings
+
+    _, models = served
+    token = "t0ken-" + "x" * 26
+    auth = {"Authorization": f"Bearer {token}"}
+    settings = ServeSettings(token=token, cors_origins=("http://good.example",))
+    with running({"digits": models["digits"]}, settings) as (url, _):
+        predict = f"{url}/v1/models/digits/predict"
+        stop, ordinary = threading.Event(), []
+
+        def steady():  # ordinary requests all along
+            with httpx.Client(timeout=60, headers=auth) as c:
+                while not stop.is_set():
+                    ordinary.append(c.post(predict, content=_png()).status_code)
+
+        workers = [threading.Thread(target=steady) for _ in range(2)]
+        for w in workers:
+            w.start()
+        try:
+            with httpx.Client(timeout=120, headers=auth) as c:
+                r = c.post(predict, content=_bomb())  # Pillow's own guard refuses it when opening
+                assert r.status_code == 413 and "too large" in r.json()["detail"]
+                r = c.post(predict, content=_bomb(8000))  # under Pillow's guard, over the server's pixel limit
+                assert r.status_code == 413 and "limit is 40,000,000 pixels" in r.json()["detail"]
+                r = c.post(predict, content=b"\x89PNG" + b"x" * (20 * 2**20 - 3))  # 20 MB + 1
+                assert r.status_code == 413 and "larger than 20 MB" in r.json()["detail"]
+
+                def gigabyte():
+                    chunk = b"x" * 2**20
+                    for _ in range(1024):
+                        yield chunk
+
+                r = c.post(predict, content=gigabyte())  # chunked: no Content-Length
+                assert r.status_code == 413
+                many = [("file", (f"{i}.png", b"x", "image/png")) for i in range(10_000)]
+                r = c.post(predict, files=many)
+                assert r.status_code in (400, 413) and "multipart" in r.json()["detail"]
+                r = c.post(predict, content=b"not an image at all")
+                assert r.status_code == 422 and "not an image" in r.json()["detail"]
+                r = c.post(predict, content=_truncated_jpeg())
+                assert r.status_code == 422 and "truncated" in r.json()["detail"]
+                r = c.post(f"{url}/v1/models/nope/predict", content=_png())
+                assert r.status_code == 404 and "digits" in r.json()["detail"]
+                r = c.post(predict, content=_png(), headers={"X-Big": "y" * 2**20})
+                assert r.status_code in (400, 431)
+            with httpx.Client(timeout=60) as anon:
+                assert anon.post(predict, content=_png()).status_code == 401
+                r = anon.post(predict, content=_png(), headers={"Authorization": "Bearer " + "x" * 32})
+                assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+                assert anon.get(f"{url}/v1/models").status_code == 401
+                assert anon.get(f"{url}/metrics").status_code == 401
+                assert anon.get(f"{url}/healthz").json() == {"status": "ok"}
+                assert anon.get(f"{url}/readyz").status_code == 200
+                good = anon.post(predict, content=_png(), headers={**auth, "Origin": "http://good.example"})
+                bad = anon.post(predict, content=_png(), headers={**auth, "Origin": "http://evil.example"})
+                assert good.headers["access-control-allow-origin"] == "http://good.example"
+                assert bad.status_code == 200 and "access-control-allow-origin" not in bad.headers
+        finally:
+            stop.set()
+            for w in workers:
+                w.join()
+        assert len(ordinary) >= 4 and ordinary.count(200) / len(ordinary) >= 0.95, ordinary
+        assert httpx.get(f"{url}/healthz").status_code == 200
+
+
+def test_cors_is_off_unless_origins_are_named(served):
+    _, models = served
+    with running({"digits": models["digits"]}) as (url, _):
+        r = httpx.post(f"{url}/v1/models/digits/predict", content=_png(), headers={"Origin": "http://a.example"})
+        assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+
+
+def test_serve_cli_errors_are_one_sentence(cli, tmp_path, digits_run):
+    short = tmp_path / "token"
+    short.write_text("abc")
+    r = cli("serve", "--weights", digits_run, "--token-file", short)
+    assert r.code == 2 and "shorter than 16" in r.err
+    r = cli("serve", "--weights", digits_run, "--token-file", tmp_path / "nothere")
+    assert r.code == 2 and "does not exist" in r.err
+    r = cli("serve", "--weights", tmp_path / "missing")
+    assert r.code == 2 and "does not exist" in r.err
+    r = cli("serve", "--weights", f"a={digits_run}", "--weights", f"a={digits_run}")
+    assert r.code == 2 and "two models are named 'a'" in r.err
+
+
+def test_serve_as_a_process_answers_then_stops_on_sigterm(digits_run, tmp_path):
+    """The installed command: `cnnkit serve` starts, answers, and exits 0 on SIGTERM."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from cnnkit.serve import model_name
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "cnnkit.cli.main", "serve", "--weights", str(digits_run),
+                             "--port", str(port), "--log-level", "warning"], stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
+            time.sleep(0.2)
+        r = httpx.post(f"{url}/v1/models/{model_name(digits_run)}/predict", content=_png())
+        assert r.status_code == 200 and "label" in r.json()[0]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
