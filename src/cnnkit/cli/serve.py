@@ -49,7 +49,8 @@ def serve_cmd(weights, host, port, backend, device, workers, max_batch, max_wait
     \b
     Routes: POST /v1/models/NAME/predict (raw image body, multipart files, or JSON
     {"images": [base64, ...]}; query options such as ?conf=0.3), GET /v1/models, GET /metrics
-    (Prometheus), GET /healthz, GET /readyz. Answers are the JSON of `cnnkit TASK predict --json`.
+    (Prometheus), GET /healthz, GET /readyz, and a web page at /. Answers are the JSON of
+    `cnnkit TASK predict --json`.
     """
     token = None
     if token_file:
