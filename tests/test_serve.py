@@ -308,3 +308,48 @@ def test_serve_as_a_process_answers_then_stops_on_sigterm(digits_run, tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
+
+
+def test_drift_rises_for_darkened_or_noisy_images_and_not_for_clean_ones(served, tmp_path):
+    """Reference: the digits model on its validation images. 200 clean held-out test images
+    stay under the threshold; the same images darkened, or with noise, cross it; /metrics
+    carries the score."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from cnnkit.data.digits import digits_arrays
+    from cnnkit.serve import build_references
+    from cnnkit.serve.app import ServeSettings
+
+    _, models = served
+    digits = {"digits": models["digits"]}
+    ref_dir = tmp_path / "val"
+    ref_dir.mkdir()
+    for i, a in enumerate(digits_arrays("val")[0]):
+        Image.fromarray(a).save(ref_dir / f"{i}.png")
+    settings = ServeSettings(references=build_references(digits, [str(ref_dir)], tmp_path), drift_window=200)
+    test = digits_arrays("test")[0][:200].astype(np.float32)
+    rng = np.random.default_rng(0)
+    variants = {"clean": test, "dark": test * 0.4, "noisy": test + rng.normal(0, 40, test.shape)}
+
+    def encode(a) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).save(buf, "PNG")
+        return buf.getvalue()
+
+    scores = {}
+    with running(digits, settings) as (url, _):
+        assert httpx.get(f"{url}/v1/models/digits/drift").json()["score"] is None  # nothing seen yet
+        for name, images in variants.items():
+            for i in range(0, len(images), 25):
+                parts = [("file", (f"{j}.png", encode(a), "image/png")) for j, a in enumerate(images[i:i + 25])]
+                assert httpx.post(f"{url}/v1/models/digits/predict", files=parts, timeout=60).status_code == 200
+            report = httpx.get(f"{url}/v1/models/digits/drift").json()
+            assert report["samples"] == 200
+            scores[name] = report
+        families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)}
+        assert httpx.get(f"{url}/v1/models/det/drift").status_code == 404
+    assert scores["clean"]["score"] < 0.25 and scores["clean"]["drifted"] is False, scores["clean"]
+    assert scores["dark"]["drifted"] and scores["dark"]["features"]["gray_mean"] > 0.25, scores["dark"]
+    assert scores["noisy"]["drifted"] and scores["noisy"]["features"]["gray_std"] > 0.25, scores["noisy"]
+    gauge = next(s.value for s in families["cnnkit_drift_score"].samples if s.labels == {"model": "digits"})
+    assert gauge == scores["noisy"]["score"]

@@ -38,9 +38,15 @@ from cnnkit.errors import CnnkitError
               "none by default")
 @click.option("--conf", type=click.FloatRange(0, 1), default=None,
               help="default score threshold of detectors (a request's ?conf= overrides it)")
+@click.option("--reference", "references", multiple=True, metavar="[NAME=]SOURCE",
+              help="watch a model's inputs for drift against SOURCE: a folder of images like those it should see "
+                   "(its validation images), or a reference .json; see GET /v1/models/NAME/drift")
+@click.option("--drift-window", type=click.IntRange(30), default=200, help="recent images the drift score covers")
+@click.option("--drift-threshold", type=click.FloatRange(0, min_open=True), default=0.25,
+              help="drift score (largest PSI over the features) above which a model is reported as drifted")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info")
 def serve_cmd(weights, host, port, backend, device, workers, max_batch, max_wait_ms, max_queue, timeout_s, max_body_mb,
-              max_pixels, token_file, cors, conf, log_level) -> None:
+              max_pixels, token_file, cors, conf, references, drift_window, drift_threshold, log_level) -> None:
     """Serve trained models over HTTP, each with its own preprocessing, classes and thresholds.
 
     \b
@@ -61,13 +67,15 @@ def serve_cmd(weights, host, port, backend, device, workers, max_batch, max_wait
         if len(token) < 16:
             raise CnnkitError(f"the token in '{p}' is shorter than 16 characters; use a long random one "
                               "(for example: python -c \"import secrets; print(secrets.token_urlsafe(32))\")")
-    from cnnkit.serve import load_models, serve
+    from cnnkit.serve import build_references, load_models, serve
     from cnnkit.serve.app import ServeSettings
 
+    models = load_models(list(weights), backend, device)
     settings = ServeSettings(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, timeout_s=timeout_s,
                              max_body_mb=max_body_mb, max_pixels=max_pixels, token=token, cors_origins=tuple(cors),
-                             options={"conf": conf} if conf is not None else {})
-    models = load_models(list(weights), backend, device)
+                             options={"conf": conf} if conf is not None else {},
+                             references=build_references(models, list(references)), drift_window=drift_window,
+                             drift_threshold=drift_threshold)
     click.echo(f"serving {', '.join(f'{n} ({p.task}, {p.backend.name})' for n, p in models.items())} "
                f"on http://{host}:{port}", err=True)
     serve(models, host, port, settings, log_level, workers, device)

@@ -64,6 +64,40 @@ def load_models(weights: list[str], backend: str = "torch", device: str = "cpu",
     return models
 
 
+def build_references(models: dict[str, Any], specs: list[str], workdir: str | Path | None = None) -> dict[str, str]:
+    """``{model name: reference file}`` for ``--reference [NAME=]SOURCE`` values: SOURCE is a
+    folder of images like those the model should see (its validation images, say), whose
+    drift features are computed now, or a reference ``.json`` saved before. Without ``NAME=``
+    the reference is for the only model served."""
+    from cnnkit.data.decode import list_sources
+    from cnnkit.serve.drift import Reference
+
+    out: dict[str, str] = {}
+    folder = Path(workdir or tempfile.mkdtemp(prefix="cnnkit-drift-"))
+    for spec in specs:
+        name, _, source = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        if not name:
+            if len(models) != 1:
+                raise CnnkitError(f"--reference {spec} names no model; with several models use NAME=SOURCE")
+            name = next(iter(models))
+        if name not in models:
+            raise CnnkitError(f"--reference names model '{name}', which is not served (models: {', '.join(models)})")
+        src = Path(source)
+        if src.suffix == ".json":
+            if not src.is_file():
+                raise CnnkitError(f"reference file '{src}' does not exist")
+            Reference.load(src)  # fails early on a damaged file
+            out[name] = str(src)
+            continue
+        items = list_sources(src)
+        if len(items) < 30:
+            raise CnnkitError(f"the reference '{src}' has {len(items)} images; drift needs at least 30")
+        path = folder / f"{name}.drift.json"
+        Reference.from_predictor(models[name], items, str(src)).save(path)
+        out[name] = str(path)
+    return out
+
+
 ENV = "CNNKIT_SERVE_WORKER"  # what each worker process of `--workers N` loads (JSON)
 UVICORN = {"h11_max_incomplete_event_size": 64 * 1024, "timeout_graceful_shutdown": 30, "server_header": False}
 
@@ -110,9 +144,9 @@ def worker_app():
 
     spec = json.loads(os.environ[ENV])
     settings = spec["settings"]
-    settings["cors_origins"] = tuple(settings.get("cors_origins", ()))
+    settings["cors_origins"] = tuple(settings.get("cors_origins", ()))  # JSON made the tuple a list
     models = {name: load(path, spec["device"]) for name, path in spec["models"].items()}
     return create_app(models, ServeSettings(**settings))
 
 
-__all__ = ["load_models", "model_name", "serve"]
+__all__ = ["build_references", "load_models", "model_name", "serve"]

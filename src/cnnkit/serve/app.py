@@ -8,6 +8,8 @@ Routes (``/v1`` is the API version):
   list that ``cnnkit TASK predict --json`` writes (semantic masks added as COCO RLE per
   class), with the time per stage in the ``Server-Timing`` header.
 - ``GET /v1/models``: the models, with their cards. ``GET /healthz``, ``GET /readyz``.
+- ``GET /v1/models/{name}/drift``: the drift score of the recent requests against the
+  model's reference (:mod:`cnnkit.serve.drift`), also in ``/metrics``.
 - ``GET /metrics``: Prometheus text (:mod:`cnnkit.serve.metrics`).
 - ``GET /``: a web page (``page.html``, plain HTML and JavaScript): pick or drop an image, see
   the result drawn (labels and scores, boxes, masks) and the time per stage.
@@ -52,10 +54,13 @@ class ServeSettings:
     max_body_mb: float = 20.0
     max_pixels: int = 40_000_000
     max_images: int = 64  # images per request
-    max_parts: int = 16  # multipart parts per request
+    max_parts: int = 64  # multipart parts per request
     token: str | None = None
     cors_origins: tuple[str, ...] = ()
     options: dict[str, Any] = field(default_factory=dict)  # default per-call options (--conf)
+    references: dict[str, str] = field(default_factory=dict)  # model name -> reference features (drift.json)
+    drift_window: int = 200
+    drift_threshold: float = 0.25
 
 
 def finite(obj: Any) -> Any:
@@ -170,6 +175,10 @@ def create_app(models: dict[str, Any], settings: ServeSettings | None = None):
     s = settings or ServeSettings()
     metrics = Metrics()
     batchers: dict[str, Batcher] = {}
+    from cnnkit.serve.drift import DriftMonitor, Reference
+
+    monitors = {name: DriftMonitor(Reference.load(path), s.drift_window, s.drift_threshold)
+                for name, path in s.references.items() if name in models}
 
     @asynccontextmanager
     async def lifespan(app):
@@ -220,12 +229,27 @@ def create_app(models: dict[str, Any], settings: ServeSettings | None = None):
         return {"models": [{"name": n, "task": p.task, "backend": p.backend.name, "classes": p.classes,
                             "card": p.card.to_dict()} for n, p in models.items()]}
 
+    @app.get("/v1/models/{name}/drift")
+    async def drift(name: str):
+        if name not in models:
+            raise ClientError(404, f"no model named '{name}' is served (models: {', '.join(models)})")
+        if name not in monitors:
+            raise ClientError(404, f"model '{name}' has no drift reference; start the server with "
+                                   f"--reference {name}=FOLDER (images like those it should see)")
+        return monitors[name].report()
+
     @app.get("/metrics")
     async def prometheus():
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         for name, b in batchers.items():
             metrics.queued.labels(name).set(b.waiting)
+        for name, m in monitors.items():
+            report = m.report()
+            if report["score"] is not None:
+                metrics.drift.labels(name).set(report["score"])
+                for feature, value in report["features"].items():
+                    metrics.drift_feature.labels(name, feature).set(value)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/models/{name}/predict")
@@ -240,11 +264,11 @@ def create_app(models: dict[str, Any], settings: ServeSettings | None = None):
             options = parse_options(p.task, dict(request.query_params), s.options)
             images = await read_images(request, s)
             t1 = time.perf_counter()
-            prepared = await run_in_threadpool(_prepare_all, p, images, s.max_pixels)
+            prepared = await run_in_threadpool(_prepare_all, p, images, s.max_pixels, name in monitors)
             t2 = time.perf_counter()
             try:
-                results, timing = await batchers[name].submit([x for x, _ in prepared], [m for _, m in prepared],
-                                                              options, s.timeout_s)
+                results, timing = await batchers[name].submit([x for x, _, _ in prepared],
+                                                              [m for _, m, _ in prepared], options, s.timeout_s)
             except Overloaded:
                 raise ClientError(429, f"model '{name}' is busy (its queue is full); retry shortly",
                                   {"Retry-After": "1"}) from None
@@ -254,6 +278,9 @@ def create_app(models: dict[str, Any], settings: ServeSettings | None = None):
             timing = {**timing, "preprocess_ms": (t2 - t1) * 1e3, "total_ms": (time.perf_counter() - t0) * 1e3}
             metrics.observe(name, timing)
             metrics.count_classes(name, rows)
+            if name in monitors:
+                for (_, _, feats), row in zip(prepared, rows):
+                    monitors[name].add(feats, row)
             status = 200
             header = ", ".join(f"{k[:-3]};dur={v:.2f}" for k, v in timing.items())
             return Answer(rows, headers={"Server-Timing": header})
@@ -270,11 +297,17 @@ def create_app(models: dict[str, Any], settings: ServeSettings | None = None):
     return Guard(app, int(s.max_body_mb * 2**20), s.token)
 
 
-def _prepare_all(predictor, images: list[tuple[bytes, str]], max_pixels: int) -> list:
+def _prepare_all(predictor, images: list[tuple[bytes, str]], max_pixels: int, features: bool) -> list:
+    """``(input, meta, drift features or None)`` per image, decoded and prepared (in a worker thread)."""
+    from cnnkit.serve.drift import image_features
+
     out = []
     for data, name in images:
         try:
-            out.append(predictor.prepare(data, name, max_pixels))
+            image = predictor.pipeline.decode(data, max_pixels)
+            x, meta = predictor.pipeline.prepare(image)
+            meta["path"] = name
+            out.append((x, meta, image_features(image) if features else None))
         except ImageDecodeError as e:
             status = 413 if e.reason.startswith("too large") else 422
             raise ClientError(status, f"'{name}' cannot be read: {e.reason}") from None

@@ -26,6 +26,10 @@ class Metrics:
         self.in_flight = Gauge("cnnkit_in_flight_requests", "Predict requests being answered", ["model"],
                                registry=r)
         self.queued = Gauge("cnnkit_queued_images", "Images waiting for a batch", ["model"], registry=r)
+        self.drift = Gauge("cnnkit_drift_score", "Largest PSI of the recent requests' features against the "
+                           "reference", ["model"], registry=r)
+        self.drift_feature = Gauge("cnnkit_drift_psi", "PSI of one feature of the recent requests against the "
+                                   "reference", ["model", "feature"], registry=r)
         self.classes = Counter("cnnkit_predicted_class", "Predicted classes (labels, detections, mask classes)",
                                ["model", "class_name"], registry=r)
 
