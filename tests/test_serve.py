@@ -154,6 +154,38 @@ def test_a_full_queue_is_refused_at_once_with_retry_after(served, monkeypatch):
         assert httpx.post(f"{url}/v1/models/digits/predict", content=_png()).status_code == 200
 
 
+def test_max_queue_ms_refuses_what_would_wait_too_long(served, monkeypatch):
+    """With a latency budget, a burst is admitted only as far as the measured time per image
+    lets it wait within the budget (a queue of 64 images alone would admit all ten, the last
+    waiting about 2 s)."""
+    from cnnkit.serve.app import ServeSettings
+
+    _, models = served
+    p = models["digits"]
+    real = p.infer
+
+    def slow(x, metas):
+        time.sleep(0.2 * len(x))
+        return real(x, metas)
+
+    monkeypatch.setattr(p, "infer", slow)
+    settings = ServeSettings(max_batch=1, max_queue=64, max_queue_ms=500, max_wait_ms=0)
+    with running({"digits": p}, settings) as (url, _):
+        assert httpx.post(f"{url}/v1/models/digits/predict", content=_png()).status_code == 200  # learns 0.2 s
+
+        async def burst():
+            async with httpx.AsyncClient(timeout=60) as client:
+                async def one(i):
+                    r = await client.post(f"{url}/v1/models/digits/predict", content=_png(seed=i))
+                    return r.status_code, r.headers.get("server-timing")
+
+                return await asyncio.gather(*(one(i) for i in range(10)))
+
+        answers = asyncio.run(burst())
+    codes = [code for code, _ in answers]
+    assert 1 <= codes.count(200) <= 4 and set(codes) <= {200, 429}, answers
+
+
 def test_a_request_that_times_out_is_dropped(served, monkeypatch):
     from cnnkit.serve.app import ServeSettings
 

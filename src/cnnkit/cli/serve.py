@@ -27,6 +27,8 @@ from cnnkit.errors import CnnkitError
               help="how long a request waits for others to share its call")
 @click.option("--max-queue", type=click.IntRange(1), default=256,
               help="images waiting per model before requests are refused with 429")
+@click.option("--max-queue-ms", type=click.FloatRange(1), default=None,
+              help="also refuse (429) requests whose expected wait in the queue is longer than this")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(0.1), default=30.0,
               help="seconds a request may wait for its result (then 504, and it is dropped)")
 @click.option("--max-body-mb", type=click.FloatRange(0.001), default=20.0, help="request body limit (413 beyond)")
@@ -45,8 +47,9 @@ from cnnkit.errors import CnnkitError
 @click.option("--drift-threshold", type=click.FloatRange(0, min_open=True), default=0.25,
               help="drift score (largest PSI over the features) above which a model is reported as drifted")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info")
-def serve_cmd(weights, host, port, backend, device, workers, max_batch, max_wait_ms, max_queue, timeout_s, max_body_mb,
-              max_pixels, token_file, cors, conf, references, drift_window, drift_threshold, log_level) -> None:
+def serve_cmd(weights, host, port, backend, device, workers, max_batch, max_wait_ms, max_queue, max_queue_ms,
+              timeout_s, max_body_mb, max_pixels, token_file, cors, conf, references, drift_window, drift_threshold,
+              log_level) -> None:
     """Serve trained models over HTTP, each with its own preprocessing, classes and thresholds.
 
     \b
@@ -71,7 +74,8 @@ def serve_cmd(weights, host, port, backend, device, workers, max_batch, max_wait
     from cnnkit.serve.app import ServeSettings
 
     models = load_models(list(weights), backend, device)
-    settings = ServeSettings(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, timeout_s=timeout_s,
+    settings = ServeSettings(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
+                             max_queue_ms=max_queue_ms, timeout_s=timeout_s,
                              max_body_mb=max_body_mb, max_pixels=max_pixels, token=token, cors_origins=tuple(cors),
                              options={"conf": conf} if conf is not None else {},
                              references=build_references(models, list(references)), drift_window=drift_window,

@@ -50,6 +50,7 @@ class ServeSettings:
     max_batch: int = 16
     max_wait_ms: float = 5.0
     max_queue: int = 256  # images waiting per model before 429
+    max_queue_ms: float | None = None  # refuse (429) when the expected wait in the queue is longer
     timeout_s: float = 30.0  # a request waiting longer is dropped (504)
     max_body_mb: float = 20.0
     max_pixels: int = 40_000_000
@@ -184,7 +185,7 @@ def create_app(models: dict[str, Any], settings: ServeSettings | None = None):
     async def lifespan(app):
         for name, p in models.items():
             b = Batcher(p, s.max_batch, s.max_wait_ms, s.max_queue,
-                        on_batch=lambda n, name=name: metrics.batch.labels(name).observe(n))
+                        on_batch=lambda n, name=name: metrics.batch.labels(name).observe(n), max_queue_ms=s.max_queue_ms)
             b.start()
             batchers[name] = b
         yield
@@ -259,15 +260,22 @@ def create_app(models: dict[str, Any], settings: ServeSettings | None = None):
         if name not in models:
             raise ClientError(404, f"no model named '{name}' is served (models: {', '.join(models)})")
         p = models[name]
+        batcher = batchers[name]
+        if not batcher.admit():  # refused before its body is read or decoded
+            metrics.requests.labels(name, "429").inc()
+            raise ClientError(429, f"model '{name}' is busy (its queue is full); retry shortly", {"Retry-After": "1"})
         metrics.in_flight.labels(name).inc()
+        arriving = True
         try:
             options = parse_options(p.task, dict(request.query_params), s.options)
             images = await read_images(request, s)
             t1 = time.perf_counter()
             prepared = await run_in_threadpool(_prepare_all, p, images, s.max_pixels, name in monitors)
             t2 = time.perf_counter()
+            batcher.release()  # from arriving to waiting: submit counts its images
+            arriving = False
             try:
-                results, timing = await batchers[name].submit([x for x, _, _ in prepared],
+                results, timing = await batcher.submit([x for x, _, _ in prepared],
                                                               [m for _, m, _ in prepared], options, s.timeout_s)
             except Overloaded:
                 raise ClientError(429, f"model '{name}' is busy (its queue is full); retry shortly",
@@ -291,6 +299,8 @@ def create_app(models: dict[str, Any], settings: ServeSettings | None = None):
             status = 413
             raise
         finally:
+            if arriving:
+                batcher.release()
             metrics.in_flight.labels(name).dec()
             metrics.requests.labels(name, str(status)).inc()
 

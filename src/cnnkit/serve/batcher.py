@@ -44,17 +44,25 @@ class Batcher:
         max_batch: most images per core call (1 for pipelines that cannot stack inputs).
         max_wait_ms: how long the first request of a batch waits for company.
         max_queue: most images waiting; beyond it :meth:`submit` raises :class:`Overloaded`.
+        max_queue_ms: refuse a request whose expected wait (the images ahead of it times the
+            recent time per image) is longer than this; None for no limit but ``max_queue``.
         on_batch: called with the number of images of every batch run (for metrics).
+
+    :meth:`admit` and :meth:`release` bracket a request from its arrival (before its body is
+    read), so an overloaded server refuses at once instead of decoding what it cannot run.
     """
 
     def __init__(self, predictor, max_batch: int = 16, max_wait_ms: float = 5.0, max_queue: int = 256,
-                 on_batch=None):
+                 on_batch=None, max_queue_ms: float | None = None):
         self.predictor = predictor
         self.max_batch = max_batch if predictor.pipeline.batchable else 1
         self.max_wait = max_wait_ms / 1e3
         self.max_queue = max_queue
         self.on_batch = on_batch
         self.waiting = 0  # images queued and not yet taken into a batch
+        self.arriving = 0  # requests admitted and not yet queued (reading, decoding)
+        self.max_queue_s = max_queue_ms / 1e3 if max_queue_ms else None
+        self.per_image_s: float | None = None  # moving average of the core's time per image
         self.queue: asyncio.Queue[Job] | None = None
         self.task: asyncio.Task | None = None
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="cnnkit-infer")
@@ -76,6 +84,23 @@ class Batcher:
             except asyncio.CancelledError:
                 pass
         self.executor.shutdown(wait=True)
+
+    def expected_wait(self, n: int = 1) -> float:
+        """Seconds a request of ``n`` images arriving now would wait (0 before any batch ran)."""
+        return (self.waiting + self.arriving + n) * (self.per_image_s or 0.0)
+
+    def admit(self) -> bool:
+        """Reserve room for one arriving request; False (refuse it) when the queue is full or
+        its expected wait is over ``max_queue_ms``."""
+        if self.waiting + self.arriving >= self.max_queue:
+            return False
+        if self.max_queue_s is not None and self.expected_wait() > self.max_queue_s:
+            return False
+        self.arriving += 1
+        return True
+
+    def release(self) -> None:
+        self.arriving -= 1
 
     async def submit(self, xs: list[torch.Tensor], metas: list[dict[str, Any]], options: dict[str, Any],
                      timeout: float) -> tuple[list, dict[str, float]]:
@@ -134,6 +159,8 @@ class Batcher:
                 j.timing["queue_ms"] = (started - j.enqueued) * 1e3
             try:
                 outs = await loop.run_in_executor(self.executor, self._run, live)
+                per = (time.perf_counter() - started) / sum(len(j.xs) for j in live)
+                self.per_image_s = per if self.per_image_s is None else 0.8 * self.per_image_s + 0.2 * per
             except Exception as e:  # noqa: BLE001 - a model failure answers every request of its batch
                 for j in live:
                     if not j.future.done():
