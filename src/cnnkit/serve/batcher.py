@@ -85,9 +85,10 @@ class Batcher:
                 pass
         self.executor.shutdown(wait=True)
 
-    def expected_wait(self, n: int = 1) -> float:
-        """Seconds a request of ``n`` images arriving now would wait (0 before any batch ran)."""
-        return (self.waiting + self.arriving + n) * (self.per_image_s or 0.0)
+    def expected_wait(self) -> float:
+        """Seconds a request arriving now would wait for the images ahead of it (0 before any
+        batch ran, and with nothing ahead: the first in line is always admitted)."""
+        return (self.waiting + self.arriving) * (self.per_image_s or 0.0)
 
     def admit(self) -> bool:
         """Reserve room for one arriving request; False (refuse it) when the queue is full or
