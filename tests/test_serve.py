@@ -32,6 +32,29 @@ def _png(h: int = 40, w: int = 56, seed: int = 0) -> bytes:
     return buf.getvalue()
 
 
+def _slow_down(monkeypatch, predictor, seconds_per_image: float) -> list[int]:
+    """Make ``predictor``'s core take ``seconds_per_image`` per image; returns the batch sizes run."""
+    real, calls = predictor.infer, []
+
+    def slow(x, metas):
+        calls.append(len(x))
+        time.sleep(seconds_per_image * len(x))
+        return real(x, metas)
+
+    monkeypatch.setattr(predictor, "infer", slow)
+    return calls
+
+
+def _burst(url: str, n: int) -> list[httpx.Response]:
+    """``n`` concurrent predict requests to the digits model, each a different image."""
+    async def go():
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await asyncio.gather(*(client.post(f"{url}/v1/models/digits/predict", content=_png(seed=i))
+                                          for i in range(n)))
+
+    return asyncio.run(go())
+
+
 def same(a, b, key: str = "") -> bool:
     """Rows equal up to float noise: batched inference sums in another order (scores within
     1e-4; boxes, rounded to 0.01 px, within 0.011)."""
@@ -132,60 +155,33 @@ def test_a_full_queue_is_refused_at_once_with_retry_after(served, monkeypatch):
 
     _, models = served
     p = models["digits"]
-    real = p.infer
-
-    def slow(x, metas):
-        time.sleep(0.3)
-        return real(x, metas)
-
-    monkeypatch.setattr(p, "infer", slow)
+    _slow_down(monkeypatch, p, 0.3)
     with running({"digits": p}, ServeSettings(max_batch=1, max_queue=2, max_wait_ms=0)) as (url, _):
-        async def burst():
-            async with httpx.AsyncClient(timeout=60) as client:
-                return await asyncio.gather(*(client.post(f"{url}/v1/models/digits/predict", content=_png(seed=i))
-                                              for i in range(12)))
-
-        answers = asyncio.run(burst())
+        answers = _burst(url, 12)
         codes = sorted(a.status_code for a in answers)
         assert codes.count(429) >= 6 and set(codes) <= {200, 429}, codes
         refused = next(a for a in answers if a.status_code == 429)
         assert refused.headers["retry-after"] == "1" and "busy" in refused.json()["detail"]
-        monkeypatch.setattr(p, "infer", real)
+        monkeypatch.undo()
         assert httpx.post(f"{url}/v1/models/digits/predict", content=_png()).status_code == 200
 
 
 def test_max_queue_ms_refuses_what_would_wait_too_long(served, monkeypatch):
     """With a latency budget, a burst is admitted only as far as the measured time per image
     lets it wait within the budget (a queue of 64 images alone would admit all ten, the last
-    waiting about 2 s)."""
+    waiting about 2 s); once the burst is done the next request is admitted."""
     from cnnkit.serve.app import ServeSettings
 
     _, models = served
     p = models["digits"]
-    real = p.infer
-
-    def slow(x, metas):
-        time.sleep(0.2 * len(x))
-        return real(x, metas)
-
-    monkeypatch.setattr(p, "infer", slow)
+    _slow_down(monkeypatch, p, 0.2)
     settings = ServeSettings(max_batch=1, max_queue=64, max_queue_ms=500, max_wait_ms=0)
     with running({"digits": p}, settings) as (url, _):
         assert httpx.post(f"{url}/v1/models/digits/predict", content=_png()).status_code == 200  # learns 0.2 s
-
-        async def burst():
-            async with httpx.AsyncClient(timeout=60) as client:
-                async def one(i):
-                    r = await client.post(f"{url}/v1/models/digits/predict", content=_png(seed=i))
-                    return r.status_code, r.headers.get("server-timing")
-
-                return await asyncio.gather(*(one(i) for i in range(10)))
-
-        answers = asyncio.run(burst())
+        codes = [a.status_code for a in _burst(url, 10)]
         time.sleep(1.0)  # the admitted ones finish; the next request is first in line and admitted
         assert httpx.post(f"{url}/v1/models/digits/predict", content=_png()).status_code == 200
-    codes = [code for code, _ in answers]
-    assert 1 <= codes.count(200) <= 4 and set(codes) <= {200, 429}, answers
+    assert 1 <= codes.count(200) <= 4 and set(codes) <= {200, 429}, codes
 
 
 def test_a_request_that_times_out_is_dropped(served, monkeypatch):
@@ -193,22 +189,9 @@ def test_a_request_that_times_out_is_dropped(served, monkeypatch):
 
     _, models = served
     p = models["digits"]
-    real, calls = p.infer, []
-
-    def slow(x, metas):
-        calls.append(len(x))
-        time.sleep(0.5)
-        return real(x, metas)
-
-    monkeypatch.setattr(p, "infer", slow)
+    calls = _slow_down(monkeypatch, p, 0.5)
     with running({"digits": p}, ServeSettings(max_batch=1, timeout_s=0.2, max_wait_ms=0)) as (url, _):
-        async def two():
-            async with httpx.AsyncClient(timeout=60) as client:
-                return await asyncio.gather(*(client.post(f"{url}/v1/models/digits/predict", content=_png(seed=i))
-                                              for i in range(2)))
-
-        answers = asyncio.run(two())
-        assert [a.status_code for a in answers] == [504, 504]
+        assert [a.status_code for a in _burst(url, 2)] == [504, 504]
         time.sleep(0.8)
     assert len(calls) == 1  # the second request timed out in the queue and never ran
 
