@@ -9,6 +9,11 @@ Servers (each its own process, started and stopped here, one at a time):
 - ``plain``: the peer, what most users write: a FastAPI app whose (sync) endpoint reads the
   upload and calls the eager PyTorch model once per request (``cnnkit.load``'s predictor, so
   preprocessing and decoding are the same work), run by uvicorn with its defaults.
+- ``litserve``: the same predictor in LitServe (Lightning AI) with its default settings
+  (``LitServer(api).run()``; no batching unless asked), which takes JSON, so its client sends
+  ``{"image": "<base64>"}``. LitServe is installed by this script into
+  ``benchmarks/.peer-litserve`` (pip ``--target``) and put on that server's path only, never
+  into cnnkit's environment.
 
 The client (a separate process: asyncio + httpx, ``C`` connections each sending the next
 request as soon as the last is answered) posts one 224 or 320 px JPEG for ``--duration``
@@ -26,6 +31,7 @@ cores, and anything else running moves the numbers.
 from __future__ import annotations
 
 import argparse
+import base64
 import io
 import json
 import os
@@ -54,6 +60,42 @@ app = FastAPI()
 def predict(body: bytes = Body(..., media_type="application/octet-stream")):
     return [r.to_dict() for r in model(body)]
 '''
+
+
+LITSERVE_APP = '''
+import base64
+import os
+
+import litserve as ls
+
+import cnnkit
+
+
+class ImageAPI(ls.LitAPI):
+    def setup(self, device):
+        self.model = cnnkit.load(os.environ["PLAIN_WEIGHTS"])
+
+    def decode_request(self, request):
+        return base64.b64decode(request["image"])
+
+    def predict(self, x):
+        return [r.to_dict() for r in self.model(x)]
+
+    def encode_response(self, output):
+        return output
+
+
+if __name__ == "__main__":
+    ls.LitServer(ImageAPI(), accelerator="cpu").run(port=int(os.environ["PORT"]), generate_client_file=False)
+'''
+LITSERVE = Path(__file__).parent / ".peer-litserve"
+LITSERVE_VERSION = "0.2.19"
+
+
+def install_litserve() -> None:
+    if not (LITSERVE / "litserve").is_dir():
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--target", str(LITSERVE),
+                        f"litserve=={LITSERVE_VERSION}"], check=True)
 
 
 def free_port() -> int:
@@ -99,6 +141,12 @@ def jpeg(size: int) -> bytes:
 
 def start(kind: str, weights: Path, port: int, folder: Path, extra: tuple[str, ...] = ()) -> subprocess.Popen:
     exe = Path(sys.executable).parent / "cnnkit"
+    if kind == "litserve":
+        install_litserve()
+        (folder / "lit_app.py").write_text(LITSERVE_APP)
+        env = {**os.environ, "PLAIN_WEIGHTS": str(weights), "PORT": str(port), "PYTHONPATH": str(LITSERVE)}
+        return subprocess.Popen([sys.executable, "lit_app.py"], cwd=folder, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
     if kind == "plain":
         (folder / "plain_app.py").write_text(PLAIN_APP)
         cmd = [sys.executable, "-m", "uvicorn", "plain_app:app", "--port", str(port), "--log-level", "warning"]
@@ -136,6 +184,7 @@ def stop(proc: subprocess.Popen) -> None:
 CLIENT = r'''
 import asyncio, json, sys, time, httpx
 url, body, conc, duration = sys.argv[1], open(sys.argv[2], "rb").read(), int(sys.argv[3]), float(sys.argv[4])
+ctype = sys.argv[5]
 async def main():
     lat, codes, t_end = [], {}, time.perf_counter() + duration
     limits = httpx.Limits(max_connections=conc, max_keepalive_connections=conc)
@@ -144,7 +193,7 @@ async def main():
             while time.perf_counter() < t_end:
                 t0 = time.perf_counter()
                 try:
-                    r = await c.post(url, content=body, headers={"content-type": "application/octet-stream"})
+                    r = await c.post(url, content=body, headers={"content-type": ctype})
                     code = r.status_code
                 except httpx.HTTPError:
                     code = -1
@@ -157,10 +206,14 @@ asyncio.run(main())
 '''
 
 
-def load(url: str, image: Path, conc: int, duration: float, folder: Path) -> dict:
+def load(url: str, image: Path, conc: int, duration: float, folder: Path, as_json: bool = False) -> dict:
     client = folder / "client.py"
     client.write_text(CLIENT)
-    out = subprocess.run([sys.executable, str(client), url, str(image), str(conc), str(duration)],
+    body, ctype = image, "application/octet-stream"
+    if as_json:
+        body, ctype = image.with_suffix(".json"), "application/json"
+        body.write_text(json.dumps({"image": base64.b64encode(image.read_bytes()).decode()}))
+    out = subprocess.run([sys.executable, str(client), url, str(body), str(conc), str(duration), ctype],
                          capture_output=True, text=True, check=True).stdout
     r = json.loads(out)
     ok = sorted(ms for code, ms in r["lat"] if code == 200)
@@ -177,8 +230,9 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--models", default="resnet18,fastdet")
-    ap.add_argument("--servers", default="plain,cnnkit-nobatch,cnnkit,cnnkit-onnx", help="'' for the overload run only")
+    ap.add_argument("--servers", default="plain,litserve,cnnkit-nobatch,cnnkit,cnnkit-onnx", help="'' for the overload run only")
     ap.add_argument("--queue-ms", type=float, default=50.0, help="--max-queue-ms of the overload run")
+    ap.add_argument("--no-overload", action="store_true", help="skip the overload run")
     args = ap.parse_args()
     concs = [int(c) for c in args.concurrency.split(",")]
     rows, overload = [], []
@@ -193,16 +247,20 @@ def main() -> None:
                 port = free_port()
                 proc = start(kind, w, port, folder)
                 base = f"http://127.0.0.1:{port}"
-                url = f"{base}/predict" if kind == "plain" else f"{base}/v1/models/m/predict"
+                url = f"{base}/predict" if kind in ("plain", "litserve") else f"{base}/v1/models/m/predict"
+                ready = {"plain": f"{base}/predict", "litserve": f"{base}/health"}.get(kind, f"{base}/readyz")
+                as_json = kind == "litserve"
                 try:
-                    wait_ready(f"{base}/predict" if kind == "plain" else f"{base}/readyz", proc)
-                    load(url, image, 4, 2.0, folder)  # warm-up
+                    wait_ready(ready, proc)
+                    load(url, image, 4, 2.0, folder, as_json)  # warm-up
                     for c in concs:
-                        row = {"model": name, "server": kind, **load(url, image, c, args.duration, folder)}
+                        row = {"model": name, "server": kind, **load(url, image, c, args.duration, folder, as_json)}
                         rows.append(row)
                         print(json.dumps(row), flush=True)
                 finally:
                     stop(proc)
+            if args.no_overload:
+                continue
             # overload: 64 connections against a 50 ms queue budget (--max-queue-ms)
             port = free_port()
             proc = start("cnnkit", w, port, folder, ("--max-queue-ms", str(args.queue_ms)))
@@ -228,7 +286,7 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
             finally:
                 stop(proc)
-    save("serve_load" if rows else "serve_overload", {"duration_s": args.duration, "rows": rows, "overload": overload})
+    save("serve_load" if overload and rows else "serve_overload" if overload else "serve_throughput", {"duration_s": args.duration, "rows": rows, "overload": overload})
 
 
 if __name__ == "__main__":
