@@ -295,8 +295,10 @@ def test_serve_cli_errors_are_one_sentence(cli, tmp_path, digits_run):
     assert r.code == 2 and "two models are named 'a'" in r.err
 
 
-def test_serve_as_a_process_answers_then_stops_on_sigterm(digits_run, tmp_path):
-    """The installed command: `cnnkit serve` starts, answers, and exits 0 on SIGTERM."""
+@pytest.mark.parametrize("workers", [1, 2])
+def test_serve_as_a_process_answers_then_stops_on_sigterm(digits_run, tmp_path, workers):
+    """The installed command: `cnnkit serve` starts (one process, or two sharing the port),
+    answers, and exits 0 on SIGTERM."""
     import signal
     import socket
     import subprocess
@@ -308,7 +310,8 @@ def test_serve_as_a_process_answers_then_stops_on_sigterm(digits_run, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "cnnkit.cli.main", "serve", "--weights", str(digits_run),
-                             "--port", str(port), "--log-level", "warning"], stderr=subprocess.PIPE, text=True)
+                             "--port", str(port), "--log-level", "warning", "--workers", str(workers)],
+                            stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.time() + 120
