@@ -373,3 +373,18 @@ def test_drift_rises_for_darkened_or_noisy_images_and_not_for_clean_ones(served,
     assert scores["noisy"]["drifted"] and scores["noisy"]["features"]["gray_std"] > 0.25, scores["noisy"]
     gauge = next(s.value for s in families["cnnkit_drift_score"].samples if s.labels == {"model": "digits"})
     assert gauge == scores["noisy"]["score"]
+
+
+def test_onnx_backend_answers_like_torch(served, tmp_path):
+    """`--backend onnx` exports the weights and serves them on ONNX Runtime: same answers."""
+    from cnnkit.serve import load_models
+
+    runs, models = served
+    onnx = load_models([f"det={runs['tiny_run']}"], backend="onnx", workdir=tmp_path)
+    assert onnx["det"].backend.name == "onnx" and (tmp_path / "det.onnx").is_file()
+    image = _png(96, 128)
+    answers = {}
+    for backend, ms in (("torch", {"det": models["det"]}), ("onnx", onnx)):
+        with running(ms) as (url, _):
+            answers[backend] = httpx.post(f"{url}/v1/models/det/predict?conf=0.001", content=image).json()
+    assert answers["torch"][0]["detections"] and same(answers["onnx"], answers["torch"])
