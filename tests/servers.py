@@ -12,11 +12,12 @@ def running(models, settings=None, **config):
     """Yield the base URL of a uvicorn server serving ``models`` on a free port."""
     import uvicorn
 
+    from cnnkit.serve import UVICORN
     from cnnkit.serve.app import create_app
 
     app = create_app(models, settings)
-    cfg = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", h11_max_incomplete_event_size=64 * 1024,
-                         timeout_graceful_shutdown=5, **config)
+    cfg = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                         **{**UVICORN, "timeout_graceful_shutdown": 5, **config})
     server = uvicorn.Server(cfg)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

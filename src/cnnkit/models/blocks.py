@@ -11,8 +11,8 @@ written here because timm has no global GeM/LP/SPP layer with that interface (ab
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from cnnkit.core.choices import ATTENTION, POOLS
 from cnnkit.errors import ModelError

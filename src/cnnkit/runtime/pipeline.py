@@ -187,9 +187,15 @@ class Predictor:
                 ) -> tuple[torch.Tensor, dict[str, Any]]:
         """One input decoded and preprocessed: the core's input (no batch dim) and its meta
         (``meta["path"]`` is ``name``). ``max_pixels`` refuses larger images before decoding."""
-        x, meta = self.pipeline.prepare(self.pipeline.decode(item, max_pixels))
+        return self.decode_prepare(item, name, max_pixels)[1:]
+
+    def decode_prepare(self, item: ImageLike, name: str | None = None, max_pixels: int | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """:meth:`prepare` that also returns the decoded image: ``(image, input, meta)``."""
+        image = self.pipeline.decode(item, max_pixels)
+        x, meta = self.pipeline.prepare(image)
         meta["path"] = name
-        return x, meta
+        return image, x, meta
 
     def infer(self, x: torch.Tensor, metas: list[dict[str, Any]]) -> tuple[torch.Tensor, ...]:
         """The core's outputs for a stacked batch of prepared inputs (synchronized on CUDA, so

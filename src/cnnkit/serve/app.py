@@ -314,9 +314,7 @@ def _prepare_all(predictor, images: list[tuple[bytes, str]], max_pixels: int, fe
     out = []
     for data, name in images:
         try:
-            image = predictor.pipeline.decode(data, max_pixels)
-            x, meta = predictor.pipeline.prepare(image)
-            meta["path"] = name
+            image, x, meta = predictor.decode_prepare(data, name, max_pixels)
             out.append((x, meta, image_features(image) if features else None))
         except ImageDecodeError as e:
             status = 413 if e.reason.startswith("too large") else 422

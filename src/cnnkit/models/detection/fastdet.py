@@ -26,8 +26,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from cnnkit.models.blocks import upsample_nearest
 from cnnkit.models.detection.nms import suppress
