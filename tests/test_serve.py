@@ -184,6 +184,43 @@ def test_max_queue_ms_refuses_what_would_wait_too_long(served, monkeypatch):
     assert 1 <= codes.count(200) <= 4 and set(codes) <= {200, 429}, codes
 
 
+def test_expected_wait_counts_the_batch_running_now():
+    """A request arriving while a batch runs waits for the rest of that batch too: the latency
+    budget (--max-queue-ms) must see it, or an overloaded server admits one batch too many."""
+    import torch
+
+    from cnnkit.serve.batcher import Batcher
+
+    class Slow:  # the predictor surface the batcher uses
+        class pipeline:
+            batchable = True
+
+            @staticmethod
+            def postprocess(raw, metas, **options):
+                return [None] * len(metas)
+
+        @staticmethod
+        def infer(x, metas):
+            time.sleep(0.4)
+            return (x,)
+
+    async def go():
+        b = Batcher(Slow(), max_batch=4, max_wait_ms=0, max_queue_ms=100)
+        b.start()
+        b.per_image_s = 0.2  # as measured by earlier batches
+        job = asyncio.create_task(b.submit([torch.zeros(1)] * 2, [{}, {}], {}, timeout=5))
+        await asyncio.sleep(0.1)  # the two images are running (about 0.4 s expected, 0.3 s left)
+        during = b.expected_wait(), b.admit()
+        await job
+        after = b.expected_wait()
+        await b.stop()
+        return during, after
+
+    (wait, admitted), after = asyncio.run(go())
+    assert 0.2 < wait < 0.35 and not admitted
+    assert after == 0.0
+
+
 def test_a_request_that_times_out_is_dropped(served, monkeypatch):
     from cnnkit.serve.app import ServeSettings
 

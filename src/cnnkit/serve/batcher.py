@@ -63,6 +63,7 @@ class Batcher:
         self.arriving = 0  # requests admitted and not yet queued (reading, decoding)
         self.max_queue_s = max_queue_ms / 1e3 if max_queue_ms else None
         self.per_image_s: float | None = None  # moving average of the core's time per image
+        self.busy_until = 0.0  # perf_counter() at which the batch running now should end
         self.queue: asyncio.Queue[Job] | None = None
         self.task: asyncio.Task | None = None
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="cnnkit-infer")
@@ -86,9 +87,11 @@ class Batcher:
         self.executor.shutdown(wait=True)
 
     def expected_wait(self) -> float:
-        """Seconds a request arriving now would wait for the images ahead of it (0 before any
-        batch ran, and with nothing ahead: the first in line is always admitted)."""
-        return (self.waiting + self.arriving) * (self.per_image_s or 0.0)
+        """Seconds a request arriving now would wait before its own batch starts: the rest of
+        the batch running now and the images ahead of it (0 before any batch ran, and with
+        nothing ahead: the first in line is always admitted)."""
+        running = max(0.0, self.busy_until - time.perf_counter())
+        return running + (self.waiting + self.arriving) * (self.per_image_s or 0.0)
 
     def admit(self) -> bool:
         """Reserve room for one arriving request; False (refuse it) when the queue is full or
@@ -158,15 +161,19 @@ class Batcher:
             started = time.perf_counter()
             for j in live:
                 j.timing["queue_ms"] = (started - j.enqueued) * 1e3
+            images = sum(len(j.xs) for j in live)
+            self.busy_until = started + images * (self.per_image_s or 0.0)
             try:
                 outs = await loop.run_in_executor(self.executor, self._run, live)
-                per = (time.perf_counter() - started) / sum(len(j.xs) for j in live)
+                per = (time.perf_counter() - started) / images
                 self.per_image_s = per if self.per_image_s is None else 0.8 * self.per_image_s + 0.2 * per
             except Exception as e:  # noqa: BLE001 - a model failure answers every request of its batch
                 for j in live:
                     if not j.future.done():
                         j.future.set_exception(e)
                 continue
+            finally:
+                self.busy_until = 0.0
             for j, out in zip(live, outs):
                 if not j.future.done():
                     j.future.set_result((out, j.timing))
