@@ -21,12 +21,14 @@ the last is answered, for ``--duration`` seconds per concurrency, and it reports
 p50/p99 latency. (An httpx client spent about 7 ms of CPU per request here: with 64 connections
 on one core the client, not the server, set the latency it measured.)
 
-Then an overload run per model: the capacity ``C`` (requests/s of ``cnnkit`` at concurrency 32)
-and the unloaded p99 (one connection); then a server with ``--max-queue-ms`` (a latency budget
-for the queue) gets an open loop of ``--overload`` x ``C`` arrivals per second (latency counted
+Then overload runs per model: the capacity ``C`` (requests/s of ``cnnkit`` at concurrency 32)
+and the unloaded p99 (one connection); then, for each ``--queue-ms`` budget, a server with
+``--max-queue-ms`` (a latency budget for the queue) gets an open loop of ``--overload`` x ``C`` arrivals per second (latency counted
 from each scheduled arrival, so a client falling behind cannot hide it), measuring how fast
-refusals (429) come, the p99 of the admitted requests against the unloaded p99, and the time
-until an ordinary request succeeds again after the load stops.
+refusals (429) come, the p99 of the admitted requests against the unloaded p99, the requests/s
+answered (goodput) against the capacity, and the time until an ordinary request succeeds again
+after the load stops. A tight budget keeps admitted latency near the unloaded one but leaves
+batches small (goodput near the unbatched rate); a loose one batches more and waits longer.
 
 Models are freshly initialized (latency does not depend on the weights): resnet18 at 224 px
 and fastdet (width 16) at 320 px. Run it alone: anything else running moves the numbers. The
@@ -314,7 +316,7 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--models", default="resnet18,fastdet")
     ap.add_argument("--servers", default="plain,litserve,cnnkit-nobatch,cnnkit,cnnkit-onnx", help="'' for the overload run only")
-    ap.add_argument("--queue-ms", type=float, default=50.0, help="--max-queue-ms of the overload run")
+    ap.add_argument("--queue-ms", default="15,50", help="--max-queue-ms of the overload runs (one run each)")
     ap.add_argument("--no-overload", action="store_true", help="skip the overload run")
     ap.add_argument("--overload", type=float, default=2.0, help="arrival rate of the overload run, times capacity")
     ap.add_argument("--client-procs", type=int, default=1, help="client processes sharing the connections")
@@ -354,34 +356,35 @@ def main() -> None:
                 continue
             # overload: capacity C (requests/s at concurrency 32, no budget), then arrivals at
             # --overload x C against a server with --max-queue-ms, then the time to recover
-            row = {"model": name}
-            for phase in ("capacity", "overload"):
+            base = {"model": name}
+            for budget in [None, *(float(q) for q in args.queue_ms.split(","))]:
                 port = free_port()
-                budget = ("--max-queue-ms", str(args.queue_ms)) if phase == "overload" else ()
-                proc = start("cnnkit", w, port, folder, budget, args.device, scpus)
+                flags = ("--max-queue-ms", f"{budget:g}") if budget else ()
+                proc = start("cnnkit", w, port, folder, flags, args.device, scpus)
                 url = f"http://127.0.0.1:{port}/v1/models/m/predict"
                 try:
                     wait_ready(f"http://127.0.0.1:{port}/readyz", proc)
                     load(url, image, 4, 2.0, folder, cpus=ccpus, procs=args.client_procs)
-                    if phase == "capacity":
+                    if budget is None:  # capacity and unloaded latency, no budget
                         calm = load(url, image, 1, args.duration, folder, cpus=ccpus)
                         full = load(url, image, 32, args.duration, folder, cpus=ccpus, procs=args.client_procs)
-                        row.update(unloaded_p99_ms=calm["p99_ms"], capacity_rps=full["rps"])
+                        base.update(unloaded_p99_ms=calm["p99_ms"], capacity_rps=full["rps"])
                         continue
-                    rate = args.overload * row["capacity_rps"]
-                    busy = load(url, image, 0, args.duration, folder, cpus=ccpus, rate=rate)
+                    busy = load(url, image, 0, args.duration, folder, cpus=ccpus, rate=args.overload * base["capacity_rps"])
                     t0 = time.time()
                     while load(url, image, 1, 0.01, folder, cpus=ccpus)["ok"] == 0:
                         if time.time() - t0 > 60:
                             raise RuntimeError("the server did not recover within 60 s after the load stopped")
                         time.sleep(0.05)
-                    ratio = busy["p99_ms"] / row["unloaded_p99_ms"] if busy["p99_ms"] else None
-                    row.update(overload=busy, admitted_p99_over_unloaded=ratio and round(ratio, 2),
-                               recovered_s=round(time.time() - t0, 2))
+                    ratio = busy["p99_ms"] / base["unloaded_p99_ms"] if busy["p99_ms"] else None
+                    row = {**base, "max_queue_ms": budget, "overload": busy,
+                           "admitted_p99_over_unloaded": ratio and round(ratio, 2),
+                           "goodput_over_capacity": round(busy["rps"] / base["capacity_rps"], 2),
+                           "recovered_s": round(time.time() - t0, 2)}
+                    overload.append(row)
+                    print(json.dumps(row), flush=True)
                 finally:
                     stop(proc)
-            overload.append(row)
-            print(json.dumps(row), flush=True)
     name = "serve_load" if overload and rows else "serve_overload" if overload else "serve_throughput"
     setup = {"device": args.device, "server_cpus": args.server_cpus or "all", "client_cpus": args.client_cpus or "all"}
     save(name + args.tag, {"duration_s": args.duration, "setup": setup, "rows": rows, "overload": overload})
