@@ -221,6 +221,44 @@ def test_expected_wait_counts_the_batch_running_now():
     assert after == 0.0
 
 
+def test_a_batch_waits_only_for_requests_already_arriving():
+    """A request alone runs at once, however long --max-wait-ms is; one admitted while the
+    first is queued (its body still being read) joins the first one's batch."""
+    import torch
+
+    from cnnkit.serve.batcher import Batcher
+
+    class Echo:
+        class pipeline:
+            batchable = True
+
+            @staticmethod
+            def postprocess(raw, metas, **options):
+                return [None] * len(metas)
+
+        @staticmethod
+        def infer(x, metas):
+            return (x,)
+
+    async def go():
+        batches = []
+        b = Batcher(Echo(), max_batch=8, max_wait_ms=2000, on_batch=batches.append)
+        b.start()
+        _, alone, _ = await b.submit([torch.zeros(1)], [{}], {}, timeout=5)
+        assert b.admit()  # a second request arrives while a third is queued
+        third = asyncio.create_task(b.submit([torch.zeros(1)], [{}], {}, timeout=5))
+        await asyncio.sleep(0.2)
+        b.release()
+        await b.submit([torch.zeros(1)], [{}], {}, timeout=5)
+        await third
+        await b.stop()
+        return alone, batches
+
+    alone, batches = asyncio.run(go())
+    assert alone["queue_ms"] < 1000  # not the 2 s of max_wait
+    assert batches == [1, 2]
+
+
 def test_a_request_that_times_out_is_dropped(served, monkeypatch):
     from cnnkit.serve.app import ServeSettings
 
@@ -367,10 +405,11 @@ def test_serve_as_a_process_answers_then_stops_on_sigterm(digits_run, tmp_path, 
         assert proc.wait(60) == 0
 
 
-def test_drift_rises_for_darkened_or_noisy_images_and_not_for_clean_ones(served, tmp_path):
+def test_drift_rises_for_darkened_noisy_or_rotated_images_and_not_for_clean_ones(served, tmp_path):
     """Reference: the digits model on its validation images. 200 clean held-out test images
-    stay under the threshold; the same images darkened, or with noise, cross it; /metrics
-    carries the score."""
+    stay under the threshold; the same images darkened, or with noise, cross it; rotated a
+    quarter turn (the same pixels, so the image statistics cannot move) they cross it through
+    the model's embedding; /metrics carries the score."""
     from prometheus_client.parser import text_string_to_metric_families
 
     from cnnkit.data.digits import digits_arrays
@@ -386,7 +425,8 @@ def test_drift_rises_for_darkened_or_noisy_images_and_not_for_clean_ones(served,
     settings = ServeSettings(references=build_references(digits, [str(ref_dir)], tmp_path), drift_window=200)
     test = digits_arrays("test")[0][:200].astype(np.float32)
     rng = np.random.default_rng(0)
-    variants = {"clean": test, "dark": test * 0.4, "noisy": test + rng.normal(0, 40, test.shape)}
+    variants = {"clean": test, "dark": test * 0.4, "noisy": test + rng.normal(0, 40, test.shape),
+                "rotated": np.rot90(test, axes=(1, 2))}
 
     def encode(a) -> bytes:
         buf = io.BytesIO()
@@ -408,8 +448,13 @@ def test_drift_rises_for_darkened_or_noisy_images_and_not_for_clean_ones(served,
     assert scores["clean"]["score"] < 0.25 and scores["clean"]["drifted"] is False, scores["clean"]
     assert scores["dark"]["drifted"] and scores["dark"]["features"]["gray_mean"] > 0.25, scores["dark"]
     assert scores["noisy"]["drifted"] and scores["noisy"]["features"]["gray_std"] > 0.25, scores["noisy"]
+    embedding = [f"embedding_pc{i}" for i in (1, 2, 3, 4)] + ["embedding_distance"]
+    assert set(embedding) <= set(scores["clean"]["features"]), scores["clean"]
+    rotated = scores["rotated"]["features"]
+    assert max(rotated["gray_mean"], rotated["gray_std"]) < 0.25, rotated  # the same pixels
+    assert scores["rotated"]["drifted"] and max(rotated[f] for f in embedding) > 0.25, rotated
     gauge = next(s.value for s in families["cnnkit_drift_score"].samples if s.labels == {"model": "digits"})
-    assert gauge == scores["noisy"]["score"]
+    assert gauge == scores["rotated"]["score"]
 
 
 def test_onnx_backend_answers_like_torch(served, tmp_path):

@@ -24,7 +24,8 @@ from cnnkit.errors import CnnkitError
 @click.option("--max-batch", type=click.IntRange(1, 1024), default=16,
               help="most images per model call; concurrent requests share calls")
 @click.option("--max-wait-ms", type=click.FloatRange(0, 1000), default=5.0,
-              help="how long a request waits for others to share its call")
+              help="how long a request may wait for others already arriving to share its call "
+                   "(a request alone starts at once)")
 @click.option("--max-queue", type=click.IntRange(1), default=256,
               help="images waiting per model before requests are refused with 429")
 @click.option("--max-queue-ms", type=click.FloatRange(1), default=None,

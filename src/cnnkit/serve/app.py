@@ -176,21 +176,28 @@ def create_app(models: dict[str, Any], settings: ServeSettings | None = None):
     s = settings or ServeSettings()
     metrics = Metrics()
     batchers: dict[str, Batcher] = {}
-    from cnnkit.serve.drift import DriftMonitor, Reference
+    from cnnkit.serve.drift import DriftMonitor, EmbeddingTap, Reference
 
     monitors = {name: DriftMonitor(Reference.load(path), s.drift_window, s.drift_threshold)
                 for name, path in s.references.items() if name in models}
 
     @asynccontextmanager
     async def lifespan(app):
+        # embeddings for the drift features, caught on the inference thread (torch backend)
+        taps = {name: EmbeddingTap.attach(models[name]) for name, m in monitors.items()
+                if m.reference.embedding is not None}
         for name, p in models.items():
             b = Batcher(p, s.max_batch, s.max_wait_ms, s.max_queue,
-                        on_batch=lambda n, name=name: metrics.batch.labels(name).observe(n), max_queue_ms=s.max_queue_ms)
+                        on_batch=lambda n, name=name: metrics.batch.labels(name).observe(n), max_queue_ms=s.max_queue_ms,
+                        tap=taps.get(name))
             b.start()
             batchers[name] = b
         yield
         for b in batchers.values():
             await b.stop()
+        for tap in taps.values():
+            if tap is not None:
+                tap.close()
 
     app = FastAPI(title="cnnkit serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
                   default_response_class=Answer)
@@ -275,7 +282,7 @@ def create_app(models: dict[str, Any], settings: ServeSettings | None = None):
             batcher.release()  # from arriving to waiting: submit counts its images
             arriving = False
             try:
-                results, timing = await batcher.submit([x for x, _, _ in prepared],
+                results, timing, embeddings = await batcher.submit([x for x, _, _ in prepared],
                                                               [m for _, m, _ in prepared], options, s.timeout_s)
             except Overloaded:
                 raise ClientError(429, f"model '{name}' is busy (its queue is full); retry shortly",
@@ -287,8 +294,8 @@ def create_app(models: dict[str, Any], settings: ServeSettings | None = None):
             metrics.observe(name, timing)
             metrics.count_classes(name, rows)
             if name in monitors:
-                for (_, _, feats), row in zip(prepared, rows):
-                    monitors[name].add(feats, row)
+                for i, ((_, _, feats), row) in enumerate(zip(prepared, rows)):
+                    monitors[name].add(feats, row, embeddings[i] if embeddings is not None else None)
             status = 200
             header = ", ".join(f"{k[:-3]};dur={v:.2f}" for k, v in timing.items())
             return Answer(rows, headers={"Server-Timing": header})

@@ -34,6 +34,7 @@ class Job:
     enqueued: float = field(default_factory=time.perf_counter)
     timing: dict[str, float] = field(default_factory=dict)
     dropped: bool = False
+    embeddings: Any = None  # (n, D) array when the batcher has an embedding tap
 
 
 class Batcher:
@@ -42,19 +43,24 @@ class Batcher:
     Args:
         predictor: the loaded model.
         max_batch: most images per core call (1 for pipelines that cannot stack inputs).
-        max_wait_ms: how long the first request of a batch waits for company.
+        max_wait_ms: how long the first request of a batch may wait for requests already
+            arriving (admitted, their bodies being read or decoded); with none arriving and
+            none queued, a batch starts at once.
         max_queue: most images waiting; beyond it :meth:`submit` raises :class:`Overloaded`.
         max_queue_ms: refuse a request whose expected wait (the images ahead of it times the
             recent time per image) is longer than this; None for no limit but ``max_queue``.
         on_batch: called with the number of images of every batch run (for metrics).
+        tap: an :class:`~cnnkit.serve.drift.EmbeddingTap` on the predictor, whose embeddings
+            come back with each request's results (for drift monitoring).
 
     :meth:`admit` and :meth:`release` bracket a request from its arrival (before its body is
     read), so an overloaded server refuses at once instead of decoding what it cannot run.
     """
 
     def __init__(self, predictor, max_batch: int = 16, max_wait_ms: float = 5.0, max_queue: int = 256,
-                 on_batch=None, max_queue_ms: float | None = None):
+                 on_batch=None, max_queue_ms: float | None = None, tap=None):
         self.predictor = predictor
+        self.tap = tap
         self.max_batch = max_batch if predictor.pipeline.batchable else 1
         self.max_wait = max_wait_ms / 1e3
         self.max_queue = max_queue
@@ -107,8 +113,9 @@ class Batcher:
         self.arriving -= 1
 
     async def submit(self, xs: list[torch.Tensor], metas: list[dict[str, Any]], options: dict[str, Any],
-                     timeout: float) -> tuple[list, dict[str, float]]:
-        """The results of ``xs`` (prepared inputs) and the time spent queued and in inference.
+                     timeout: float) -> tuple[list, dict[str, float], Any]:
+        """The results of ``xs`` (prepared inputs), the time spent queued and in inference, and
+        the images' embeddings (None without a tap).
 
         Raises:
             Overloaded: the queue is full.
@@ -143,7 +150,9 @@ class Batcher:
             deadline = loop.time() + self.max_wait
             while n < self.max_batch:
                 left = deadline - loop.time()
-                if left <= 0 and self.queue.empty():
+                # wait only for company known to be coming (admitted, still being read or
+                # decoded), and at most max_wait: a request alone starts at once
+                if self.queue.empty() and (left <= 0 or self.arriving == 0):
                     break
                 try:
                     job = await self._next(max(left, 0.0) or 1e-4)
@@ -176,7 +185,7 @@ class Batcher:
                 self.busy_until = 0.0
             for j, out in zip(live, outs):
                 if not j.future.done():
-                    j.future.set_result((out, j.timing))
+                    j.future.set_result((out, j.timing, j.embeddings))
 
     def _run(self, jobs: list[Job]) -> list[list]:
         """In the inference thread: one core call over every job's images (one per image when
@@ -186,9 +195,10 @@ class Batcher:
         metas = [m for j in jobs for m in j.metas]
         t0 = time.perf_counter()
         if p.pipeline.batchable:
-            raws = [p.infer(torch.stack(xs), metas)]
+            call = lambda: [p.infer(torch.stack(xs), metas)]
         else:
-            raws = [p.infer(x[None], [m]) for x, m in zip(xs, metas)]
+            call = lambda: [p.infer(x[None], [m]) for x, m in zip(xs, metas)]
+        raws, emb = self.tap.run(call, len(xs)) if self.tap is not None else (call(), None)
         t1 = time.perf_counter()
         if self.on_batch is not None:
             self.on_batch(len(xs))
@@ -202,6 +212,7 @@ class Batcher:
             else:
                 results = [r for i in range(start, stop) for r in p.pipeline.postprocess(raws[i], [metas[i]],
                                                                                         **j.options)]
+            j.embeddings = emb[start:stop] if emb is not None else None
             j.timing["inference_ms"] = (t1 - t0) * 1e3
             j.timing["postprocess_ms"] = (time.perf_counter() - tj) * 1e3
             outs.append(results)

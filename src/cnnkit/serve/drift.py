@@ -1,12 +1,18 @@
 """Data drift: are the images a model is asked about still like the ones it was checked on?
 
 Each image is summarized by a few cheap features: the mean and standard deviation of each
-channel of the decoded image (brightness, contrast, colour cast) and the model's confidence
-in its answer (the top class probability, the best detection score, the highest tag
-probability). A :class:`Reference` holds those features over a reference set (the model's
-validation images); a :class:`DriftMonitor` keeps the last ``window`` requests' features and
-scores each feature with the population stability index (PSI) against the reference, over
-ten bins at the reference's deciles::
+channel of the decoded image (brightness, contrast, colour cast), the model's confidence in
+its answer (the top class probability, the best detection score, the highest tag
+probability) and, on the torch backend, the model's embedding of the image: its deepest
+feature stage (``Pipeline.feature_layers``) averaged over positions, which follows what the
+model sees rather than raw pixels. Embeddings have hundreds of dimensions, so the reference
+keeps their first principal axes: the features are the projections on the top ``PCS`` axes
+(``embedding_pc1``...) and the distance to the reference mean (``embedding_distance``).
+
+A :class:`Reference` holds those features over a reference set (the model's validation
+images); a :class:`DriftMonitor` keeps the last ``window`` requests' features and scores each
+feature with the population stability index (PSI) against the reference, over ten bins at the
+reference's deciles::
 
     PSI = sum_b (w_b - r_b) * ln(w_b / r_b)
 
@@ -22,6 +28,7 @@ import json
 import math
 import threading
 from collections import deque
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +37,7 @@ import torch
 
 BINS = 10
 EPS = 1e-4  # share given to an empty bin, so ln stays finite
+PCS = 4  # principal axes of the embeddings kept as features
 
 
 def image_features(image: torch.Tensor) -> list[float]:
@@ -54,39 +62,117 @@ def confidence(row: dict[str, Any]) -> float | None:
     return None
 
 
-class Reference:
-    """Reference features (``(N, F)``, NaN where a feature is missing) and their bin edges."""
+class EmbeddingTap:
+    """Catches a torch predictor's embedding of each image: the output of the deepest stage of
+    ``pipeline.feature_layers``, averaged over positions, through a forward hook that records
+    only inside :meth:`run` on the calling thread (other threads' calls pass untouched)."""
 
-    def __init__(self, names: list[str], values: np.ndarray, source: str = ""):
+    def __init__(self, layer: torch.nn.Module):
+        self.local = threading.local()
+        self.handle = layer.register_forward_hook(self._hook)
+
+    @classmethod
+    def attach(cls, predictor) -> EmbeddingTap | None:
+        """A tap on ``predictor``'s deepest feature stage, or None (ONNX backend, no stages)."""
+        core = getattr(predictor.backend, "core", None)
+        stages = predictor.pipeline.feature_layers(core) if isinstance(core, torch.nn.Module) else {}
+        return cls(list(stages.values())[-1]) if stages else None
+
+    def _hook(self, module, inputs, output) -> None:
+        rows = getattr(self.local, "rows", None)
+        if rows is None:
+            return
+        while isinstance(output, (dict, list, tuple)) and output:  # an FPN's maps: the deepest
+            output = list(output.values())[-1] if isinstance(output, dict) else output[-1]
+        if torch.is_tensor(output) and output.ndim >= 2:
+            rows.append(output.detach().float().flatten(2).mean(2).cpu() if output.ndim > 2
+                        else output.detach().float().cpu())
+
+    def run(self, fn, n: int):
+        """``(fn(), embeddings)``: ``(n, D)`` float64 rows of the images ``fn`` ran, or None when
+        the calls did not give one row per image (a tiled segmenter runs per tile)."""
+        self.local.rows = []
+        try:
+            out = fn()
+            rows = self.local.rows
+        finally:
+            self.local.rows = None
+        emb = torch.cat(rows).double().numpy() if rows else None
+        return out, emb if emb is not None and len(emb) == n else None
+
+    def close(self) -> None:
+        self.handle.remove()
+
+
+class Reference:
+    """Reference features (``(N, F)``, NaN where a feature is missing) and their bin edges;
+    with ``embedding`` (``{"mean": (D,), "axes": (k, D)}``) the last ``k + 1`` features are
+    the embedding's projections and its distance to the mean (:meth:`embed`)."""
+
+    def __init__(self, names: list[str], values: np.ndarray, source: str = "",
+                 embedding: dict[str, Any] | None = None):
         self.names, self.values, self.source = list(names), np.asarray(values, np.float64), source
+        self.embedding = {k: np.asarray(v, np.float64) for k, v in embedding.items()} if embedding else None
         self.edges = [np.unique(np.nanquantile(col[~np.isnan(col)], np.linspace(0, 1, BINS + 1)[1:-1]))
                       if (~np.isnan(col)).any() else None for col in self.values.T]
         self.shares = [_shares(col, e) if e is not None else None for col, e in zip(self.values.T, self.edges)]
+
+    def embed(self, embedding: np.ndarray | None) -> list[float]:
+        """The embedding features of one image (``[]`` for a reference without embeddings,
+        NaNs when the image has none)."""
+        return _project(self.embedding, embedding) if self.embedding is not None else []
 
     @classmethod
     def from_predictor(cls, predictor, items: list, source: str = "", batch: int = 32) -> Reference:
         """Features of ``items`` (paths, bytes, arrays) under ``predictor``."""
         names = feature_names(predictor.card.input.channels)
-        rows = []
-        for i in range(0, len(items), batch):
-            chunk = items[i:i + batch]
-            images = [predictor.pipeline.decode(it) for it in chunk]
-            results = predictor(images, batch=batch)
-            for img, r in zip(images, results):
-                c = confidence(r.to_dict())
-                rows.append(image_features(img) + [math.nan if c is None else c])
-        return cls(names, np.array(rows), source)
+        tap = EmbeddingTap.attach(predictor)
+        rows, embs = [], []
+        try:
+            for i in range(0, len(items), batch):
+                chunk = items[i:i + batch]
+                images = [predictor.pipeline.decode(it) for it in chunk]
+                call = partial(predictor, images, batch=batch)
+                results, emb = tap.run(call, len(images)) if tap else (call(), None)
+                embs.append(emb)
+                for img, r in zip(images, results):
+                    c = confidence(r.to_dict())
+                    rows.append(image_features(img) + [math.nan if c is None else c])
+        finally:
+            if tap:
+                tap.close()
+        values, embedding = np.array(rows), None
+        if embs and all(e is not None for e in embs):
+            e = np.concatenate(embs)
+            mean = e.mean(0)
+            axes = np.linalg.svd(e - mean, full_matrices=False)[2][:PCS]
+            embedding = {"mean": mean, "axes": axes}
+            values = np.concatenate([values, np.array([_project(embedding, x) for x in e])], 1)
+            names += [f"embedding_pc{i + 1}" for i in range(len(axes))] + ["embedding_distance"]
+        return cls(names, values, source, embedding)
 
     def save(self, path: str | Path) -> None:
         from cnnkit.utils.io import write_json
 
-        write_json(path, {"names": self.names, "values": np.where(np.isnan(self.values), None, self.values).tolist(),
-                          "source": self.source})
+        d = {"names": self.names, "values": np.where(np.isnan(self.values), None, self.values).tolist(),
+             "source": self.source}
+        if self.embedding is not None:
+            d["embedding"] = {k: v.tolist() for k, v in self.embedding.items()}
+        write_json(path, d)
 
     @classmethod
     def load(cls, path: str | Path) -> Reference:
         d = json.loads(Path(path).read_text())
-        return cls(d["names"], np.array(d["values"], dtype=np.float64), d.get("source", ""))
+        return cls(d["names"], np.array(d["values"], dtype=np.float64), d.get("source", ""), d.get("embedding"))
+
+
+def _project(embedding: dict[str, np.ndarray], x: np.ndarray | None) -> list[float]:
+    """An image's embedding features: its projections on the reference's axes and its distance
+    to the reference mean (NaNs without an embedding)."""
+    if x is None:
+        return [math.nan] * (len(embedding["axes"]) + 1)
+    d = np.asarray(x, np.float64) - embedding["mean"]
+    return [*(embedding["axes"] @ d).tolist(), float(np.linalg.norm(d))]
 
 
 def _shares(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
@@ -110,11 +196,12 @@ class DriftMonitor:
         self.recent: deque[list[float]] = deque(maxlen=window)
         self.lock = threading.Lock()
 
-    def add(self, features: list[float], row: dict[str, Any]) -> None:
-        """One answered image: its :func:`image_features` and its answer row."""
+    def add(self, features: list[float], row: dict[str, Any], embedding: np.ndarray | None = None) -> None:
+        """One answered image: its :func:`image_features`, its answer row and its embedding."""
         c = confidence(row)
+        values = [*features, math.nan if c is None else c, *self.reference.embed(embedding)]
         with self.lock:
-            self.recent.append([*features, math.nan if c is None else c])
+            self.recent.append(values)
 
     def report(self) -> dict[str, Any]:
         with self.lock:
