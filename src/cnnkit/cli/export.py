@@ -1,5 +1,5 @@
-"""``cnnkit export`` and ``cnnkit benchmark``: any task's weights to ONNX / TorchScript, and
-one table over formats."""
+"""``cnnkit export``, ``cnnkit quantize`` and ``cnnkit benchmark``: any task's weights to ONNX /
+TorchScript / int8 ONNX, and one table over formats."""
 
 from __future__ import annotations
 
@@ -32,6 +32,36 @@ def export_cmd(weights, fmt, out, dynamic, opset, imgsz, no_check) -> None:
     from cnnkit.methods.export import export
 
     export(weights, fmt, out, dynamic, opset, tuple(imgsz) if imgsz else None, check=not no_check)
+
+
+@click.command("quantize", context_settings=CONTEXT)
+@option("weights", help="best.safetensors or its run folder (any task)")
+@click.option("--data", required=True, help="the task's data (as for val); its images calibrate the int8 ranges")
+@click.option("--split", default="train", help="split whose images calibrate (a few others check the result)")
+@click.option("--calib", type=click.IntRange(1), default=256, help="images used for calibration")
+@click.option("--method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
+              help="how activation ranges are set from the calibration images")
+@click.option("--per-channel", is_flag=True, help="one weight scale per output channel (often more accurate)")
+@click.option("--exclude", default="", help="comma-separated ONNX node names left in float (see the report)")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="file to write (default: beside the weights, best.int8.onnx)")
+@click.option("--no-sensitivity", is_flag=True, help="skip the per-layer error report")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="write the report as JSON")
+def quantize_cmd(weights, data, split, calib, method, per_channel, exclude, out, no_sensitivity, json_path) -> None:
+    """Post-training int8: an ONNX Runtime QDQ model calibrated on the task's own images.
+
+    \b
+    The file is a cnnkit .onnx like any other: val, predict, benchmark and serve take it.
+      cnnkit quantize --weights runs/classify/train --data digits
+      cnnkit classify val --weights runs/classify/train/weights/best.int8.onnx --data digits
+    """
+    from cnnkit.methods.quantize import quantize
+    from cnnkit.utils.io import write_json
+
+    report = quantize(weights, data, out, calib, method, per_channel,
+                      tuple(n.strip() for n in exclude.split(",") if n.strip()), split, not no_sensitivity)
+    if json_path:
+        write_json(json_path, report)
 
 
 @click.command("benchmark", context_settings=CONTEXT)

@@ -210,9 +210,10 @@ from cnnkit.cli.convert import convert
 
 cli.add_command(convert)
 
-from cnnkit.cli.export import benchmark_cmd, export_cmd
+from cnnkit.cli.export import benchmark_cmd, export_cmd, quantize_cmd
 
 cli.add_command(export_cmd)
+cli.add_command(quantize_cmd)
 cli.add_command(benchmark_cmd)
 
 from cnnkit.cli.serve import serve_cmd

@@ -155,6 +155,12 @@ class WorkflowSpec:
         """The metrics of ``model`` on ``records``."""
         raise NotImplementedError
 
+    def record_input(self, records, i: int):
+        """The input of record ``i`` of ``records`` (from :meth:`val_records`) as a predictor
+        takes it (image tensor, array or path); calibration and analyses read data through it.
+        The default reads datasets of ``(image, target)`` items."""
+        return records[i][0]
+
     def val_table(self, metrics: dict[str, Any], title: str):
         """A rich table of val metrics (per class), or None."""
         return

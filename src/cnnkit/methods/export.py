@@ -165,14 +165,19 @@ def _export_onnx(core: torch.nn.Module, x: torch.Tensor, out: Path, card: ModelC
             raise ModelError(f"ONNX export of {card.arch} at opset {opset} failed "
                              f"({str(e).splitlines()[0][:200]})") from None
         m = onnx.load(str(tmp))
-        meta = {p.key: p for p in m.metadata_props}
-        for key, value in (("cnnkit_card", card.to_json()), ("cnnkit_task", card.task)):
-            entry = meta.get(key) or m.metadata_props.add()
-            entry.key, entry.value = key, value
-        m.producer_name = "cnnkit"
+        set_card(m, card)
         onnx.save(m, str(tmp))
 
     atomic_write(out, write)
+
+
+def set_card(m, card: ModelCard) -> None:
+    """Put ``card`` into the metadata of the ONNX model ``m`` (replacing any card there)."""
+    meta = {p.key: p for p in m.metadata_props}
+    for key, value in (("cnnkit_card", card.to_json()), ("cnnkit_task", card.task)):
+        entry = meta.get(key) or m.metadata_props.add()
+        entry.key, entry.value = key, value
+    m.producer_name = "cnnkit"
 
 
 def _run_exported(path: Path, format: str, x: torch.Tensor) -> tuple[torch.Tensor, ...]:

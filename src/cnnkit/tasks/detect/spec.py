@@ -140,6 +140,9 @@ class DetectSpec(WorkflowSpec):
             ds = load_data(data, 0, None, verbose=verbose)
         return eval_records(model, ds, data, split)
 
+    def record_input(self, records, i: int):
+        return records[i].load()
+
     def val_metrics(self, model, records, options: dict[str, Any]) -> Evaluation:
         """COCO metrics; ``save_json`` also writes the detections in COCO results format (with
         RLE masks for instance models)."""

@@ -123,6 +123,9 @@ class MedicalSpec(WorkflowSpec):
         seed = model.card.provenance.get("seed", 0) if data == "phantoms" else 0
         return eval_records(model, load_volume_data(data, seed, model.pipeline.classify), data, split)
 
+    def record_input(self, records, i: int):
+        return records[i].load_image()
+
     def val_metrics(self, model, records, options: dict[str, Any]) -> Evaluation:
         return Evaluation(evaluate(model, records))
 

@@ -218,6 +218,9 @@ class SegmentSpec(WorkflowSpec):
             ds = load_data(data, 0, None)
         return eval_records(model, ds, data, split)
 
+    def record_input(self, records, i: int):
+        return records[i].load_image()
+
     def val_metrics(self, model, records, options: dict[str, Any]) -> Evaluation:
         metrics = evaluate(model, records)
         return Evaluation(metrics, skipped=metrics.pop("skipped_images", []))
