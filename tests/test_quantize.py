@@ -126,3 +126,16 @@ def test_cli_quantize_and_its_errors(digits_run, cli, tmp_path):
     r = cli("quantize", "--weights", digits_run, "--data", str(empty), "--out", tmp_path / "y.onnx")
     assert r.code == 2 and "Traceback" not in r.err, r.err
     assert not (tmp_path / "x.onnx").exists() and not (tmp_path / "y.onnx").exists()
+
+
+def test_benchmark_lists_int8_beside_fp32(digits_run, tmp_path):
+    from cnnkit.errors import CnnkitError
+    from cnnkit.methods.benchmark import benchmark
+
+    r = benchmark(digits_run, "digits", batch=4, formats=("torch", "onnx", "int8"), runs=3, warmup=1, split="test",
+                  verbose=False)
+    rows = {row["format"]: row for row in r["rows"]}
+    assert rows["int8"]["file"].endswith(".int8.onnx") and rows["int8"]["size_mb"] < rows["onnx"]["size_mb"]
+    assert abs(rows["int8"]["metric_delta"]) <= 0.01
+    with pytest.raises(CnnkitError, match="--data"):
+        benchmark(digits_run, None, formats=("int8",), verbose=False)

@@ -69,7 +69,8 @@ def quantize_cmd(weights, data, split, calib, method, per_channel, exclude, out,
 @click.option("--data", default=None, help="also measure the task's metric on this data (as for val)")
 @option("split", help="split for the metric")
 @click.option("--batch", type=int, default=16, help="the larger batch size timed (batch 1 is always timed)")
-@click.option("--formats", default="torch,torchscript,onnx", help="comma-separated: torch, torchscript, onnx")
+@click.option("--formats", default="torch,torchscript,onnx",
+              help="comma-separated: torch, torchscript, onnx, int8 (ONNX Runtime int8, calibrated on --data)")
 @click.option("--runs", type=int, default=20, help="timed calls per batch size (after --warmup)")
 @click.option("--warmup", type=int, default=3, help="untimed calls first")
 @option("device", default="cpu")

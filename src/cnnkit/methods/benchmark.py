@@ -1,7 +1,8 @@
 """``cnnkit benchmark``: one model in every format, side by side.
 
-For each format (PyTorch eager, TorchScript, ONNX Runtime) the same core runs on the same
-inputs: file size, median and 90th-percentile latency of the core at batch 1 and batch N,
+For each format (PyTorch eager, TorchScript, ONNX Runtime fp32, and with ``data`` ONNX Runtime
+int8 calibrated on its train split by :func:`cnnkit.methods.quantize.quantize`) the same core
+runs on the same inputs: file size, median and 90th-percentile latency of the core at batch 1 and batch N,
 images per second at batch N, and, given ``data``, the task's metric on a split through the
 full ``val`` of that format (preprocessing and decoding included), with its change against
 eager. Like Ultralytics' ``benchmark`` mode, for every task.
@@ -26,7 +27,7 @@ import torch
 
 from cnnkit.errors import CnnkitError
 
-FORMATS = ("torch", "torchscript", "onnx")
+FORMATS = ("torch", "torchscript", "onnx", "int8")
 METRIC = {"classify": "top1", "multilabel": "map", "detect": "map50_95", "instance": "mask_map50_95",
           "segment": "miou", "medical": "dice"}
 
@@ -92,6 +93,8 @@ def benchmark(weights: str | Path, data: str | None = None, batch: int = 16, for
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise CnnkitError(f"--formats takes {', '.join(FORMATS)}; got '{unknown[0]}'")
+    if "int8" in formats and not data:
+        raise CnnkitError("the int8 format is calibrated on the task's images: give --data (its train split calibrates)")
     if batch < 1 or runs < 1 or warmup < 0:
         raise CnnkitError("--batch and --runs must be at least 1, --warmup at least 0")
     src = resolve_weights(weights)
@@ -103,7 +106,12 @@ def benchmark(weights: str | Path, data: str | None = None, batch: int = 16, for
     try:
         files = {"torch": src}
         for fmt in formats:
-            if fmt != "torch":
+            if fmt == "int8":
+                from cnnkit.methods.quantize import quantize
+
+                files[fmt] = Path(quantize(src, data, folder / "model.int8.onnx", sensitivity=False,
+                                           verbose=False)["file"])
+            elif fmt != "torch":
                 files[fmt] = Path(export(src, fmt, folder / f"model.{fmt}", verbose=False)["file"])
         preds = {fmt: load(files[fmt], device) for fmt in formats}
         p = preds[formats[0]]
