@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -143,3 +144,31 @@ def test_benchmark_lists_int8_beside_fp32(digits_run, tmp_path):
     assert abs(rows["int8"]["metric_delta"]) <= 0.01
     with pytest.raises(CnnkitError, match="--data"):
         benchmark(digits_run, None, formats=("int8",), verbose=False)
+
+
+def test_predict_and_serve_take_the_int8_file(int8, tmp_path):
+    """The int8 file is weights like any other: `predict --json` and `cnnkit serve` answer with
+    the same schema and, on digits, the fp32 model's labels for nearly every image."""
+    import httpx
+    from PIL import Image
+    from servers import running
+
+    from cnnkit.data.digits import digits_arrays
+    from cnnkit.serve import load_models, model_name
+
+    run, path, _ = int8["digits_run"]
+    folder = tmp_path / "digits"
+    folder.mkdir()
+    for i, a in enumerate(digits_arrays("test")[0][:40]):
+        Image.fromarray(a).save(folder / f"{i:02d}.png")
+    fp32 = {Path(r["path"]).name: r["label"] for r in cnnkit.predict("classify", run, folder, verbose=False)}
+    q = cnnkit.predict("classify", path, folder, verbose=False, json_path=tmp_path / "p.json")
+    assert json.loads((tmp_path / "p.json").read_text()) == q
+    assert sum(fp32[Path(r["path"]).name] == r["label"] for r in q) >= 38
+    assert model_name(run / "weights" / "best.int8.onnx") == f"{run.resolve().name}-int8"
+    models = load_models([f"d8={path}"])
+    assert models["d8"].backend.name == "onnx"
+    with running(models) as (url, _):
+        parts = [("file", (f.name, f.read_bytes(), "image/png")) for f in sorted(folder.iterdir())[:8]]
+        answer = httpx.post(f"{url}/v1/models/d8/predict", files=parts, timeout=60).json()
+    assert [a["label"] for a in answer] == [r["label"] for r in q[:8]]

@@ -23,12 +23,14 @@ from cnnkit.errors import CnnkitError
 
 def model_name(weights: str | Path) -> str:
     """What a model is called when ``--weights`` names no ``NAME=``: the run folder's name
-    (``runs/classify/digits`` -> ``digits``), else the file's stem."""
+    (``runs/classify/digits`` -> ``digits``; its ``weights/best.int8.onnx`` -> ``digits-int8``),
+    else the file's stem."""
     p = Path(weights)
     if p.is_dir():
         return p.resolve().name
-    if p.parent.name == "weights" and p.stem in ("best", "last"):
-        return p.parent.parent.resolve().name
+    first, *variant = p.name.split(".")[:-1] or [p.name]
+    if p.parent.name == "weights" and first in ("best", "last"):
+        return "-".join([p.parent.parent.resolve().name, *variant])
     return p.stem
 
 
