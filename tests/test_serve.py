@@ -470,3 +470,34 @@ def test_onnx_backend_answers_like_torch(served, tmp_path):
         with running(ms) as (url, _):
             answers[backend] = httpx.post(f"{url}/v1/models/det/predict?conf=0.001", content=image).json()
     assert answers["torch"][0]["detections"] and same(answers["onnx"], answers["torch"])
+
+
+def test_training_writes_the_drift_reference_serve_uses(served, tmp_path):
+    """Training wrote weights/drift.json (val images' features, embeddings included); serving
+    the run with no --reference watches drift against it: clean test images stay under the
+    threshold."""
+    from cnnkit.data.digits import digits_arrays
+    from cnnkit.methods.drift import Reference
+    from cnnkit.serve import build_references
+    from cnnkit.serve.app import ServeSettings
+
+    runs, models = served
+    ref = runs["digits_run"] / "weights" / "drift.json"
+    assert ref.is_file()
+    loaded = Reference.load(ref)
+    assert loaded.embedding is not None and "embedding_pc1" in loaded.names and len(loaded.values) >= 30
+    refs = build_references({"digits": models["digits"]}, [])
+    assert refs == {"digits": str(ref)}
+    test = digits_arrays("test")[0][:200]
+    with running({"digits": models["digits"]}, ServeSettings(references=refs, drift_window=200)) as (url, _):
+        for i in range(0, len(test), 25):
+            parts = [("file", (f"{j}.png", _encode(a), "image/png")) for j, a in enumerate(test[i:i + 25])]
+            assert httpx.post(f"{url}/v1/models/digits/predict", files=parts, timeout=60).status_code == 200
+        report = httpx.get(f"{url}/v1/models/digits/drift").json()
+    assert report["samples"] == 200 and report["drifted"] is False, report
+
+
+def _encode(a) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(a, np.uint8)).save(buf, "PNG")
+    return buf.getvalue()

@@ -43,7 +43,8 @@ from cnnkit.errors import CnnkitError
               help="default score threshold of detectors (a request's ?conf= overrides it)")
 @click.option("--reference", "references", multiple=True, metavar="[NAME=]SOURCE",
               help="watch a model's inputs for drift against SOURCE: a folder of images like those it should see "
-                   "(its validation images), or a reference .json; see GET /v1/models/NAME/drift")
+                   "(its validation images), or a reference .json; see GET /v1/models/NAME/drift. "
+                   "Without it, the reference training wrote (weights/drift.json) is used")
 @click.option("--drift-window", type=click.IntRange(30), default=200, help="recent images the drift score covers")
 @click.option("--drift-threshold", type=click.FloatRange(0, min_open=True), default=0.25,
               help="drift score (largest PSI over the features) above which a model is reported as drifted")

@@ -60,6 +60,7 @@ class WorkflowSpec:
 
     config: type[TrainConfig] = TrainConfig  # the task's options; its TASK attribute is the task's name
     curves: tuple[str, ...] = ()  # metrics drawn in plots/results.png
+    drift_reference = True  # training writes weights/drift.json (image features for cnnkit serve)
     keep = 0  # validation samples kept for the prediction plot
 
     @property
@@ -259,6 +260,8 @@ def train(spec: WorkflowSpec, cfg: TrainConfig | None = None, *, resume: str | P
     test = spec.evaluate(cfg, s, best, "test")[0] if spec.has_split(s, "test") else None
     results = write_run_results(trainer, run, spec.public(val), spec.public(test) if test is not None else None,
                                 train_time)
+    if spec.drift_reference:
+        _drift_reference(spec, best, cfg.data, run.best.parent, verbose)
     plot_curves(trainer.history, run.plots / "results.png", list(spec.curve_keys(cfg)))
     spec.report(cfg, run, s, best, trainer, val, test, kept, verbose)
     if verbose:
@@ -270,6 +273,21 @@ def train(spec: WorkflowSpec, cfg: TrainConfig | None = None, *, resume: str | P
                 con.print(f"  {p}: {r}")
         con.print(f"results in {run.root}/ (weights/best.safetensors, metrics.csv, results.json, plots/)")
     return TrainResult(run.root, results, results.get("test"), trainer.best_epoch, dict(trainer.skipped))
+
+
+def _drift_reference(spec: WorkflowSpec, best, data: str, folder: Path, verbose: bool) -> None:
+    """``weights/drift.json``: what `cnnkit serve` compares requests against. A data set the
+    reference cannot read (no val split) leaves it out with a note; training has succeeded."""
+    from cnnkit.errors import CnnkitError
+    from cnnkit.methods.drift import REFERENCE_FILE, write_training_reference
+
+    try:
+        write_training_reference(spec, best, data, folder / REFERENCE_FILE)
+    except CnnkitError as e:
+        if verbose:
+            from cnnkit.engine.progress import console
+
+            console().print(f"[yellow]no drift reference written ({e})[/]")
 
 
 # ---- val: the steps every task's ``val`` shares -----------------------------------------

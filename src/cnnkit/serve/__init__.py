@@ -70,9 +70,10 @@ def build_references(models: dict[str, Any], specs: list[str], workdir: str | Pa
     """``{model name: reference file}`` for ``--reference [NAME=]SOURCE`` values: SOURCE is a
     folder of images like those the model should see (its validation images, say), whose
     drift features are computed now, or a reference ``.json`` saved before. Without ``NAME=``
-    the reference is for the only model served."""
+    the reference is for the only model served. A model named by no SOURCE uses the
+    ``drift.json`` its training wrote beside its weights, when there is one."""
     from cnnkit.data.decode import list_sources
-    from cnnkit.serve.drift import Reference
+    from cnnkit.methods.drift import Reference
 
     out: dict[str, str] = {}
     folder = Path(workdir or tempfile.mkdtemp(prefix="cnnkit-drift-"))
@@ -97,7 +98,23 @@ def build_references(models: dict[str, Any], specs: list[str], workdir: str | Pa
         path = folder / f"{name}.drift.json"
         Reference.from_predictor(models[name], items, str(src)).save(path)
         out[name] = str(path)
+    for name, model in models.items():
+        beside = training_reference(model.source)
+        if name not in out and beside is not None:
+            out[name] = str(beside)
     return out
+
+
+def training_reference(source: str | Path | None) -> Path | None:
+    """The ``drift.json`` training wrote beside the weights ``source`` (a run folder or a file
+    in its ``weights/``), or None."""
+    from cnnkit.methods.drift import REFERENCE_FILE
+
+    if source is None:
+        return None
+    p = Path(source)
+    found = (p / "weights" if p.is_dir() else p.parent) / REFERENCE_FILE
+    return found if found.is_file() else None
 
 
 ENV = "CNNKIT_SERVE_WORKER"  # what each worker process of `--workers N` loads (JSON)
@@ -151,4 +168,4 @@ def worker_app():
     return create_app(models, ServeSettings(**settings))
 
 
-__all__ = ["build_references", "load_models", "model_name", "serve"]
+__all__ = ["build_references", "load_models", "model_name", "serve", "training_reference"]

@@ -9,7 +9,7 @@ Routes (``/v1`` is the API version):
   class), with the time per stage in the ``Server-Timing`` header.
 - ``GET /v1/models``: the models, with their cards. ``GET /healthz``, ``GET /readyz``.
 - ``GET /v1/models/{name}/drift``: the drift score of the recent requests against the
-  model's reference (:mod:`cnnkit.serve.drift`), also in ``/metrics``.
+  model's reference (:mod:`cnnkit.methods.drift`), also in ``/metrics``.
 - ``GET /metrics``: Prometheus text (:mod:`cnnkit.serve.metrics`).
 - ``GET /``: a web page (``page.html``, plain HTML and JavaScript): pick or drop an image, see
   the result drawn (labels and scores, boxes, masks) and the time per stage.
@@ -176,7 +176,7 @@ def create_app(models: dict[str, Any], settings: ServeSettings | None = None):
     s = settings or ServeSettings()
     metrics = Metrics()
     batchers: dict[str, Batcher] = {}
-    from cnnkit.serve.drift import DriftMonitor, EmbeddingTap, Reference
+    from cnnkit.methods.drift import DriftMonitor, EmbeddingTap, Reference
 
     monitors = {name: DriftMonitor(Reference.load(path), s.drift_window, s.drift_threshold)
                 for name, path in s.references.items() if name in models}
@@ -316,7 +316,7 @@ def create_app(models: dict[str, Any], settings: ServeSettings | None = None):
 
 def _prepare_all(predictor, images: list[tuple[bytes, str]], max_pixels: int, features: bool) -> list:
     """``(input, meta, drift features or None)`` per image, decoded and prepared (in a worker thread)."""
-    from cnnkit.serve.drift import image_features
+    from cnnkit.methods.drift import image_features
 
     out = []
     for data, name in images:

@@ -50,7 +50,7 @@ class Batcher:
         max_queue_ms: refuse a request whose expected wait (the images ahead of it times the
             recent time per image) is longer than this; None for no limit but ``max_queue``.
         on_batch: called with the number of images of every batch run (for metrics).
-        tap: an :class:`~cnnkit.serve.drift.EmbeddingTap` on the predictor, whose embeddings
+        tap: an :class:`~cnnkit.methods.drift.EmbeddingTap` on the predictor, whose embeddings
             come back with each request's results (for drift monitoring).
 
     :meth:`admit` and :meth:`release` bracket a request from its arrival (before its body is

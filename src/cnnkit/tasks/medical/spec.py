@@ -79,6 +79,7 @@ def _line(m: dict[str, Any], split: str) -> str:
 
 class MedicalSpec(WorkflowSpec):
     config = MedicalConfig
+    drift_reference = False  # cnnkit serve does not take 3-D volumes
 
     def curve_keys(self, cfg: MedicalConfig) -> tuple[str, ...]:
         return ("top1",) if cfg.classify else ("dice",)

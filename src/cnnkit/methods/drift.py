@@ -73,9 +73,10 @@ class EmbeddingTap:
 
     @classmethod
     def attach(cls, predictor) -> EmbeddingTap | None:
-        """A tap on ``predictor``'s deepest feature stage, or None (ONNX backend, no stages)."""
-        core = getattr(predictor.backend, "core", None)
-        stages = predictor.pipeline.feature_layers(core) if isinstance(core, torch.nn.Module) else {}
+        """A tap on ``predictor``'s deepest feature stage (of its torch model, whose modules the
+        core runs), or None (ONNX Runtime and TorchScript have no model; no stages)."""
+        model = getattr(predictor, "model", None)
+        stages = predictor.pipeline.feature_layers(model) if isinstance(model, torch.nn.Module) else {}
         return cls(list(stages.values())[-1]) if stages else None
 
     def _hook(self, module, inputs, output) -> None:
@@ -164,6 +165,23 @@ class Reference:
     def load(cls, path: str | Path) -> Reference:
         d = json.loads(Path(path).read_text())
         return cls(d["names"], np.array(d["values"], dtype=np.float64), d.get("source", ""), d.get("embedding"))
+
+
+REFERENCE_FILE = "drift.json"  # beside best.safetensors: written by training, read by cnnkit serve
+REFERENCE_IMAGES = 500  # most val images a training run summarizes
+
+
+def write_training_reference(spec, predictor, data: str, path: Path, seed: int = 0) -> Path:
+    """The drift reference of a freshly trained model: its features on (up to
+    :data:`REFERENCE_IMAGES` of) the val split of ``data``, read as ``val`` reads it."""
+    import random
+
+    records = spec.val_records(predictor, data, "val", verbose=False)
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    items = [spec.record_input(records, i) for i in sorted(order[:REFERENCE_IMAGES])]
+    Reference.from_predictor(predictor, items, f"{data} (val)").save(path)
+    return path
 
 
 def _project(embedding: dict[str, np.ndarray], x: np.ndarray | None) -> list[float]:
