@@ -184,6 +184,24 @@ def test_max_queue_ms_refuses_what_would_wait_too_long(served, monkeypatch):
     assert 1 <= codes.count(200) <= 4 and set(codes) <= {200, 429}, codes
 
 
+class _FakePredictor:
+    """The predictor surface the batcher uses: ``infer`` takes ``seconds`` per batch."""
+
+    class pipeline:
+        batchable = True
+
+        @staticmethod
+        def postprocess(raw, metas, **options):
+            return [None] * len(metas)
+
+    def __init__(self, seconds: float = 0.0):
+        self.seconds = seconds
+
+    def infer(self, x, metas):
+        time.sleep(self.seconds)
+        return (x,)
+
+
 def test_expected_wait_counts_the_batch_running_now():
     """A request arriving while a batch runs waits for the rest of that batch too: the latency
     budget (--max-queue-ms) must see it, or an overloaded server admits one batch too many."""
@@ -191,21 +209,8 @@ def test_expected_wait_counts_the_batch_running_now():
 
     from cnnkit.serve.batcher import Batcher
 
-    class Slow:  # the predictor surface the batcher uses
-        class pipeline:
-            batchable = True
-
-            @staticmethod
-            def postprocess(raw, metas, **options):
-                return [None] * len(metas)
-
-        @staticmethod
-        def infer(x, metas):
-            time.sleep(0.4)
-            return (x,)
-
     async def go():
-        b = Batcher(Slow(), max_batch=4, max_wait_ms=0, max_queue_ms=100)
+        b = Batcher(_FakePredictor(0.4), max_batch=4, max_wait_ms=0, max_queue_ms=100)
         b.start()
         b.per_image_s = 0.2  # as measured by earlier batches
         job = asyncio.create_task(b.submit([torch.zeros(1)] * 2, [{}, {}], {}, timeout=5))
@@ -228,21 +233,9 @@ def test_a_batch_waits_only_for_requests_already_arriving():
 
     from cnnkit.serve.batcher import Batcher
 
-    class Echo:
-        class pipeline:
-            batchable = True
-
-            @staticmethod
-            def postprocess(raw, metas, **options):
-                return [None] * len(metas)
-
-        @staticmethod
-        def infer(x, metas):
-            return (x,)
-
     async def go():
         batches = []
-        b = Batcher(Echo(), max_batch=8, max_wait_ms=2000, on_batch=batches.append)
+        b = Batcher(_FakePredictor(), max_batch=8, max_wait_ms=2000, on_batch=batches.append)
         b.start()
         _, alone, _ = await b.submit([torch.zeros(1)], [{}], {}, timeout=5)
         assert b.admit()  # a second request arrives while a third is queued
