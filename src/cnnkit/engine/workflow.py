@@ -162,6 +162,18 @@ class WorkflowSpec:
         The default reads datasets of ``(image, target)`` items."""
         return records[i][0]
 
+    def record_inputs(self, records, indices) -> list:
+        """:meth:`record_input` of each of ``indices``, leaving out images that cannot be read."""
+        from cnnkit.errors import ImageDecodeError
+
+        out = []
+        for i in indices:
+            try:
+                out.append(self.record_input(records, i))
+            except ImageDecodeError:
+                continue
+        return out
+
     def val_table(self, metrics: dict[str, Any], title: str):
         """A rich table of val metrics (per class), or None."""
         return

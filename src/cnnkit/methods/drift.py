@@ -168,7 +168,7 @@ class Reference:
 
 
 REFERENCE_FILE = "drift.json"  # beside best.safetensors: written by training, read by cnnkit serve
-REFERENCE_IMAGES = 500  # most val images a training run summarizes
+REFERENCE_IMAGES = 200  # most val images a training run summarizes (the default window's size)
 
 
 def write_training_reference(spec, predictor, data: str, path: Path, seed: int = 0) -> Path:
@@ -179,7 +179,11 @@ def write_training_reference(spec, predictor, data: str, path: Path, seed: int =
     records = spec.val_records(predictor, data, "val", verbose=False)
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
-    items = [spec.record_input(records, i) for i in sorted(order[:REFERENCE_IMAGES])]
+    items = spec.record_inputs(records, sorted(order[:REFERENCE_IMAGES]))
+    if len(items) < 30:
+        from cnnkit.errors import DataError
+
+        raise DataError(f"the val split has {len(items)} readable images; a drift reference needs 30")
     Reference.from_predictor(predictor, items, f"{data} (val)").save(path)
     return path
 

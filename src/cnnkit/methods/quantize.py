@@ -76,24 +76,11 @@ def calibration_inputs(predictor, data: str, split: str, n: int, seed: int = 0) 
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
     take, held = order[:n], order[n:n + CHECK_SAMPLES] or order[:CHECK_SAMPLES]
-    calib = core_inputs(predictor, _readable(s, records, take))
-    check = core_inputs(predictor, _readable(s, records, held))
+    calib = core_inputs(predictor, s.record_inputs(records, take))
+    check = core_inputs(predictor, s.record_inputs(records, held))
     if not calib:
         raise DataError(f"the {split} split of '{data}' gave no readable images to calibrate on")
     return calib, check
-
-
-def _readable(s, records, indices: list[int]) -> list:
-    """The inputs of ``records[indices]`` that can be read (unreadable images are left out)."""
-    from cnnkit.errors import ImageDecodeError
-
-    out = []
-    for i in indices:
-        try:
-            out.append(s.record_input(records, i))
-        except ImageDecodeError:
-            continue
-    return out
 
 
 def _reader(name: str, inputs: list[torch.Tensor], batch: int):
