@@ -6,6 +6,10 @@ Servers (each its own process, started and stopped here, one at a time):
 - ``cnnkit``: `cnnkit serve` with dynamic batching (``--max-batch 16 --max-wait-ms 5``);
 - ``cnnkit-nobatch``: the same with ``--max-batch 1``;
 - ``cnnkit-onnx``: batching on ONNX Runtime (``--backend onnx``);
+- ``cnnkit-int8``: batching on an int8 file from `cnnkit quantize`'s ``quantize_onnx``
+  (calibrated on 32 random inputs: latency does not depend on the ranges). Not a like-for-like
+  peer comparison (the peers run fp32); it shows what the int8 path serves. Not in the default
+  ``--servers``;
 - ``plain``: the peer, what most users write: a FastAPI app whose (sync) endpoint reads the
   upload and calls the eager PyTorch model once per request (``cnnkit.load``'s predictor, so
   preprocessing and decoding are the same work), run by uvicorn with its defaults.
@@ -147,6 +151,25 @@ def make_weights(folder: Path) -> dict[str, tuple[Path, int]]:
     return out
 
 
+def make_int8(run: Path) -> Path:
+    """``run``'s weights as int8 ONNX (``weights/best.int8.onnx``), calibrated on random inputs."""
+    import torch
+
+    from cnnkit.core.card import ModelCard
+    from cnnkit.methods.export import export
+    from cnnkit.methods.quantize import quantize_onnx
+    from cnnkit.runtime.backend import read_onnx_card
+
+    out = run / "weights" / "best.int8.onnx"
+    if not out.is_file():
+        fp32 = Path(export(run, "onnx", run / "weights" / "best.onnx", check=False, verbose=False)["file"])
+        card = ModelCard.from_dict(read_onnx_card(fp32))
+        g = torch.Generator().manual_seed(0)
+        xs = [torch.rand(card.input.shape(1)[1:], generator=g) for _ in range(32)]
+        quantize_onnx(fp32, out, card, xs, xs[:4], sensitivity=False)
+    return out
+
+
 def jpeg(size: int) -> bytes:
     from PIL import Image
 
@@ -182,7 +205,10 @@ def start(kind: str, weights: Path, port: int, folder: Path, extra: tuple[str, .
         cmd = [sys.executable, "-m", "uvicorn", "plain_app:app", "--port", str(port), "--log-level", "warning"]
         env.update(PYTHONPATH=pythonpath(folder))
         return pinned(subprocess.Popen(cmd, cwd=folder, env=env, stderr=subprocess.PIPE, text=True), cpus)
-    args = {"cnnkit": (), "cnnkit-nobatch": ("--max-batch", "1"), "cnnkit-onnx": ("--backend", "onnx")}[kind]
+    args = {"cnnkit": (), "cnnkit-nobatch": ("--max-batch", "1"), "cnnkit-onnx": ("--backend", "onnx"),
+            "cnnkit-int8": ()}[kind]
+    if kind == "cnnkit-int8":
+        weights = make_int8(weights)
     cmd = [sys.executable, "-m", "cnnkit", "serve", "--weights", f"m={weights}", "--port", str(port),
            "--device", device, "--log-level", "warning", *args, *extra]
     return pinned(subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True), cpus)

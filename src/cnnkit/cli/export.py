@@ -42,7 +42,8 @@ def export_cmd(weights, fmt, out, dynamic, opset, imgsz, no_check) -> None:
 @click.option("--method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
               help="how activation ranges are set from the calibration images")
 @click.option("--per-channel", is_flag=True, help="one weight scale per output channel (often more accurate)")
-@click.option("--exclude", default="", help="comma-separated ONNX node names left in float (see the report)")
+@click.option("--exclude", default="", show_default=False,
+              help="comma-separated ONNX node names left in float (see the report)")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="file to write (default: beside the weights, best.int8.onnx)")
 @click.option("--no-sensitivity", is_flag=True, help="skip the per-layer error report")
