@@ -12,8 +12,8 @@ from cnnkit.errors import CnnkitError
 
 @click.command("serve", context_settings=CONTEXT)
 @click.option("--weights", "weights", multiple=True, required=True, metavar="[NAME=]PATH",
-              help="a run folder, best.safetensors or an exported .onnx, of any task; repeat for several "
-                   "models (named after their run folder, or NAME=)")
+              help="a run folder, best.safetensors or an exported .onnx, of any task; several models: "
+                   "--weights A B or --weights A --weights B (named after their run folder, or NAME=)")
 @click.option("--host", default="127.0.0.1", help="address to bind (0.0.0.0 listens on every interface)")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, help="port to bind")
 @click.option("--backend", type=click.Choice(["torch", "onnx"]), default="torch",
@@ -49,9 +49,10 @@ from cnnkit.errors import CnnkitError
 @click.option("--drift-threshold", type=click.FloatRange(0, min_open=True), default=0.25,
               help="drift score (largest PSI over the features) above which a model is reported as drifted")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info")
+@click.argument("more_weights", nargs=-1, metavar="[MORE_WEIGHTS]...")
 def serve_cmd(weights, host, port, backend, device, workers, max_batch, max_wait_ms, max_queue, max_queue_ms,
               timeout_s, max_body_mb, max_pixels, token_file, cors, conf, references, drift_window, drift_threshold,
-              log_level) -> None:
+              log_level, more_weights) -> None:
     """Serve trained models over HTTP, each with its own preprocessing, classes and thresholds.
 
     \b
@@ -75,7 +76,7 @@ def serve_cmd(weights, host, port, backend, device, workers, max_batch, max_wait
     from cnnkit.serve import build_references, load_models, serve
     from cnnkit.serve.app import ServeSettings
 
-    models = load_models(list(weights), backend, device)
+    models = load_models([*weights, *more_weights], backend, device)  # --weights A B as --weights A --weights B
     settings = ServeSettings(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
                              max_queue_ms=max_queue_ms, timeout_s=timeout_s,
                              max_body_mb=max_body_mb, max_pixels=max_pixels, token=token, cors_origins=tuple(cors),
