@@ -45,7 +45,8 @@ from cnnkit.errors import CnnkitError
               help="watch a model's inputs for drift against SOURCE: a folder of images like those it should see "
                    "(its validation images), or a reference .json; see GET /v1/models/NAME/drift. "
                    "Without it, the reference training wrote (weights/drift.json) is used")
-@click.option("--drift-window", type=click.IntRange(30), default=200, help="recent images the drift score covers")
+@click.option("--drift-window", type=click.IntRange(100), default=200,
+              help="recent images the drift score covers (a score needs 100)")
 @click.option("--drift-threshold", type=click.FloatRange(0, min_open=True), default=0.25,
               help="drift score (largest PSI over the features) above which a model is reported as drifted")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info")

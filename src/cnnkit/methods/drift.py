@@ -219,7 +219,7 @@ class DriftMonitor:
 
     def __init__(self, reference: Reference, window: int = 200, threshold: float = 0.25,
                  min_samples: int = MIN_SAMPLES):
-        self.reference, self.threshold, self.min_samples = reference, threshold, min_samples
+        self.reference, self.threshold, self.min_samples = reference, threshold, min(min_samples, window)
         self.recent: deque[list[float]] = deque(maxlen=window)
         self.lock = threading.Lock()
 
