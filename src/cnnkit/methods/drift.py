@@ -40,6 +40,7 @@ import torch
 
 BINS = 10
 PSEUDO = 0.5  # count added to every bin (Jeffreys smoothing), so an empty bin stays finite
+MIN_REFERENCE = 30  # images a reference needs for its deciles
 MIN_SAMPLES = 100  # window images before a score: PSI over 10 bins of n samples is about 9/n by chance
 PCS = 4  # principal axes of the embeddings kept as features
 
@@ -184,10 +185,10 @@ def write_training_reference(spec, predictor, data: str, path: Path, seed: int =
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
     items = spec.record_inputs(records, sorted(order[:REFERENCE_IMAGES]))
-    if len(items) < 30:
+    if len(items) < MIN_REFERENCE:
         from cnnkit.errors import DataError
 
-        raise DataError(f"the val split has {len(items)} readable images; a drift reference needs 30")
+        raise DataError(f"the val split has {len(items)} readable images; a drift reference needs {MIN_REFERENCE}")
     Reference.from_predictor(predictor, items, f"{data} (val)").save(path)
     return path
 

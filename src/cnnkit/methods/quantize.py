@@ -135,19 +135,19 @@ def quantize(weights: str | Path, data: str, out: str | Path | None = None, cali
     t0 = time.perf_counter()
     predictor = load(src, "cpu")
     calib_x, check_x = calibration_inputs(predictor, data, split, calib)
+    calibration = {"data": data, "split": split, "images": len(calib_x)}
     with tempfile.TemporaryDirectory(prefix="cnnkit-int8-") as tmp:
         fp32 = Path(export(src, "onnx", Path(tmp) / "fp32.onnx", check=False, verbose=False)["file"])
         card = ModelCard.from_dict(read_onnx_card(fp32), "the exported card")
         card = replace(card, extra={**card.extra, "quantized": {
             "format": "onnx-qdq-int8", "from": str(src), "method": method, "per_channel": per_channel,
-            "calibration": {"data": data, "split": split, "images": len(calib_x)}, "excluded": list(exclude)}})
+            "calibration": calibration, "excluded": list(exclude)}})
         # torchvision's detectors (one image per call) return a varying list of kept detections,
         # which cannot be compared element by element: val compares them
         dense = not predictor.pipeline.fixed_batch
         report = quantize_onnx(fp32, out, card, calib_x, check_x, method, per_channel, exclude, sensitivity,
                                batch=8 if dense else 1, compare_outputs=dense)
-    report.update(calibration={"data": data, "split": split, "images": len(calib_x), "method": method,
-                               "per_channel": per_channel},
+    report.update(calibration={**calibration, "method": method, "per_channel": per_channel},
                   seconds=round(time.perf_counter() - t0, 1), card=card.to_dict())
     if verbose:
         _print(report, card)
@@ -160,6 +160,7 @@ def quantize_onnx(fp32: Path, out: Path, card, calib_x: list[torch.Tensor], chec
     """The int8 QDQ model of the fp32 ONNX file ``fp32`` calibrated on the core inputs
     ``calib_x``, written to ``out`` with ``card`` in its metadata and checked on ``check_x``
     (see :func:`quantize`, which prepares these from weights and data)."""
+    import onnx
     import onnxruntime as ort
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -169,31 +170,30 @@ def quantize_onnx(fp32: Path, out: Path, card, calib_x: list[torch.Tensor], chec
     ort.set_default_logger_severity(3)  # calibration runs warn about every dynamic output shape
     with tempfile.TemporaryDirectory(prefix="cnnkit-int8-") as tmp:
         prepared = _pre_process(fp32, Path(tmp) / "prep.onnx")
-        nodes = _node_names(prepared)
+        graph = onnx.load(str(prepared), load_external_data=False).graph
+        nodes = {n.name for n in graph.node}
         unknown = [n for n in exclude if n not in nodes]
         if unknown:
             raise CnnkitError(f"--exclude names node '{unknown[0]}', which the model does not have "
                               "(the sensitivity report of a run without --exclude lists node names)")
         calibrate = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                      "percentile": CalibrationMethod.Percentile}[method]
+        kept = [n for n in output_nodes(graph) if n not in exclude]
         qdq = Path(tmp) / "int8.onnx"
-
-        def run(excluded: list[str]) -> None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                try:
-                    quantize_static(str(prepared), str(qdq), _reader("images", calib_x, batch),
-                                    quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                                    calibrate_method=calibrate, nodes_to_exclude=excluded,
-                                    extra_options={"CalibMovingAverage": False})
-                except Exception as e:  # noqa: BLE001 - ORT raises many types; the user gets one sentence
-                    raise CnnkitError(f"int8 quantization of {card.arch} failed "
-                                      f"({str(e).splitlines()[0][:200]})") from None
-
-        kept = [n for n in output_nodes(prepared) if n not in exclude]
-        run([*exclude, *kept])
-        _stamp(qdq, card, set_card)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                quantize_static(str(prepared), str(qdq), _reader("images", calib_x, batch),
+                                quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                calibrate_method=calibrate, nodes_to_exclude=[*exclude, *kept],
+                                extra_options={"CalibMovingAverage": False})
+            except Exception as e:  # noqa: BLE001 - ORT raises many types; the user gets one sentence
+                raise CnnkitError(f"int8 quantization of {card.arch} failed "
+                                  f"({str(e).splitlines()[0][:200]})") from None
+        m = onnx.load(str(qdq))
+        set_card(m, card)
+        onnx.save(m, str(qdq))
         sqnr = (_output_sqnr(prepared, qdq, check_x, batch) if compare_outputs
                 else {n: None for n in card.output.names})
         layers = _sensitivity(prepared, qdq, check_x, batch) if sensitivity else []
@@ -203,18 +203,15 @@ def quantize_onnx(fp32: Path, out: Path, card, calib_x: list[torch.Tensor], chec
             "excluded": list(exclude), "float_outputs": kept}
 
 
-def output_nodes(model: Path) -> list[str]:
+def output_nodes(graph) -> list[str]:
     """The nodes that produce the graph's outputs: they stay in float.
 
     The raw outputs are what post-processing thresholds and decodes, and 8 bits hold them
     coarsely: fastdet's boxes output spans about 850 px in 256 steps (3.4 px each), which cost
     0.019 mAP50-95 on shapes; with the nodes that write the outputs in float (every convolution
-    still int8) the loss was 0.008."""
-    import onnx
-
-    g = onnx.load(str(model), load_external_data=False).graph
-    outputs = {o.name for o in g.output}
-    return [n.name for n in g.node if outputs & set(n.output) and n.name]
+    still int8) the loss was 0.008. ``graph``: an ONNX ``GraphProto``."""
+    outputs = {o.name for o in graph.output}
+    return [n.name for n in graph.node if outputs & set(n.output) and n.name]
 
 
 def _pre_process(fp32: Path, prep: Path) -> Path:
@@ -229,20 +226,6 @@ def _pre_process(fp32: Path, prep: Path) -> Path:
         return prep
     except Exception:  # noqa: BLE001 - optional step; quantize_static works on the plain export
         return fp32
-
-
-def _node_names(path: Path) -> set[str]:
-    import onnx
-
-    return {n.name for n in onnx.load(str(path), load_external_data=False).graph.node}
-
-
-def _stamp(path: Path, card, set_card) -> None:
-    import onnx
-
-    m = onnx.load(str(path))
-    set_card(m, card)
-    onnx.save(m, str(path))
 
 
 def _session(path: Path):

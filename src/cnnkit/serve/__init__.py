@@ -73,10 +73,9 @@ def build_references(models: dict[str, Any], specs: list[str], workdir: str | Pa
     the reference is for the only model served. A model named by no SOURCE uses the
     ``drift.json`` its training wrote beside its weights, when there is one."""
     from cnnkit.data.decode import list_sources
-    from cnnkit.methods.drift import Reference
+    from cnnkit.methods.drift import MIN_REFERENCE, Reference
 
     out: dict[str, str] = {}
-    folder = Path(workdir or tempfile.mkdtemp(prefix="cnnkit-drift-"))
     for spec in specs:
         name, _, source = spec.rpartition("=") if "=" in spec else ("", "", spec)
         if not name:
@@ -93,9 +92,10 @@ def build_references(models: dict[str, Any], specs: list[str], workdir: str | Pa
             out[name] = str(src)
             continue
         items = list_sources(src)
-        if len(items) < 30:
-            raise CnnkitError(f"the reference '{src}' has {len(items)} images; drift needs at least 30")
-        path = folder / f"{name}.drift.json"
+        if len(items) < MIN_REFERENCE:
+            raise CnnkitError(f"the reference '{src}' has {len(items)} images; drift needs at least {MIN_REFERENCE}")
+        workdir = Path(workdir or tempfile.mkdtemp(prefix="cnnkit-drift-"))  # only when one is computed
+        path = workdir / f"{name}.drift.json"
         Reference.from_predictor(models[name], items, str(src)).save(path)
         out[name] = str(path)
     for name, model in models.items():
