@@ -21,7 +21,7 @@ from typing import Any
 
 from cnnkit.tasks import TASKS, config_class, spec
 
-__all__ = ["TASKS", "config_from_file", "export", "load", "predict", "train", "val"]
+__all__ = ["TASKS", "config_from_file", "explain", "export", "load", "predict", "train", "val"]
 
 
 def train(task: str, cfg: Any = None, *, resume: str | Path | None = None, verbose: bool = True, **options: Any):
@@ -44,6 +44,18 @@ def predict(task: str, weights: str | Path | list, source: str | Path, **options
     """Predict a file or folder; the options of ``cnnkit TASK predict``. Returns one dict per
     input (the ``--json`` rows)."""
     return spec(task).predict(weights, source, **options)
+
+
+def explain(task: str, weights: str | Path, source: str | Path | None = None, **options: Any) -> dict[str, Any]:
+    """Heat maps of what ``weights``' answers rest on, for ``source`` images or a ``data`` split;
+    the options of ``cnnkit TASK explain`` (``method``, ``target``, ``layer``, ``out``, ``eval``).
+    Returns ``{"rows": [...], "summary": {method: scores}}`` (the ``--json`` file's content).
+
+    Examples:
+        >>> cnnkit.explain("classify", "runs/classify/train", "cat.png", method="gradcam,ig")
+        >>> cnnkit.explain("detect", "runs/detect/train", data="shapes", eval=True)["summary"]
+    """
+    return spec(task).explain(weights, source, **options)
 
 
 def load(path: str | Path, device: str = "cpu", backend: str | None = None, **options: Any):

@@ -178,6 +178,17 @@ def add_mode_commands(group: click.Group, cfg_cls: type, val_help: str, predict_
 
         api.predict(task, list(weights) if isinstance(weights, tuple) else weights, source, **options)
 
+    if getattr(cfg_cls, "EXPLAIN", None):
+        @group.command("explain", context_settings=CONTEXT,
+                       help="Heat maps of what the model's answers rest on (Grad-CAM and kin, saliency, integrated "
+                            "gradients, occlusion), as PNG overlays and .npy; with --data and --eval, whether "
+                            "they are right.")
+        @mode_options(cfg_cls.EXPLAIN)
+        def explain_cmd(weights, **options) -> None:
+            from cnnkit import api
+
+            api.explain(task, weights, **options)
+
 
 def _add_classify_commands() -> None:
     from cnnkit.tasks.classify.config import ClassifyConfig

@@ -94,3 +94,27 @@ def resolve(opts: tuple[Opt, ...], given: dict[str, Any], what: str) -> dict[str
         o.check(value)
         out[o.name] = value
     return out
+
+
+EXPLAIN_METHODS = ("gradcam", "gradcam++", "scorecam", "eigencam", "saliency", "ig", "occlusion")
+
+
+def explain_options(target_help: str, data_help: str) -> tuple[Opt, ...]:
+    """The options of ``cnnkit TASK explain``; a task words ``--target`` and ``--data``."""
+    return (
+        shared("weights", help="best.safetensors or its run folder (explain needs the PyTorch model)"),
+        shared("source", required=False, help="an image file or a folder (searched recursively)"),
+        shared("data", required=False, help=data_help + "; its ground truth picks the targets and, with --eval, "
+                                                        "scores the maps"),
+        shared("split", help="with --data: which split"),
+        Opt("limit", int, 16, "explain at most this many images", lo=1),
+        Opt("method", default="gradcam",
+            help=f"{', '.join(EXPLAIN_METHODS)}; several comma-separated, or all"),
+        Opt("target", help=target_help),
+        Opt("layer", help="the layer CAM methods look at (default: the model's deepest feature stage)"),
+        Opt("out", "dir", "explain", "where the PNG overlays and .npy maps go"),
+        Opt("eval", bool, False, "score the maps: deletion and insertion AUC, and with --data the energy inside "
+                                 "the object and the pointing game, against random maps"),
+        shared("device"),
+        shared("json_path", help="write every map's scores (and the summary) to this JSON file"),
+    )

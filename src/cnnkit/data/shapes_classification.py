@@ -66,9 +66,17 @@ class ShapesClassification(torch.utils.data.Dataset):
         label = self._targets[i]
         if i in self._cache:
             return self._cache[i], label
-        rng = np.random.default_rng([self.seed, _SPLITS[self.split], i])
-        scene = sample_scene(self.params, rng, classes=[label])
-        x = torch.from_numpy(np.ascontiguousarray(scene.image.transpose(2, 0, 1)))
+        x = torch.from_numpy(np.ascontiguousarray(self.scene(i).image.transpose(2, 0, 1)))
         if self.cache:
             self._cache[i] = x
         return x, label
+
+    def scene(self, i: int):
+        """Item ``i`` rendered again with its ground truth (a :class:`~cnnkit.data.shapes.Scene`)."""
+        rng = np.random.default_rng([self.seed, _SPLITS[self.split], int(i) % self.size])
+        return sample_scene(self.params, rng, classes=[self._targets[int(i) % self.size]])
+
+    def mask(self, i: int) -> np.ndarray:
+        """bool (H, W): the visible pixels of item ``i``'s shape (what an explanation of its label
+        should point at)."""
+        return self.scene(i).masks.any(0)

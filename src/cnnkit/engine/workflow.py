@@ -139,6 +139,23 @@ class WorkflowSpec:
         table, lines = self.predict_view(model, results, timing, o) if verbose else (None, [])
         return finish_predict(rows, o["json_path"], verbose, table, lines, skipped, notes)
 
+    def explain(self, weights, source=None, *, verbose: bool = True, **options: Any) -> dict[str, Any]:
+        """Heat maps of what the model's answers rest on (``cnnkit TASK explain``,
+        :func:`cnnkit.explain`), for ``source`` images or a ``data`` split (whose ground truth
+        also scores the maps with ``eval``). ``options`` are the task's ``EXPLAIN`` options."""
+        from cnnkit.core.options import resolve
+        from cnnkit.methods.explain import run
+
+        o = resolve(self.config.EXPLAIN, {"weights": weights, "source": source, **options},
+                    f"cnnkit {self.name} explain")
+        return run(self, o, verbose)
+
+    def explain_truth(self, records, i: int) -> list[tuple[Any, Any]]:
+        """What to explain in record ``i`` of ``records`` (from :meth:`val_records`) and where it
+        is: ``[(target, bool (H, W) object pixels or None), ...]`` for the pipeline's
+        ``select``. The default explains the model's own top answer, with no known pixels."""
+        return [(None, None)]
+
     def load(self, options: dict[str, Any]):
         """The predictor of ``options["weights"]`` on ``options["device"]``, with the task's
         ``load_options``."""

@@ -28,6 +28,7 @@ import torch
 from cnnkit.errors import CnnkitError
 
 FORMATS = ("torch", "torchscript", "onnx", "int8")
+DEFAULT_FORMATS = ("torch", "torchscript", "onnx")  # int8 needs --data to calibrate
 METRIC = {"classify": "top1", "multilabel": "map", "detect": "map50_95", "instance": "mask_map50_95",
           "segment": "miou", "medical": "dice"}
 
@@ -72,7 +73,7 @@ def p90(xs: list[float]) -> float:
     return sorted(xs)[min(len(xs) - 1, round(0.9 * (len(xs) - 1)))]
 
 
-def benchmark(weights: str | Path, data: str | None = None, batch: int = 16, formats: tuple[str, ...] = FORMATS,
+def benchmark(weights: str | Path, data: str | None = None, batch: int = 16, formats: tuple[str, ...] = DEFAULT_FORMATS,
               runs: int = 20, warmup: int = 3, device: str = "cpu", split: str = "val",
               out_dir: str | Path | None = None, json_path: str | Path | None = None,
               verbose: bool = True) -> dict[str, Any]:

@@ -105,6 +105,24 @@ class Pipeline:
         """A differentiable score per sample ``(B,)`` picked by ``selector``."""
         raise NotImplementedError
 
+    def target_prob(self, raw: tuple[torch.Tensor, ...], selector: Any) -> torch.Tensor:
+        """:meth:`target` as a probability in [0, 1] (deletion and insertion curves)."""
+        return torch.sigmoid(self.target(raw, selector))
+
+    def select(self, raw: tuple[torch.Tensor, ...], target: Any, meta: dict[str, Any] | None = None) -> tuple[Any, str]:
+        """The :meth:`target` selector of one input from its raw outputs and what the user
+        asked for (``--target``: a class, a detection index; None: the model's own top
+        answer), and a few words naming it. Raises a one-sentence error for a target the
+        model does not have."""
+        raise ModelError(f"{self.task} models cannot be explained yet (explain covers classify, multilabel, "
+                         "detect, instance and segment)")
+
+    def map_to_image(self, m: torch.Tensor, meta: dict[str, Any]) -> torch.Tensor:
+        """A map ``(h, w)`` over the core's input -> over the original image (as ``meta``
+        recorded it); the inverse of :meth:`prepare`'s resize."""
+        size = (int(meta["height"]), int(meta["width"]))
+        return F.interpolate(m[None, None].float(), size=size, mode="bilinear", align_corners=False)[0, 0]
+
 
 def pipeline_for(card: ModelCard) -> Pipeline:
     """The task pipeline of ``card`` (``cnnkit.tasks.<task>.pipeline``)."""
@@ -347,6 +365,33 @@ class ImageClassifierPipeline(Pipeline):
         else:
             idx = torch.as_tensor(selector, device=logits.device).expand(len(logits))
         return logits.gather(1, idx.view(-1, 1).long())[:, 0]
+
+    def target_prob(self, raw: tuple[torch.Tensor, ...], selector: Any) -> torch.Tensor:
+        """Softmax probability of the class (sigmoid for multi-label models)."""
+        if self.card.task == "multilabel":
+            return torch.sigmoid(self.target(raw, selector))
+        idx = torch.as_tensor(selector, device=raw[0].device).expand(len(raw[0]))
+        return raw[0].float().softmax(1).gather(1, idx.view(-1, 1).long())[:, 0]
+
+    def select(self, raw: tuple[torch.Tensor, ...], target: Any, meta: dict[str, Any] | None = None) -> tuple[Any, str]:
+        """``target``: a class name or index (None: the top class)."""
+        idx = int(raw[0][0].argmax()) if target is None else class_index(self.classes, target)
+        return idx, f"class {self.classes[idx]}"
+
+
+def class_index(classes: Sequence[str], target: Any) -> int:
+    """The index of ``target`` (a class name, or an index given as a number or a digit
+    string) in ``classes``; a one-sentence error when it is neither."""
+    if isinstance(target, str) and target in classes:
+        return list(classes).index(target)
+    try:
+        idx = int(target)
+    except (TypeError, ValueError):
+        idx = -1
+    if not 0 <= idx < len(classes):
+        shown = ", ".join(classes[:20]) + (", ..." if len(classes) > 20 else "")
+        raise ModelError(f"--target '{target}' is not a class of this model; classes: {shown}")
+    return idx
 
 
 def evaluate_loader(predictor: Predictor, loader, state, output=None, keep: int = 0) -> tuple[dict[str, Any], list, list]:

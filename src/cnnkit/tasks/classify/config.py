@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cnnkit.core.options import Opt, shared
+from cnnkit.core.options import Opt, explain_options, shared
 from cnnkit.engine.config import ImageClassifierConfig
 from cnnkit.errors import CnnkitError
 
@@ -125,3 +125,6 @@ ClassifyConfig.PREDICT = (
     shared("device"), _ENSEMBLE, _TTA,
     shared("json_path", help='write [{"path", "label", "score", "topk": [[label, score], ...]}] to this file'),
 )
+ClassifyConfig.EXPLAIN = explain_options(
+    "the class to explain (a name or an index; default: the predicted class)",
+    "digits, shapes (where the shape's pixels are known) or an ImageFolder path")

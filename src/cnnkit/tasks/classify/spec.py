@@ -171,6 +171,11 @@ class ClassifySpec(WorkflowSpec):
             raise DataError(f"the {split} split of '{data}' has no images")
         return records
 
+    def explain_truth(self, records, i: int) -> list:
+        """The labelled class, and the shape's pixels where the data knows them (``shapes``)."""
+        mask = records.mask(i) if hasattr(records, "mask") else None
+        return [(int(records[i][1]), mask)]
+
     def val_metrics(self, model, records, options: dict[str, Any]) -> Evaluation:
         from cnnkit.runtime.backend import TorchBackend
         from cnnkit.runtime.pipeline import Predictor, evaluate_loader

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cnnkit.core.choices import NMS_METHODS
-from cnnkit.core.options import Opt, shared
+from cnnkit.core.options import Opt, explain_options, shared
 from cnnkit.engine.config import TrainConfig
 from cnnkit.errors import CnnkitError
 
@@ -110,3 +110,7 @@ def _predict(masks: bool) -> tuple[Opt, ...]:
 
 DetectConfig.VAL, DetectConfig.PREDICT = _val(False), _predict(False)
 InstanceConfig.VAL, InstanceConfig.PREDICT = _val(True), _predict(True)
+_EXPLAIN_TARGET = "the detection to explain, by its index in predict's order (default 0: the top one)"
+_EXPLAIN_DATA = "shapes or a detection dataset (YAML, COCO, VOC); each ground-truth object's matching detection"
+DetectConfig.EXPLAIN = explain_options(_EXPLAIN_TARGET, _EXPLAIN_DATA)
+InstanceConfig.EXPLAIN = explain_options(_EXPLAIN_TARGET, _EXPLAIN_DATA)

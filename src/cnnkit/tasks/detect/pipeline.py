@@ -123,9 +123,11 @@ class DetectPipeline(Pipeline):
             return backend(x)
         return [backend(x[i:i + 1]) for i in range(len(x))]  # per image: (boxes, scores, labels[, masks])
 
-    def detections(self, raw, conf: float = 0.25, max_det: int | None = None) -> list[dict[str, torch.Tensor]]:
+    def detections(self, raw, conf: float = 0.25, max_det: int | None = None,
+                   anchors: bool = False) -> list[dict[str, torch.Tensor]]:
         """Raw outputs -> per image ``{"boxes", "scores", "labels"[, "masks"]}`` in letterboxed
-        pixels, after the score threshold, NMS and ``max_det``."""
+        pixels, after the score threshold, NMS and ``max_det`` (fastdet with ``anchors``: also
+        ``"anchors"``, each detection's anchor point)."""
         from cnnkit.models.detection.nms import soft_nms, suppress
 
         max_det = int(max_det or self.max_det)
@@ -140,7 +142,7 @@ class DetectPipeline(Pipeline):
                     a, c = a[keep], c[keep]
                 b = bx[a]
                 keep, kept = suppress(b, sc, c, self.iou, max_det, self.nms, conf)
-                out.append({"boxes": b[keep], "scores": kept, "labels": c[keep]})
+                out.append({"boxes": b[keep], "scores": kept, "labels": c[keep]} | ({"anchors": a[keep]} if anchors else {}))
             return out
         for r in raw:
             boxes, scores, labels = r[0], r[1], r[2].long()
@@ -169,17 +171,97 @@ class DetectPipeline(Pipeline):
         return results
 
     def target(self, raw, selector: Any) -> torch.Tensor:
-        """fastdet: the class score (logit) of anchor point ``selector`` (an index per sample;
-        None: each image's highest-scoring point and class)."""
+        """One detection's score per sample.
+
+        fastdet: the class logit at anchor point ``selector`` (an index per sample, its best
+        class; or ``(anchor, class)``; None: each image's highest-scoring point and class).
+        torchvision's detectors (their NMS runs inside): ``selector`` is ``(box, label)`` and the
+        score is that of the output detection of that label overlapping the box most (IoU at
+        least 0.5; 0 when there is none), the matching of pytorch-grad-cam's
+        ``FasterRCNNBoxScoreTarget``.
+        """
         if not self.fastdet:
-            raise ModelError("a differentiable detection score needs fastdet; torchvision's detectors "
-                             "select boxes inside the model")
+            return torch.stack([self._matched_score(r, selector) for r in raw])
         cls = raw[0]
         flat = cls.flatten(1)
         if selector is None:
             return flat.max(1).values
+        rows = torch.arange(len(cls), device=cls.device)
+        if isinstance(selector, tuple):
+            return cls[rows, int(selector[0]), int(selector[1])]
         idx = torch.as_tensor(selector, device=cls.device).expand(len(cls))
-        return cls[torch.arange(len(cls), device=cls.device), idx.long()].max(1).values
+        return cls[rows, idx.long()].max(1).values
+
+    def target_prob(self, raw, selector: Any) -> torch.Tensor:
+        t = self.target(raw, selector)
+        return torch.sigmoid(t) if self.fastdet else t  # torchvision's scores are probabilities
+
+    @staticmethod
+    def _matched_score(r, selector) -> torch.Tensor:
+        from torchvision.ops import box_iou
+
+        box, label = selector
+        boxes, scores, labels = r[0], r[1], r[2]
+        ok = labels.long() == int(label)
+        if len(boxes) == 0 or not ok.any():
+            return scores.sum() * 0
+        iou = box_iou(torch.as_tensor(box, device=boxes.device, dtype=boxes.dtype).view(1, 4), boxes)[0]
+        iou = torch.where(ok, iou, torch.zeros_like(iou))
+        j = int(iou.argmax())
+        return scores[j] if iou[j] >= 0.5 else scores.sum() * 0
+
+    def select(self, raw, target: Any, meta: dict[str, Any] | None = None) -> tuple[Any, str] | None:
+        """``target``: a detection's index in the predict order (None: 0, the top one); with
+        the ``predict`` defaults (``conf`` 0.25). A ground-truth object ``{"box": xyxy in the
+        original image's pixels, "label"}`` picks the detection of its label overlapping it
+        most (IoU at least 0.5, any score), or None when the model missed it."""
+        if isinstance(target, dict):
+            return self._select_object(raw, target, meta)
+        dets = self.detections(raw, anchors=self.fastdet)[0]
+        k = 0 if target is None else int(target) if str(target).lstrip("-").isdigit() else -1
+        if not 0 <= k < len(dets["scores"]):
+            n = len(dets["scores"])
+            have = f"its {n} detections (indices 0-{n - 1})" if n else "no detections at conf 0.25"
+            raise ModelError(f"--target takes a detection index and this image has {have}, not '{target}'")
+        label, score = int(dets["labels"][k]), float(dets["scores"][k])
+        box = dets["boxes"][k].detach()
+        desc = f"detection {k}: {self.classes[label]} {score:.2f}"
+        if self.fastdet:
+            return (int(dets["anchors"][k]), label), desc
+        return (box, label), desc
+
+    def _select_object(self, raw, obj: dict[str, Any], meta: dict[str, Any]) -> tuple[Any, str] | None:
+        from torchvision.ops import box_iou
+
+        dets = self.detections(raw, conf=BUILD_CONF, anchors=self.fastdet)[0]
+        box = torch.as_tensor(obj["box"], dtype=torch.float32).view(1, 4) * meta["scale"]
+        ok = dets["labels"].cpu() == int(obj["label"])
+        if not ok.any():
+            return None
+        iou = torch.where(ok, box_iou(box, dets["boxes"].float().cpu())[0], torch.zeros(len(ok)))
+        k = int(iou.argmax())
+        if iou[k] < 0.5:
+            return None
+        desc = f"{self.classes[int(obj['label'])]} object (detected at {float(dets['scores'][k]):.2f})"
+        if self.fastdet:
+            return (int(dets["anchors"][k]), int(obj["label"])), desc
+        return (dets["boxes"][k].detach(), int(obj["label"])), desc
+
+    def map_to_image(self, m: torch.Tensor, meta: dict[str, Any]) -> torch.Tensor:
+        """Undo the letterbox: the image's part of the square, resized to the image."""
+        s = meta["scale"]
+        h, w = int(meta["height"]), int(meta["width"])
+        part = m[:max(1, round(h * s)), :max(1, round(w * s))]
+        return torch.nn.functional.interpolate(part[None, None].float(), size=(h, w), mode="bilinear",
+                                               align_corners=False)[0, 0]
+
+    def box_on_image(self, selector, raw, meta: dict[str, Any]) -> list[float] | None:
+        """The selected detection's box in the original image's pixels (for drawing)."""
+        from cnnkit.tasks.detect.task import to_original
+
+        box = raw[1][0, int(selector[0])] if self.fastdet else torch.as_tensor(selector[0])
+        return to_original(box.detach().float().cpu().view(1, 4), meta["scale"], meta["height"],
+                           meta["width"])[0].tolist()
 
 
 def pipeline(card: ModelCard) -> DetectPipeline:

@@ -143,6 +143,19 @@ class DetectSpec(WorkflowSpec):
     def record_input(self, records, i: int):
         return records[i].load()
 
+    def explain_truth(self, records, i: int) -> list:
+        """Every ground-truth object (the detection matching it is explained) and its box's pixels."""
+        import numpy as np
+
+        r = records[i]
+        out = []
+        for box, label in zip(r.boxes, r.labels):
+            mask = np.zeros((int(r.height), int(r.width)), bool)
+            x1, y1, x2, y2 = np.round(box).astype(int)
+            mask[max(0, y1):y2, max(0, x1):x2] = True
+            out.append(({"box": box.tolist(), "label": int(label)}, mask))
+        return out
+
     def val_metrics(self, model, records, options: dict[str, Any]) -> Evaluation:
         """COCO metrics; ``save_json`` also writes the detections in COCO results format (with
         RLE masks for instance models)."""

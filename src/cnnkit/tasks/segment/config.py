@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cnnkit.core.options import Opt, shared
+from cnnkit.core.options import Opt, explain_options, shared
 from cnnkit.engine.config import TrainConfig
 from cnnkit.errors import CnnkitError
 
@@ -63,3 +63,7 @@ SegmentConfig.PREDICT = (
     shared("save_dir", help="write NAME_mask.png (class ids; a palette PNG, so it also shows colours) and "
                             "NAME_overlay.png per image here"),
     shared("json_path", help='write [{"path", "width", "height", "classes": {name: share of pixels}, "mask"}]'))
+SegmentConfig.EXPLAIN = explain_options(
+    "the class whose predicted pixels to explain (a name or an index; default: the foreground class with the "
+    "most predicted pixels)",
+    "shapes or a segmentation YAML")

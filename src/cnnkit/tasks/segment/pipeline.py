@@ -82,6 +82,32 @@ class SegmentPipeline(Pipeline):
         r = torch.as_tensor(region, device=logits.device, dtype=logits.dtype)
         return (logits * r).flatten(1).sum(1) / r.sum().clamp(min=1)
 
+    def target_prob(self, raw: tuple[torch.Tensor, ...], selector: Any) -> torch.Tensor:
+        """The class's mean softmax probability over the region."""
+        cls, region = selector if isinstance(selector, tuple) else (selector, None)
+        prob = raw[0].float().softmax(1)[:, int(cls)]
+        if region is None:
+            return prob.flatten(1).mean(1)
+        r = torch.as_tensor(region, device=prob.device, dtype=prob.dtype)
+        return (prob * r).flatten(1).sum(1) / r.sum().clamp(min=1)
+
+    def select(self, raw: tuple[torch.Tensor, ...], target: Any, meta: dict[str, Any] | None = None) -> tuple[Any, str]:
+        """``target``: a class name or index (None: the foreground class with the most
+        predicted pixels); the region is that class's predicted pixels (the whole image when
+        the model predicts none)."""
+        from cnnkit.runtime.pipeline import class_index
+
+        pred = raw[0][0].argmax(0)
+        if target is None:
+            counts = torch.bincount(pred.flatten().cpu(), minlength=len(self.classes))[1:]
+            cls = 1 + int(counts.argmax()) if len(counts) and counts.max() > 0 else min(1, len(self.classes) - 1)
+        else:
+            cls = class_index(self.classes, target)
+        region = pred == cls
+        if not region.any():
+            return (cls, None), f"class {self.classes[cls]} (not predicted here: the whole image)"
+        return (cls, region), f"class {self.classes[cls]} ({int(region.sum())} predicted pixels)"
+
 
 def pipeline(card: ModelCard) -> SegmentPipeline:
     return SegmentPipeline(card)

@@ -221,6 +221,11 @@ class SegmentSpec(WorkflowSpec):
     def record_input(self, records, i: int):
         return records[i].load_image()
 
+    def explain_truth(self, records, i: int) -> list:
+        """Every foreground class in the mask, with its pixels."""
+        mask = records[i].load_mask().numpy()
+        return [(int(c), mask == c) for c in sorted(set(mask.flatten().tolist()) - {0})]
+
     def val_metrics(self, model, records, options: dict[str, Any]) -> Evaluation:
         metrics = evaluate(model, records)
         return Evaluation(metrics, skipped=metrics.pop("skipped_images", []))

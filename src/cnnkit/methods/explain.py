@@ -1,0 +1,447 @@
+"""Explanations for every task's model: heat maps of what a decision rests on, and whether they
+are right.
+
+:func:`explain` loads cnnkit weights, picks the target through the task pipeline
+(:meth:`~cnnkit.runtime.pipeline.Pipeline.select`: a class, a detection, a segmented class's
+pixels) and computes one map per image over the core's differentiable score
+(:meth:`~cnnkit.runtime.pipeline.Pipeline.target`):
+
+- ``gradcam`` (Selvaraju et al., 2017), ``gradcam++`` (Chattopadhay et al., 2018), ``scorecam``
+  (Wang et al., 2020) and ``eigencam`` (Muhammad and Yeasin, 2020) on a feature layer: by
+  default the deepest of the pipeline's :meth:`~cnnkit.runtime.pipeline.Pipeline.feature_layers`,
+  so nobody picks layers or reshape functions by hand. Written here (a forward hook and one
+  backward pass, batched on the model's device) because pytorch-grad-cam, the reference they
+  are checked against (``benchmarks/explain_gradcam.py``), needs a target layer and a reshape
+  function per architecture and post-processes in NumPy/OpenCV per image; the formulas and the
+  normalization (ReLU, min-max per image, bilinear resize) are pytorch-grad-cam's, so the maps
+  agree. EigenCAM is the first principal component of the layer's activations: it does not
+  depend on the target (its sign is fixed so that the map correlates with the mean
+  activation; pytorch-grad-cam leaves it to the SVD).
+- ``saliency`` (gradient magnitude, Simonyan et al., 2014), ``ig`` (integrated gradients,
+  Sundararajan et al., 2017) and ``occlusion`` (Zeiler and Fergus, 2014) on the input, from
+  captum.
+
+Every map is in [0, 1] at the core's input size and is mapped back onto the original image
+(undoing the resize or letterbox) for the ``.npy`` file and the PNG overlay.
+
+:func:`faithfulness` scores maps: energy-in-mask (the share of the map's mass inside the
+object) and the pointing game (is the map's peak on the object) where the object's pixels are
+known, and deletion / insertion curves (Petsiuk et al., 2018) everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cnnkit.errors import CnnkitError, ModelError
+
+CAM_METHODS = ("gradcam", "gradcam++", "scorecam", "eigencam")
+METHODS = CAM_METHODS + ("saliency", "ig", "occlusion")
+SCORECAM_BATCH = 16  # masked copies per forward pass (pytorch-grad-cam's batch)
+IG_STEPS = 32
+CURVE_STEPS = 16  # deletion / insertion: pixels removed or added in this many equal steps
+
+
+def check_method(method: str) -> str:
+    if method not in METHODS:
+        raise CnnkitError(f"--method must be one of {', '.join(METHODS)}, got '{method}'")
+    return method
+
+
+def resolve_layer(pipeline, model: nn.Module, name: str | None) -> tuple[str, nn.Module]:
+    """``(name, module)`` of the layer a CAM method hooks: ``name`` (a feature stage or any
+    module path of ``model``), by default the pipeline's deepest feature stage."""
+    stages = pipeline.feature_layers(model)
+    if name is None:
+        if not stages:
+            raise ModelError(f"the {pipeline.card.arch} model names no feature stages; give --layer")
+        name = list(stages)[-1]
+        return name, stages[name]
+    if name in stages:
+        return name, stages[name]
+    modules = dict(model.named_modules())
+    if name and name in modules:
+        return name, modules[name]
+    import difflib
+
+    close = difflib.get_close_matches(name, list(stages) + list(modules), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise ModelError(f"--layer '{name}' is not a layer of this model{hint}; its feature stages: "
+                     f"{', '.join(stages) or '(none)'}")
+
+
+def forward(pipeline, core: nn.Module, x: torch.Tensor):
+    """The core's raw outputs for a batch (one image at a time for detectors that take one)."""
+    if pipeline.fixed_batch:
+        return [core(x[i:i + 1]) for i in range(len(x))]
+    out = core(x)
+    return out if isinstance(out, (tuple, list)) else (out,)
+
+
+def score_fn(pipeline, core: nn.Module, selector: Any, prob: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x (B, C, H, W) -> (B,)``: the selected target's score (or probability) per sample."""
+    pick = pipeline.target_prob if prob else pipeline.target
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return pick(forward(pipeline, core, x), selector).float()
+
+    return f
+
+
+def _normalize(cam: torch.Tensor) -> torch.Tensor:
+    """Per map ``(B, h, w)``: min-max to [0, 1] (pytorch-grad-cam's ``scale_cam_image``)."""
+    flat = cam.flatten(1)
+    lo = flat.min(1).values.view(-1, 1, 1)
+    cam = cam - lo
+    return cam / (1e-7 + cam.flatten(1).max(1).values.view(-1, 1, 1))
+
+
+def _resize(cam: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    return F.interpolate(cam[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+
+
+class _Activations:
+    """Forward hook keeping the layer's output of the latest call."""
+
+    def __init__(self, layer: nn.Module):
+        self.value: torch.Tensor | None = None
+        self.handle = layer.register_forward_hook(self)
+
+    def __call__(self, module, args, output) -> None:
+        self.value = output[0] if isinstance(output, (tuple, list)) else output
+
+    def __enter__(self) -> _Activations:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.remove()
+
+
+def cam(method: str, f: Callable[[torch.Tensor], torch.Tensor], layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A CAM method's maps ``(B, H, W)`` in [0, 1] for inputs ``x`` and score function ``f``."""
+    with _Activations(layer) as hook, torch.enable_grad():
+        score = f(x)
+        a = hook.value
+        if a is None or a.ndim != 4:
+            raise ModelError("the CAM layer must output (B, C, h, w) feature maps; pick a convolutional stage "
+                             "with --layer")
+        if method == "eigencam":
+            weights = None
+        elif method == "scorecam":
+            weights = _scorecam_weights(f, a.detach(), x)
+        else:
+            g = torch.autograd.grad(score.sum(), a, allow_unused=True)[0]
+            g = torch.zeros_like(a) if g is None else g
+            weights = _grad_weights(method, a.detach(), g.detach())
+    a = a.detach().float()
+    m = _eigen(a) if weights is None else (weights[:, :, None, None] * a).sum(1)
+    return _resize(_normalize(m.clamp(min=0)), x.shape[-2:])
+
+
+def _grad_weights(method: str, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Channel weights ``(B, C)``: Grad-CAM's mean gradient, or Grad-CAM++'s weighted positive
+    gradients (the closed form for an exponential score, as in the paper and pytorch-grad-cam)."""
+    if method == "gradcam":
+        return g.mean((2, 3))
+    g2 = g.pow(2)
+    alpha = g2 / (2 * g2 + a.sum((2, 3), keepdim=True) * g2 * g + 1e-6)
+    alpha = torch.where(g != 0, alpha, torch.zeros_like(alpha))
+    return (g.clamp(min=0) * alpha).sum((2, 3))
+
+
+@torch.no_grad()
+def _scorecam_weights(f, a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Score-CAM: each channel, upsampled and scaled to [0, 1], masks the input; the channel's
+    weight is the softmax over channels of the masked inputs' scores."""
+    up = F.interpolate(a.float(), size=x.shape[-2:], mode="bilinear", align_corners=True)
+    flat = up.flatten(2)
+    lo, hi = flat.min(2).values[..., None, None], flat.max(2).values[..., None, None]
+    up = (up - lo) / (hi - lo + 1e-8)
+    weights = []
+    for b in range(len(x)):
+        masked = x[b:b + 1] * up[b][:, None]  # (C, channels, H, W)
+        scores = torch.cat([f(masked[i:i + SCORECAM_BATCH]) for i in range(0, len(masked), SCORECAM_BATCH)])
+        weights.append(scores.float().softmax(0))
+    return torch.stack(weights)
+
+
+def _eigen(a: torch.Tensor) -> torch.Tensor:
+    """First principal component of each sample's activations ``(C, h, w)`` as a map, signed
+    to correlate with the mean activation."""
+    out = []
+    for s in a:
+        flat = s.flatten(1).T  # (h*w, C)
+        centered = flat - flat.mean(0)
+        _, _, vh = torch.linalg.svd(centered, full_matrices=False)
+        proj = centered @ vh[0]
+        if torch.dot(proj, flat.mean(1) - flat.mean()) < 0:
+            proj = -proj
+        out.append(proj.view(s.shape[1:]))
+    return torch.stack(out)
+
+
+def attribution(method: str, f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                window: int | None = None) -> torch.Tensor:
+    """captum's saliency, integrated gradients or occlusion as maps ``(B, H, W)`` in [0, 1]:
+    saliency takes the largest gradient magnitude over channels, integrated gradients (from a
+    black image) the summed magnitude, occlusion (grey patches of ``window`` pixels, default an
+    eighth of the image, half-overlapping) the positive score drop."""
+    from captum.attr import IntegratedGradients, Occlusion, Saliency
+
+    x = x.detach().clone().requires_grad_(method != "occlusion")
+    with torch.enable_grad():
+        if method == "saliency":
+            m = Saliency(f).attribute(x, abs=True).amax(1)
+        elif method == "ig":
+            m = IntegratedGradients(f).attribute(x, baselines=torch.zeros_like(x), n_steps=IG_STEPS,
+                                                 internal_batch_size=IG_STEPS // 2).abs().sum(1)
+        else:
+            k = window or max(2, min(x.shape[-2:]) // 8)
+            stride = max(1, k // 2)
+            c = x.shape[1]
+            with torch.no_grad():
+                m = Occlusion(f).attribute(x, sliding_window_shapes=(c, k, k), strides=(c, stride, stride),
+                                           baselines=0.5, perturbations_per_eval=16).sum(1).clamp(min=0)
+    return _normalize(m.detach().float())
+
+
+def explain_one(method: str, pipeline, core: nn.Module, layer: nn.Module | None, x: torch.Tensor,
+                selector: Any) -> torch.Tensor:
+    """The map ``(H, W)`` of one prepared input ``x (C, H, W)`` for ``selector``."""
+    f = score_fn(pipeline, core, selector)
+    xb = x[None]
+    if method in CAM_METHODS:
+        return cam(method, f, layer, xb)[0]
+    return attribution(method, f, xb)[0]
+
+
+# ---- is the map right? ----------------------------------------------------------------------
+def energy_in_mask(m: np.ndarray, mask: np.ndarray) -> float:
+    """Share of the map's mass on the object's pixels (Wang et al., 2020's energy-based pointing game)."""
+    total = float(m.sum())
+    return float(m[mask].sum()) / total if total > 0 else 0.0
+
+
+def pointing_hit(m: np.ndarray, mask: np.ndarray) -> bool:
+    """Whether the map's peak lies on the object (Zhang et al., 2018's pointing game)."""
+    return bool(mask.flat[int(np.argmax(m))])
+
+
+@torch.no_grad()
+def deletion_insertion(f_prob: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, m: torch.Tensor,
+                       steps: int = CURVE_STEPS) -> tuple[float, float]:
+    """Areas under the deletion and insertion curves (Petsiuk et al., 2018) of one input
+    ``x (C, H, W)`` and its map ``m (H, W)``: the target's probability as the map's most
+    important pixels are set to black (deletion; lower is better) or copied onto a blurred
+    copy of the image (insertion; higher is better), in ``steps`` equal steps."""
+    order = torch.argsort(m.flatten(), descending=True, stable=True)
+    n = order.numel()
+    ranks = torch.empty_like(order)
+    ranks[order] = torch.arange(n, device=order.device)
+    ranks = ranks.view(m.shape)
+    k = torch.linspace(0, n, steps + 1, device=x.device).round().long()
+    keep = ranks[None] < k.view(-1, 1, 1)  # (steps + 1, H, W): the top-k pixels
+    blurred = _blur(x)
+    deleted = torch.where(keep[:, None], torch.zeros_like(x)[None], x[None])
+    inserted = torch.where(keep[:, None], x[None], blurred[None])
+    d = torch.cat([f_prob(deleted[i:i + 8]) for i in range(0, len(deleted), 8)])
+    ins = torch.cat([f_prob(inserted[i:i + 8]) for i in range(0, len(inserted), 8)])
+    return float(torch.trapezoid(d, dx=1 / steps)), float(torch.trapezoid(ins, dx=1 / steps))
+
+
+def _blur(x: torch.Tensor) -> torch.Tensor:
+    from torchvision.transforms.v2 import functional as TF
+
+    k = max(3, (min(x.shape[-2:]) // 8) | 1)
+    return TF.gaussian_blur(x, [k, k], [k / 3, k / 3])
+
+
+def random_map(shape: Sequence[int], seed: int) -> torch.Tensor:
+    """A baseline map of smooth random blobs (uniform noise upsampled), in [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(1, 1, max(2, shape[0] // 8), max(2, shape[1] // 8), generator=g)
+    return _normalize(F.interpolate(low, size=tuple(shape), mode="bilinear", align_corners=False)[:, 0])[0]
+
+
+# ---- the command -----------------------------------------------------------------------------
+def parse_methods(text: str) -> list[str]:
+    """``gradcam``, ``gradcam,ig`` or ``all``."""
+    names = list(METHODS) if text.strip() == "all" else [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise CnnkitError(f"--method takes one or more of {', '.join(METHODS)} (comma-separated) or all")
+    return [check_method(n) for n in names]
+
+
+def overlay(image: torch.Tensor, m: np.ndarray, box: Sequence[float] | None = None):
+    """A PIL image: ``image`` (uint8 ``(C, H, W)``) under the map's jet colours (half
+    transparent), with the explained detection's box drawn when there is one."""
+    from matplotlib import colormaps
+    from PIL import Image, ImageDraw
+
+    img = image[:3].permute(1, 2, 0).cpu().numpy()
+    img = np.repeat(img, 3, 2) if img.shape[2] == 1 else img
+    heat = colormaps["jet"](np.clip(m, 0, 1))[..., :3] * 255
+    out = Image.fromarray((0.5 * img + 0.5 * heat).round().clip(0, 255).astype(np.uint8))
+    if box is not None:
+        ImageDraw.Draw(out).rectangle([float(v) for v in box], outline=(255, 255, 255), width=2)
+    return out
+
+
+def _items(spec, model, o: dict[str, Any], verbose: bool) -> tuple[list, list[tuple[str, str]]]:
+    """``[(name, image uint8, [(target, object mask or None), ...]), ...]`` and the unreadable
+    files: the ``--source`` images with ``--target``, or the first ``--limit`` images of a
+    ``--data`` split with their ground-truth targets and object pixels."""
+    from cnnkit.errors import ImageDecodeError
+
+    skipped: list[tuple[str, str]] = []
+    items = []
+    if o["data"]:
+        records = spec.val_records(model, o["data"], o["split"], verbose)
+        for i in range(min(o["limit"], len(records))):
+            try:
+                image = model.pipeline.decode(spec.record_input(records, i))
+            except ImageDecodeError as e:
+                skipped.append((e.path, e.reason))
+                continue
+            items.append((f"{o['split']}_{i:04d}", image, spec.explain_truth(records, i)))
+        return items, skipped
+    from cnnkit.data.decode import list_sources
+
+    for path in list_sources(o["source"])[:o["limit"]]:
+        try:
+            image = model.pipeline.decode(path)
+        except ImageDecodeError as e:
+            if Path(o["source"]).is_file():
+                raise
+            skipped.append((e.path, e.reason))
+            continue
+        items.append((Path(path).stem, image, [(o["target"], None)]))
+    return items, skipped
+
+
+def run(spec, o: dict[str, Any], verbose: bool = True) -> dict[str, Any]:
+    """``cnnkit TASK explain`` with resolved options ``o`` (see ``cnnkit TASK explain --help``)."""
+    from cnnkit.utils.io import atomic_path, write_json
+
+    methods = parse_methods(o["method"])
+    if bool(o["source"]) == bool(o["data"]):
+        raise CnnkitError("give --source (images to explain) or --data (a split with ground truth, for --eval), "
+                          "not both" if o["source"] else "give --source (images to explain) or --data (a split "
+                          "with ground truth, for --eval)")
+    if o["data"] and o["target"] is not None:
+        raise CnnkitError("--target picks what to explain in --source images; with --data the ground truth picks it")
+    from cnnkit.runtime.pipeline import load
+
+    model = load(o["weights"], o["device"], task=spec.name)
+    if model.model is None:
+        raise CnnkitError(f"explain takes cnnkit weights (.safetensors or a run folder), not the exported "
+                          f"'{Path(str(model.source)).name}': it needs the PyTorch model's gradients")
+    pipe, core = model.pipeline, model.backend.core
+    layer_name, layer = (resolve_layer(pipe, model.model, o["layer"]) if set(methods) & set(CAM_METHODS)
+                         else (None, None))
+    items, skipped = _items(spec, model, o, verbose)
+    out = Path(o["out"])
+    rows: list[dict[str, Any]] = []
+    for name, image, truths in items:
+        x, meta = pipe.prepare(image)
+        x = x.to(model.device)
+        for t, (target, mask) in enumerate(truths):
+            with torch.no_grad():
+                raw = forward(pipe, core, x[None])
+            picked = pipe.select(raw, target, meta)
+            if picked is None:  # the detector missed this ground-truth object
+                rows.append({"image": name, "target": f"object {t}", "method": None, "missed": True})
+                continue
+            selector, desc = picked
+            box = pipe.box_on_image(selector, raw, meta) if hasattr(pipe, "box_on_image") else None
+            stem = name if len(truths) == 1 else f"{name}_t{t}"
+            maps = {method: explain_one(method, pipe, core, layer, x, selector) for method in methods}
+            if o["eval"]:
+                maps["random"] = random_map(x.shape[-2:], len(rows)).to(x.device)
+            for method, m in maps.items():
+                full = pipe.map_to_image(m, meta).cpu().numpy().astype(np.float32)
+                row = {"image": name, "target": desc, "method": method}
+                if method != "random":
+                    with atomic_path(out / f"{stem}.{method}.npy") as p, open(p, "wb") as fh:
+                        np.save(fh, full)
+                    with atomic_path(out / f"{stem}.{method}.png") as p:
+                        overlay(image, full, box).save(p, format="PNG")
+                    row["png"] = str(out / f"{stem}.{method}.png")
+                if o["eval"]:
+                    d, i = deletion_insertion(score_fn(pipe, core, selector, prob=True), x, m)
+                    row.update(deletion_auc=round(d, 4), insertion_auc=round(i, 4))
+                    if mask is not None:
+                        mk = np.asarray(mask, bool)
+                        row.update(energy_in_mask=round(energy_in_mask(full, mk), 4),
+                                   pointing=pointing_hit(full, mk), mask_share=round(float(mk.mean()), 4))
+                rows.append(row)
+    result = {"method": methods, "layer": layer_name, "out": str(out), "images": len(items), "rows": rows,
+              "skipped": skipped}
+    if o["eval"]:
+        result["summary"] = summarize(rows)
+    if o["json_path"]:
+        write_json(o["json_path"], result)
+    if verbose:
+        _print(result)
+    return result
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Mean of each faithfulness score per method (the pointing game as a hit rate)."""
+    out: dict[str, dict[str, float]] = {}
+    for method in dict.fromkeys(r["method"] for r in rows if r.get("method")):
+        mine = [r for r in rows if r.get("method") == method]
+        s: dict[str, float] = {"maps": len(mine)}
+        for k in ("energy_in_mask", "pointing", "deletion_auc", "insertion_auc", "mask_share"):
+            vals = [float(r[k]) for r in mine if k in r]
+            if vals:
+                s[k] = round(float(np.mean(vals)), 4)
+        out[method] = s
+    missed = sum(1 for r in rows if r.get("missed"))
+    if missed:
+        out["missed"] = {"objects": missed}
+    return out
+
+
+def _print(result: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    from cnnkit.engine.progress import console
+
+    con = console()
+    made = [r for r in result["rows"] if r.get("png")]
+    layer = f" on layer {result['layer']}" if result["layer"] else ""
+    con.print(f"{len(made)} maps{layer} for {result['images']} images -> {result['out']}/ (PNG overlays and .npy)")
+    for path, reason in result["skipped"]:
+        con.print(f"skipped {path}: {reason}")
+    if "summary" not in result:
+        for r in made[:20]:
+            con.print(f"  {r['image']}: {r['target']} · {r['method']} -> {r['png']}")
+        return
+    summary = {k: v for k, v in result["summary"].items() if k != "missed"}
+    has_mask = any("energy_in_mask" in s for s in summary.values())
+    t = Table(title="Is the explanation right? (mean over maps; random = smooth random maps)")
+    cols = ["method", "maps"] + (["energy in mask", "pointing game"] if has_mask else []) + \
+        ["deletion AUC (lower better)", "insertion AUC (higher better)"]
+    for c in cols:
+        t.add_column(c, justify="left" if c == "method" else "right")
+    for method, s in summary.items():
+        cells = [method, str(int(s["maps"]))]
+        if has_mask:
+            cells += [f"{s.get('energy_in_mask', float('nan')):.3f}", f"{s.get('pointing', float('nan')):.3f}"]
+        cells += [f"{s['deletion_auc']:.3f}", f"{s['insertion_auc']:.3f}"]
+        t.add_row(*cells)
+    con.print(t)
+    if has_mask:
+        share = next(s["mask_share"] for s in summary.values() if "mask_share" in s)
+        con.print(f"the objects cover {share:.1%} of the image on average: a map that ignores them puts about "
+                  "that share of its energy on them")
+    if "missed" in result["summary"]:
+        con.print(f"{result['summary']['missed']['objects']} ground-truth objects were not detected and are left out")
