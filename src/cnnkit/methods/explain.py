@@ -349,6 +349,7 @@ def run(spec, o: dict[str, Any], verbose: bool = True) -> dict[str, Any]:
     items, skipped = _items(spec, model, o, verbose)
     out = Path(o["out"])
     rows: list[dict[str, Any]] = []
+    layers_used: set[str] = set()
     for name, image, truths in items:
         x, meta = pipe.prepare(image)
         x = x.to(model.device)
@@ -362,12 +363,17 @@ def run(spec, o: dict[str, Any], verbose: bool = True) -> dict[str, Any]:
             selector, desc = picked
             box = pipe.box_on_image(selector, raw, meta) if hasattr(pipe, "box_on_image") else None
             stem = name if len(truths) == 1 else f"{name}_t{t}"
-            maps = {method: explain_one(method, pipe, core, layer, x, selector) for method in methods}
+            picked_layer = None if o["layer"] or layer is None else pipe.explain_layer(model.model, selector)
+            used_name, used = picked_layer or (layer_name, layer)
+            layers_used.add(used_name)
+            maps = {method: explain_one(method, pipe, core, used, x, selector) for method in methods}
             if o["eval"]:
                 maps["random"] = random_map(x.shape[-2:], len(rows)).to(x.device)
             for method, m in maps.items():
                 full = pipe.map_to_image(m, meta).cpu().numpy().astype(np.float32)
                 row = {"image": name, "target": desc, "method": method}
+                if not full.any():
+                    row["empty"] = True
                 if method != "random":
                     with atomic_path(out / f"{stem}.{method}.npy") as p, open(p, "wb") as fh:
                         np.save(fh, full)
@@ -382,7 +388,7 @@ def run(spec, o: dict[str, Any], verbose: bool = True) -> dict[str, Any]:
                         row.update(energy_in_mask=round(energy_in_mask(full, mk), 4),
                                    pointing=pointing_hit(full, mk), mask_share=round(float(mk.mean()), 4))
                 rows.append(row)
-    result = {"method": methods, "layer": layer_name, "out": str(out), "images": len(items), "rows": rows,
+    result = {"method": methods, "layer": ", ".join(sorted(layers_used)) or None, "out": str(out), "images": len(items), "rows": rows,
               "skipped": skipped}
     if o["eval"]:
         result["summary"] = summarize(rows)
@@ -417,10 +423,14 @@ def _print(result: dict[str, Any]) -> None:
 
     con = console()
     made = [r for r in result["rows"] if r.get("png")]
-    layer = f" on layer {result['layer']}" if result["layer"] else ""
+    layer = f" (CAM on {result['layer']})" if result["layer"] else ""
     con.print(f"{len(made)} maps{layer} for {result['images']} images -> {result['out']}/ (PNG overlays and .npy)")
     for path, reason in result["skipped"]:
         con.print(f"skipped {path}: {reason}")
+    empty = sum(1 for r in made if r.get("empty"))
+    if empty:
+        con.print(f"{empty} maps are empty: nothing at the layer raises the target's score (CAM methods keep "
+                  "positive evidence only); explain the predicted class, or try --method ig or occlusion")
     if "summary" not in result:
         for r in made[:20]:
             con.print(f"  {r['image']}: {r['target']} · {r['method']} -> {r['png']}")

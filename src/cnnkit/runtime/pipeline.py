@@ -117,6 +117,11 @@ class Pipeline:
         raise ModelError(f"{self.task} models cannot be explained yet (explain covers classify, multilabel, "
                          "detect, instance and segment)")
 
+    def explain_layer(self, model: nn.Module, selector: Any) -> tuple[str, nn.Module] | None:
+        """The layer a CAM method should look at for this target when the user names none
+        (None: the deepest of :meth:`feature_layers`)."""
+        return None
+
     def map_to_image(self, m: torch.Tensor, meta: dict[str, Any]) -> torch.Tensor:
         """A map ``(h, w)`` over the core's input -> over the original image (as ``meta``
         recorded it); the inverse of :meth:`prepare`'s resize."""

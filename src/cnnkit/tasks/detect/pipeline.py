@@ -247,6 +247,19 @@ class DetectPipeline(Pipeline):
             return (int(dets["anchors"][k]), int(obj["label"])), desc
         return (dets["boxes"][k].detach(), int(obj["label"])), desc
 
+    def explain_layer(self, model: nn.Module, selector: Any) -> tuple[str, nn.Module] | None:
+        """fastdet: the neck output at the selected detection's stride, the map its score is
+        computed from (the deepest backbone stage is 4 x 4 at 128 px and misses small objects)."""
+        if not self.fastdet or not isinstance(selector, tuple):
+            return None
+        a = int(selector[0])
+        for name, s in zip(("td3", "bu4", "bu5"), model.strides):
+            n = (self.size // s) ** 2
+            if a < n:
+                return name, getattr(model, name)
+            a -= n
+        return None
+
     def map_to_image(self, m: torch.Tensor, meta: dict[str, Any]) -> torch.Tensor:
         """Undo the letterbox: the image's part of the square, resized to the image."""
         s = meta["scale"]
