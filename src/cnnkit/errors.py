@@ -31,5 +31,10 @@ class ModelError(CnnkitError):
     """A model name, checkpoint or weight file cannot be used."""
 
 
+class TargetError(ModelError):
+    """What one input should be explained or attacked for is not in its output (a detection
+    index beyond its detections): the input is skipped when it is one of several."""
+
+
 class TrainingError(CnnkitError):
     """Training cannot go on (for example the loss keeps diverging)."""

@@ -13,8 +13,8 @@ pixels) and computes one map per image over the core's differentiable score
   backward pass, batched on the model's device) because pytorch-grad-cam, the reference they
   are checked against (``benchmarks/explain_gradcam.py``), needs a target layer and a reshape
   function per architecture and post-processes in NumPy/OpenCV per image; the formulas and the
-  normalization (ReLU, min-max per image, bilinear resize) are pytorch-grad-cam's, so the maps
-  agree. EigenCAM is the first principal component of the layer's activations: it does not
+  normalization (ReLU, min-max per image, bilinear resize, min-max again) are pytorch-grad-cam's,
+  so the maps agree. EigenCAM is the first principal component of the layer's activations: it does not
   depend on the target (its sign is fixed so that the map correlates with the mean
   activation; pytorch-grad-cam leaves it to the SVD).
 - ``saliency`` (gradient magnitude, Simonyan et al., 2014), ``ig`` (integrated gradients,
@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnkit.errors import CnnkitError, ModelError
+from cnnkit.errors import CnnkitError, ModelError, TargetError
 
 CAM_METHODS = ("gradcam", "gradcam++", "scorecam", "eigencam")
 METHODS = CAM_METHODS + ("saliency", "ig", "occlusion")
@@ -142,7 +142,8 @@ def cam(method: str, f: Callable[[torch.Tensor], torch.Tensor], layer: nn.Module
             weights = _grad_weights(method, a.detach(), g.detach())
     a = a.detach().float()
     m = _eigen(a) if weights is None else (weights[:, :, None, None] * a).sum(1)
-    return _resize(_normalize(m.clamp(min=0)), x.shape[-2:])
+    return _normalize(_resize(_normalize(m.clamp(min=0)), x.shape[-2:]))  # scaled again after the resize, as
+    # pytorch-grad-cam does, so the peak is 1
 
 
 def _grad_weights(method: str, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -356,7 +357,13 @@ def run(spec, o: dict[str, Any], verbose: bool = True) -> dict[str, Any]:
         for t, (target, mask) in enumerate(truths):
             with torch.no_grad():
                 raw = forward(pipe, core, x[None])
-            picked = pipe.select(raw, target, meta)
+            try:
+                picked = pipe.select(raw, target, meta)
+            except TargetError as e:  # no detection at that index: skip the image in a folder
+                if len(items) == 1:
+                    raise
+                skipped.append((name, str(e)))
+                continue
             if picked is None:  # the detector missed this ground-truth object
                 rows.append({"image": name, "target": f"object {t}", "method": None, "missed": True})
                 continue

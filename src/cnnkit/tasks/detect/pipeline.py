@@ -24,7 +24,7 @@ from torch import nn
 
 from cnnkit.core.card import ModelCard
 from cnnkit.core.results import Detections
-from cnnkit.errors import ModelError
+from cnnkit.errors import ModelError, TargetError
 from cnnkit.runtime.pipeline import Pipeline
 
 BUILD_CONF = 0.001  # the score threshold inside torchvision's detectors (val uses 0.001 too)
@@ -222,7 +222,7 @@ class DetectPipeline(Pipeline):
         if not 0 <= k < len(dets["scores"]):
             n = len(dets["scores"])
             have = f"its {n} detections (indices 0-{n - 1})" if n else "no detections at conf 0.25"
-            raise ModelError(f"--target takes a detection index and this image has {have}, not '{target}'")
+            raise TargetError(f"--target takes a detection index and this image has {have}, not '{target}'")
         label, score = int(dets["labels"][k]), float(dets["scores"][k])
         box = dets["boxes"][k].detach()
         desc = f"detection {k}: {self.classes[label]} {score:.2f}"
