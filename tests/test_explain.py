@@ -163,24 +163,6 @@ def test_explain_classifier_source_and_target(digits_run, tmp_path, cli):
     assert maps[0].max() > 0.5 and np.abs(maps[0] - maps[1]).max() > 1e-3
 
 
-@pytest.fixture(scope="module")
-def fitted_detector(tiny_yolo, tmp_path_factory):
-    """fastdet (width 8) fitted to tiny_yolo's 24 training scenes, validated on them too (so the
-    best weights are the fitted ones): a detector that finds its objects, in about 20 s."""
-    import yaml
-
-    from cnnkit.cli.main import main
-
-    root = tmp_path_factory.mktemp("fitted")
-    spec = yaml.safe_load(tiny_yolo.read_text())
-    spec.update(path=str(tiny_yolo.parent), val=spec["train"])
-    (root / "data.yaml").write_text(yaml.safe_dump(spec))
-    assert main(["detect", "train", "--data", str(root / "data.yaml"), "--imgsz", "128", "--width", "8", "--epochs",
-                 "60", "--batch", "8", "--lr", "0.003", "--aug", "none", "--mosaic", "0", "--out",
-                 str(root / "run")]) == 0
-    return root / "run", root / "data.yaml"
-
-
 def test_gradcam_points_at_detected_objects(fitted_detector, tmp_path):
     """Each ground-truth object's matching detection is explained on the neck level of its
     stride; Grad-CAM's energy falls inside the box far more than a random map's."""

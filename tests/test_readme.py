@@ -129,6 +129,18 @@ def metrics_counted_the_request(out: str) -> None:
     assert 'cnnkit_requests_total{model="digits",status="200"} 2.0' in out, out  # the two predict calls
 
 
+def explain_wrote_every_method(root: Path) -> None:
+    """The README's explain --eval: a PNG and a map at the image's size per method and image."""
+    import numpy as np
+
+    from cnnkit.core.options import EXPLAIN_METHODS
+
+    out = root / "runs" / "explain" / "shapes"
+    for method in EXPLAIN_METHODS:
+        assert (out / f"val_0015.{method}.png").is_file(), method
+        assert np.load(out / f"val_0000.{method}.npy").shape == (64, 64)
+
+
 # what a README run must reach, checked right after its command (README command prefix -> check; a
 # curl command's check gets its output, a cnnkit command's the README folder)
 CHECKS = {
@@ -136,6 +148,7 @@ CHECKS = {
     "curl -s http://127.0.0.1:8000/metrics": metrics_counted_the_request,
     "cnnkit classify train --data digits --seed 2 --out runs/classify/digits-s2": digits_default_training_reaches_98_5_percent,
     "cnnkit multilabel train --data shapes --imgsz 32 --epochs 8 ": multilabel_shapes_learns_well_above_chance,
+    "cnnkit classify explain --weights runs/classify/shapes --data shapes": explain_wrote_every_method,
 }
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from cnnkit.tasks import TASKS, config_class, spec
 
-__all__ = ["TASKS", "config_from_file", "explain", "export", "load", "predict", "train", "val"]
+__all__ = ["TASKS", "attack", "config_from_file", "explain", "export", "load", "predict", "train", "val"]
 
 
 def train(task: str, cfg: Any = None, *, resume: str | Path | None = None, verbose: bool = True, **options: Any):
@@ -44,6 +44,17 @@ def predict(task: str, weights: str | Path | list, source: str | Path, **options
     """Predict a file or folder; the options of ``cnnkit TASK predict``. Returns one dict per
     input (the ``--json`` rows)."""
     return spec(task).predict(weights, source, **options)
+
+
+def attack(task: str, weights: str | Path, data: str, **options: Any) -> dict[str, Any]:
+    """The task's val metric on a split of ``data``, clean and under an adversarial attack; the
+    options of ``cnnkit TASK attack`` (``method``, ``eps``, ``steps``, ``norm``, ``targeted``).
+    Returns ``{"clean", "attacked", "success_rate", "mean_linf", ...}`` (the ``--json`` content).
+
+    Examples:
+        >>> cnnkit.attack("classify", "runs/classify/digits", "digits", method="pgd", eps="0.1")["attacked"]
+    """
+    return spec(task).attack(weights, data, **options)
 
 
 def explain(task: str, weights: str | Path, source: str | Path | None = None, **options: Any) -> dict[str, Any]:

@@ -178,6 +178,16 @@ def add_mode_commands(group: click.Group, cfg_cls: type, val_help: str, predict_
 
         api.predict(task, list(weights) if isinstance(weights, tuple) else weights, source, **options)
 
+    if getattr(cfg_cls, "ATTACK", None):
+        @group.command("attack", context_settings=CONTEXT,
+                       help="The val metric under an adversarial attack (FGSM, PGD in the L-inf or L2 ball), with "
+                            "the attack's success rate, perturbation size and a picture.")
+        @mode_options(cfg_cls.ATTACK)
+        def attack_cmd(weights, data, **options) -> None:
+            from cnnkit import api
+
+            api.attack(task, weights, data, **options)
+
     if getattr(cfg_cls, "EXPLAIN", None):
         @group.command("explain", context_settings=CONTEXT,
                        help="Heat maps of what the model's answers rest on (Grad-CAM and kin, saliency, integrated "

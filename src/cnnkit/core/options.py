@@ -118,3 +118,27 @@ def explain_options(target_help: str, data_help: str) -> tuple[Opt, ...]:
         shared("device"),
         shared("json_path", help="write every map's scores (and the summary) to this JSON file"),
     )
+
+
+ATTACK_METHODS = ("fgsm", "pgd")
+_NOT_FOR_ATTACK = {"weights", "json_path", "ensemble", "tta", "missing", "missing_mode", "plot"}
+
+
+def attack_options(val: tuple[Opt, ...]) -> tuple[Opt, ...]:
+    """The options of ``cnnkit TASK attack``: the task's ``val`` options (one model) and the attack's."""
+    keep = tuple(o for o in val if o.name not in _NOT_FOR_ATTACK)
+    return (shared("weights", help="best.safetensors or its run folder (attacks need the PyTorch model)"),) + keep + (
+        Opt("limit", int, 256, "attack at most this many images of the split", lo=1),
+        Opt("method", default="pgd", choices=ATTACK_METHODS,
+            help="fgsm (one signed-gradient step of --eps) or pgd (--steps steps of --alpha from a random start, "
+                 "projected onto the --eps ball)"),
+        Opt("eps", default="8/255", help="perturbation budget in pixel units of [0, 1] images (0.03 or 8/255); "
+                                         "with --norm l2, the L2 radius"),
+        Opt("steps", int, 10, "PGD steps", lo=1),
+        Opt("alpha", help="PGD step size (default: eps/4, i.e. 2/255 at 8/255)"),
+        Opt("norm", default="linf", choices=("linf", "l2"), help="the ball the perturbation stays in"),
+        Opt("targeted", help="push toward this class (name or index) instead of away from the clean answer"),
+        Opt("seed", int, 0, "seed of PGD's random start"),
+        Opt("out", "dir", "attack", "where the picture (clean / adversarial / difference) goes"),
+        shared("json_path", help="write the clean and attacked metrics, success rate and perturbation size here"),
+    )

@@ -150,6 +150,16 @@ class WorkflowSpec:
                     f"cnnkit {self.name} explain")
         return run(self, o, verbose)
 
+    def attack(self, weights, data: str, *, verbose: bool = True, **options: Any) -> dict[str, Any]:
+        """The task's val metric on a split of ``data``, clean and under an adversarial attack
+        (``cnnkit TASK attack``, :func:`cnnkit.attack`); ``options`` are the task's ``ATTACK``
+        options."""
+        from cnnkit.core.options import resolve
+        from cnnkit.methods.attack import run
+
+        o = resolve(self.config.ATTACK, {"weights": weights, "data": data, **options}, f"cnnkit {self.name} attack")
+        return run(self, o, verbose)
+
     def explain_truth(self, records, i: int) -> list[tuple[Any, Any]]:
         """What to explain in record ``i`` of ``records`` (from :meth:`val_records`) and where it
         is: ``[(target, bool (H, W) object pixels or None), ...]`` for the pipeline's

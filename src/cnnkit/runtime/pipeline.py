@@ -117,6 +117,19 @@ class Pipeline:
         raise ModelError(f"{self.task} models cannot be explained yet (explain covers classify, multilabel, "
                          "detect, instance and segment)")
 
+    def attack_loss(self, raw: tuple[torch.Tensor, ...], ref: tuple[torch.Tensor, ...],
+                    targeted: int | None = None) -> torch.Tensor:
+        """A differentiable loss per sample ``(B,)`` that an attack maximizes: it grows as the
+        answer in ``raw`` departs from the clean answer ``ref`` (or nears class ``targeted``)."""
+        raise ModelError(f"{self.task} models cannot be attacked yet (attacks cover classify, multilabel, "
+                         "detect and segment)")
+
+    def attack_success(self, raw: tuple[torch.Tensor, ...], ref: tuple[torch.Tensor, ...],
+                       targeted: int | None = None) -> torch.Tensor:
+        """Per sample, how much of the clean answer the attack overturned, in [0, 1] (NaN where
+        there was nothing to overturn)."""
+        raise NotImplementedError
+
     def explain_layer(self, model: nn.Module, selector: Any) -> tuple[str, nn.Module] | None:
         """The layer a CAM method should look at for this target when the user names none
         (None: the deepest of :meth:`feature_layers`)."""
@@ -377,6 +390,29 @@ class ImageClassifierPipeline(Pipeline):
             return torch.sigmoid(self.target(raw, selector))
         idx = torch.as_tensor(selector, device=raw[0].device).expand(len(raw[0]))
         return raw[0].float().softmax(1).gather(1, idx.view(-1, 1).long())[:, 0]
+
+    def attack_loss(self, raw, ref, targeted: int | None = None) -> torch.Tensor:
+        """Cross-entropy against the clean top class (minus the cross-entropy toward
+        ``targeted``); multi-label: binary cross-entropy against the clean label set (or the
+        log-probability of label ``targeted``)."""
+        logits = raw[0].float()
+        if self.card.task == "multilabel":
+            if targeted is not None:
+                return F.logsigmoid(logits[:, int(targeted)])
+            return F.binary_cross_entropy_with_logits(logits, (ref[0] > 0).float(), reduction="none").mean(1)
+        if targeted is None:
+            return F.cross_entropy(logits, ref[0].argmax(1), reduction="none")
+        want = torch.full((len(logits),), int(targeted), device=logits.device, dtype=torch.long)
+        return -F.cross_entropy(logits, want, reduction="none")
+
+    def attack_success(self, raw, ref, targeted: int | None = None) -> torch.Tensor:
+        """Top class changed (or is ``targeted``); multi-label: any label flipped (or ``targeted`` on)."""
+        if self.card.task == "multilabel":
+            if targeted is not None:
+                return (raw[0][:, int(targeted)] > 0).float()
+            return ((raw[0] > 0) != (ref[0] > 0)).any(1).float()
+        pred = raw[0].argmax(1)
+        return (pred == int(targeted)).float() if targeted is not None else (pred != ref[0].argmax(1)).float()
 
     def select(self, raw: tuple[torch.Tensor, ...], target: Any, meta: dict[str, Any] | None = None) -> tuple[Any, str]:
         """``target``: a class name or index (None: the top class)."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cnnkit.core.choices import NMS_METHODS
-from cnnkit.core.options import Opt, explain_options, shared
+from cnnkit.core.options import Opt, attack_options, explain_options, shared
 from cnnkit.engine.config import TrainConfig
 from cnnkit.errors import CnnkitError
 
@@ -114,3 +114,4 @@ _EXPLAIN_TARGET = "the detection to explain, by its index in predict's order (de
 _EXPLAIN_DATA = "shapes or a detection dataset (YAML, COCO, VOC); each ground-truth object's matching detection"
 DetectConfig.EXPLAIN = explain_options(_EXPLAIN_TARGET, _EXPLAIN_DATA)
 InstanceConfig.EXPLAIN = explain_options(_EXPLAIN_TARGET, _EXPLAIN_DATA)
+DetectConfig.ATTACK, InstanceConfig.ATTACK = attack_options(DetectConfig.VAL), attack_options(InstanceConfig.VAL)

@@ -24,10 +24,11 @@ from torch import nn
 
 from cnnkit.core.card import ModelCard
 from cnnkit.core.results import Detections
-from cnnkit.errors import ModelError, TargetError
+from cnnkit.errors import CnnkitError, ModelError, TargetError
 from cnnkit.runtime.pipeline import Pipeline
 
 BUILD_CONF = 0.001  # the score threshold inside torchvision's detectors (val uses 0.001 too)
+ATTACK_CONF = 0.25  # a detection an attack should make vanish: predict's default threshold
 
 
 class FastDetCore(nn.Module):
@@ -195,6 +196,38 @@ class DetectPipeline(Pipeline):
     def target_prob(self, raw, selector: Any) -> torch.Tensor:
         t = self.target(raw, selector)
         return torch.sigmoid(t) if self.fastdet else t  # torchvision's scores are probabilities
+
+    def attack_loss(self, raw, ref, targeted: int | None = None) -> torch.Tensor:
+        """Objects vanish: minus the summed scores of every class at every place the clean
+        image has a detection (score above 0.25). ``targeted`` (fastdet): those places'
+        score for class ``targeted`` is added, so the objects change class."""
+        if not self.fastdet:  # one image: (boxes, scores, labels[, masks]), NMS inside the model
+            if targeted is not None:
+                raise CnnkitError("--targeted needs fastdet: torchvision's detectors choose their boxes inside "
+                                  "the model")
+            scores = raw[1]
+            return -(scores * (scores > ATTACK_CONF)).sum().view(1)
+        p = raw[0].float().sigmoid()
+        live = ref[0].float().sigmoid() > ATTACK_CONF
+        loss = -(p * live).flatten(1).sum(1)
+        if targeted is not None:
+            loss = loss + (p[..., int(targeted)] * live.any(2)).sum(1)
+        return loss
+
+    def attack_success(self, raw, ref, targeted: int | None = None) -> torch.Tensor:
+        """Share of the clean detections gone (fastdet: scores at their places below 0.25; or
+        now of class ``targeted``); NaN for an image without detections."""
+        if not self.fastdet:
+            before = float((ref[1] > ATTACK_CONF).sum())
+            after = float((raw[1] > ATTACK_CONF).sum())
+            return torch.tensor([max(0.0, 1 - after / before) if before else float("nan")])
+        p, live = raw[0].float().sigmoid(), ref[0].float().sigmoid() > ATTACK_CONF
+        n = live.flatten(1).sum(1).float()
+        if targeted is not None:
+            hit = ((p.argmax(2) == int(targeted)) & live.any(2)).sum(1).float()
+            return torch.where(n > 0, hit / live.any(2).sum(1).clamp(min=1), torch.full_like(n, float("nan")))
+        kept = ((p > ATTACK_CONF) & live).flatten(1).sum(1).float()
+        return torch.where(n > 0, 1 - kept / n.clamp(min=1), torch.full_like(n, float("nan")))
 
     @staticmethod
     def _matched_score(r, selector) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cnnkit.core.options import Opt, explain_options, shared
+from cnnkit.core.options import Opt, attack_options, explain_options, shared
 from cnnkit.engine.config import TrainConfig
 from cnnkit.errors import CnnkitError
 
@@ -67,3 +67,4 @@ SegmentConfig.EXPLAIN = explain_options(
     "the class whose predicted pixels to explain (a name or an index; default: the foreground class with the "
     "most predicted pixels)",
     "shapes or a segmentation YAML")
+SegmentConfig.ATTACK = attack_options(SegmentConfig.VAL)

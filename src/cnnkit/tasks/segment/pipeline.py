@@ -91,6 +91,20 @@ class SegmentPipeline(Pipeline):
         r = torch.as_tensor(region, device=prob.device, dtype=prob.dtype)
         return (prob * r).flatten(1).sum(1) / r.sum().clamp(min=1)
 
+    def attack_loss(self, raw, ref, targeted: int | None = None) -> torch.Tensor:
+        """Mean per-pixel cross-entropy against the clean prediction (minus the cross-entropy
+        toward ``targeted`` at every pixel)."""
+        logits = raw[0].float()
+        want = ref[0].argmax(1) if targeted is None else torch.full_like(ref[0][:, 0], int(targeted), dtype=torch.long)
+        ce = F.cross_entropy(logits, want, reduction="none").flatten(1).mean(1)
+        return ce if targeted is None else -ce
+
+    def attack_success(self, raw, ref, targeted: int | None = None) -> torch.Tensor:
+        """Share of pixels whose class changed (or became ``targeted``)."""
+        pred = raw[0].argmax(1)
+        hit = pred == int(targeted) if targeted is not None else pred != ref[0].argmax(1)
+        return hit.flatten(1).float().mean(1)
+
     def select(self, raw: tuple[torch.Tensor, ...], target: Any, meta: dict[str, Any] | None = None) -> tuple[Any, str]:
         """``target``: a class name or index (None: the foreground class with the most
         predicted pixels); the region is that class's predicted pixels (the whole image when

@@ -1,0 +1,260 @@
+"""Adversarial attacks on every task's model, measured with the task's own metric.
+
+:class:`AttackBackend` wraps a predictor's PyTorch backend: each batch the task's evaluation
+sends it is first perturbed to hurt the model (FGSM, Goodfellow et al., 2015; PGD, Madry et al.,
+2018, in the L-infinity or L2 ball), then run. So ``val``'s own loop gives top-1, mAP or mIoU
+under attack, for classifiers, detectors and segmenters alike, with no task code here. Attacks
+work on the core's input, images in [0, 1] (normalization is inside every core), so ``--eps``
+is in pixel units whatever the model's mean and std.
+
+What an attack pushes against is the pipeline's :meth:`~cnnkit.runtime.pipeline.Pipeline.attack_loss`,
+a loss per sample that grows as the model's answer on the clean image falls apart (the class
+it predicted, every pixel's class, the detections' scores), or that shrinks toward a
+``--targeted`` class. The answer on the clean image stands in for the label, so the wrapped
+backend needs no ground truth: for a correctly answered image it is the label, and the
+metric still compares with the ground truth. Written here rather than taken from torchattacks
+(the peer in ``benchmarks/attack_torchattacks.py``) because torchattacks and ART attack
+classifiers only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from cnnkit.errors import CnnkitError
+
+METHODS = ("fgsm", "pgd")
+NORMS = ("linf", "l2")
+
+
+@dataclass
+class AttackConfig:
+    """One attack: ``method`` fgsm or pgd, ``eps`` the perturbation budget (pixel units, in
+    the ``norm`` ball), ``steps`` and ``alpha`` (PGD's step; default eps/4, torchattacks' 2/255
+    at 8/255) and ``random_start`` (PGD starts at a random point of the ball), ``targeted`` a
+    class index to push toward (None: away from the clean answer)."""
+
+    method: str = "pgd"
+    eps: float = 8 / 255
+    steps: int = 10
+    alpha: float | None = None
+    norm: str = "linf"
+    targeted: int | None = None
+    random_start: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise CnnkitError(f"--method must be one of {', '.join(METHODS)}, got '{self.method}'")
+        if self.norm not in NORMS:
+            raise CnnkitError(f"--norm must be linf or l2, got '{self.norm}'")
+        if not 0 < self.eps <= (1 if self.norm == "linf" else 1e4):
+            raise CnnkitError(f"--eps must be in (0, 1] (pixel units), got {self.eps:g}")
+        if self.steps < 1:
+            raise CnnkitError(f"--steps must be at least 1, got {self.steps}")
+        if self.alpha is None:
+            self.alpha = self.eps / 4
+        if self.alpha <= 0:
+            raise CnnkitError(f"--alpha must be above 0, got {self.alpha:g}")
+
+
+def parse_eps(text: str | float) -> float:
+    """``8/255``, ``0.03`` -> a float; a one-sentence error for anything else."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    try:
+        if "/" in text:
+            num, den = text.split("/", 1)
+            return float(num) / float(den)
+        return float(text)
+    except (ValueError, ZeroDivisionError):
+        raise CnnkitError(f"--eps takes a number such as 0.03 or 8/255, got '{text}'") from None
+
+
+def _project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    if norm == "linf":
+        return delta.clamp(-eps, eps)
+    n = delta.flatten(1).norm(dim=1).clamp(min=1e-12).view(-1, *[1] * (delta.ndim - 1))
+    return delta * (eps / n).clamp(max=1.0)
+
+
+def _step(grad: torch.Tensor, alpha: float, norm: str) -> torch.Tensor:
+    if norm == "linf":
+        return alpha * grad.sign()
+    n = grad.flatten(1).norm(dim=1).clamp(min=1e-12).view(-1, *[1] * (grad.ndim - 1))
+    return alpha * grad / n
+
+
+def perturb(loss_fn, x: torch.Tensor, cfg: AttackConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Adversarial ``x`` (images in [0, 1]) maximizing ``loss_fn(x) -> (B,)`` under ``cfg``.
+
+    FGSM is one step of size eps from ``x``; PGD starts from a random point of the eps ball
+    (uniform in each coordinate for L-infinity, as torchattacks; a random direction scaled by a
+    uniform radius for L2) and takes ``steps`` steps of ``alpha``, each projected back onto the
+    ball and into [0, 1].
+    """
+    x = x.detach()
+    if cfg.method == "fgsm":
+        steps, alpha, delta = 1, cfg.eps, torch.zeros_like(x)
+    else:
+        steps, alpha = cfg.steps, cfg.alpha
+        if cfg.random_start:
+            g = generator
+            if cfg.norm == "linf":
+                delta = (torch.rand(x.shape, generator=g, device="cpu").to(x.device) * 2 - 1) * cfg.eps
+            else:
+                d = torch.randn(x.shape, generator=g, device="cpu").to(x.device)
+                r = torch.rand(len(x), generator=g, device="cpu").to(x.device).view(-1, *[1] * (x.ndim - 1))
+                delta = d / d.flatten(1).norm(dim=1).view(-1, *[1] * (x.ndim - 1)) * r * cfg.eps
+            delta = (x + delta).clamp(0, 1) - x
+        else:
+            delta = torch.zeros_like(x)
+    for _ in range(steps):
+        adv = (x + delta).requires_grad_(True)
+        with torch.enable_grad():
+            grad = torch.autograd.grad(loss_fn(adv).sum(), adv, allow_unused=True)[0]
+        if grad is None:  # nothing to push against (no detections): the image stays clean
+            break
+        delta = _project(delta + _step(grad, alpha, cfg.norm), cfg.eps, cfg.norm)
+        delta = (x + delta).clamp(0, 1) - x
+    return (x + delta).detach()
+
+
+@dataclass
+class AttackStats:
+    """What the attack did over every batch: per-sample success, perturbation sizes, and the
+    first images (clean, adversarial) for the picture."""
+
+    success: list[float] = field(default_factory=list)
+    linf: list[float] = field(default_factory=list)
+    l2: list[float] = field(default_factory=list)
+    kept: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    keep: int = 8
+
+    def summary(self) -> dict[str, Any]:
+        n = max(1, len(self.success))
+        rated = [v for v in self.success if v == v]  # NaN: nothing to overturn (an image without detections)
+        return {"samples": len(self.success),
+                "success_rate": round(sum(rated) / len(rated), 4) if rated else None,
+                "mean_linf": round(sum(self.linf) / n, 5), "mean_l2": round(sum(self.l2) / n, 4)}
+
+
+class AttackBackend:
+    """A PyTorch backend whose every call runs on adversarial inputs (see the module docstring)."""
+
+    def __init__(self, inner, pipeline, cfg: AttackConfig):
+        if not hasattr(inner, "core"):
+            raise CnnkitError("attacks need cnnkit weights (.safetensors or a run folder): gradients do not flow "
+                              "through an exported file")
+        self.inner, self.pipeline, self.cfg = inner, pipeline, cfg
+        self.core, self.device, self.name = inner.core, inner.device, f"torch+{cfg.method}"
+        self.stats = AttackStats()
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+
+    def _raw(self, x: torch.Tensor):
+        out = self.core(x)
+        return out if isinstance(out, (tuple, list)) else (out,)
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = x.to(self.device).float()
+        with torch.no_grad():
+            ref = tuple(t.detach() for t in self._raw(x))
+        t = self.cfg.targeted
+        adv = perturb(lambda a: self.pipeline.attack_loss(self._raw(a), ref, t), x, self.cfg, self.generator)
+        out = self.inner(adv)
+        s = self.stats
+        s.success += self.pipeline.attack_success(out, ref, t).float().cpu().tolist()
+        d = (adv - x).flatten(1)
+        s.linf += d.abs().amax(1).cpu().tolist()
+        s.l2 += d.norm(dim=1).cpu().tolist()
+        for i in range(min(len(x), s.keep - len(s.kept))):
+            s.kept.append((x[i].cpu(), adv[i].cpu()))
+        return out
+
+
+def draw(kept: list[tuple[torch.Tensor, torch.Tensor]], eps: float, path) -> None:
+    """Rows of clean | adversarial | difference (amplified so the budget spans the grey range)."""
+    from torchvision.utils import make_grid
+
+    from cnnkit.utils.io import atomic_path
+
+    tiles = []
+    for clean, adv in kept:
+        c = clean[:3] if clean.shape[0] >= 3 else clean[:1].expand(3, -1, -1)
+        a = adv[:3] if adv.shape[0] >= 3 else adv[:1].expand(3, -1, -1)
+        tiles += [c, a, ((a - c) / (2 * eps) + 0.5).clamp(0, 1)]
+    grid = make_grid(torch.stack(tiles), nrow=3, padding=2, pad_value=1.0)
+    from PIL import Image
+
+    with atomic_path(path) as p:
+        Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(p, format="PNG")
+
+
+def run(spec, o: dict[str, Any], verbose: bool = True) -> dict[str, Any]:
+    """``cnnkit TASK attack`` with resolved options ``o``: the task's val metric on a split,
+    clean and under attack, the attack's success rate and perturbation size, and a picture."""
+    from pathlib import Path
+
+    from cnnkit.methods.benchmark import METRIC
+    from cnnkit.runtime.pipeline import class_index, load
+    from cnnkit.utils.io import write_json
+
+    cfg = AttackConfig(o["method"], parse_eps(o["eps"]), o["steps"],
+                       parse_eps(o["alpha"]) if o["alpha"] is not None else None, o["norm"], None, seed=o["seed"])
+    model = load(o["weights"], o["device"], task=spec.name,
+                 **{k: o[k] for k in spec.load_options if k in o and o[k] is not None})
+    if model.model is None:
+        raise CnnkitError(f"attack takes cnnkit weights (.safetensors or a run folder), not the exported "
+                          f"'{Path(str(model.source)).name}': it needs the PyTorch model's gradients")
+    if o["targeted"] is not None:
+        cfg.targeted = class_index(model.classes, o["targeted"])
+    records = spec.val_records(model, o["data"], o["split"], verbose)
+    if o["limit"] and len(records) > o["limit"]:
+        records = records[:o["limit"]] if isinstance(records, list) else \
+            torch.utils.data.Subset(records, range(o["limit"]))
+    clean = spec.val_metrics(model, records, o).metrics
+    model.backend = attacker = AttackBackend(model.backend, model.pipeline, cfg)
+    attacked = spec.val_metrics(model, records, o).metrics
+    key = METRIC.get(spec.name, "top1")
+    out = Path(o["out"])
+    picture = out / f"{cfg.method}_{cfg.norm}.png"
+    if attacker.stats.kept:
+        draw(attacker.stats.kept, cfg.eps, picture)
+    result = {"method": cfg.method, "norm": cfg.norm, "eps": cfg.eps, "steps": cfg.steps if cfg.method == "pgd" else 1,
+              "alpha": cfg.alpha if cfg.method == "pgd" else cfg.eps, "targeted": o["targeted"], "metric": key,
+              "clean": clean.get(key), "attacked": attacked.get(key), **attacker.stats.summary(),
+              "clean_metrics": _numbers(clean), "attacked_metrics": _numbers(attacked),
+              "picture": str(picture) if attacker.stats.kept else None, "data": o["data"], "split": o["split"],
+              "weights": str(o["weights"])}
+    if o["json_path"]:
+        write_json(o["json_path"], result)
+    if verbose:
+        _print(result)
+    return result
+
+
+def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _print(r: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    from cnnkit.engine.progress import console
+
+    what = (f"{r['method'].upper()} {r['norm']} eps {r['eps']:.4g}" + (f", {r['steps']} steps of {r['alpha']:.4g}"
+            if r["method"] == "pgd" else "") + (f", toward '{r['targeted']}'" if r["targeted"] is not None else ""))
+    t = Table(title=f"{what} · {r['data']} {r['split']} · {r['samples']} images")
+    for c in ("metric", "clean", "under attack"):
+        t.add_column(c, justify="left" if c == "metric" else "right")
+    for k, v in r["clean_metrics"].items():
+        if k in r["attacked_metrics"] and not k.startswith("num_"):
+            t.add_row(k if k != r["metric"] else f"[bold]{k}[/bold]", f"{v:.4f}", f"{r['attacked_metrics'][k]:.4f}")
+    con = console()
+    con.print(t)
+    rate = "n/a" if r["success_rate"] is None else f"{r['success_rate']:.1%}"
+    con.print(f"attack success {rate} · mean perturbation L-inf {r['mean_linf']:.4f}, L2 {r['mean_l2']:.3f}"
+              + (f" · clean / adversarial / difference in {r['picture']}" if r["picture"] else ""))

@@ -1,0 +1,127 @@
+"""Adversarial attacks (`cnnkit TASK attack`): FGSM and PGD against formulas written out by hand,
+their budgets, and that they hurt a trained classifier, detector and segmenter; bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cnnkit.core.card import InputSpec, ModelCard
+from cnnkit.methods import attack as A
+from cnnkit.runtime.pipeline import pipeline_for
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    card = ModelCard("classify", "smallcnn", ["a", "b", "c", "d"],
+                     InputSpec(16, 16, 3, mean=(0.5,) * 3, std=(0.25,) * 3), model_kwargs={"width": 8, "drop_rate": 0.0})
+    pipe = pipeline_for(card)
+    core = pipe.core(pipe.build().eval()).eval()
+    x = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = (core(x),)
+    return pipe, core, x, ref
+
+
+def _loss(pipe, core, ref, targeted=None):
+    return lambda a: pipe.attack_loss((core(a),), ref, targeted)
+
+
+def _ce_grad(core, x, y):
+    x = x.clone().requires_grad_(True)
+    F.cross_entropy(core(x), y, reduction="sum").backward()
+    return x.grad
+
+
+def test_fgsm_is_one_signed_gradient_step(tiny):
+    pipe, core, x, ref = tiny
+    eps = 0.05
+    got = A.perturb(_loss(pipe, core, ref), x, A.AttackConfig("fgsm", eps))
+    want = (x + eps * _ce_grad(core, x, ref[0].argmax(1)).sign()).clamp(0, 1)
+    torch.testing.assert_close(got, want)
+
+
+def test_pgd_without_random_start_is_projected_gradient_ascent(tiny):
+    pipe, core, x, ref = tiny
+    eps, alpha, steps = 0.03, 0.01, 5
+    got = A.perturb(_loss(pipe, core, ref), x, A.AttackConfig("pgd", eps, steps, alpha, random_start=False))
+    y, adv = ref[0].argmax(1), x.clone()
+    for _ in range(steps):
+        adv = adv + alpha * _ce_grad(core, adv, y).sign()
+        adv = torch.min(torch.max(adv, x - eps), x + eps).clamp(0, 1)
+    torch.testing.assert_close(got, adv)
+
+
+def test_targeted_pgd_descends_toward_the_class(tiny):
+    pipe, core, x, ref = tiny
+    got = A.perturb(_loss(pipe, core, ref, 2), x, A.AttackConfig("pgd", 0.03, 3, 0.01, random_start=False,
+                                                                  targeted=2))
+    y, adv = torch.full((len(x),), 2), x.clone()
+    for _ in range(3):
+        adv = adv - 0.01 * _ce_grad(core, adv, y).sign()
+        adv = torch.min(torch.max(adv, x - 0.03), x + 0.03).clamp(0, 1)
+    torch.testing.assert_close(got, adv)
+
+
+@pytest.mark.parametrize("norm, eps", [("linf", 8 / 255), ("l2", 0.5)])
+def test_pgd_stays_in_its_ball_and_the_image_range(tiny, norm, eps):
+    pipe, core, x, ref = tiny
+    adv = A.perturb(_loss(pipe, core, ref), x, A.AttackConfig("pgd", eps, 10, norm=norm),
+                    torch.Generator().manual_seed(0))
+    d = (adv - x).flatten(1)
+    size = d.abs().amax(1) if norm == "linf" else d.norm(dim=1)
+    assert (size <= eps + 1e-5).all() and (size > 0.5 * eps).all()
+    assert adv.min() >= 0 and adv.max() <= 1
+    with torch.no_grad():
+        assert (pipe.attack_loss((core(adv),), ref) > pipe.attack_loss((core(x),), ref)).all()
+
+
+def test_pgd_breaks_a_trained_classifier(digits_run, tmp_path, cli):
+    js = tmp_path / "a.json"
+    r = cli("classify", "attack", "--weights", str(digits_run), "--data", "digits", "--limit", "128", "--eps", "0.1",
+            "--out", str(tmp_path / "pics"), "--json", str(js))
+    assert r.code == 0, r.err
+    res = json.loads(js.read_text())
+    assert res["clean"] > 0.9 and res["attacked"] < res["clean"] - 0.5
+    assert res["success_rate"] > 0.5 and res["mean_linf"] == pytest.approx(0.1, abs=1e-4)
+    assert (tmp_path / "pics" / "pgd_linf.png").is_file()
+    fgsm = cli("classify", "attack", "--weights", str(digits_run), "--data", "digits", "--limit", "128", "--eps",
+               "0.1", "--method", "fgsm", "--out", str(tmp_path / "pics"), "--json", str(tmp_path / "f.json"))
+    assert fgsm.code == 0
+    assert json.loads((tmp_path / "f.json").read_text())["attacked"] > res["attacked"]  # PGD is the stronger
+
+
+def test_objects_vanish_from_a_fitted_detector(fitted_detector):
+    """Acceptance: an attack lowers a detector's mAP."""
+    import cnnkit
+
+    run, data = fitted_detector
+    r = cnnkit.attack("detect", run, str(data), eps="8/255", out="unused", verbose=False)
+    assert r["metric"] == "map50_95" and r["clean"] > 0.5
+    assert r["attacked"] < 0.5 * r["clean"] and r["success_rate"] > 0.5
+
+
+def test_segmenter_under_targeted_attack(seg_run, seg_data, tmp_path):
+    import cnnkit
+
+    r = cnnkit.attack("segment", seg_run, str(seg_data), eps="16/255", targeted="1", out=str(tmp_path), verbose=False)
+    clean, attacked = r["clean_metrics"], r["attacked_metrics"]
+    assert attacked["pixel_acc"] < clean["pixel_acc"] and r["success_rate"] > 0
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--eps", "0"], "--eps must be in (0, 1]"),
+    (["--eps", "2"], "--eps must be in (0, 1]"),
+    (["--eps", "eight"], "--eps takes a number"),
+    (["--targeted", "zebra"], "is not a class of this model"),
+    (["--method", "cw"], "--method"),
+])
+def test_attack_bad_input(digits_run, tmp_path, cli, args, words):
+    r = cli("classify", "attack", "--weights", str(digits_run), "--data", "digits", "--limit", "8", *args,
+            "--out", str(tmp_path))
+    assert r.code == 2, r.out + r.err
+    assert words in r.err and "Traceback" not in r.err
