@@ -17,7 +17,8 @@ from cnnkit.engine.config import AMP_MODES, OPTIMIZERS, SCHEDULES
 CHOICES: dict[str, tuple[str, ...]] = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "amp": AMP_MODES,
                                        "attention": ("none", *ATTENTION), "pool": POOLS,
                                        "loss": ("ce", "sce", "gce"), "noise_type": ("symmetric", "pairflip"),
-                                       "missing_mode": ("pixel", "patch"), "missing_input": ("zero", "mask")}
+                                       "missing_mode": ("pixel", "patch"), "missing_input": ("zero", "mask"),
+                                       "adv": ("pgd", "fgsm")}
 
 HELP: dict[str, str] = {
     "data": "dataset: digits, shapes, or an ImageFolder path (root/train/<class>/..., optional val/ and test/)",
@@ -50,6 +51,10 @@ HELP: dict[str, str] = {
     "snapshots": "snapshot ensemble: with --schedule cyclic, N cosine cycles and weights/snapshotK.safetensors "
                  "saved at the end of each (ensemble them with val --weights)",
     "seed": "random seed (data order, augmentation, initialization)",
+    "adv": "adversarial training (a defence): train on pgd or fgsm examples of every batch against the model "
+           "being trained",
+    "adv_eps": "--adv budget in pixel units of [0, 1] images (L-infinity), e.g. 8/255 or 0.1",
+    "adv_steps": "--adv pgd: attack steps per batch (step eps/4); each costs a forward and backward pass",
     "device": "auto, cpu, cuda, cuda:N or mps",
     "workers": "data-loading worker processes (0 loads in the main process)",
     "out": "run directory (default: runs/TASK/trainN, the first free N)",

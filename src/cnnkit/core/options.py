@@ -96,6 +96,19 @@ def resolve(opts: tuple[Opt, ...], given: dict[str, Any], what: str) -> dict[str
     return out
 
 
+def parse_fraction(text: str | float, flag: str) -> float:
+    """``8/255`` or ``0.03`` -> a float; a one-sentence error naming ``flag`` for anything else."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    try:
+        if "/" in text:
+            num, den = text.split("/", 1)
+            return float(num) / float(den)
+        return float(text)
+    except (ValueError, ZeroDivisionError):
+        raise CnnkitError(f"{flag} takes a number such as 0.03 or 8/255, got '{text}'") from None
+
+
 EXPLAIN_METHODS = ("gradcam", "gradcam++", "scorecam", "eigencam", "saliency", "ig", "occlusion")
 
 

@@ -55,6 +55,10 @@ class TrainConfig:
     time: float = 0.0  # training time budget in minutes (validation included); sets the epochs; 0 is off
     patience: int = 0  # early stopping after N epochs without improvement; 0 turns it off
     snapshots: int = 0  # with --schedule cyclic: N cycles, weights saved at the end of each
+    # adversarial training (a defence): train on PGD or FGSM examples of every batch
+    adv: str | None = None  # None (off), pgd or fgsm
+    adv_eps: str = "8/255"  # budget in pixel units of [0, 1] images (L-infinity)
+    adv_steps: int = 7  # PGD steps per batch (step eps/4)
     # run
     seed: int = 0
     device: str = "auto"
@@ -83,6 +87,16 @@ class TrainConfig:
         for ok, msg in checks:
             if not ok:
                 raise CnnkitError(msg)
+        if self.adv is not None:
+            from cnnkit.core.options import parse_fraction
+
+            if self.adv not in ("pgd", "fgsm"):
+                raise CnnkitError(f"--adv must be pgd or fgsm, got '{self.adv}'")
+            eps = parse_fraction(self.adv_eps, "--adv-eps")
+            if not 0 < eps <= 1:
+                raise CnnkitError(f"--adv-eps must be in (0, 1] (pixel units), got {eps:g}")
+            if self.adv_steps < 1:
+                raise CnnkitError(f"--adv-steps must be at least 1, got {self.adv_steps}")
         if self.freeze not in (None, "", "none", "backbone", "all") and not str(self.freeze).isdigit():
             raise CnnkitError(f"--freeze must be 'backbone' or a number of stages, got '{self.freeze}'")
         if not 0 < self.layer_decay <= 1:

@@ -288,8 +288,13 @@ def train(spec: WorkflowSpec, cfg: TrainConfig | None = None, *, resume: str | P
     seed_everything(cfg.seed)
     s = spec.setup(cfg, device, verbose, ckpt is not None)
     run = open_run(cfg, spec.name, run)
+    hooks = list(s.hooks)
+    if cfg.adv:
+        from cnnkit.engine.adversarial import AdversarialTraining
+
+        hooks.append(AdversarialTraining.from_train_config(cfg, s.card))
     trainer = Trainer(s.task, s.model, s.train_loader, s.val_loader, cfg, device, run.root, s.card.to_dict(),
-                      standard_hooks(cfg, run, verbose, s.hooks), s.batch_transforms, s.model_transforms)
+                      standard_hooks(cfg, run, verbose, hooks), s.batch_transforms, s.model_transforms)
     train_time = run_trainer(trainer, ckpt, run, spec.name, verbose)
     t0 = time.perf_counter()
     spec.after_fit(cfg, run, s, trainer, device, verbose)

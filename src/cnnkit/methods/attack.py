@@ -24,103 +24,10 @@ from typing import Any
 
 import torch
 
+from cnnkit.engine.adversarial import METHODS, NORMS, AttackConfig, parse_eps, perturb
 from cnnkit.errors import CnnkitError
 
-METHODS = ("fgsm", "pgd")
-NORMS = ("linf", "l2")
-
-
-@dataclass
-class AttackConfig:
-    """One attack: ``method`` fgsm or pgd, ``eps`` the perturbation budget (pixel units, in
-    the ``norm`` ball), ``steps`` and ``alpha`` (PGD's step; default eps/4, torchattacks' 2/255
-    at 8/255) and ``random_start`` (PGD starts at a random point of the ball), ``targeted`` a
-    class index to push toward (None: away from the clean answer)."""
-
-    method: str = "pgd"
-    eps: float = 8 / 255
-    steps: int = 10
-    alpha: float | None = None
-    norm: str = "linf"
-    targeted: int | None = None
-    random_start: bool = True
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise CnnkitError(f"--method must be one of {', '.join(METHODS)}, got '{self.method}'")
-        if self.norm not in NORMS:
-            raise CnnkitError(f"--norm must be linf or l2, got '{self.norm}'")
-        if not 0 < self.eps <= (1 if self.norm == "linf" else 1e4):
-            raise CnnkitError(f"--eps must be in (0, 1] (pixel units), got {self.eps:g}")
-        if self.steps < 1:
-            raise CnnkitError(f"--steps must be at least 1, got {self.steps}")
-        if self.alpha is None:
-            self.alpha = self.eps / 4
-        if self.alpha <= 0:
-            raise CnnkitError(f"--alpha must be above 0, got {self.alpha:g}")
-
-
-def parse_eps(text: str | float) -> float:
-    """``8/255``, ``0.03`` -> a float; a one-sentence error for anything else."""
-    if isinstance(text, (int, float)):
-        return float(text)
-    try:
-        if "/" in text:
-            num, den = text.split("/", 1)
-            return float(num) / float(den)
-        return float(text)
-    except (ValueError, ZeroDivisionError):
-        raise CnnkitError(f"--eps takes a number such as 0.03 or 8/255, got '{text}'") from None
-
-
-def _project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
-    if norm == "linf":
-        return delta.clamp(-eps, eps)
-    n = delta.flatten(1).norm(dim=1).clamp(min=1e-12).view(-1, *[1] * (delta.ndim - 1))
-    return delta * (eps / n).clamp(max=1.0)
-
-
-def _step(grad: torch.Tensor, alpha: float, norm: str) -> torch.Tensor:
-    if norm == "linf":
-        return alpha * grad.sign()
-    n = grad.flatten(1).norm(dim=1).clamp(min=1e-12).view(-1, *[1] * (grad.ndim - 1))
-    return alpha * grad / n
-
-
-def perturb(loss_fn, x: torch.Tensor, cfg: AttackConfig, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Adversarial ``x`` (images in [0, 1]) maximizing ``loss_fn(x) -> (B,)`` under ``cfg``.
-
-    FGSM is one step of size eps from ``x``; PGD starts from a random point of the eps ball
-    (uniform in each coordinate for L-infinity, as torchattacks; a random direction scaled by a
-    uniform radius for L2) and takes ``steps`` steps of ``alpha``, each projected back onto the
-    ball and into [0, 1].
-    """
-    x = x.detach()
-    if cfg.method == "fgsm":
-        steps, alpha, delta = 1, cfg.eps, torch.zeros_like(x)
-    else:
-        steps, alpha = cfg.steps, cfg.alpha
-        if cfg.random_start:
-            g = generator
-            if cfg.norm == "linf":
-                delta = (torch.rand(x.shape, generator=g, device="cpu").to(x.device) * 2 - 1) * cfg.eps
-            else:
-                d = torch.randn(x.shape, generator=g, device="cpu").to(x.device)
-                r = torch.rand(len(x), generator=g, device="cpu").to(x.device).view(-1, *[1] * (x.ndim - 1))
-                delta = d / d.flatten(1).norm(dim=1).view(-1, *[1] * (x.ndim - 1)) * r * cfg.eps
-            delta = (x + delta).clamp(0, 1) - x
-        else:
-            delta = torch.zeros_like(x)
-    for _ in range(steps):
-        adv = (x + delta).requires_grad_(True)
-        with torch.enable_grad():
-            grad = torch.autograd.grad(loss_fn(adv).sum(), adv, allow_unused=True)[0]
-        if grad is None:  # nothing to push against (no detections): the image stays clean
-            break
-        delta = _project(delta + _step(grad, alpha, cfg.norm), cfg.eps, cfg.norm)
-        delta = (x + delta).clamp(0, 1) - x
-    return (x + delta).detach()
+__all__ = ["METHODS", "NORMS", "AttackBackend", "AttackConfig", "parse_eps", "perturb", "run"]
 
 
 @dataclass
@@ -202,8 +109,11 @@ def run(spec, o: dict[str, Any], verbose: bool = True) -> dict[str, Any]:
     from cnnkit.runtime.pipeline import class_index, load
     from cnnkit.utils.io import write_json
 
+    from cnnkit.core.options import parse_fraction
+
     cfg = AttackConfig(o["method"], parse_eps(o["eps"]), o["steps"],
-                       parse_eps(o["alpha"]) if o["alpha"] is not None else None, o["norm"], None, seed=o["seed"])
+                       parse_fraction(o["alpha"], "--alpha") if o["alpha"] is not None else None, o["norm"], None,
+                       seed=o["seed"])
     model = load(o["weights"], o["device"], task=spec.name,
                  **{k: o[k] for k in spec.load_options if k in o and o[k] is not None})
     if model.model is None:
@@ -258,3 +168,5 @@ def _print(r: dict[str, Any]) -> None:
     rate = "n/a" if r["success_rate"] is None else f"{r['success_rate']:.1%}"
     con.print(f"attack success {rate} · mean perturbation L-inf {r['mean_linf']:.4f}, L2 {r['mean_l2']:.3f}"
               + (f" · clean / adversarial / difference in {r['picture']}" if r["picture"] else ""))
+
+

@@ -1,0 +1,105 @@
+"""`cnnkit classify attack` against torchattacks: robust accuracy and time at the same settings.
+
+    python benchmarks/attack_torchattacks.py [--epochs 10] [--batch 64]
+
+Two smallcnn classifiers are trained here (digits at 16 px, shapes at 64 px); each is attacked
+with FGSM and PGD (10 steps, step eps/4, random start) in the L-infinity ball, by cnnkit
+(``cnnkit.methods.attack``, through the same ``AttackBackend`` that ``cnnkit classify attack``
+puts under ``val``) and by torchattacks 3.5.1 (the peer, installed by this script into
+``benchmarks/.peer-torchattacks`` with pip ``--target`` and put on this process's path only,
+never into cnnkit's environment), on the same network (inputs in [0, 1], normalization inside)
+and the same images. torchattacks attacks the true label, cnnkit the model's clean answer (the
+same label wherever the model is right, which is where robust accuracy is decided). Robust
+accuracy is measured against the true labels for both. Time: the whole attack of the split in
+batches of ``--batch`` (cnnkit's includes its clean forward pass), the two libraries
+alternating batch by batch, alone on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from _common import save
+
+PEER = Path(__file__).parent / ".peer-torchattacks"
+SETTINGS = {"digits": 0.1, "shapes": 8 / 255}  # eps per dataset: digits are easy to separate, shapes are not
+
+
+def install_peer() -> None:
+    if not (PEER / "torchattacks").is_dir():
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(PEER),
+                        "torchattacks==3.5.1"], check=True)
+    sys.path.insert(0, str(PEER))
+
+
+def compare(name: str, run: Path, data: str, split: str, method: str, eps: float, batch: int) -> dict:
+    import torchattacks
+
+    from cnnkit.data.classification import load_classification_data
+    from cnnkit.methods.attack import AttackBackend, AttackConfig
+    from cnnkit.runtime.pipeline import load
+
+    p = load(run)
+    records = load_classification_data(data, channels=p.card.input.channels).split(split)
+    xs = torch.stack([p.pipeline.prepare(records[i][0])[0] for i in range(len(records))])
+    ys = torch.tensor([int(records[i][1]) for i in range(len(records))])
+    core = p.backend.core
+    cfg = AttackConfig(method, eps, 10, eps / 4)
+    ours = AttackBackend(p.backend, p.pipeline, cfg)
+    peer = (torchattacks.FGSM(core, eps=eps) if method == "fgsm" else
+            torchattacks.PGD(core, eps=eps, alpha=eps / 4, steps=10, random_start=True))
+    right = {"cnnkit": 0, "torchattacks": 0, "clean": 0}
+    secs = {"cnnkit": 0.0, "torchattacks": 0.0}
+    for i in range(0, len(xs), batch):
+        x, y = xs[i:i + batch], ys[i:i + batch]
+        t0 = time.perf_counter()
+        out = ours(x)[0]
+        t1 = time.perf_counter()
+        adv = peer(x, y)
+        with torch.no_grad():
+            out_peer = core(adv)
+        t2 = time.perf_counter()
+        secs["cnnkit"] += t1 - t0
+        secs["torchattacks"] += t2 - t1
+        right["cnnkit"] += int((out.argmax(1) == y).sum())
+        right["torchattacks"] += int((out_peer.argmax(1) == y).sum())
+        with torch.no_grad():
+            right["clean"] += int((core(x).argmax(1) == y).sum())
+    n = len(xs)
+    row = {"model": name, "method": method, "eps": round(eps, 5), "images": n, "clean_top1": right["clean"] / n,
+           "cnnkit_top1": right["cnnkit"] / n, "torchattacks_top1": right["torchattacks"] / n,
+           "cnnkit_s": round(secs["cnnkit"], 3), "torchattacks_s": round(secs["torchattacks"], 3)}
+    row["diff_points"] = round(100 * (row["cnnkit_top1"] - row["torchattacks_top1"]), 2)
+    row["speedup"] = round(row["torchattacks_s"] / row["cnnkit_s"], 2)
+    print(f"{name:<8} {method:<5} eps {eps:.4f}  clean {row['clean_top1']:.4f}  cnnkit {row['cnnkit_top1']:.4f}  "
+          f"torchattacks {row['torchattacks_top1']:.4f} ({row['diff_points']:+.2f} points)  time cnnkit "
+          f"{row['cnnkit_s']:.2f} s, torchattacks {row['torchattacks_s']:.2f} s ({row['speedup']:.2f}x)", flush=True)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=64)
+    args = ap.parse_args()
+    install_peer()
+    import cnnkit
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for data, split in (("digits", "test"), ("shapes", "val")):
+            run = Path(tmp) / data
+            cnnkit.train("classify", data=data, epochs=args.epochs, out=str(run), verbose=False)
+            for method in ("fgsm", "pgd"):
+                rows.append(compare(data, run, data, split, method, SETTINGS[data], args.batch))
+    save("attack_torchattacks", {"epochs": args.epochs, "batch": args.batch, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""Adversarial examples in pixel space, shared by ``cnnkit TASK attack`` (``methods/attack.py``)
+and adversarial training (``train --adv``, the :class:`AdversarialTraining` hook).
+
+FGSM (Goodfellow et al., 2015) and PGD (Madry et al., 2018) in the L-infinity or L2 ball, on
+images in [0, 1], against any differentiable loss per sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cnnkit.core.options import parse_fraction
+from cnnkit.engine.hooks import Hook
+from cnnkit.errors import CnnkitError
+
+METHODS = ("fgsm", "pgd")
+NORMS = ("linf", "l2")
+
+
+def parse_eps(text: str | float) -> float:
+    """``8/255``, ``0.03`` -> a float; a one-sentence error for anything else."""
+    return parse_fraction(text, "--eps")
+
+
+@dataclass
+class AttackConfig:
+    """One attack: ``method`` fgsm or pgd, ``eps`` the perturbation budget (pixel units, in
+    the ``norm`` ball), ``steps`` and ``alpha`` (PGD's step; default eps/4, torchattacks' 2/255
+    at 8/255) and ``random_start`` (PGD starts at a random point of the ball), ``targeted`` a
+    class index to push toward (None: away from the clean answer)."""
+
+    method: str = "pgd"
+    eps: float = 8 / 255
+    steps: int = 10
+    alpha: float | None = None
+    norm: str = "linf"
+    targeted: int | None = None
+    random_start: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise CnnkitError(f"--method must be one of {', '.join(METHODS)}, got '{self.method}'")
+        if self.norm not in NORMS:
+            raise CnnkitError(f"--norm must be linf or l2, got '{self.norm}'")
+        if not 0 < self.eps <= (1 if self.norm == "linf" else 1e4):
+            raise CnnkitError(f"--eps must be in (0, 1] (pixel units), got {self.eps:g}")
+        if self.steps < 1:
+            raise CnnkitError(f"--steps must be at least 1, got {self.steps}")
+        if self.alpha is None:
+            self.alpha = self.eps / 4
+        if self.alpha <= 0:
+            raise CnnkitError(f"--alpha must be above 0, got {self.alpha:g}")
+
+
+def _project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    if norm == "linf":
+        return delta.clamp(-eps, eps)
+    n = delta.flatten(1).norm(dim=1).clamp(min=1e-12).view(-1, *[1] * (delta.ndim - 1))
+    return delta * (eps / n).clamp(max=1.0)
+
+
+def _step(grad: torch.Tensor, alpha: float, norm: str) -> torch.Tensor:
+    if norm == "linf":
+        return alpha * grad.sign()
+    n = grad.flatten(1).norm(dim=1).clamp(min=1e-12).view(-1, *[1] * (grad.ndim - 1))
+    return alpha * grad / n
+
+
+def perturb(loss_fn, x: torch.Tensor, cfg: AttackConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Adversarial ``x`` (images in [0, 1]) maximizing ``loss_fn(x) -> (B,)`` under ``cfg``.
+
+    FGSM is one step of size eps from ``x``; PGD starts from a random point of the eps ball
+    (uniform in each coordinate for L-infinity, as torchattacks; a random direction scaled by a
+    uniform radius for L2) and takes ``steps`` steps of ``alpha``, each projected back onto the
+    ball and into [0, 1].
+    """
+    x = x.detach()
+    if cfg.method == "fgsm":
+        steps, alpha, delta = 1, cfg.eps, torch.zeros_like(x)
+    else:
+        steps, alpha = cfg.steps, cfg.alpha
+        if cfg.random_start:
+            g = generator
+            if cfg.norm == "linf":
+                delta = (torch.rand(x.shape, generator=g, device="cpu").to(x.device) * 2 - 1) * cfg.eps
+            else:
+                d = torch.randn(x.shape, generator=g, device="cpu").to(x.device)
+                r = torch.rand(len(x), generator=g, device="cpu").to(x.device).view(-1, *[1] * (x.ndim - 1))
+                delta = d / d.flatten(1).norm(dim=1).view(-1, *[1] * (x.ndim - 1)) * r * cfg.eps
+            delta = (x + delta).clamp(0, 1) - x
+        else:
+            delta = torch.zeros_like(x)
+    for _ in range(steps):
+        adv = (x + delta).requires_grad_(True)
+        with torch.enable_grad():
+            grad = torch.autograd.grad(loss_fn(adv).sum(), adv, allow_unused=True)[0]
+        if grad is None:  # nothing to push against (no detections): the image stays clean
+            break
+        delta = _project(delta + _step(grad, alpha, cfg.norm), cfg.eps, cfg.norm)
+        delta = (x + delta).clamp(0, 1) - x
+    return (x + delta).detach()
+
+
+# ---- defence: adversarial training ----------------------------------------------------------
+class AdversarialTraining(Hook):
+    """``train --adv pgd|fgsm --adv-eps E [--adv-steps N]``: each training batch is replaced by
+    its adversarial version against the model being trained and the task's own training loss
+    (Madry et al., 2018), for any task.
+
+    A trainer hook (``before_step``): the batch's images are taken back to [0, 1] pixels (a
+    classifier's data is normalized before the model; detectors and segmenters normalize
+    inside), perturbed by :func:`perturb` maximizing ``task.loss(task.forward(model, batch))``,
+    and normalized again. BatchNorm layers keep their running statistics while the attack's
+    extra forward passes run (momentum 0), so only the adversarial batch the model then trains
+    on updates them.
+    """
+
+    def __init__(self, cfg: AttackConfig, mean=None, std=None):
+        self.cfg = cfg
+        self.mean = None if mean is None else torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = None if std is None else torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+
+    @classmethod
+    def from_train_config(cls, tc, card) -> AdversarialTraining:
+        """From a training config's ``adv``, ``adv_eps`` and ``adv_steps`` and the card's
+        normalization (a classifier's data arrives normalized)."""
+        if card.input.mask_channel:
+            raise CnnkitError("--adv does not combine with --missing-input mask")
+        norm = card.task in ("classify", "multilabel") and card.input.mean is not None
+        return cls(AttackConfig(tc.adv, parse_eps(tc.adv_eps), tc.adv_steps, seed=tc.seed),
+                   card.input.mean if norm else None, card.input.std if norm else None)
+
+    def before_step(self, trainer, batch: dict) -> dict:
+        x = batch["images"]
+        mean = None if self.mean is None else self.mean.to(x.device)
+        std = None if self.std is None else self.std.to(x.device)
+        pixels = x.float() if mean is None else x.float() * std + mean
+
+        def loss(a: torch.Tensor) -> torch.Tensor:
+            b = dict(batch, images=a if mean is None else (a - mean) / std)
+            return trainer.task.loss(trainer.task.forward(trainer.model, b), b)["loss"].view(1)
+
+        with _frozen_norm_statistics(trainer.model):
+            adv = perturb(loss, pixels.clamp(0, 1), self.cfg, self.generator)
+        adv = adv if mean is None else (adv - mean) / std
+        return dict(batch, images=adv.to(x.dtype).contiguous(memory_format=_memory_format(x)))
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+        and not x.is_contiguous() else torch.contiguous_format
+
+
+class _frozen_norm_statistics:
+    """BatchNorm running statistics unchanged inside (momentum 0), restored after."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+    def __enter__(self) -> None:
+        self.saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
+                      for m in self.norms]
+        for m in self.norms:
+            m.momentum = 0.0
+
+    def __exit__(self, *exc) -> None:
+        for m, (momentum, tracked) in zip(self.norms, self.saved):
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
