@@ -8,10 +8,9 @@ with FGSM and PGD (10 steps, step eps/4, random start) in the L-infinity ball, b
 puts under ``val``) and by torchattacks 3.5.1 (the peer, installed by this script into
 ``benchmarks/.peer-torchattacks`` with pip ``--target`` and put on this process's path only,
 never into cnnkit's environment), on the same network (inputs in [0, 1], normalization inside)
-and the same images. torchattacks attacks the true label, cnnkit the model's clean answer (the
-same label wherever the model is right, which is where robust accuracy is decided). Robust
-accuracy is measured against the true labels for both. Time: the whole attack of the split in
-batches of ``--batch`` (cnnkit's includes its clean forward pass), the two libraries
+and the same images, both against the true labels (``val``'s loop hands them to cnnkit's
+attacking backend; here the script does). Robust accuracy is measured against the true labels. Time: the whole attack of the split in
+batches of ``--batch`` (each includes a forward pass on the adversarial batch), the two libraries
 alternating batch by batch, alone on this machine.
 """
 
@@ -59,6 +58,7 @@ def compare(name: str, run: Path, data: str, split: str, method: str, eps: float
     for i in range(0, len(xs), batch):
         x, y = xs[i:i + batch], ys[i:i + batch]
         t0 = time.perf_counter()
+        ours.labels = y
         out = ours(x)[0]
         t1 = time.perf_counter()
         adv = peer(x, y)

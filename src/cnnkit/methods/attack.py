@@ -8,13 +8,12 @@ work on the core's input, images in [0, 1] (normalization is inside every core),
 is in pixel units whatever the model's mean and std.
 
 What an attack pushes against is the pipeline's :meth:`~cnnkit.runtime.pipeline.Pipeline.attack_loss`,
-a loss per sample that grows as the model's answer on the clean image falls apart (the class
-it predicted, every pixel's class, the detections' scores), or that shrinks toward a
-``--targeted`` class. The answer on the clean image stands in for the label, so the wrapped
-backend needs no ground truth: for a correctly answered image it is the label, and the
-metric still compares with the ground truth. Written here rather than taken from torchattacks
-(the peer in ``benchmarks/attack_torchattacks.py``) because torchattacks and ART attack
-classifiers only.
+a loss per sample that grows as the answer falls apart, or that shrinks toward a ``--targeted``
+class. Classifiers are attacked against their true labels (the evaluation loop hands each
+batch's labels to the backend, as torchattacks takes them); detectors and segmenters against
+their own answer on the clean image (the detections' scores, every pixel's class), which needs
+no ground truth. Written here rather than taken from torchattacks (the peer in
+``benchmarks/attack_torchattacks.py``) because torchattacks and ART attack classifiers only.
 """
 
 from __future__ import annotations
@@ -42,9 +41,9 @@ class AttackStats:
     keep: int = 8
 
     def summary(self) -> dict[str, Any]:
-        n = max(1, len(self.success))
+        n = max(1, len(self.linf))
         rated = [v for v in self.success if v == v]  # NaN: nothing to overturn (an image without detections)
-        return {"samples": len(self.success),
+        return {"samples": len(self.linf),
                 "success_rate": round(sum(rated) / len(rated), 4) if rated else None,
                 "mean_linf": round(sum(self.linf) / n, 5), "mean_l2": round(sum(self.l2) / n, 4)}
 
@@ -59,6 +58,7 @@ class AttackBackend:
         self.inner, self.pipeline, self.cfg = inner, pipeline, cfg
         self.core, self.device, self.name = inner.core, inner.device, f"torch+{cfg.method}"
         self.stats = AttackStats()
+        self.labels: torch.Tensor | None = None
         self.generator = torch.Generator().manual_seed(cfg.seed)
 
     def _raw(self, x: torch.Tensor):
@@ -67,13 +67,17 @@ class AttackBackend:
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x = x.to(self.device).float()
-        with torch.no_grad():
-            ref = tuple(t.detach() for t in self._raw(x))
+        labels, self.labels = self.labels, None  # given by the evaluation loop for this batch only
         t = self.cfg.targeted
-        adv = perturb(lambda a: self.pipeline.attack_loss(self._raw(a), ref, t), x, self.cfg, self.generator)
+        ref = None
+        if labels is None or t is not None:
+            with torch.no_grad():
+                ref = tuple(r.detach() for r in self._raw(x))
+        adv = perturb(lambda a: self.pipeline.attack_loss(self._raw(a), ref, t, labels), x, self.cfg, self.generator)
         out = self.inner(adv)
         s = self.stats
-        s.success += self.pipeline.attack_success(out, ref, t).float().cpu().tolist()
+        if ref is not None:  # with true labels, success comes from the clean and attacked accuracy instead
+            s.success += self.pipeline.attack_success(out, ref, t).float().cpu().tolist()
         d = (adv - x).flatten(1)
         s.linf += d.abs().amax(1).cpu().tolist()
         s.l2 += d.norm(dim=1).cpu().tolist()
@@ -129,13 +133,16 @@ def run(spec, o: dict[str, Any], verbose: bool = True) -> dict[str, Any]:
     model.backend = attacker = AttackBackend(model.backend, model.pipeline, cfg)
     attacked = spec.val_metrics(model, records, o).metrics
     key = METRIC.get(spec.name, "top1")
+    summary = attacker.stats.summary()
+    if summary["success_rate"] is None and clean.get(key):  # attacked against the true labels
+        summary["success_rate"] = round(max(0.0, 1 - attacked.get(key, 0.0) / clean[key]), 4)
     out = Path(o["out"])
     picture = out / f"{cfg.method}_{cfg.norm}.png"
     if attacker.stats.kept:
         draw(attacker.stats.kept, cfg.eps, picture)
     result = {"method": cfg.method, "norm": cfg.norm, "eps": cfg.eps, "steps": cfg.steps if cfg.method == "pgd" else 1,
               "alpha": cfg.alpha if cfg.method == "pgd" else cfg.eps, "targeted": o["targeted"], "metric": key,
-              "clean": clean.get(key), "attacked": attacked.get(key), **attacker.stats.summary(),
+              "clean": clean.get(key), "attacked": attacked.get(key), **summary,
               "clean_metrics": _numbers(clean), "attacked_metrics": _numbers(attacked),
               "picture": str(picture) if attacker.stats.kept else None, "data": o["data"], "split": o["split"],
               "weights": str(o["weights"])}

@@ -117,10 +117,11 @@ class Pipeline:
         raise ModelError(f"{self.task} models cannot be explained yet (explain covers classify, multilabel, "
                          "detect, instance and segment)")
 
-    def attack_loss(self, raw: tuple[torch.Tensor, ...], ref: tuple[torch.Tensor, ...],
-                    targeted: int | None = None) -> torch.Tensor:
+    def attack_loss(self, raw: tuple[torch.Tensor, ...], ref: tuple[torch.Tensor, ...] | None,
+                    targeted: int | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
         """A differentiable loss per sample ``(B,)`` that an attack maximizes: it grows as the
-        answer in ``raw`` departs from the clean answer ``ref`` (or nears class ``targeted``)."""
+        answer in ``raw`` departs from the clean answer ``ref`` (or from the true ``labels``,
+        where the task's evaluation gives them; or nears class ``targeted``)."""
         raise ModelError(f"{self.task} models cannot be attacked yet (attacks cover classify, multilabel, "
                          "detect and segment)")
 
@@ -391,17 +392,19 @@ class ImageClassifierPipeline(Pipeline):
         idx = torch.as_tensor(selector, device=raw[0].device).expand(len(raw[0]))
         return raw[0].float().softmax(1).gather(1, idx.view(-1, 1).long())[:, 0]
 
-    def attack_loss(self, raw, ref, targeted: int | None = None) -> torch.Tensor:
-        """Cross-entropy against the clean top class (minus the cross-entropy toward
-        ``targeted``); multi-label: binary cross-entropy against the clean label set (or the
-        log-probability of label ``targeted``)."""
+    def attack_loss(self, raw, ref, targeted: int | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Cross-entropy against the true labels, else the clean top class (minus the
+        cross-entropy toward ``targeted``); multi-label: binary cross-entropy against the label
+        set (or the log-probability of label ``targeted``)."""
         logits = raw[0].float()
         if self.card.task == "multilabel":
             if targeted is not None:
                 return F.logsigmoid(logits[:, int(targeted)])
-            return F.binary_cross_entropy_with_logits(logits, (ref[0] > 0).float(), reduction="none").mean(1)
+            want = labels.float() if labels is not None else (ref[0] > 0).float()
+            return F.binary_cross_entropy_with_logits(logits, want.to(logits.device), reduction="none").mean(1)
         if targeted is None:
-            return F.cross_entropy(logits, ref[0].argmax(1), reduction="none")
+            want = labels.long().to(logits.device) if labels is not None else ref[0].argmax(1)
+            return F.cross_entropy(logits, want, reduction="none")
         want = torch.full((len(logits),), int(targeted), device=logits.device, dtype=torch.long)
         return -F.cross_entropy(logits, want, reduction="none")
 
@@ -450,6 +453,8 @@ def evaluate_loader(predictor: Predictor, loader, state, output=None, keep: int 
         skipped += b.get("skipped", [])
         if len(b["images"]) == 0:
             continue
+        if hasattr(predictor.backend, "labels") and torch.is_tensor(b.get("targets")):
+            predictor.backend.labels = b["targets"]  # an attacking backend pushes against the true labels
         out = output(predictor.raw(b["images"]), b)
         state.update(out, b)
         if len(kept) < keep:

@@ -197,7 +197,7 @@ class DetectPipeline(Pipeline):
         t = self.target(raw, selector)
         return torch.sigmoid(t) if self.fastdet else t  # torchvision's scores are probabilities
 
-    def attack_loss(self, raw, ref, targeted: int | None = None) -> torch.Tensor:
+    def attack_loss(self, raw, ref, targeted: int | None = None, labels=None) -> torch.Tensor:
         """Objects vanish: minus the summed scores of every class at every place the clean
         image has a detection (score above 0.25). ``targeted`` (fastdet): those places'
         score for class ``targeted`` is added, so the objects change class."""

@@ -91,7 +91,7 @@ class SegmentPipeline(Pipeline):
         r = torch.as_tensor(region, device=prob.device, dtype=prob.dtype)
         return (prob * r).flatten(1).sum(1) / r.sum().clamp(min=1)
 
-    def attack_loss(self, raw, ref, targeted: int | None = None) -> torch.Tensor:
+    def attack_loss(self, raw, ref, targeted: int | None = None, labels=None) -> torch.Tensor:
         """Mean per-pixel cross-entropy against the clean prediction (minus the cross-entropy
         toward ``targeted`` at every pixel)."""
         logits = raw[0].float()
