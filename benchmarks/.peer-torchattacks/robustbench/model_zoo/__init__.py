@@ -1,2 +1,0 @@
-from .models import model_dicts
-
