@@ -43,9 +43,9 @@ def main() -> None:
                 minutes = (time.perf_counter() - t0) / 60
                 row = {"data": data, "training": f"--adv pgd (eps {eps_text}, {args.adv_steps} steps)" if adv
                        else "plain", "epochs": epochs, "train_minutes": round(minutes, 2)}
-                for name, kw in (("fgsm", dict(method="fgsm", eps=eps_text)),
-                                 ("pgd20", dict(method="pgd", eps=eps_text, steps=20)),
-                                 ("pgd20_2eps", dict(method="pgd", eps=str(2 * eps), steps=20))):
+                for name, kw in (("fgsm", {"method": "fgsm", "eps": eps_text}),
+                                 ("pgd20", {"method": "pgd", "eps": eps_text, "steps": 20}),
+                                 ("pgd20_2eps", {"method": "pgd", "eps": str(2 * eps), "steps": 20})):
                     r = cnnkit.attack("classify", run, data, split=split, limit=args.limit,
                                       out=str(Path(tmp) / "pics"), verbose=False, **kw)
                     row["clean"] = r["clean"]

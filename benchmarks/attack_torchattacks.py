@@ -11,7 +11,8 @@ never into cnnkit's environment), on the same network (inputs in [0, 1], normali
 and the same images, both against the true labels (``val``'s loop hands them to cnnkit's
 attacking backend; here the script does). Robust accuracy is measured against the true labels. Time: the whole attack of the split in
 batches of ``--batch`` (each includes a forward pass on the adversarial batch), the two libraries
-alternating batch by batch, alone on this machine.
+alternating batch by batch, alone on this machine. PGD starts at a random point of the ball, so
+it runs with ``--seeds`` seeds in each library and the table gives the mean.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def install_peer() -> None:
     sys.path.insert(0, str(PEER))
 
 
-def compare(name: str, run: Path, data: str, split: str, method: str, eps: float, batch: int) -> dict:
+def compare(name: str, run: Path, data: str, split: str, method: str, eps: float, batch: int,
+            seeds: int) -> dict:
     import torchattacks
 
     from cnnkit.data.classification import load_classification_data
@@ -49,36 +51,43 @@ def compare(name: str, run: Path, data: str, split: str, method: str, eps: float
     xs = torch.stack([p.pipeline.prepare(records[i][0])[0] for i in range(len(records))])
     ys = torch.tensor([int(records[i][1]) for i in range(len(records))])
     core = p.backend.core
-    cfg = AttackConfig(method, eps, 10, eps / 4)
-    ours = AttackBackend(p.backend, p.pipeline, cfg)
-    peer = (torchattacks.FGSM(core, eps=eps) if method == "fgsm" else
-            torchattacks.PGD(core, eps=eps, alpha=eps / 4, steps=10, random_start=True))
-    right = {"cnnkit": 0, "torchattacks": 0, "clean": 0}
+    with torch.no_grad():
+        clean = sum(int((core(xs[i:i + batch]).argmax(1) == ys[i:i + batch]).sum()) for i in range(0, len(xs), batch))
+    tops = {"cnnkit": [], "torchattacks": []}
     secs = {"cnnkit": 0.0, "torchattacks": 0.0}
-    for i in range(0, len(xs), batch):
-        x, y = xs[i:i + batch], ys[i:i + batch]
-        t0 = time.perf_counter()
-        ours.labels = y
-        out = ours(x)[0]
-        t1 = time.perf_counter()
-        adv = peer(x, y)
-        with torch.no_grad():
-            out_peer = core(adv)
-        t2 = time.perf_counter()
-        secs["cnnkit"] += t1 - t0
-        secs["torchattacks"] += t2 - t1
-        right["cnnkit"] += int((out.argmax(1) == y).sum())
-        right["torchattacks"] += int((out_peer.argmax(1) == y).sum())
-        with torch.no_grad():
-            right["clean"] += int((core(x).argmax(1) == y).sum())
+    for seed in range(seeds if method == "pgd" else 1):  # PGD's random start: several seeds, same for both
+        ours = AttackBackend(p.backend, p.pipeline, AttackConfig(method, eps, 10, eps / 4, seed=seed))
+        torch.manual_seed(seed)  # torchattacks draws its start from torch's global generator
+        peer = (torchattacks.FGSM(core, eps=eps) if method == "fgsm" else
+                torchattacks.PGD(core, eps=eps, alpha=eps / 4, steps=10, random_start=True))
+        right = {"cnnkit": 0, "torchattacks": 0}
+        for i in range(0, len(xs), batch):
+            x, y = xs[i:i + batch], ys[i:i + batch]
+            t0 = time.perf_counter()
+            ours.labels = y
+            out = ours(x)[0]
+            t1 = time.perf_counter()
+            adv = peer(x, y)
+            with torch.no_grad():
+                out_peer = core(adv)
+            t2 = time.perf_counter()
+            secs["cnnkit"] += t1 - t0
+            secs["torchattacks"] += t2 - t1
+            right["cnnkit"] += int((out.argmax(1) == y).sum())
+            right["torchattacks"] += int((out_peer.argmax(1) == y).sum())
+        for k, runs in tops.items():
+            runs.append(right[k] / len(xs))
     n = len(xs)
-    row = {"model": name, "method": method, "eps": round(eps, 5), "images": n, "clean_top1": right["clean"] / n,
-           "cnnkit_top1": right["cnnkit"] / n, "torchattacks_top1": right["torchattacks"] / n,
+    mean = {k: sum(v) / len(v) for k, v in tops.items()}
+    row = {"model": name, "method": method, "eps": round(eps, 5), "images": n, "seeds": len(tops["cnnkit"]),
+           "clean_top1": clean / n, "cnnkit_top1": mean["cnnkit"], "torchattacks_top1": mean["torchattacks"],
+           "cnnkit_runs": tops["cnnkit"], "torchattacks_runs": tops["torchattacks"],
            "cnnkit_s": round(secs["cnnkit"], 3), "torchattacks_s": round(secs["torchattacks"], 3)}
     row["diff_points"] = round(100 * (row["cnnkit_top1"] - row["torchattacks_top1"]), 2)
     row["speedup"] = round(row["torchattacks_s"] / row["cnnkit_s"], 2)
     print(f"{name:<8} {method:<5} eps {eps:.4f}  clean {row['clean_top1']:.4f}  cnnkit {row['cnnkit_top1']:.4f}  "
-          f"torchattacks {row['torchattacks_top1']:.4f} ({row['diff_points']:+.2f} points)  time cnnkit "
+          f"torchattacks {row['torchattacks_top1']:.4f} ({row['diff_points']:+.2f} points, mean of {row['seeds']} "
+          f"seeds)  time cnnkit "
           f"{row['cnnkit_s']:.2f} s, torchattacks {row['torchattacks_s']:.2f} s ({row['speedup']:.2f}x)", flush=True)
     return row
 
@@ -87,6 +96,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--seeds", type=int, default=5, help="PGD random starts per library")
     args = ap.parse_args()
     install_peer()
     import cnnkit
@@ -97,8 +107,8 @@ def main() -> None:
             run = Path(tmp) / data
             cnnkit.train("classify", data=data, epochs=args.epochs, out=str(run), verbose=False)
             for method in ("fgsm", "pgd"):
-                rows.append(compare(data, run, data, split, method, SETTINGS[data], args.batch))
-    save("attack_torchattacks", {"epochs": args.epochs, "batch": args.batch, "rows": rows})
+                rows.append(compare(data, run, data, split, method, SETTINGS[data], args.batch, args.seeds))
+    save("attack_torchattacks", {"epochs": args.epochs, "batch": args.batch, "seeds": args.seeds, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -231,3 +231,20 @@ def fitted_detector(tiny_yolo, tmp_path_factory):
                  "60", "--batch", "8", "--lr", "0.003", "--aug", "none", "--mosaic", "0", "--out",
                  str(root / "run")]) == 0
     return root / "run", root / "data.yaml"
+
+
+def tiny_classifier(size: int, batch: int):
+    """A freshly initialized smallcnn (width 8, 4 classes, RGB ``size`` px, normalization inside
+    the core) and a seeded random batch: ``(pipeline, model, core, x)``."""
+    import torch
+
+    from cnnkit.core.card import InputSpec, ModelCard
+    from cnnkit.runtime.pipeline import pipeline_for
+
+    torch.manual_seed(0)
+    card = ModelCard("classify", "smallcnn", ["a", "b", "c", "d"],
+                     InputSpec(size, size, 3, mean=(0.5,) * 3, std=(0.25,) * 3), model_kwargs={"width": 8, "drop_rate": 0.0})
+    pipe = pipeline_for(card)
+    model = pipe.build().eval()
+    x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
+    return pipe, model, pipe.core(model).eval(), x

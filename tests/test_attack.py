@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_classifier
 
 from cnnkit.core.card import InputSpec, ModelCard
 from cnnkit.methods import attack as A
@@ -16,12 +17,7 @@ from cnnkit.runtime.pipeline import pipeline_for
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    card = ModelCard("classify", "smallcnn", ["a", "b", "c", "d"],
-                     InputSpec(16, 16, 3, mean=(0.5,) * 3, std=(0.25,) * 3), model_kwargs={"width": 8, "drop_rate": 0.0})
-    pipe = pipeline_for(card)
-    core = pipe.core(pipe.build().eval()).eval()
-    x = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    pipe, _, core, x = tiny_classifier(16, 6)
     with torch.no_grad():
         ref = (core(x),)
     return pipe, core, x, ref
@@ -165,7 +161,7 @@ def test_adversarial_training_raises_pgd_accuracy(digits_run, tmp_path):
     robust = tmp_path / "robust"
     cnnkit.train("classify", data="digits", epochs=3, adv="pgd", adv_eps="0.1", adv_steps=3, out=str(robust),
                  verbose=False)
-    kw = dict(eps="0.1", steps=10, limit=128, out=str(tmp_path / "pics"), verbose=False)
+    kw = {"eps": "0.1", "steps": 10, "limit": 128, "out": str(tmp_path / "pics"), "verbose": False}
     plain = cnnkit.attack("classify", digits_run, "digits", **kw)
     hard = cnnkit.attack("classify", robust, "digits", **kw)
     assert hard["attacked"] > plain["attacked"] + 0.2

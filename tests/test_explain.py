@@ -9,23 +9,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_classifier
 
-from cnnkit.core.card import InputSpec, ModelCard
 from cnnkit.methods import explain as E
-from cnnkit.runtime.pipeline import pipeline_for
 
 
 @pytest.fixture(scope="module")
 def tiny():
     """A freshly initialized smallcnn (width 8, 4 classes, 32 px): pipeline, model, core, input."""
-    torch.manual_seed(0)
-    card = ModelCard("classify", "smallcnn", ["a", "b", "c", "d"],
-                     InputSpec(32, 32, 3, mean=(0.5,) * 3, std=(0.25,) * 3), model_kwargs={"width": 8, "drop_rate": 0.0})
-    pipe = pipeline_for(card)
-    model = pipe.build().eval()
-    core = pipe.core(model).eval()
-    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    return pipe, model, core, x
+    return tiny_classifier(32, 1)
 
 
 def _activation(layer, core, x):
@@ -144,7 +136,6 @@ def test_explain_classifier_source_and_target(digits_run, tmp_path, cli):
     from PIL import Image
 
     import cnnkit
-
     from cnnkit.data.digits import DigitsDataset
 
     img = tmp_path / "in" / "d.png"
@@ -202,7 +193,7 @@ def test_explain_detection_by_index(fitted_detector, tiny_yolo, tmp_path, cli):
     import cnnkit
 
     run, _ = fitted_detector
-    src = sorted((tiny_yolo.parent / "images" / "train").glob("*.png"))[0]
+    src = min((tiny_yolo.parent / "images" / "train").glob("*.png"))
     n = len(cnnkit.load(run)(src, conf=0.25)[0].to_dict()["detections"])
     assert n >= 1
     r = cli("detect", "explain", "--weights", str(run), "--source", str(src), "--target", str(n),

@@ -18,6 +18,7 @@ no ground truth. Written here rather than taken from torchattacks (the peer in
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +43,7 @@ class AttackStats:
 
     def summary(self) -> dict[str, Any]:
         n = max(1, len(self.linf))
-        rated = [v for v in self.success if v == v]  # NaN: nothing to overturn (an image without detections)
+        rated = [v for v in self.success if not math.isnan(v)]  # NaN: nothing to overturn (no detections)
         return {"samples": len(self.linf),
                 "success_rate": round(sum(rated) / len(rated), 4) if rated else None,
                 "mean_linf": round(sum(self.linf) / n, 5), "mean_l2": round(sum(self.l2) / n, 4)}
@@ -109,11 +110,10 @@ def run(spec, o: dict[str, Any], verbose: bool = True) -> dict[str, Any]:
     clean and under attack, the attack's success rate and perturbation size, and a picture."""
     from pathlib import Path
 
+    from cnnkit.core.options import parse_fraction
     from cnnkit.methods.benchmark import METRIC
     from cnnkit.runtime.pipeline import class_index, load
     from cnnkit.utils.io import write_json
-
-    from cnnkit.core.options import parse_fraction
 
     cfg = AttackConfig(o["method"], parse_eps(o["eps"]), o["steps"],
                        parse_fraction(o["alpha"], "--alpha") if o["alpha"] is not None else None, o["norm"], None,

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import torch
@@ -117,7 +117,7 @@ class _Activations:
     def __call__(self, module, args, output) -> None:
         self.value = output[0] if isinstance(output, (tuple, list)) else output
 
-    def __enter__(self) -> _Activations:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
