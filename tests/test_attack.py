@@ -91,12 +91,12 @@ def test_pgd_breaks_a_trained_classifier(digits_run, tmp_path, cli):
     assert json.loads((tmp_path / "f.json").read_text())["attacked"] > res["attacked"]  # PGD is the stronger
 
 
-def test_objects_vanish_from_a_fitted_detector(fitted_detector):
+def test_objects_vanish_from_a_fitted_detector(fitted_detector, tmp_path):
     """Acceptance: an attack lowers a detector's mAP."""
     import cnnkit
 
     run, data = fitted_detector
-    r = cnnkit.attack("detect", run, str(data), eps="8/255", out="unused", verbose=False)
+    r = cnnkit.attack("detect", run, str(data), eps="8/255", out=str(tmp_path), verbose=False)
     assert r["metric"] == "map50_95" and r["clean"] > 0.5
     assert r["attacked"] < 0.5 * r["clean"] and r["success_rate"] > 0.5
 

@@ -134,6 +134,7 @@ def explain_options(target_help: str, data_help: str) -> tuple[Opt, ...]:
 
 
 ATTACK_METHODS = ("fgsm", "pgd")
+ATTACK_NORMS = ("linf", "l2")
 _NOT_FOR_ATTACK = {"weights", "json_path", "ensemble", "tta", "missing", "missing_mode", "plot"}
 
 
@@ -149,7 +150,7 @@ def attack_options(val: tuple[Opt, ...]) -> tuple[Opt, ...]:
                                          "with --norm l2, the L2 radius"),
         Opt("steps", int, 10, "PGD steps", lo=1),
         Opt("alpha", help="PGD step size (default: eps/4, i.e. 2/255 at 8/255)"),
-        Opt("norm", default="linf", choices=("linf", "l2"), help="the ball the perturbation stays in"),
+        Opt("norm", default="linf", choices=ATTACK_NORMS, help="the ball the perturbation stays in"),
         Opt("targeted", help="push toward this class (name or index) instead of away from the clean answer"),
         Opt("seed", int, 0, "seed of PGD's random start"),
         Opt("out", "dir", "attack", "where the picture (clean / adversarial / difference) goes"),

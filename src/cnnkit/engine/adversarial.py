@@ -11,12 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
+from cnnkit.core.options import ATTACK_METHODS as METHODS
+from cnnkit.core.options import ATTACK_NORMS as NORMS
 from cnnkit.core.options import parse_fraction
 from cnnkit.engine.hooks import Hook
 from cnnkit.errors import CnnkitError
-
-METHODS = ("fgsm", "pgd")
-NORMS = ("linf", "l2")
 
 
 def parse_eps(text: str | float) -> float:

@@ -112,17 +112,14 @@ def run(spec, o: dict[str, Any], verbose: bool = True) -> dict[str, Any]:
 
     from cnnkit.core.options import parse_fraction
     from cnnkit.methods.benchmark import METRIC
-    from cnnkit.runtime.pipeline import class_index, load
+    from cnnkit.runtime.pipeline import class_index, load_torch
     from cnnkit.utils.io import write_json
 
     cfg = AttackConfig(o["method"], parse_eps(o["eps"]), o["steps"],
                        parse_fraction(o["alpha"], "--alpha") if o["alpha"] is not None else None, o["norm"], None,
                        seed=o["seed"])
-    model = load(o["weights"], o["device"], task=spec.name,
-                 **{k: o[k] for k in spec.load_options if k in o and o[k] is not None})
-    if model.model is None:
-        raise CnnkitError(f"attack takes cnnkit weights (.safetensors or a run folder), not the exported "
-                          f"'{Path(str(model.source)).name}': it needs the PyTorch model's gradients")
+    model = load_torch(o["weights"], o["device"], spec.name, "attack",
+                       **{k: o[k] for k in spec.load_options if k in o and o[k] is not None})
     if o["targeted"] is not None:
         cfg.targeted = class_index(model.classes, o["targeted"])
     records = spec.val_records(model, o["data"], o["split"], verbose)

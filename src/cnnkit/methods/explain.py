@@ -40,10 +40,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cnnkit.core.options import EXPLAIN_METHODS
 from cnnkit.errors import CnnkitError, ModelError, TargetError
 
-CAM_METHODS = ("gradcam", "gradcam++", "scorecam", "eigencam")
-METHODS = CAM_METHODS + ("saliency", "ig", "occlusion")
+METHODS = EXPLAIN_METHODS
+CAM_METHODS = ("gradcam", "gradcam++", "scorecam", "eigencam")  # on a feature layer; the rest on the pixels
 SCORECAM_BATCH = 16  # masked copies per forward pass (pytorch-grad-cam's batch)
 IG_STEPS = 32
 CURVE_STEPS = 16  # deletion / insertion: pixels removed or added in this many equal steps
@@ -78,11 +79,14 @@ def resolve_layer(pipeline, model: nn.Module, name: str | None) -> tuple[str, nn
 
 
 def forward(pipeline, core: nn.Module, x: torch.Tensor):
-    """The core's raw outputs for a batch (one image at a time for detectors that take one)."""
-    if pipeline.fixed_batch:
-        return [core(x[i:i + 1]) for i in range(len(x))]
-    out = core(x)
-    return out if isinstance(out, (tuple, list)) else (out,)
+    """The core's raw outputs for a batch, run the way the pipeline runs its backend (one
+    image at a time for torchvision's detectors, sliding windows for tiled segmenters), with
+    gradients."""
+    def backend(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = core(t)
+        return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+    return pipeline.run(backend, x, [{}] * len(x))
 
 
 def score_fn(pipeline, core: nn.Module, selector: Any, prob: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -338,12 +342,9 @@ def run(spec, o: dict[str, Any], verbose: bool = True) -> dict[str, Any]:
                           "with ground truth, for --eval)")
     if o["data"] and o["target"] is not None:
         raise CnnkitError("--target picks what to explain in --source images; with --data the ground truth picks it")
-    from cnnkit.runtime.pipeline import load
+    from cnnkit.runtime.pipeline import load_torch
 
-    model = load(o["weights"], o["device"], task=spec.name)
-    if model.model is None:
-        raise CnnkitError(f"explain takes cnnkit weights (.safetensors or a run folder), not the exported "
-                          f"'{Path(str(model.source)).name}': it needs the PyTorch model's gradients")
+    model = load_torch(o["weights"], o["device"], spec.name, "explain")
     pipe, core = model.pipeline, model.backend.core
     layer_name, layer = (resolve_layer(pipe, model.model, o["layer"]) if set(methods) & set(CAM_METHODS)
                          else (None, None))

@@ -303,6 +303,16 @@ def load(weights: str | Path, device: str | None = "cpu", backend: str | None = 
     return Predictor(card, pipe, backend, p, model)
 
 
+def load_torch(weights: str | Path, device: str | None, task: str | None, verb: str, **build_options) -> Predictor:
+    """:func:`load` for methods that need the PyTorch model's gradients (``verb``: explain,
+    attack): an exported file is refused with one sentence."""
+    model = load(weights, device, task=task, **build_options)
+    if model.model is None:
+        raise ModelError(f"{verb} takes cnnkit weights (.safetensors or a run folder), not the exported "
+                         f"'{Path(str(model.source)).name}': it needs the PyTorch model's gradients")
+    return model
+
+
 def _check_task(card: ModelCard, task: str | None, path: Path) -> None:
     if task is not None and card.task != task:
         raise ModelError(f"'{path}' holds a {card.task} model, not {task}")
