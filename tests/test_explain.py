@@ -224,6 +224,25 @@ def test_explain_bad_input(digits_run, tmp_path, cli, args, words):
         assert "stages.3" in r.err  # the valid names are listed
 
 
+def test_pixel_methods_alone_need_no_layer(digits_run, tmp_path):
+    """Only saliency and integrated gradients: no CAM layer is resolved or reported."""
+    import cnnkit
+
+    r = cnnkit.explain("classify", digits_run, str(_digit_png(tmp_path)),
+                       method="saliency,ig", out=str(tmp_path / "o"), verbose=False)
+    assert r["layer"] is None and len([row for row in r["rows"] if row.get("png")]) == 2
+
+
+def _digit_png(tmp_path):
+    from PIL import Image
+
+    from cnnkit.data.digits import DigitsDataset
+
+    path = tmp_path / "digit.png"
+    Image.fromarray(DigitsDataset("val")[0][0][0].numpy()).save(path)
+    return path
+
+
 def test_explain_refuses_an_exported_model(digits_run, tmp_path, cli):
     import cnnkit
 

@@ -338,8 +338,7 @@ def run(spec, o: dict[str, Any], verbose: bool = True) -> dict[str, Any]:
     methods = parse_methods(o["method"])
     if bool(o["source"]) == bool(o["data"]):
         raise CnnkitError("give --source (images to explain) or --data (a split with ground truth, for --eval), "
-                          "not both" if o["source"] else "give --source (images to explain) or --data (a split "
-                          "with ground truth, for --eval)")
+                          "one of the two")
     if o["data"] and o["target"] is not None:
         raise CnnkitError("--target picks what to explain in --source images; with --data the ground truth picks it")
     from cnnkit.runtime.pipeline import load_torch
@@ -355,9 +354,9 @@ def run(spec, o: dict[str, Any], verbose: bool = True) -> dict[str, Any]:
     for name, image, truths in items:
         x, meta = pipe.prepare(image)
         x = x.to(model.device)
+        with torch.no_grad():
+            raw = forward(pipe, core, x[None])
         for t, (target, mask) in enumerate(truths):
-            with torch.no_grad():
-                raw = forward(pipe, core, x[None])
             try:
                 picked = pipe.select(raw, target, meta)
             except TargetError as e:  # no detection at that index: skip the image in a folder
@@ -369,11 +368,12 @@ def run(spec, o: dict[str, Any], verbose: bool = True) -> dict[str, Any]:
                 rows.append({"image": name, "target": f"object {t}", "method": None, "missed": True})
                 continue
             selector, desc = picked
-            box = pipe.box_on_image(selector, raw, meta) if hasattr(pipe, "box_on_image") else None
+            box = pipe.box_on_image(selector, raw, meta)
             stem = name if len(truths) == 1 else f"{name}_t{t}"
             picked_layer = None if o["layer"] or layer is None else pipe.explain_layer(model.model, selector)
             used_name, used = picked_layer or (layer_name, layer)
-            layers_used.add(used_name)
+            if used_name:  # None: no CAM method asked for
+                layers_used.add(used_name)
             maps = {method: explain_one(method, pipe, core, used, x, selector) for method in methods}
             if o["eval"]:
                 maps["random"] = random_map(x.shape[-2:], len(rows)).to(x.device)
@@ -396,8 +396,8 @@ def run(spec, o: dict[str, Any], verbose: bool = True) -> dict[str, Any]:
                         row.update(energy_in_mask=round(energy_in_mask(full, mk), 4),
                                    pointing=pointing_hit(full, mk), mask_share=round(float(mk.mean()), 4))
                 rows.append(row)
-    result = {"method": methods, "layer": ", ".join(sorted(layers_used)) or None, "out": str(out), "images": len(items), "rows": rows,
-              "skipped": skipped}
+    result = {"method": methods, "layer": ", ".join(sorted(layers_used)) or None, "out": str(out),
+              "images": len(items), "rows": rows, "skipped": skipped}
     if o["eval"]:
         result["summary"] = summarize(rows)
     if o["json_path"]:

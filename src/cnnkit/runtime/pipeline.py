@@ -136,6 +136,11 @@ class Pipeline:
         (None: the deepest of :meth:`feature_layers`)."""
         return None
 
+    def box_on_image(self, selector: Any, raw, meta: dict[str, Any]) -> list[float] | None:
+        """The selected target's box in the original image's pixels, drawn on explanations
+        (detectors); None for targets without one."""
+        return None
+
     def map_to_image(self, m: torch.Tensor, meta: dict[str, Any]) -> torch.Tensor:
         """A map ``(h, w)`` over the core's input -> over the original image (as ``meta``
         recorded it); the inverse of :meth:`prepare`'s resize."""
