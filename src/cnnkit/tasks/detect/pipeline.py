@@ -143,7 +143,10 @@ class DetectPipeline(Pipeline):
                     a, c = a[keep], c[keep]
                 b = bx[a]
                 keep, kept = suppress(b, sc, c, self.iou, max_det, self.nms, conf)
-                out.append({"boxes": b[keep], "scores": kept, "labels": c[keep]} | ({"anchors": a[keep]} if anchors else {}))
+                d = {"boxes": b[keep], "scores": kept, "labels": c[keep]}
+                if anchors:
+                    d["anchors"] = a[keep]
+                out.append(d)
             return out
         for r in raw:
             boxes, scores, labels = r[0], r[1], r[2].long()
@@ -231,17 +234,9 @@ class DetectPipeline(Pipeline):
 
     @staticmethod
     def _matched_score(r, selector) -> torch.Tensor:
-        from torchvision.ops import box_iou
-
-        box, label = selector
         boxes, scores, labels = r[0], r[1], r[2]
-        ok = labels.long() == int(label)
-        if len(boxes) == 0 or not ok.any():
-            return scores.sum() * 0
-        iou = box_iou(torch.as_tensor(box, device=boxes.device, dtype=boxes.dtype).view(1, 4), boxes)[0]
-        iou = torch.where(ok, iou, torch.zeros_like(iou))
-        j = int(iou.argmax())
-        return scores[j] if iou[j] >= 0.5 else scores.sum() * 0
+        j = _best_match(selector[0], selector[1], boxes, labels)
+        return scores.sum() * 0 if j is None else scores[j]  # * 0 keeps the graph: a zero gradient
 
     def select(self, raw, target: Any, meta: dict[str, Any] | None = None) -> tuple[Any, str] | None:
         """``target``: a detection's index in the predict order (None: 0, the top one); with
@@ -256,29 +251,22 @@ class DetectPipeline(Pipeline):
             n = len(dets["scores"])
             have = f"its {n} detections (indices 0-{n - 1})" if n else "no detections at conf 0.25"
             raise TargetError(f"--target takes a detection index and this image has {have}, not '{target}'")
-        label, score = int(dets["labels"][k]), float(dets["scores"][k])
-        box = dets["boxes"][k].detach()
-        desc = f"detection {k}: {self.classes[label]} {score:.2f}"
-        if self.fastdet:
-            return (int(dets["anchors"][k]), label), desc
-        return (box, label), desc
+        label = int(dets["labels"][k])
+        return self._selector(dets, k), f"detection {k}: {self.classes[label]} {float(dets['scores'][k]):.2f}"
 
     def _select_object(self, raw, obj: dict[str, Any], meta: dict[str, Any]) -> tuple[Any, str] | None:
-        from torchvision.ops import box_iou
-
         dets = self.detections(raw, conf=BUILD_CONF, anchors=self.fastdet)[0]
-        box = torch.as_tensor(obj["box"], dtype=torch.float32).view(1, 4) * meta["scale"]
-        ok = dets["labels"].cpu() == int(obj["label"])
-        if not ok.any():
+        box = torch.as_tensor(obj["box"], dtype=torch.float32) * meta["scale"]
+        k = _best_match(box, obj["label"], dets["boxes"].float().cpu(), dets["labels"].cpu())
+        if k is None:
             return None
-        iou = torch.where(ok, box_iou(box, dets["boxes"].float().cpu())[0], torch.zeros(len(ok)))
-        k = int(iou.argmax())
-        if iou[k] < 0.5:
-            return None
-        desc = f"{self.classes[int(obj['label'])]} object (detected at {float(dets['scores'][k]):.2f})"
-        if self.fastdet:
-            return (int(dets["anchors"][k]), int(obj["label"])), desc
-        return (dets["boxes"][k].detach(), int(obj["label"])), desc
+        return self._selector(dets, k), (f"{self.classes[int(obj['label'])]} object (detected at "
+                                         f"{float(dets['scores'][k]):.2f})")
+
+    def _selector(self, dets: dict[str, torch.Tensor], k: int) -> tuple:
+        """:meth:`target`'s selector of detection ``k``: fastdet ``(anchor, class)``, else ``(box, label)``."""
+        first = int(dets["anchors"][k]) if self.fastdet else dets["boxes"][k].detach()
+        return first, int(dets["labels"][k])
 
     def explain_layer(self, model: nn.Module, selector: Any) -> tuple[str, nn.Module] | None:
         """fastdet: the neck output at the selected detection's stride, the map its score is
@@ -308,6 +296,19 @@ class DetectPipeline(Pipeline):
         box = raw[1][0, int(selector[0])] if self.fastdet else torch.as_tensor(selector[0])
         return to_original(box.detach().float().cpu().view(1, 4), meta["scale"], meta["height"],
                            meta["width"])[0].tolist()
+
+
+def _best_match(box, label: int, boxes: torch.Tensor, labels: torch.Tensor) -> int | None:
+    """Index of the box of ``label`` overlapping ``box`` most, if that IoU is at least 0.5."""
+    from torchvision.ops import box_iou
+
+    ok = labels.long() == int(label)
+    if len(boxes) == 0 or not ok.any():
+        return None
+    iou = box_iou(torch.as_tensor(box, device=boxes.device, dtype=boxes.dtype).view(1, 4), boxes)[0]
+    iou = torch.where(ok, iou, torch.zeros_like(iou))
+    j = int(iou.argmax())
+    return j if iou[j] >= 0.5 else None
 
 
 def pipeline(card: ModelCard) -> DetectPipeline:
