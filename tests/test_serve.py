@@ -469,6 +469,29 @@ def test_onnx_backend_answers_like_torch(served, tmp_path):
     assert answers["torch"][0]["detections"] and same(answers["onnx"], answers["torch"])
 
 
+@pytest.mark.parametrize("fixture", list(SERVED))
+def test_onnx_backend_catches_the_embedding_torch_does(served, request, tmp_path, fixture):
+    """Drift's embedding on ONNX Runtime (the deepest stage's output fetched beside the graph
+    outputs) equals the torch hook's, image for image, for every 2-D task's model; the tap
+    comes off cleanly."""
+    from cnnkit.methods.drift import EmbeddingTap
+    from cnnkit.serve import load_models
+
+    runs, models = served
+    name = SERVED[fixture]
+    onnx = load_models([f"{name}={runs[fixture]}"], backend="onnx", workdir=tmp_path)[name]
+    images = task_images(fixture, request, tmp_path)
+    embeddings = {}
+    for backend, p in (("torch", models[name]), ("onnx", onnx)):
+        tap = EmbeddingTap.attach(p)
+        assert tap is not None, backend
+        embeddings[backend] = tap.run(lambda p=p: p(images), len(images))[1]
+        tap.close()
+    assert embeddings["torch"] is not None and embeddings["torch"].shape == embeddings["onnx"].shape
+    assert np.abs(embeddings["onnx"] - embeddings["torch"]).max() <= 1e-4 * max(1, np.abs(embeddings["torch"]).max())
+    assert onnx.backend.tapped is None and [o.name for o in onnx.backend.session.get_outputs()] == onnx.backend.outputs
+
+
 def test_training_writes_the_drift_reference_serve_uses(served, tmp_path):
     """Training wrote weights/drift.json (val images' features, embeddings included); serving
     the run with no --reference watches drift against it: clean test images stay under the

@@ -3,7 +3,7 @@
 Each image is summarized by a few cheap features: the mean and standard deviation of each
 channel of the decoded image (brightness, contrast, colour cast), the model's confidence in
 its answer (the top class probability, the best detection score, the highest tag
-probability) and, on the torch backend, the model's embedding of the image: its deepest
+probability) and the model's embedding of the image (torch or ONNX Runtime): its deepest
 feature stage (``Pipeline.feature_layers``) averaged over positions, which follows what the
 model sees rather than raw pixels. Embeddings have hundreds of dimensions, so the reference
 keeps their first principal axes: the features are the projections on the top ``PCS`` axes
@@ -68,21 +68,34 @@ def confidence(row: dict[str, Any]) -> float | None:
 
 
 class EmbeddingTap:
-    """Catches a torch predictor's embedding of each image: the output of the deepest stage of
-    ``pipeline.feature_layers``, averaged over positions, through a forward hook that records
-    only inside :meth:`run` on the calling thread (other threads' calls pass untouched)."""
+    """Catches a predictor's embedding of each image: the output of the deepest stage of
+    ``pipeline.feature_layers``, averaged over positions. On the torch backend a forward hook
+    on that stage; on ONNX Runtime the stage's output tensor fetched beside the graph's
+    outputs (:meth:`OrtBackend.tap`). Either records only inside :meth:`run` on the calling
+    thread (other threads' calls pass untouched)."""
 
-    def __init__(self, layer: torch.nn.Module):
+    def __init__(self, layer: torch.nn.Module | None = None, backend=None):
         self.local = threading.local()
-        self.handle = layer.register_forward_hook(self._hook)
+        self.handle = layer.register_forward_hook(self._hook) if layer is not None else None
+        self.backend = backend
 
     @classmethod
     def attach(cls, predictor) -> EmbeddingTap | None:
-        """A tap on ``predictor``'s deepest feature stage (of its torch model, whose modules the
-        core runs), or None (ONNX Runtime and TorchScript have no model; no stages)."""
+        """A tap on ``predictor``'s deepest feature stage, or None (TorchScript has no named
+        modules; a model without stages; an ONNX graph whose stage output is not found)."""
+        from cnnkit.runtime.backend import OrtBackend
+
         model = getattr(predictor, "model", None)
-        stages = predictor.pipeline.feature_layers(model) if isinstance(model, torch.nn.Module) else {}
-        return cls(list(stages.values())[-1]) if stages else None
+        if isinstance(model, torch.nn.Module):
+            stages = predictor.pipeline.feature_layers(model)
+            return cls(list(stages.values())[-1]) if stages else None
+        if isinstance(predictor.backend, OrtBackend):
+            tensor = onnx_stage_output(predictor.pipeline, predictor.backend)
+            if tensor is not None:
+                tap = cls(backend=predictor.backend)
+                predictor.backend.tap(tensor, partial(tap._hook, None, ()))
+                return tap
+        return None
 
     def _hook(self, module, inputs, output) -> None:
         rows = getattr(self.local, "rows", None)
@@ -107,7 +120,75 @@ class EmbeddingTap:
         return out, emb if emb is not None and len(emb) == n else None
 
     def close(self) -> None:
-        self.handle.remove()
+        if self.handle is not None:
+            self.handle.remove()
+        if self.backend is not None:
+            self.backend.tap(None)
+
+
+def onnx_stage_output(pipeline, backend) -> str | None:
+    """The name of the tensor in ``backend``'s ONNX graph that the deepest feature stage of
+    ``pipeline`` writes, or None.
+
+    PyTorch's TorchScript-based exporter names each node by the scopes of the modules it ran
+    in (``/model/stages/stages.3/stages.3.1/.../Relu``; a wrapper's level may have no scope),
+    so the stage's output is the last node under the stage's scope. The model is rebuilt from the card (untrained) to find the
+    stage's path, and the guess is checked: on the same input the tensor must have the shape
+    the stage gives in PyTorch, else None (no embedding rather than a wrong one).
+    """
+    import onnx
+
+    model = pipeline.build().eval()
+    core = pipeline.core(model)
+    stages = pipeline.feature_layers(model)
+    if not stages:
+        return None
+    layer = list(stages.values())[-1]
+    path = next((n for n, m in core.named_modules() if m is layer), None)
+    if not path:
+        return None
+    parts = path.split(".")
+
+    full = [".".join(parts[:i + 1]) for i in range(len(parts))]
+
+    def inside(node_name: str) -> bool:
+        """Whether the node's scopes reach the stage: each scope is one of the stage path's
+        levels (a wrapper's level may have no scope of its own), in order."""
+        level = 0
+        for scope in node_name.split("/")[1:-1]:
+            while level < len(full) and not (full[level] == scope or full[level].endswith("." + scope)):
+                level += 1
+            if level == len(full):
+                return False
+            if level == len(full) - 1:
+                return True
+            level += 1
+        return False
+
+    graph = onnx.load(str(backend.path), load_external_data=False).graph
+    tensor = next((n.output[0] for n in reversed(graph.node) if n.output and inside(n.name)), None)
+    if tensor is None:
+        return None
+    x = pipeline.example_input(1)
+    caught: list[torch.Tensor] = []
+    tap = EmbeddingTap(layer)
+    tap.local.rows = caught
+    try:
+        with torch.no_grad():
+            core(x)
+    finally:
+        tap.close()
+    if len(caught) != 1:
+        return None
+    import onnxruntime as ort
+
+    from cnnkit.runtime.backend import with_output
+
+    session = ort.InferenceSession(with_output(backend.path, tensor), providers=["CPUExecutionProvider"])
+    out = session.run([tensor], {backend.inputs[0]: x.numpy()})[0]
+    got = torch.from_numpy(out).float()
+    got = got.flatten(2).mean(2) if got.ndim > 2 else got
+    return tensor if tuple(got.shape) == tuple(caught[0].shape) else None
 
 
 class Reference:

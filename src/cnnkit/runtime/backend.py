@@ -9,6 +9,7 @@ construction: nothing is mutated per call, so one backend can serve several thre
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,21 +55,38 @@ class OrtBackend:
         import onnxruntime as ort
 
         self.path = Path(path)
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.options = ort.SessionOptions()
+        self.options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
-            opts.intra_op_num_threads = threads
-        providers = ["CPUExecutionProvider"]
+            self.options.intra_op_num_threads = threads
+        self.providers = ["CPUExecutionProvider"]
         if device is not None and device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
-        try:
-            self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
-        except Exception as e:  # ORT raises its own exception types for damaged or unsupported files
-            raise ModelError(f"ONNX file '{self.path}' cannot be loaded by ONNX Runtime "
-                             f"({str(e).splitlines()[0][:160]})") from None
+            self.providers.insert(0, "CUDAExecutionProvider")
+        self.session = self._session(str(self.path))
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.input_shapes = [i.shape for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]
+        self.tapped: str | None = None  # an intermediate tensor also fetched on each call (see tap)
+        self.sink: Callable[[torch.Tensor], None] | None = None
+
+    def _session(self, model: str | bytes):
+        import onnxruntime as ort
+
+        try:
+            return ort.InferenceSession(model, self.options, providers=self.providers)
+        except Exception as e:  # ORT raises its own exception types for damaged or unsupported files
+            raise ModelError(f"ONNX file '{self.path}' cannot be loaded by ONNX Runtime "
+                             f"({str(e).splitlines()[0][:160]})") from None
+
+    def tap(self, tensor: str | None, sink: Callable[[torch.Tensor], None] | None = None) -> None:
+        """Also fetch the graph's intermediate ``tensor`` on every call and hand it to ``sink``
+        (on the calling thread), as a forward hook does on a torch module; ``None`` stops.
+        The session is rebuilt with ``tensor`` as an extra graph output, so call this before
+        serving, not while other threads run the backend."""
+        if tensor is None:
+            self.session, self.tapped, self.sink = self._session(str(self.path)), None, None
+            return
+        self.session, self.tapped, self.sink = self._session(with_output(self.path, tensor)), tensor, sink
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         feeds: dict[str, Any] = {}
@@ -79,8 +97,23 @@ class OrtBackend:
                 got = "x".join(map(str, arr.shape))
                 raise DataError(f"the ONNX model '{self.path.name}' takes inputs of shape {want}, got {got}")
             feeds[name] = arr
-        outs = self.session.run(None, feeds)
+        if self.tapped is None:
+            return tuple(torch.from_numpy(o) for o in self.session.run(None, feeds))
+        *outs, tapped = self.session.run([*self.outputs, self.tapped], feeds)
+        if self.sink is not None:
+            self.sink(torch.from_numpy(tapped))
         return tuple(torch.from_numpy(o) for o in outs)
+
+
+def with_output(path: str | Path, tensor: str) -> bytes:
+    """The ONNX model at ``path`` with its intermediate ``tensor`` added to the graph outputs
+    (serialized, for ``InferenceSession``)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    if tensor not in {o.name for o in model.graph.output}:
+        model.graph.output.append(onnx.helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None))
+    return model.SerializeToString()
 
 
 def read_onnx_card(path: str | Path) -> dict[str, Any]:

@@ -183,7 +183,7 @@ def create_app(models: dict[str, Any], settings: ServeSettings | None = None):
 
     @asynccontextmanager
     async def lifespan(app):
-        # embeddings for the drift features, caught on the inference thread (torch backend)
+        # embeddings for the drift features, caught on the inference thread (torch or ONNX Runtime)
         taps = {name: EmbeddingTap.attach(models[name]) for name, m in monitors.items()
                 if m.reference.embedding is not None}
         for name, p in models.items():
