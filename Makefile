@@ -12,6 +12,8 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test]"
+	@# the corruption tests' reference; its declared opencv-python needs libGL, so the headless build stands in
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps imagecorruptions==1.1.2
 	@touch $(STAMP)
 
 # Debian's Chromium for the web page test of `cnnkit serve` (needs root and apt; else the test skips)

@@ -21,7 +21,7 @@ from typing import Any
 
 from cnnkit.tasks import TASKS, config_class, spec
 
-__all__ = ["TASKS", "attack", "config_from_file", "explain", "export", "load", "predict", "train", "val"]
+__all__ = ["TASKS", "attack", "config_from_file", "explain", "export", "load", "predict", "robustness", "train", "val"]
 
 
 def train(task: str, cfg: Any = None, *, resume: str | Path | None = None, verbose: bool = True, **options: Any):
@@ -55,6 +55,20 @@ def attack(task: str, weights: str | Path, data: str, **options: Any) -> dict[st
         >>> cnnkit.attack("classify", "runs/classify/digits", "digits", method="pgd", eps="0.1")["attacked"]
     """
     return spec(task).attack(weights, data, **options)
+
+
+def robustness(task: str, weights: str | Path, data: str, **options: Any) -> dict[str, Any]:
+    """The task's val metric on a split of ``data``, clean and under image corruptions (the 15
+    of ImageNet-C, occlusion, illumination) at severities 1-5; the options of ``cnnkit TASK
+    robustness`` (``corruptions``, ``severities``, ``baseline``, ``limit``, ``seed``, ``out``).
+    Returns ``{"clean", "corruptions": {name: [metric per severity]}, "mce", ...}`` (the
+    ``--json`` content).
+
+    Examples:
+        >>> r = cnnkit.robustness("classify", "runs/classify/shapes", "shapes", corruptions="noise,blur")
+        >>> r["corruptions"]["gaussian_noise"]
+    """
+    return spec(task).robustness(weights, data, **options)
 
 
 def explain(task: str, weights: str | Path, source: str | Path | None = None, **options: Any) -> dict[str, Any]:

@@ -188,6 +188,17 @@ def add_mode_commands(group: click.Group, cfg_cls: type, val_help: str, predict_
 
             api.attack(task, weights, data, **options)
 
+    if getattr(cfg_cls, "ROBUSTNESS", None):
+        @group.command("robustness", context_settings=CONTEXT,
+                       help="The val metric under the 15 ImageNet-C corruptions (noise, blur, weather, digital) at "
+                            "five severities, plus occlusion and illumination (gamma, shadow, colour temperature); "
+                            "with --baseline, the corruption error (mCE). Prints a table, writes a heat map.")
+        @mode_options(cfg_cls.ROBUSTNESS)
+        def robustness_cmd(weights, data, **options) -> None:
+            from cnnkit import api
+
+            api.robustness(task, weights, data, **options)
+
     if getattr(cfg_cls, "EXPLAIN", None):
         @group.command("explain", context_settings=CONTEXT,
                        help="Heat maps of what the model's answers rest on (Grad-CAM and kin, saliency, integrated "

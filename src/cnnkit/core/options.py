@@ -133,6 +133,30 @@ def explain_options(target_help: str, data_help: str) -> tuple[Opt, ...]:
     )
 
 
+CORRUPTION_GROUPS = ("noise", "blur", "weather", "digital", "imagenet-c", "illumination", "occlusion", "all")
+_NOT_FOR_ROBUSTNESS = {"weights", "json_path", "ensemble", "tta", "missing", "missing_mode", "plot", "save_json"}
+
+
+def robustness_options(val: tuple[Opt, ...]) -> tuple[Opt, ...]:
+    """The options of ``cnnkit TASK robustness``: the task's ``val`` options (one model) and
+    the corruptions'."""
+    keep = tuple(o for o in val if o.name not in _NOT_FOR_ROBUSTNESS)
+    return (shared("weights", help="best.safetensors, its run folder, or an exported .onnx (int8 too)"),) + keep + (
+        Opt("corruptions", default="all",
+            help="comma-separated corruptions (gaussian_noise, shot_noise, impulse_noise, defocus_blur, glass_blur, "
+                 "motion_blur, zoom_blur, snow, frost, fog, brightness, contrast, elastic_transform, pixelate, "
+                 "jpeg_compression, occlusion, gamma, shadow, colour_temperature) or groups (" +
+                 ", ".join(CORRUPTION_GROUPS) + ")"),
+        Opt("severities", default="1-5", help="severities from 1 to 5: a range (1-5) or a list (1,3,5)"),
+        Opt("baseline", help="weights of a baseline model, evaluated on the same corrupted images: gives each "
+                             "corruption's error relative to it (CE) and their mean over ImageNet-C (mCE)"),
+        Opt("limit", int, 1000, "use at most this many images of the split", lo=1),
+        Opt("seed", int, 0, "seed of the corruptions' random draws (the same for every model)"),
+        Opt("out", "dir", "robustness", "where the heat map (robustness.png) and the examples (corruptions.png) go"),
+        shared("json_path", help="write the metric per corruption and severity (and the CE, mCE) here"),
+    )
+
+
 ATTACK_METHODS = ("fgsm", "pgd")
 ATTACK_NORMS = ("linf", "l2")
 _NOT_FOR_ATTACK = {"weights", "json_path", "ensemble", "tta", "missing", "missing_mode", "plot"}

@@ -160,6 +160,17 @@ class WorkflowSpec:
         o = resolve(self.config.ATTACK, {"weights": weights, "data": data, **options}, f"cnnkit {self.name} attack")
         return run(self, o, verbose)
 
+    def robustness(self, weights, data: str, *, verbose: bool = True, **options: Any) -> dict[str, Any]:
+        """The task's val metric on a split of ``data``, clean and under each corruption and
+        severity (``cnnkit TASK robustness``, :func:`cnnkit.robustness`); ``options`` are the
+        task's ``ROBUSTNESS`` options."""
+        from cnnkit.core.options import resolve
+        from cnnkit.methods.robustness import run
+
+        o = resolve(self.config.ROBUSTNESS, {"weights": weights, "data": data, **options},
+                    f"cnnkit {self.name} robustness")
+        return run(self, o, verbose)
+
     def explain_truth(self, records, i: int) -> list[tuple[Any, Any]]:
         """What to explain in record ``i`` of ``records`` (from :meth:`val_records`) and where it
         is: ``[(target, bool (H, W) object pixels or None), ...]`` for the pipeline's

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cnnkit.core.options import Opt, attack_options, explain_options, shared
+from cnnkit.core.options import Opt, attack_options, explain_options, robustness_options, shared
 from cnnkit.engine.config import ImageClassifierConfig
 from cnnkit.errors import CnnkitError
 
@@ -129,3 +129,4 @@ ClassifyConfig.EXPLAIN = explain_options(
     "the class to explain (a name or an index; default: the predicted class)",
     "digits, shapes (where the shape's pixels are known) or an ImageFolder path")
 ClassifyConfig.ATTACK = attack_options(ClassifyConfig.VAL)
+ClassifyConfig.ROBUSTNESS = robustness_options(ClassifyConfig.VAL)

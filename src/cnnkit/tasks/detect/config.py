@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cnnkit.core.choices import NMS_METHODS
-from cnnkit.core.options import Opt, attack_options, explain_options, shared
+from cnnkit.core.options import Opt, attack_options, explain_options, robustness_options, shared
 from cnnkit.engine.config import TrainConfig
 from cnnkit.errors import CnnkitError
 
@@ -115,3 +115,5 @@ _EXPLAIN_DATA = "shapes or a detection dataset (YAML, COCO, VOC); each ground-tr
 DetectConfig.EXPLAIN = explain_options(_EXPLAIN_TARGET, _EXPLAIN_DATA)
 InstanceConfig.EXPLAIN = explain_options(_EXPLAIN_TARGET, _EXPLAIN_DATA)
 DetectConfig.ATTACK, InstanceConfig.ATTACK = attack_options(DetectConfig.VAL), attack_options(InstanceConfig.VAL)
+DetectConfig.ROBUSTNESS = robustness_options(DetectConfig.VAL)
+InstanceConfig.ROBUSTNESS = robustness_options(InstanceConfig.VAL)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cnnkit.core.options import attack_options, explain_options, shared
+from cnnkit.core.options import attack_options, explain_options, robustness_options, shared
 from cnnkit.engine.config import ImageClassifierConfig
 from cnnkit.errors import CnnkitError
 
@@ -22,6 +22,7 @@ class MultiLabelConfig(ImageClassifierConfig):
         shared("weights"), shared("source"), shared("batch"), shared("device"),
         shared("json_path", help='write [{"path", "labels", "scores": {class: probability}}] to this file'))
     ATTACK = attack_options(VAL)
+    ROBUSTNESS = robustness_options(VAL)
     EXPLAIN = explain_options("the label to explain (a name or an index; default: the most probable one)",
                               "shapes, a CSV file or a folder with train.csv")
 

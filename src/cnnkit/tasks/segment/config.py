@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cnnkit.core.options import Opt, attack_options, explain_options, shared
+from cnnkit.core.options import Opt, attack_options, explain_options, robustness_options, shared
 from cnnkit.engine.config import TrainConfig
 from cnnkit.errors import CnnkitError
 
@@ -68,3 +68,4 @@ SegmentConfig.EXPLAIN = explain_options(
     "most predicted pixels)",
     "shapes or a segmentation YAML")
 SegmentConfig.ATTACK = attack_options(SegmentConfig.VAL)
+SegmentConfig.ROBUSTNESS = robustness_options(SegmentConfig.VAL)
