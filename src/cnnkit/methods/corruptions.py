@@ -143,7 +143,8 @@ def _clipped_zoom(x: torch.Tensor, factor: float) -> torch.Tensor:
 def _motion(x: torch.Tensor, radius: int, sigma: float, angles: torch.Tensor) -> torch.Tensor:
     """The reference's ``_motion_blur``: a one-sided Gaussian (width ``2 * radius + 1``) of
     copies shifted along each image's angle (degrees), edges repeated."""
-    b, _c, h, w = x.shape
+    b, c, h, w = x.shape
+    flat = x.reshape(b, c, h * w)
     width = 2 * radius + 1
     k = np.exp(-np.arange(width) ** 2 / (2 * sigma ** 2)) / (math.sqrt(2 * math.pi) * sigma)
     k = k / k.sum()
@@ -152,7 +153,6 @@ def _motion(x: torch.Tensor, radius: int, sigma: float, angles: torch.Tensor) ->
     out = torch.zeros_like(x)
     rows = torch.arange(h)
     cols = torch.arange(w)
-    bidx = torch.arange(b, device=x.device).view(b, 1, 1)
     alive = torch.ones(b, dtype=torch.bool)
     for i in range(width):
         # the reference's point is (width sin, width cos) and its hypot width: shifts of i sin, i cos
@@ -163,7 +163,8 @@ def _motion(x: torch.Tensor, radius: int, sigma: float, angles: torch.Tensor) ->
             break
         ys = (rows.view(1, h) - dy.view(b, 1)).clamp(0, h - 1)  # shift(): edge rows repeated
         xs = (cols.view(1, w) - dx.view(b, 1)).clamp(0, w - 1)
-        shifted = x[bidx, :, ys.view(b, h, 1).to(x.device), xs.view(b, 1, w).to(x.device)].permute(0, 3, 1, 2)
+        idx = (ys.view(b, h, 1) * w + xs.view(b, 1, w)).view(b, 1, h * w).to(x.device)
+        shifted = flat.gather(2, idx.expand(b, c, h * w)).view(b, c, h, w)
         weight = torch.where(alive, torch.tensor(float(k[i])), torch.tensor(0.0)).to(x.device, x.dtype)
         out += weight.view(b, 1, 1, 1) * shifted
     return out
@@ -210,13 +211,18 @@ def _disk(radius: int, alias_blur: float) -> torch.Tensor:
 
 
 def defocus_blur(x, s, g):
-    """OpenCV's ``filter2D`` with the disk kernel (borders reflect-101)."""
+    """OpenCV's ``filter2D`` with the disk kernel (borders reflect-101), as a product of
+    Fourier transforms over the padded image (a 21 x 21 depthwise convolution is slow on CPU;
+    the padding makes the circular convolution's wrap-around fall outside the kept pixels)."""
     radius, alias = [(3, 0.1), (4, 0.5), (6, 0.5), (8, 0.5), (10, 0.5)][s - 1]
-    k = _disk(radius, alias).to(x.device, x.dtype)
+    k = _disk(radius, alias)
     r = (k.shape[0] - 1) // 2
-    b, c, h, w = x.shape
+    h, w = x.shape[-2:]
     xp = x.index_select(-2, _pad_index(h, r, "reflect").to(x.device)).index_select(-1, _pad_index(w, r, "reflect").to(x.device))
-    return F.conv2d(xp.reshape(b * c, 1, h + 2 * r, w + 2 * r), k[None, None]).view(b, c, h, w)
+    size = xp.shape[-2:]
+    kf = torch.fft.rfft2(k.flip(0, 1).to(x.device, torch.float32), s=size)
+    out = torch.fft.irfft2(torch.fft.rfft2(xp, s=size) * kf, s=size)
+    return out[..., 2 * r:, 2 * r:]
 
 
 GLASS_JITTER = [2.1, 2.7, 3.6, 3.9, 4.6]  # px per severity, fitted to the reference's mean change (see above)
