@@ -1,7 +1,7 @@
 """Corruption benchmark: kernel speed against imagecorruptions, the 15 x 5 run's wall time on
 1,000 `shapes` images, and the relative mCE of models trained with and without augmentation.
 
-    python benchmarks/robustness.py [--epochs 15] [--speed-images 100] [--goal-images 1000]
+    python benchmarks/robustness.py [--epochs 15] [--speed-images 100] [--goal-images 1000] [--skip PARTS]
 
 1. **Kernels.** The 15 ImageNet-C corruptions at severities 1-5 on ``--speed-images`` shapes
    images (64 px): cnnkit's batched tensor kernels (batch 64) against the `imagecorruptions`
@@ -15,6 +15,9 @@
    default (affine,flip) and the default plus photometric augmentations (noise, blur, colour
    jitter, gamma, shadow); each is evaluated on the val split under every corruption and the
    corruption errors are computed against the ``--aug none`` model (CE, mCE, relative mCE).
+4. **Illumination.** The default classifier trained again with each ``--illumination`` mode
+   (standardize, grayworld, equalize), all evaluated on the val split under the lighting
+   corruptions (gamma, shadow, colour temperature, brightness, contrast, fog, frost).
 
 Run it alone: timings on 2 shared cores are off by 2-4x when anything else runs.
 """
@@ -88,7 +91,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--speed-images", type=int, default=100)
     ap.add_argument("--goal-images", type=int, default=1000)
-    ap.add_argument("--skip", default="", help="comma-separated parts to skip: speed, goal, aug")
+    ap.add_argument("--tag", default="", help="suffix of the results file (benchmarks/results/robustness{TAG}.json)")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: speed, goal, aug, illumination")
     args = ap.parse_args()
     import cnnkit
     from cnnkit.methods.corruptions import IMAGENET_C
@@ -146,7 +150,23 @@ def main() -> None:
                       f"mCE {row['mce']:.3f}  relative mCE {row['relative_mce'] if row['relative_mce'] is None else round(row['relative_mce'], 3)}  "
                       + "  ".join(f"{k} {v:.3f}" for k, v in extra.items()), flush=True)
             result["augmentation"] = rows
-    save("robustness", result)
+        if "illumination" not in skip:
+            lighting = "illumination,brightness,contrast,fog,frost"
+            rows = []
+            for mode in ("none", "standardize", "grayworld", "equalize"):
+                run = runs["default"] if mode == "none" else Path(tmp) / f"light-{mode}"
+                if mode != "none":
+                    cnnkit.train("classify", data="shapes", epochs=args.epochs, illumination=mode, out=str(run),
+                                 verbose=False)
+                r = cnnkit.robustness("classify", run, "shapes", split="val", corruptions=lighting, severities="1-5",
+                                      out=str(Path(tmp) / f"light-{mode}-rob"), verbose=False)
+                row = {"illumination": mode, "clean": r["clean"], "mean": r["mean"],
+                       **{n: round(float(np.mean(v)), 4) for n, v in r["corruptions"].items()}}
+                rows.append(row)
+                print(f"--illumination {mode:<12} clean {row['clean']:.4f}  mean under lighting {row['mean']:.4f}  "
+                      + "  ".join(f"{n} {row[n]:.3f}" for n in r["corruptions"]), flush=True)
+            result["illumination"] = rows
+    save(f"robustness{args.tag}", result)
 
 
 if __name__ == "__main__":

@@ -141,6 +141,18 @@ def explain_wrote_every_method(root: Path) -> None:
         assert np.load(out / f"val_0000.{method}.npy").shape == (64, 64)
 
 
+def robustness_table_falls_under_heavy_corruption(root: Path) -> None:
+    """The README's shapes robustness run: every corruption at every severity, a heat map and
+    examples; heavy noise costs the classifier accuracy."""
+    from cnnkit.methods.corruptions import CORRUPTIONS
+
+    res = json.loads((root / "runs" / "robustness" / "shapes.json").read_text())
+    assert list(res["corruptions"]) == list(CORRUPTIONS) and res["images"] == 200
+    assert all(len(v) == 5 for v in res["corruptions"].values())
+    assert res["corruptions"]["gaussian_noise"][4] < 0.8 * res["clean"], res
+    assert (root / res["heatmap"]).is_file() and (root / res["examples"]).is_file()
+
+
 # what a README run must reach, checked right after its command (README command prefix -> check; a
 # curl command's check gets its output, a cnnkit command's the README folder)
 CHECKS = {
@@ -149,6 +161,7 @@ CHECKS = {
     "cnnkit classify train --data digits --seed 2 --out runs/classify/digits-s2": digits_default_training_reaches_98_5_percent,
     "cnnkit multilabel train --data shapes --imgsz 32 --epochs 8 ": multilabel_shapes_learns_well_above_chance,
     "cnnkit classify explain --weights runs/classify/shapes --data shapes": explain_wrote_every_method,
+    "cnnkit classify robustness --weights runs/classify/shapes": robustness_table_falls_under_heavy_corruption,
 }
 
 

@@ -11,14 +11,14 @@ from typing import Any
 
 import click
 
-from cnnkit.core.choices import ATTENTION, POOLS
+from cnnkit.core.choices import ATTENTION, ILLUMINATION, POOLS
 from cnnkit.engine.config import AMP_MODES, OPTIMIZERS, SCHEDULES
 
 CHOICES: dict[str, tuple[str, ...]] = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "amp": AMP_MODES,
                                        "attention": ("none", *ATTENTION), "pool": POOLS,
                                        "loss": ("ce", "sce", "gce"), "noise_type": ("symmetric", "pairflip"),
                                        "missing_mode": ("pixel", "patch"), "missing_input": ("zero", "mask"),
-                                       "adv": ("pgd", "fgsm")}
+                                       "adv": ("pgd", "fgsm"), "illumination": ILLUMINATION}
 
 HELP: dict[str, str] = {
     "data": "dataset: digits, shapes, or an ImageFolder path (root/train/<class>/..., optional val/ and test/)",
@@ -53,6 +53,9 @@ HELP: dict[str, str] = {
     "seed": "random seed (data order, augmentation, initialization)",
     "adv": "adversarial training (a defence): train on pgd or fgsm examples of every batch against the model "
            "being trained",
+    "illumination": "normalize the lighting inside the model (recorded in its card, applied at train and "
+                    "inference time alike): standardize (per-image brightness and contrast), grayworld (colour "
+                    "cast), equalize (histogram equalization of the luma: any tone curve)",
     "adv_eps": "--adv budget in pixel units of [0, 1] images (L-infinity), e.g. 8/255 or 0.1",
     "adv_steps": "--adv pgd: attack steps per batch (step eps/4); each costs a forward and backward pass",
     "device": "auto, cpu, cuda, cuda:N or mps",

@@ -13,3 +13,6 @@ VOLUME_MODELS = SEGMENTERS_3D + CLASSIFIERS_3D
 MULTILABEL_LOSSES = ("bce", "asl")  # tasks/multilabel/task.py
 SEG_LOSSES = ("ce", "dice", "focal", "ce+dice")  # tasks/segment/task.py
 MEDICAL_LOSSES = ("dice", "dice+ce")  # tasks/medical/task.py
+
+# illumination normalization inside classifiers (cnnkit.data.illumination)
+ILLUMINATION = ("none", "standardize", "grayworld", "equalize")

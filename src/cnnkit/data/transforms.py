@@ -40,12 +40,16 @@ class Preprocess:
     channels: int = 3
     resize: str = "squash"
     mask_channel: bool = False  # the model takes an extra observation-mask channel (--missing-input mask)
+    illumination: str = "none"  # lighting normalized on [0, 1] pixels before mean/std (cnnkit.data.illumination)
 
     def transforms(self) -> list[v2.Transform]:
         return [v2.Resize((self.imgsz, self.imgsz), antialias=True)]
 
     def normalize(self) -> list[v2.Transform]:
-        return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(self.mean), list(self.std))]
+        from cnnkit.data.illumination import Illumination
+
+        light = [Illumination(self.illumination)] if self.illumination != "none" else []
+        return [v2.ToDtype(torch.float32, scale=True), *light, v2.Normalize(list(self.mean), list(self.std))]
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
         return self.eval_transform()(img)

@@ -129,6 +129,9 @@ class AdversarialTraining(Hook):
         normalization (a classifier's data arrives normalized)."""
         if card.input.mask_channel:
             raise CnnkitError("--adv does not combine with --missing-input mask")
+        if card.input.illumination != "none":
+            raise CnnkitError("--adv does not combine with --illumination yet: the attack would perturb the image "
+                              "after its lighting is normalized, not the pixels")
         norm = card.task in ("classify", "multilabel") and card.input.mean is not None
         return cls(AttackConfig(tc.adv, parse_eps(tc.adv_eps), tc.adv_steps, seed=tc.seed),
                    card.input.mean if norm else None, card.input.std if norm else None)

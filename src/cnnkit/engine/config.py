@@ -158,9 +158,14 @@ class ImageClassifierConfig(TrainConfig):
     drop_rate: float = 0.2
     attention: str | None = None  # se, cbam or eca blocks in the backbone (smallcnn, resnets)
     pool: str = "avg"  # global pooling: avg, max, avgmax, lp, gem, spp
+    illumination: str = "none"  # standardize, grayworld or equalize: inside the model, recorded in the card
 
     def validate(self) -> None:
         super().validate()
+        from cnnkit.core.choices import ILLUMINATION
+
+        if self.illumination not in ILLUMINATION:
+            raise CnnkitError(f"--illumination must be one of {', '.join(ILLUMINATION)}, got '{self.illumination}'")
         if not 0 < self.val_fraction < 1:
             raise CnnkitError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         if self.channels not in (None, 1, 3):

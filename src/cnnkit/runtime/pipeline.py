@@ -345,19 +345,24 @@ def load_model(weights: str | Path, task: str | None = None, **build_options) ->
 class Normalized(nn.Module):
     """``model`` behind a fixed ``(x - mean) / std`` of the first ``len(mean)`` channels (an
     observation-mask channel after them passes unchanged), so the core takes values in [0, 1]
-    and the normalization travels inside exported files."""
+    and the normalization travels inside exported files; with ``illumination`` the lighting is
+    normalized first (:mod:`cnnkit.data.illumination`), as in training."""
 
-    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]):
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float], illumination: str = "none"):
         super().__init__()
+        from cnnkit.data.illumination import Illumination
+
         self.model = model
+        self.light = Illumination(illumination) if illumination != "none" else None
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.mean.shape[1]
+        image = x[:, :c] if self.light is None else self.light(x[:, :c])
         if x.shape[1] == c:
-            return self.model((x - self.mean) / self.std)
-        return self.model(torch.cat([(x[:, :c] - self.mean) / self.std, x[:, c:]], 1))
+            return self.model((image - self.mean) / self.std)
+        return self.model(torch.cat([(image - self.mean) / self.std, x[:, c:]], 1))
 
 
 class ImageClassifierPipeline(Pipeline):
@@ -373,7 +378,7 @@ class ImageClassifierPipeline(Pipeline):
 
     def core(self, model: nn.Module) -> nn.Module:
         i = self.card.input
-        return Normalized(model, i.mean, i.std)
+        return Normalized(model, i.mean, i.std, i.illumination)
 
     def feature_layers(self, model: nn.Module) -> dict[str, nn.Module]:
         from cnnkit.models.finetune import feature_stages

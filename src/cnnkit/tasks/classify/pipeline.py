@@ -26,7 +26,8 @@ def legacy_preprocess(card: ModelCard):
     from cnnkit.data.transforms import Preprocess
 
     i = card.input
-    return Preprocess(i.height, tuple(i.mean), tuple(i.std), i.channels, mask_channel=i.mask_channel)
+    return Preprocess(i.height, tuple(i.mean), tuple(i.std), i.channels, mask_channel=i.mask_channel,
+                      illumination=i.illumination)
 
 
 def pipeline(card: ModelCard) -> ClassifyPipeline:

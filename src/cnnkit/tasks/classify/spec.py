@@ -62,7 +62,8 @@ class ClassifySpec(WorkflowSpec):
         data = load_classification_data(cfg.data, seed=cfg.seed, val_fraction=cfg.val_fraction, channels=cfg.channels)
         imgsz = cfg.imgsz or data.default_imgsz
         mean, std = normalization_stats(data, cfg.pretrained)
-        pre = Preprocess(imgsz, mean, std, data.channels, mask_channel=cfg.missing_input == "mask")
+        pre = Preprocess(imgsz, mean, std, data.channels, mask_channel=cfg.missing_input == "mask",
+                         illumination=cfg.illumination)
         # with --batch-aug the default per-image augmentation is off (it would augment twice)
         aug = cfg.aug if cfg.aug is not None else ("none" if cfg.batch_aug else default_aug(data))
         train_tf = pre.train_transform(parse_aug(aug, imgsz), cfg.missing, cfg.missing_mode)
@@ -100,7 +101,7 @@ class ClassifySpec(WorkflowSpec):
                       + (f"; sampler {sampler_name}" if sampler_name else ""))
         card = ModelCard("classify", cfg.model, list(data.classes),
                          InputSpec(imgsz, imgsz, data.channels, mean=tuple(mean), std=tuple(std),
-                                   mask_channel=pre.mask_channel),
+                                   mask_channel=pre.mask_channel, illumination=cfg.illumination),
                          OutputSpec(("logits",), "softmax"), model_kwargs, provenance=provenance(cfg, aug=aug))
         return Setup(model, task, train_loader, val_loader, card, data, batch_transforms=batch_transforms,
                      state={"imb": imb, "pre": pre, "train_split": train_split, "val_split": val_split})

@@ -47,7 +47,7 @@ class MultiLabelSpec(WorkflowSpec):
         data = load_multilabel_data(cfg.data, seed=cfg.seed, val_fraction=cfg.val_fraction, channels=cfg.channels)
         imgsz = cfg.imgsz or data.default_imgsz
         mean, std = normalization_stats(data, cfg.pretrained)
-        pre = Preprocess(imgsz, mean, std, data.channels)
+        pre = Preprocess(imgsz, mean, std, data.channels, illumination=cfg.illumination)
         aug = cfg.aug if cfg.aug is not None else DEFAULT_AUG
         task = make_task(cfg, data.classes)
         model_kwargs = {"drop_rate": cfg.drop_rate, "attention": cfg.attention, "pool": cfg.pool}
@@ -65,7 +65,8 @@ class MultiLabelSpec(WorkflowSpec):
         val_loader = make_loader(TransformedDataset(data.split("val"), pre.eval_transform()), cfg.batch * 2, False,
                                  cfg.workers, task.collate, pin_memory=pin)
         card = ModelCard("multilabel", cfg.model, list(data.classes),
-                         InputSpec(imgsz, imgsz, data.channels, mean=tuple(mean), std=tuple(std)),
+                         InputSpec(imgsz, imgsz, data.channels, mean=tuple(mean), std=tuple(std),
+                                   illumination=cfg.illumination),
                          OutputSpec(("logits",), "sigmoid"), model_kwargs,
                          provenance=provenance(cfg, aug=aug, loss=cfg.loss, val_fraction=cfg.val_fraction))
         return Setup(model, task, train_loader, val_loader, card, data)
