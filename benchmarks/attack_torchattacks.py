@@ -3,7 +3,8 @@
     python benchmarks/attack_torchattacks.py [--epochs 10] [--batch 64]
 
 Two smallcnn classifiers are trained here (digits at 16 px, shapes at 64 px); each is attacked
-with FGSM and PGD (10 steps, step eps/4, random start) in the L-infinity ball, by cnnkit
+with FGSM and PGD (10 steps, step eps/4, random start) in the L-infinity ball, and with the
+Carlini-Wagner L2 attack at torchattacks' defaults (c 1, kappa 0, 50 Adam steps at 0.01), by cnnkit
 (``cnnkit.methods.attack``, through the same ``AttackBackend`` that ``cnnkit classify attack``
 puts under ``val``) and by torchattacks 3.5.1 (the peer, installed by this script into
 ``benchmarks/.peer-torchattacks`` with pip ``--target`` and put on this process's path only,
@@ -55,11 +56,16 @@ def compare(name: str, run: Path, data: str, split: str, method: str, eps: float
         clean = sum(int((core(xs[i:i + batch]).argmax(1) == ys[i:i + batch]).sum()) for i in range(0, len(xs), batch))
     tops = {"cnnkit": [], "torchattacks": []}
     secs = {"cnnkit": 0.0, "torchattacks": 0.0}
+    l2 = {"cnnkit": [], "torchattacks": []}  # per image overturned: the perturbation's L2 size
     for seed in range(seeds if method == "pgd" else 1):  # PGD's random start: several seeds, same for both
-        ours = AttackBackend(p.backend, p.pipeline, AttackConfig(method, eps, 10, eps / 4, seed=seed))
-        torch.manual_seed(seed)  # torchattacks draws its start from torch's global generator
-        peer = (torchattacks.FGSM(core, eps=eps) if method == "fgsm" else
-                torchattacks.PGD(core, eps=eps, alpha=eps / 4, steps=10, random_start=True))
+        if method == "cw":  # torchattacks' CW defaults: c 1, kappa 0, 50 Adam steps at 0.01
+            ours = AttackBackend(p.backend, p.pipeline, AttackConfig("cw", eps, 50, 0.01, c=1.0, kappa=0.0))
+            peer = torchattacks.CW(core, c=1, kappa=0, steps=50, lr=0.01)
+        else:
+            ours = AttackBackend(p.backend, p.pipeline, AttackConfig(method, eps, 10, eps / 4, seed=seed))
+            torch.manual_seed(seed)  # torchattacks draws its start from torch's global generator
+            peer = (torchattacks.FGSM(core, eps=eps) if method == "fgsm" else
+                    torchattacks.PGD(core, eps=eps, alpha=eps / 4, steps=10, random_start=True))
         right = {"cnnkit": 0, "torchattacks": 0}
         for i in range(0, len(xs), batch):
             x, y = xs[i:i + batch], ys[i:i + batch]
@@ -75,6 +81,8 @@ def compare(name: str, run: Path, data: str, split: str, method: str, eps: float
             secs["torchattacks"] += t2 - t1
             right["cnnkit"] += int((out.argmax(1) == y).sum())
             right["torchattacks"] += int((out_peer.argmax(1) == y).sum())
+            l2["torchattacks"] += (adv - x).flatten(1).norm(dim=1)[out_peer.argmax(1) != y].tolist()
+            l2["cnnkit"] += [v for v, f in zip(ours.stats.l2[-len(x):], (out.argmax(1) != y).tolist()) if f]
         for k, runs in tops.items():
             runs.append(right[k] / len(xs))
     n = len(xs)
@@ -84,6 +92,8 @@ def compare(name: str, run: Path, data: str, split: str, method: str, eps: float
            "cnnkit_runs": tops["cnnkit"], "torchattacks_runs": tops["torchattacks"],
            "cnnkit_s": round(secs["cnnkit"], 3), "torchattacks_s": round(secs["torchattacks"], 3)}
     row["diff_points"] = round(100 * (row["cnnkit_top1"] - row["torchattacks_top1"]), 2)
+    for k, v in l2.items():  # mean L2 of the perturbations that overturned an answer (CW's figure of merit)
+        row[f"{k}_mean_l2"] = round(sum(v) / len(v), 4) if v else None
     row["speedup"] = round(row["torchattacks_s"] / row["cnnkit_s"], 2)
     print(f"{name:<8} {method:<5} eps {eps:.4f}  clean {row['clean_top1']:.4f}  cnnkit {row['cnnkit_top1']:.4f}  "
           f"torchattacks {row['torchattacks_top1']:.4f} ({row['diff_points']:+.2f} points, mean of {row['seeds']} "
@@ -106,7 +116,7 @@ def main() -> None:
         for data, split in (("digits", "test"), ("shapes", "val")):
             run = Path(tmp) / data
             cnnkit.train("classify", data=data, epochs=args.epochs, out=str(run), verbose=False)
-            for method in ("fgsm", "pgd"):
+            for method in ("fgsm", "pgd", "cw"):
                 rows.append(compare(data, run, data, split, method, SETTINGS[data], args.batch, args.seeds))
     save("attack_torchattacks", {"epochs": args.epochs, "batch": args.batch, "seeds": args.seeds, "rows": rows})
 

@@ -109,12 +109,60 @@ def test_segmenter_under_targeted_attack(seg_run, seg_data, tmp_path):
     assert attacked["pixel_acc"] < clean["pixel_acc"] and r["success_rate"] > 0
 
 
+def test_cw_margin_is_the_true_logit_minus_the_best_other(tiny):
+    pipe = tiny[0]
+    logits = torch.tensor([[2.0, 5.0, -1.0, 0.5], [0.1, 0.2, 0.3, 0.4]])
+    labels = torch.tensor([1, 0])
+    m = pipe.attack_margin((logits,), None, None, labels)
+    torch.testing.assert_close(m, torch.tensor([5.0 - 2.0, 0.1 - 0.4]))
+    toward = pipe.attack_margin((logits,), None, 3, labels)  # best other minus the target's
+    torch.testing.assert_close(toward, torch.tensor([5.0 - 0.5, 0.3 - 0.4]))
+
+
+def test_cw_keeps_the_smallest_success_and_leaves_failures_clean(tiny):
+    """Each image is either overturned (its top class changed) or returned exactly clean; a
+    larger c overturns at least as many, with larger changes."""
+    pipe, core, x, ref = tiny
+
+    def margin(a):
+        return pipe.attack_margin((core(a),), ref)
+
+    runs = {}
+    for c in (0.05, 10.0):
+        adv = A.perturb(None, x, A.AttackConfig("cw", steps=30, alpha=0.05, c=c), margin_fn=margin)
+        with torch.no_grad():
+            flipped = core(adv).argmax(1) != ref[0].argmax(1)
+        same = (adv == x).flatten(1).all(1)
+        assert (flipped | same).all() and adv.min() >= 0 and adv.max() <= 1
+        runs[c] = (flipped, (adv - x).flatten(1).norm(dim=1))
+    assert runs[10.0][0].sum() >= runs[0.05][0].sum() and runs[10.0][0].any()
+
+
+def test_cw_breaks_a_trained_classifier_with_small_changes(digits_run, tmp_path, cli):
+    js = tmp_path / "cw.json"
+    r = cli("classify", "attack", "--weights", str(digits_run), "--data", "digits", "--limit", "64", "--method", "cw",
+            "--steps", "30", "--c", "5", "--out", str(tmp_path / "pics"), "--json", str(js))
+    assert r.code == 0, r.err
+    res = json.loads(js.read_text())
+    assert res["eps"] is None and res["c"] == 5.0 and res["norm"] == "l2" and res["steps"] == 30
+    assert res["clean"] > 0.9 and res["attacked"] < res["clean"] - 0.5
+    assert 0 < res["mean_l2"] < 2.0 and (tmp_path / "pics" / "cw_l2.png").is_file()
+    assert "CW L2, c 5" in r.out
+
+
+def test_cw_refuses_a_detector(fitted_detector, tmp_path, cli):
+    run, data = fitted_detector
+    r = cli("detect", "attack", "--weights", str(run), "--data", str(data), "--method", "cw", "--limit", "2",
+            "--out", str(tmp_path))
+    assert r.code == 2 and "--method cw needs a margin" in r.err and len(r.err.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("args, words", [
     (["--eps", "0"], "--eps must be in (0, 1]"),
     (["--eps", "2"], "--eps must be in (0, 1]"),
     (["--eps", "eight"], "--eps takes a number"),
     (["--targeted", "zebra"], "is not a class of this model"),
-    (["--method", "cw"], "--method"),
+    (["--method", "autoattack"], "--method"),
 ])
 def test_attack_bad_input(digits_run, tmp_path, cli, args, words):
     r = cli("classify", "attack", "--weights", str(digits_run), "--data", "digits", "--limit", "8", *args,

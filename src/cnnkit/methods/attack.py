@@ -74,7 +74,8 @@ class AttackBackend:
         if labels is None or t is not None:
             with torch.no_grad():
                 ref = tuple(r.detach() for r in self._raw(x))
-        adv = perturb(lambda a: self.pipeline.attack_loss(self._raw(a), ref, t, labels), x, self.cfg, self.generator)
+        adv = perturb(lambda a: self.pipeline.attack_loss(self._raw(a), ref, t, labels), x, self.cfg, self.generator,
+                      lambda a: self.pipeline.attack_margin(self._raw(a), ref, t, labels))
         out = self.inner(adv)
         s = self.stats
         if ref is not None:  # with true labels, success comes from the clean and attacked accuracy instead
@@ -117,7 +118,7 @@ def run(spec, o: dict[str, Any], verbose: bool = True) -> dict[str, Any]:
 
     cfg = AttackConfig(o["method"], parse_eps(o["eps"]), o["steps"],
                        parse_fraction(o["alpha"], "--alpha") if o["alpha"] is not None else None, o["norm"], None,
-                       seed=o["seed"])
+                       seed=o["seed"], c=o["c"], kappa=o["kappa"])
     model = load_torch(o["weights"], o["device"], spec.name, "attack",
                        **{k: o[k] for k in spec.load_options if k in o and o[k] is not None})
     if o["targeted"] is not None:
@@ -135,10 +136,13 @@ def run(spec, o: dict[str, Any], verbose: bool = True) -> dict[str, Any]:
         summary["success_rate"] = round(max(0.0, 1 - attacked.get(key, 0.0) / clean[key]), 4)
     out = Path(o["out"])
     picture = out / f"{cfg.method}_{cfg.norm}.png"
-    if attacker.stats.kept:
-        draw(attacker.stats.kept, cfg.eps, picture)
-    result = {"method": cfg.method, "norm": cfg.norm, "eps": cfg.eps, "steps": cfg.steps if cfg.method == "pgd" else 1,
-              "alpha": cfg.alpha if cfg.method == "pgd" else cfg.eps, "targeted": o["targeted"], "metric": key,
+    if attacker.stats.kept:  # CW has no budget: its difference is scaled by the largest change drawn
+        scale = cfg.eps if cfg.method != "cw" else max(float((a - c).abs().max()) for c, a in attacker.stats.kept)
+        draw(attacker.stats.kept, max(scale, 1e-6), picture)
+    cw = cfg.method == "cw"
+    result = {"method": cfg.method, "norm": cfg.norm, "eps": None if cw else cfg.eps,
+              "steps": 1 if cfg.method == "fgsm" else cfg.steps, "alpha": cfg.eps if cfg.method == "fgsm" else cfg.alpha,
+              **({"c": cfg.c, "kappa": cfg.kappa} if cw else {}), "targeted": o["targeted"], "metric": key,
               "clean": clean.get(key), "attacked": attacked.get(key), **summary,
               "clean_metrics": _numbers(clean), "attacked_metrics": _numbers(attacked),
               "picture": str(picture) if attacker.stats.kept else None, "data": o["data"], "split": o["split"],
@@ -159,8 +163,12 @@ def _print(r: dict[str, Any]) -> None:
 
     from cnnkit.engine.progress import console
 
-    what = (f"{r['method'].upper()} {r['norm']} eps {r['eps']:.4g}" + (f", {r['steps']} steps of {r['alpha']:.4g}"
-            if r["method"] == "pgd" else "") + (f", toward '{r['targeted']}'" if r["targeted"] is not None else ""))
+    if r["method"] == "cw":
+        what = f"CW L2, c {r['c']:g}, kappa {r['kappa']:g}, {r['steps']} Adam steps at {r['alpha']:.4g}"
+    else:
+        what = f"{r['method'].upper()} {r['norm']} eps {r['eps']:.4g}" + (
+            f", {r['steps']} steps of {r['alpha']:.4g}" if r["method"] == "pgd" else "")
+    what += f", toward '{r['targeted']}'" if r["targeted"] is not None else ""
     t = Table(title=f"{what} · {r['data']} {r['split']} · {r['samples']} images")
     for c in ("metric", "clean", "under attack"):
         t.add_column(c, justify="left" if c == "metric" else "right")

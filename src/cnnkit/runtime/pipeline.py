@@ -131,6 +131,13 @@ class Pipeline:
         there was nothing to overturn)."""
         raise NotImplementedError
 
+    def attack_margin(self, raw: tuple[torch.Tensor, ...], ref: tuple[torch.Tensor, ...] | None,
+                      targeted: int | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The Carlini-Wagner margin per sample ``(B,)``: negative exactly when the answer is
+        overturned (or is class ``targeted``). Only single-label classifiers have one."""
+        raise ModelError(f"--method cw needs a margin between class scores, which {self.task} models do not "
+                         "have; it attacks single-label classifiers (use pgd with --norm l2 here)")
+
     def explain_layer(self, model: nn.Module, selector: Any) -> tuple[str, nn.Module] | None:
         """The layer a CAM method should look at for this target when the user names none
         (None: the deepest of :meth:`feature_layers`)."""
@@ -427,6 +434,20 @@ class ImageClassifierPipeline(Pipeline):
             return F.cross_entropy(logits, want, reduction="none")
         want = torch.full((len(logits),), int(targeted), device=logits.device, dtype=torch.long)
         return -F.cross_entropy(logits, want, reduction="none")
+
+    def attack_margin(self, raw, ref, targeted: int | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The true (else the clean top) class's logit minus the best other's; toward
+        ``targeted``: the best other's minus the target's. Multi-label models have none."""
+        if self.card.task == "multilabel":
+            return super().attack_margin(raw, ref, targeted, labels)
+        logits = raw[0].float()
+        if targeted is None:
+            cls = labels.long().to(logits.device) if labels is not None else ref[0].argmax(1)
+        else:
+            cls = torch.full((len(logits),), int(targeted), device=logits.device, dtype=torch.long)
+        own = logits.gather(1, cls.view(-1, 1))[:, 0]
+        other = logits.scatter(1, cls.view(-1, 1), float("-inf")).amax(1)
+        return own - other if targeted is None else other - own
 
     def attack_success(self, raw, ref, targeted: int | None = None) -> torch.Tensor:
         """Top class changed (or is ``targeted``); multi-label: any label flipped (or ``targeted`` on)."""
