@@ -18,7 +18,7 @@ CHOICES: dict[str, tuple[str, ...]] = {"optimizer": OPTIMIZERS, "schedule": SCHE
                                        "attention": ("none", *ATTENTION), "pool": POOLS,
                                        "loss": ("ce", "sce", "gce"), "noise_type": ("symmetric", "pairflip"),
                                        "missing_mode": ("pixel", "patch"), "missing_input": ("zero", "mask"),
-                                       "adv": ("pgd", "fgsm"), "illumination": ILLUMINATION}
+                                       "adv": ("pgd", "fgsm"), "illumination": ILLUMINATION, "kd": ("logit",)}
 
 HELP: dict[str, str] = {
     "data": "dataset: digits, shapes, or an ImageFolder path (root/train/<class>/..., optional val/ and test/)",
@@ -53,6 +53,13 @@ HELP: dict[str, str] = {
     "seed": "random seed (data order, augmentation, initialization)",
     "adv": "adversarial training (a defence): train on pgd or fgsm examples of every batch against the model "
            "being trained",
+    "teacher": "distil from these trained weights (same task and classes; comma-separated: an ensemble, their "
+               "soft targets averaged); the teacher runs without gradients on the same augmented batches",
+    "kd": "what is distilled: logit (the class scores: softmax KL, per pixel for segmenters; sigmoid BCE for "
+          "multi-label)",
+    "kd_temperature": "--teacher: the softmax temperature T of the soft targets (high T with --kd-alpha 1: "
+                      "defensive distillation)",
+    "kd_alpha": "--teacher: weight of the distillation term; 1 - alpha weighs the task's own loss",
     "illumination": "normalize the lighting inside the model (recorded in its card, applied at train and "
                     "inference time alike): standardize (per-image brightness and contrast), grayworld (colour "
                     "cast), equalize (histogram equalization of the luma: any tone curve)",

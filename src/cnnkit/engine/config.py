@@ -59,6 +59,11 @@ class TrainConfig:
     adv: str | None = None  # None (off), pgd or fgsm
     adv_eps: str = "8/255"  # budget in pixel units of [0, 1] images (L-infinity)
     adv_steps: int = 7  # PGD steps per batch (step eps/4)
+    # knowledge distillation from trained teachers of the same task and classes
+    teacher: str | None = None  # weights (a run folder or .safetensors); several comma-separated: an ensemble
+    kd: str = "logit"  # what is distilled: the class scores
+    kd_temperature: float = 4.0
+    kd_alpha: float = 0.5  # weight of the distillation term (1 - alpha: the task's own loss)
     # run
     seed: int = 0
     device: str = "auto"
@@ -97,6 +102,16 @@ class TrainConfig:
                 raise CnnkitError(f"--adv-eps must be in (0, 1] (pixel units), got {eps:g}")
             if self.adv_steps < 1:
                 raise CnnkitError(f"--adv-steps must be at least 1, got {self.adv_steps}")
+        if self.teacher:
+            from pathlib import Path
+
+            for w in str(self.teacher).replace(",", " ").split():
+                if not Path(w).exists():
+                    raise CnnkitError(f"--teacher '{w}' does not exist (give a run folder or its .safetensors)")
+            if not self.kd_temperature > 0:
+                raise CnnkitError(f"--kd-temperature must be above 0, got {self.kd_temperature:g}")
+            if not 0 <= self.kd_alpha <= 1:
+                raise CnnkitError(f"--kd-alpha must be in [0, 1], got {self.kd_alpha:g}")
         if self.freeze not in (None, "", "none", "backbone", "all") and not str(self.freeze).isdigit():
             raise CnnkitError(f"--freeze must be 'backbone' or a number of stages, got '{self.freeze}'")
         if not 0 < self.layer_decay <= 1:

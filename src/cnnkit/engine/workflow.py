@@ -300,11 +300,18 @@ def train(spec: WorkflowSpec, cfg: TrainConfig | None = None, *, resume: str | P
     s = spec.setup(cfg, device, verbose, ckpt is not None)
     run = open_run(cfg, spec.name, run)
     hooks = list(s.hooks)
+    task = s.task
+    if cfg.teacher:
+        from cnnkit.engine.distill import distil
+
+        task = distil(s.task, s.card, cfg, device)
+        s.card.provenance.update(teacher=cfg.teacher, kd=cfg.kd, kd_temperature=cfg.kd_temperature,
+                                 kd_alpha=cfg.kd_alpha)
     if cfg.adv:
         from cnnkit.engine.adversarial import AdversarialTraining
 
         hooks.append(AdversarialTraining.from_train_config(cfg, s.card))
-    trainer = Trainer(s.task, s.model, s.train_loader, s.val_loader, cfg, device, run.root, s.card.to_dict(),
+    trainer = Trainer(task, s.model, s.train_loader, s.val_loader, cfg, device, run.root, s.card.to_dict(),
                       standard_hooks(cfg, run, verbose, hooks), s.batch_transforms, s.model_transforms)
     train_time = run_trainer(trainer, ckpt, run, spec.name, verbose)
     t0 = time.perf_counter()

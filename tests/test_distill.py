@@ -1,0 +1,111 @@
+"""Knowledge distillation (`train --teacher`): the KD losses against hand-computed values, the
+teacher seeing the student's batch as pixels, a distilled student beating its twin, every
+task that has it, and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from cnnkit.engine.distill import kd_sigmoid, kd_softmax
+
+
+def test_kd_softmax_is_t_squared_kl_of_the_soft_targets():
+    s = torch.tensor([[1.0, 0.0, -1.0]])
+    t = torch.tensor([[0.0, 2.0, 0.0]])
+    temp = 2.0
+    p = [math.exp(v / temp) for v in (0.0, 2.0, 0.0)]
+    p = [v / sum(p) for v in p]
+    q = [math.exp(v / temp) for v in (1.0, 0.0, -1.0)]
+    q = [v / sum(q) for v in q]
+    want = temp * temp * sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+    assert kd_softmax(s, [t], temp).item() == pytest.approx(want, rel=1e-5)
+    assert kd_softmax(t, [t], temp).item() == pytest.approx(0.0, abs=1e-6)
+    # an ensemble teacher: its members' soft targets averaged, per pixel for dense scores
+    a, b = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)
+    mean_p = (torch.softmax(a / 3, 1) + torch.softmax(b / 3, 1)) / 2
+    logit_of_mean = mean_p.log()
+    assert kd_softmax(logit_of_mean * 3, [a, b], 3.0).item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_kd_sigmoid_is_t_squared_bce_against_the_soft_labels():
+    s = torch.tensor([[0.5, -1.0]])
+    t = torch.tensor([[2.0, 0.0]])
+    temp = 2.0
+    want = 0.0
+    for si, ti in zip((0.5, -1.0), (2.0, 0.0)):
+        p = 1 / (1 + math.exp(-ti / temp))
+        q = 1 / (1 + math.exp(-si / temp))
+        want += -(p * math.log(q) + (1 - p) * math.log(1 - q))
+    assert kd_sigmoid(s, [t], temp).item() == pytest.approx(temp * temp * want / 2, rel=1e-5)
+
+
+def test_the_teacher_sees_the_student_batch_as_pixels(digits_run):
+    """The student's normalized batch is taken back to [0, 1] and given to the teacher's core,
+    which normalizes it its own way: the teacher's scores equal its predictor's on the image."""
+    import cnnkit
+    from cnnkit.data.digits import digits_arrays
+    from cnnkit.engine.distill import Teacher
+
+    teacher_model = cnnkit.load(digits_run)
+    student_card = teacher_model.card
+    teacher = Teacher([str(digits_run)], student_card, torch.device("cpu"))
+    image = digits_arrays("test")[0][0]
+    x, _ = teacher_model.pipeline.prepare(teacher_model.pipeline.decode(image))
+    i = student_card.input
+    normalized = (x[None] - torch.tensor(i.mean).view(1, -1, 1, 1)) / torch.tensor(i.std).view(1, -1, 1, 1)
+    got = teacher(normalized)[0]
+    want = teacher_model.raw(x[None])[0]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_a_distilled_student_beats_its_undistilled_twin(digits_run, tmp_path):
+    """Digits with 40% of the training labels flipped: the twin learns the noise; the same
+    student distilled from a teacher trained on clean labels (alpha 0.8) ends above it on the
+    clean test split, seeds fixed (measured: 0.959 against 0.919, 11 of 270 images)."""
+    import cnnkit
+
+    common = {"data": "digits", "epochs": 3, "label_noise": 0.4, "seed": 0, "verbose": False}
+    twin = cnnkit.train("classify", out=str(tmp_path / "twin"), **common)
+    kd = cnnkit.train("classify", out=str(tmp_path / "kd"), teacher=str(digits_run), kd_alpha=0.8, **common)
+    assert kd.test_metrics["top1"] > twin.test_metrics["top1"] + 0.02, (kd.test_metrics, twin.test_metrics)
+    card = json.loads((tmp_path / "kd" / "weights" / "best.json").read_text())
+    assert card["provenance"]["teacher"] == str(digits_run) and card["provenance"]["kd_alpha"] == 0.8
+
+
+def test_multilabel_and_segment_students_train_from_their_teachers(multilabel_run, seg_run, seg_data, tmp_path):
+    """A multi-label student (sigmoid soft labels) and a segmenter (soft targets per pixel)
+    train with --teacher; the loss they log includes the distillation term."""
+    from cnnkit.cli.main import main
+
+    assert main(["multilabel", "train", "--data", str(multilabel_run.parent / "data"), "--imgsz", "24", "--epochs",
+                 "1", "--batch", "16", "--teacher", str(multilabel_run), "--out", str(tmp_path / "ml")]) == 0
+    assert main(["segment", "train", "--data", str(seg_data), "--imgsz", "64", "--epochs", "1", "--batch", "8",
+                 "--encoder", "smallcnn", "--teacher", str(seg_run), "--kd-temperature", "2", "--out",
+                 str(tmp_path / "seg")]) == 0
+    for run in ("ml", "seg"):
+        card = json.loads((tmp_path / run / "weights" / "best.json").read_text())
+        assert card["provenance"]["kd"] == "logit"
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--data", "digits", "--teacher", "no/such/run"], "--teacher 'no/such/run' does not exist"),
+    (["--data", "shapes", "--teacher", "{digits}"], "distillation needs the same classes"),
+    (["--data", "digits", "--teacher", "{digits}", "--kd-alpha", "1.5"], "--kd-alpha must be in [0, 1]"),
+    (["--data", "digits", "--teacher", "{digits}", "--kd-temperature", "0"], "--kd-temperature must be above 0"),
+    (["--data", "digits", "--teacher", "{seg}"], "not classify"),
+])
+def test_teacher_errors_are_one_sentence(cli, digits_run, seg_run, tmp_path, args, words):
+    args = [a.format(digits=digits_run, seg=seg_run) for a in args]
+    r = cli("classify", "train", "--epochs", "1", "--out", tmp_path / "x", *args)
+    assert r.code == 2 and words in r.err and "Traceback" not in r.err, r.err
+    assert len(r.err.strip().splitlines()) == 1, r.err
+
+
+def test_detection_distillation_says_it_is_not_there_yet(cli, tiny_yolo, tiny_run, tmp_path):
+    r = cli("detect", "train", "--data", tiny_yolo, "--imgsz", "128", "--epochs", "1", "--width", "8",
+            "--teacher", tiny_run, "--out", tmp_path / "d")
+    assert r.code == 2 and "--teacher is not there yet for detect" in r.err
