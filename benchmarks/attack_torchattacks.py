@@ -107,6 +107,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--seeds", type=int, default=5, help="PGD random starts per library")
+    ap.add_argument("--methods", default="fgsm,pgd,cw", help="comma-separated attacks to compare")
+    ap.add_argument("--datasets", default="digits,shapes", help="comma-separated: digits, shapes")
+    ap.add_argument("--tag", default="", help="suffix of the results file")
     args = ap.parse_args()
     install_peer()
     import cnnkit
@@ -114,11 +117,13 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for data, split in (("digits", "test"), ("shapes", "val")):
+            if data not in args.datasets.split(","):
+                continue
             run = Path(tmp) / data
             cnnkit.train("classify", data=data, epochs=args.epochs, out=str(run), verbose=False)
-            for method in ("fgsm", "pgd", "cw"):
+            for method in args.methods.split(","):
                 rows.append(compare(data, run, data, split, method, SETTINGS[data], args.batch, args.seeds))
-    save("attack_torchattacks", {"epochs": args.epochs, "batch": args.batch, "seeds": args.seeds, "rows": rows})
+    save(f"attack_torchattacks{args.tag}", {"epochs": args.epochs, "batch": args.batch, "seeds": args.seeds, "rows": rows})
 
 
 if __name__ == "__main__":
