@@ -4,7 +4,8 @@
 
 Two smallcnn classifiers are trained here (digits at 16 px, shapes at 64 px); each is attacked
 with FGSM and PGD (10 steps, step eps/4, random start) in the L-infinity ball, and with the
-Carlini-Wagner L2 attack at torchattacks' defaults (c 1, kappa 0, 50 Adam steps at 0.01), by cnnkit
+Carlini-Wagner L2 attack at torchattacks' defaults (c 1, kappa 0, 50 Adam steps at 0.01), and
+AutoAttack's APGD pair (cross-entropy, then DLR on what is left; 50 steps each), by cnnkit
 (``cnnkit.methods.attack``, through the same ``AttackBackend`` that ``cnnkit classify attack``
 puts under ``val``) and by torchattacks 3.5.1 (the peer, installed by this script into
 ``benchmarks/.peer-torchattacks`` with pip ``--target`` and put on this process's path only,
@@ -39,6 +40,25 @@ def install_peer() -> None:
     sys.path.insert(0, str(PEER))
 
 
+class ApgdPair:
+    """torchattacks' APGD with the cross-entropy, then its APGD with the DLR loss on the images
+    the first did not fool: the composition cnnkit's ``autoattack`` runs."""
+
+    def __init__(self, torchattacks, core, eps: float, steps: int, seed: int):
+        self.core = core
+        self.ce = torchattacks.APGD(core, eps=eps, steps=steps, loss="ce", seed=seed)
+        self.dlr = torchattacks.APGD(core, eps=eps, steps=steps, loss="dlr", seed=seed)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        adv = self.ce(x, y)
+        with torch.no_grad():
+            left = (self.core(adv).argmax(1) == y).nonzero().flatten()
+        if len(left):
+            adv = adv.clone()
+            adv[left] = self.dlr(x[left], y[left])
+        return adv
+
+
 def compare(name: str, run: Path, data: str, split: str, method: str, eps: float, batch: int,
             seeds: int) -> dict:
     import torchattacks
@@ -58,7 +78,10 @@ def compare(name: str, run: Path, data: str, split: str, method: str, eps: float
     secs = {"cnnkit": 0.0, "torchattacks": 0.0}
     l2 = {"cnnkit": [], "torchattacks": []}  # per image overturned: the perturbation's L2 size
     for seed in range(seeds if method == "pgd" else 1):  # PGD's random start: several seeds, same for both
-        if method == "cw":  # torchattacks' CW defaults: c 1, kappa 0, 50 Adam steps at 0.01
+        if method == "autoattack":  # AutoAttack's two APGD runs: cross-entropy, then DLR on what is left
+            ours = AttackBackend(p.backend, p.pipeline, AttackConfig("autoattack", eps, 50, seed=seed))
+            peer = ApgdPair(torchattacks, core, eps, 50, seed)
+        elif method == "cw":  # torchattacks' CW defaults: c 1, kappa 0, 50 Adam steps at 0.01
             ours = AttackBackend(p.backend, p.pipeline, AttackConfig("cw", eps, 50, 0.01, c=1.0, kappa=0.0))
             peer = torchattacks.CW(core, c=1, kappa=0, steps=50, lr=0.01)
         else:
@@ -107,7 +130,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--seeds", type=int, default=5, help="PGD random starts per library")
-    ap.add_argument("--methods", default="fgsm,pgd,cw", help="comma-separated attacks to compare")
+    ap.add_argument("--methods", default="fgsm,pgd,cw,autoattack", help="comma-separated attacks to compare")
     ap.add_argument("--datasets", default="digits,shapes", help="comma-separated: digits, shapes")
     ap.add_argument("--tag", default="", help="suffix of the results file")
     args = ap.parse_args()

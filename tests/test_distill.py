@@ -43,6 +43,19 @@ def test_kd_sigmoid_is_t_squared_bce_against_the_soft_labels():
     assert kd_sigmoid(s, [t], temp).item() == pytest.approx(temp * temp * want / 2, rel=1e-5)
 
 
+def test_train_temperature_divides_the_logits_in_the_loss_only():
+    """--train-temperature T: the training loss is the cross-entropy of logits / T (the teacher
+    of defensive distillation), which pushes the logits T times larger."""
+    import torch.nn.functional as F
+
+    from cnnkit.tasks.classify.task import ClassifyTask
+
+    logits, y = torch.randn(4, 3), torch.tensor([0, 2, 1, 0])
+    hot = ClassifyTask(["a", "b", "c"], temperature=20.0)
+    want = F.cross_entropy(logits / 20.0, y)
+    assert hot.loss(logits, {"targets": y})["loss"].item() == pytest.approx(want.item(), rel=1e-5)
+
+
 def test_the_teacher_sees_the_student_batch_as_pixels(digits_run):
     """The student's normalized batch is taken back to [0, 1] and given to the teacher's core,
     which normalizes it its own way: the teacher's scores equal its predictor's on the image."""

@@ -60,6 +60,8 @@ HELP: dict[str, str] = {
     "kd_temperature": "--teacher: the softmax temperature T of the soft targets (high T with --kd-alpha 1: "
                       "defensive distillation)",
     "kd_alpha": "--teacher: weight of the distillation term; 1 - alpha weighs the task's own loss",
+    "train_temperature": "the training loss sees the logits divided by T (inference uses T = 1): with T 20 or "
+                         "more, the teacher of defensive distillation",
     "illumination": "normalize the lighting inside the model (recorded in its card, applied at train and "
                     "inference time alike): standardize (per-image brightness and contrast), grayworld (colour "
                     "cast), equalize (histogram equalization of the luma: any tone curve)",

@@ -157,7 +157,7 @@ def robustness_options(val: tuple[Opt, ...]) -> tuple[Opt, ...]:
     )
 
 
-ATTACK_METHODS = ("fgsm", "pgd", "cw")
+ATTACK_METHODS = ("fgsm", "pgd", "cw", "autoattack")
 ATTACK_NORMS = ("linf", "l2")
 _NOT_FOR_ATTACK = {"weights", "json_path", "ensemble", "tta", "missing", "missing_mode", "plot"}
 
@@ -169,11 +169,14 @@ def attack_options(val: tuple[Opt, ...]) -> tuple[Opt, ...]:
         Opt("limit", int, 256, "attack at most this many images of the split", lo=1),
         Opt("method", default="pgd", choices=ATTACK_METHODS,
             help="fgsm (one signed-gradient step of --eps), pgd (--steps steps of --alpha from a random start, "
-                 "projected onto the --eps ball) or cw (Carlini-Wagner L2, classifiers: the smallest L2 change "
-                 "found that flips the answer, no budget; --steps Adam steps of learning rate --alpha)"),
+                 "projected onto the --eps ball), cw (Carlini-Wagner L2, classifiers: the smallest L2 change "
+                 "found that flips the answer, no budget; --steps Adam steps of learning rate --alpha) or "
+                 "autoattack (classifiers: AutoAttack's APGD with cross-entropy, then with the DLR loss on what "
+                 "is left, --steps each, in the --eps ball)"),
         Opt("eps", default="8/255", help="perturbation budget in pixel units of [0, 1] images (0.03 or 8/255); "
                                          "with --norm l2, the L2 radius"),
-        Opt("steps", int, None, "PGD steps (default 10), CW optimizer steps (default 50)", lo=1),
+        Opt("steps", int, None, "PGD steps (default 10), CW optimizer steps (default 50), APGD steps of "
+                                "autoattack (default 100)", lo=1),
         Opt("alpha", help="PGD step size (default: eps/4, i.e. 2/255 at 8/255); CW's Adam learning rate (default 0.01)"),
         Opt("c", float, 1.0, "CW: weight of the misclassification term against the squared L2 size", lo=0, lo_open=True),
         Opt("kappa", float, 0.0, "CW: how far past the decision boundary the answer must go (logit margin)", lo=0),

@@ -66,6 +66,18 @@ class AttackBackend:
         out = self.core(x)
         return out if isinstance(out, (tuple, list)) else (out,)
 
+    def _objective(self, a: torch.Tensor, loss: str, ref, targeted, labels, idx=None):
+        """APGD's ``(loss, fooled)`` per sample: the cross-entropy or the DLR loss, and whether
+        the answer is overturned (on the samples ``idx`` of the batch when given)."""
+        if idx is not None:
+            ref = None if ref is None else tuple(r[idx] for r in ref)
+            labels = None if labels is None else labels[idx.to(labels.device)]
+        raw = self._raw(a)
+        margin = self.pipeline.attack_margin(raw, ref, targeted, labels)
+        value = (self.pipeline.attack_loss(raw, ref, targeted, labels) if loss == "ce"
+                 else -self.pipeline.attack_margin(raw, ref, targeted, labels, dlr=True))
+        return value, margin < 0
+
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x = x.to(self.device).float()
         labels, self.labels = self.labels, None  # given by the evaluation loop for this batch only
@@ -75,7 +87,8 @@ class AttackBackend:
             with torch.no_grad():
                 ref = tuple(r.detach() for r in self._raw(x))
         adv = perturb(lambda a: self.pipeline.attack_loss(self._raw(a), ref, t, labels), x, self.cfg, self.generator,
-                      lambda a: self.pipeline.attack_margin(self._raw(a), ref, t, labels))
+                      lambda a: self.pipeline.attack_margin(self._raw(a), ref, t, labels),
+                      lambda a, loss, idx=None: self._objective(a, loss, ref, t, labels, idx))
         out = self.inner(adv)
         s = self.stats
         if ref is not None:  # with true labels, success comes from the clean and attacked accuracy instead

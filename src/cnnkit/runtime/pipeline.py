@@ -132,11 +132,14 @@ class Pipeline:
         raise NotImplementedError
 
     def attack_margin(self, raw: tuple[torch.Tensor, ...], ref: tuple[torch.Tensor, ...] | None,
-                      targeted: int | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+                      targeted: int | None = None, labels: torch.Tensor | None = None, dlr: bool = False
+                      ) -> torch.Tensor:
         """The Carlini-Wagner margin per sample ``(B,)``: negative exactly when the answer is
-        overturned (or is class ``targeted``). Only single-label classifiers have one."""
-        raise ModelError(f"--method cw needs a margin between class scores, which {self.task} models do not "
-                         "have; it attacks single-label classifiers (use pgd with --norm l2 here)")
+        overturned (or is class ``targeted``); with ``dlr``, divided by the gap between the
+        first and third scores (AutoAttack's DLR loss, negated). Only single-label classifiers
+        have one."""
+        raise ModelError(f"--method cw and autoattack need a margin between class scores, which {self.task} "
+                         "models do not have; they attack single-label classifiers (use pgd here)")
 
     def explain_layer(self, model: nn.Module, selector: Any) -> tuple[str, nn.Module] | None:
         """The layer a CAM method should look at for this target when the user names none
@@ -435,11 +438,13 @@ class ImageClassifierPipeline(Pipeline):
         want = torch.full((len(logits),), int(targeted), device=logits.device, dtype=torch.long)
         return -F.cross_entropy(logits, want, reduction="none")
 
-    def attack_margin(self, raw, ref, targeted: int | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def attack_margin(self, raw, ref, targeted: int | None = None, labels: torch.Tensor | None = None,
+                      dlr: bool = False) -> torch.Tensor:
         """The true (else the clean top) class's logit minus the best other's; toward
-        ``targeted``: the best other's minus the target's. Multi-label models have none."""
+        ``targeted``: the best other's minus the target's; ``dlr``: over the first logit minus
+        the third (Croce & Hein, 2020). Multi-label models have none."""
         if self.card.task == "multilabel":
-            return super().attack_margin(raw, ref, targeted, labels)
+            return super().attack_margin(raw, ref, targeted, labels, dlr)
         logits = raw[0].float()
         if targeted is None:
             cls = labels.long().to(logits.device) if labels is not None else ref[0].argmax(1)
@@ -447,7 +452,11 @@ class ImageClassifierPipeline(Pipeline):
             cls = torch.full((len(logits),), int(targeted), device=logits.device, dtype=torch.long)
         own = logits.gather(1, cls.view(-1, 1))[:, 0]
         other = logits.scatter(1, cls.view(-1, 1), float("-inf")).amax(1)
-        return own - other if targeted is None else other - own
+        margin = own - other if targeted is None else other - own
+        if dlr:
+            top = logits.topk(min(3, logits.shape[1]), 1).values
+            margin = margin / (top[:, 0] - top[:, -1] + 1e-12)
+        return margin
 
     def attack_success(self, raw, ref, targeted: int | None = None) -> torch.Tensor:
         """Top class changed (or is ``targeted``); multi-label: any label flipped (or ``targeted`` on)."""

@@ -80,8 +80,9 @@ class SoftmaxTask(Task):
 
     def __init__(self, classes: list[str], label_smoothing: float = 0.0, loss: str = "ce",
                  class_weights: torch.Tensor | None = None, ohem: float = 0.0, focal_gamma: float = 2.0,
-                 gce_q: float = 0.7):
+                 gce_q: float = 0.7, temperature: float = 1.0):
         self.classes = list(classes)
+        self.temperature = float(temperature)  # the training loss sees logits / T (defensive distillation)
         self.label_smoothing = label_smoothing
         self.loss_kind, self.ohem, self.focal_gamma, self.gce_q = loss, ohem, focal_gamma, gce_q
         self.class_weights = class_weights
@@ -91,6 +92,8 @@ class SoftmaxTask(Task):
 
     def loss(self, output: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
         """The configured loss (see :mod:`cnnkit.tasks.losses`); targets may be soft (mixup)."""
+        if self.temperature != 1.0:
+            output = output / self.temperature
         loss = classification_loss(output, batch["targets"], self.loss_kind, self.label_smoothing,
                                    self.class_weights, self.ohem, self.focal_gamma, self.gce_q)
         return {"loss": loss}

@@ -70,6 +70,7 @@ class ClassifyConfig(ImageClassifierConfig):
     missing: float = 0.0  # drop up to this share of every training image (each image draws from [0, P])
     missing_mode: str = "patch"  # pixel or patch
     missing_input: str = "zero"  # zero: zero-fill holes; mask: also feed the observation mask as a channel
+    train_temperature: float = 1.0  # the training loss sees logits / T; inference uses T = 1
 
     def validate(self) -> None:
         super().validate()
@@ -96,6 +97,8 @@ class ClassifyConfig(ImageClassifierConfig):
         imb = parse_imbalance(self.imbalance)
         if "focal" in imb and self.loss != "ce":
             raise CnnkitError(f"--imbalance focal replaces the loss; it cannot be combined with --loss {self.loss}")
+        if not self.train_temperature > 0:
+            raise CnnkitError(f"--train-temperature must be above 0, got {self.train_temperature:g}")
         if not 0 <= self.label_smoothing < 1:
             raise CnnkitError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
 

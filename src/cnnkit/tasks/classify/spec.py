@@ -265,7 +265,7 @@ def _make_task(cfg: ClassifyConfig, classes: list[str], targets: list[int],
     loss = "focal" if "focal" in imb else cfg.loss
     return ClassifyTask(classes, cfg.label_smoothing, loss=loss, class_weights=weights,
                         ohem=(imb["ohem"] or 0.5) if "ohem" in imb else 0.0,
-                        focal_gamma=imb.get("focal") or 2.0)
+                        focal_gamma=imb.get("focal") or 2.0, temperature=cfg.train_temperature)
 
 
 @torch.no_grad()
