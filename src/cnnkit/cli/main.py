@@ -178,37 +178,36 @@ def add_mode_commands(group: click.Group, cfg_cls: type, val_help: str, predict_
 
         api.predict(task, list(weights) if isinstance(weights, tuple) else weights, source, **options)
 
-    if getattr(cfg_cls, "ATTACK", None):
-        @group.command("attack", context_settings=CONTEXT,
-                       help="The val metric under an adversarial attack (FGSM, PGD in the L-inf or L2 ball), with "
-                            "the attack's success rate, perturbation size and a picture.")
-        @mode_options(cfg_cls.ATTACK)
-        def attack_cmd(weights, data, **options) -> None:
-            from cnnkit import api
+    for attr, name, help_text in METHOD_COMMANDS:
+        if getattr(cfg_cls, attr, None):
+            _add_method_command(group, task, name, help_text, getattr(cfg_cls, attr))
 
-            api.attack(task, weights, data, **options)
 
-    if getattr(cfg_cls, "ROBUSTNESS", None):
-        @group.command("robustness", context_settings=CONTEXT,
-                       help="The val metric under the 15 ImageNet-C corruptions (noise, blur, weather, digital) at "
-                            "five severities, plus occlusion and illumination (gamma, shadow, colour temperature); "
-                            "with --baseline, the corruption error (mCE). Prints a table, writes a heat map.")
-        @mode_options(cfg_cls.ROBUSTNESS)
-        def robustness_cmd(weights, data, **options) -> None:
-            from cnnkit import api
+# the methods every task with the options declares gets as `cnnkit TASK NAME` (config attribute, name, help)
+METHOD_COMMANDS = (
+    ("ATTACK", "attack",
+     "The val metric under an adversarial attack (FGSM and PGD in the L-inf or L2 ball; for classifiers also "
+     "Carlini-Wagner L2 and AutoAttack's APGD pair), with the attack's success rate, perturbation size and a picture."),
+    ("ROBUSTNESS", "robustness",
+     "The val metric under the 15 ImageNet-C corruptions (noise, blur, weather, digital) at five severities, plus "
+     "occlusion and illumination (gamma, shadow, colour temperature); with --baseline, the corruption error (mCE). "
+     "Prints a table, writes a heat map."),
+    ("EXPLAIN", "explain",
+     "Heat maps of what the model's answers rest on (Grad-CAM and kin, saliency, integrated gradients, occlusion), "
+     "as PNG overlays and .npy; with --data and --eval, whether they are right."),
+)
 
-            api.robustness(task, weights, data, **options)
 
-    if getattr(cfg_cls, "EXPLAIN", None):
-        @group.command("explain", context_settings=CONTEXT,
-                       help="Heat maps of what the model's answers rest on (Grad-CAM and kin, saliency, integrated "
-                            "gradients, occlusion), as PNG overlays and .npy; with --data and --eval, whether "
-                            "they are right.")
-        @mode_options(cfg_cls.EXPLAIN)
-        def explain_cmd(weights, **options) -> None:
-            from cnnkit import api
+def _add_method_command(group: click.Group, task: str, name: str, help_text: str, opts) -> None:
+    """``cnnkit TASK NAME`` with the options ``opts``; it runs ``cnnkit.api.NAME(TASK, weights, ...)``."""
+    from cnnkit.cli.options import mode_options
 
-            api.explain(task, weights, **options)
+    def command(weights, **options) -> None:
+        from cnnkit import api
+
+        getattr(api, name)(task, weights, **options)
+
+    group.command(name, context_settings=CONTEXT, help=help_text)(mode_options(opts)(command))
 
 
 def _add_classify_commands() -> None:
