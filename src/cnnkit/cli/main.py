@@ -185,16 +185,17 @@ def add_mode_commands(group: click.Group, cfg_cls: type, val_help: str, predict_
 
 # the methods every task with the options declares gets as `cnnkit TASK NAME` (config attribute, name, help)
 METHOD_COMMANDS = (
-    ("ATTACK", "attack",
-     "The val metric under an adversarial attack (FGSM and PGD in the L-inf or L2 ball; for classifiers also "
-     "Carlini-Wagner L2 and AutoAttack's APGD pair), with the attack's success rate, perturbation size and a picture."),
-    ("ROBUSTNESS", "robustness",
-     "The val metric under the 15 ImageNet-C corruptions (noise, blur, weather, digital) at five severities, plus "
-     "occlusion and illumination (gamma, shadow, colour temperature); with --baseline, the corruption error (mCE). "
-     "Prints a table, writes a heat map."),
-    ("EXPLAIN", "explain",
-     "Heat maps of what the model's answers rest on (Grad-CAM and kin, saliency, integrated gradients, occlusion), "
-     "as PNG overlays and .npy; with --data and --eval, whether they are right."),
+    ("ATTACK", "attack", (
+        "The val metric under an adversarial attack (FGSM and PGD in the L-inf or L2 ball; for classifiers also "
+        "Carlini-Wagner L2 and AutoAttack's APGD pair), with the attack's success rate, perturbation size and a "
+        "picture.")),
+    ("ROBUSTNESS", "robustness", (
+        "The val metric under the 15 ImageNet-C corruptions (noise, blur, weather, digital) at five severities, "
+        "plus occlusion and illumination (gamma, shadow, colour temperature); with --baseline, the corruption error "
+        "(mCE). Prints a table, writes a heat map.")),
+    ("EXPLAIN", "explain", (
+        "Heat maps of what the model's answers rest on (Grad-CAM and kin, saliency, integrated gradients, "
+        "occlusion), as PNG overlays and .npy; with --data and --eval, whether they are right.")),
 )
 
 
