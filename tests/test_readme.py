@@ -141,7 +141,7 @@ def explain_wrote_every_method(root: Path) -> None:
         assert np.load(out / f"val_0000.{method}.npy").shape == (64, 64)
 
 
-def robustness_table_falls_under_heavy_corruption(root: Path) -> None:
+def robustness_table_covers_every_corruption(root: Path) -> None:
     """The README's shapes robustness run: every corruption at every severity, a heat map and
     examples; the corrupted images change the answers (the 5-epoch model is weak, so the size
     of the drop is left to tests/test_robustness.py)."""
@@ -163,7 +163,7 @@ CHECKS = {
     "cnnkit classify train --data digits --seed 2 --out runs/classify/digits-s2": digits_default_training_reaches_98_5_percent,
     "cnnkit multilabel train --data shapes --imgsz 32 --epochs 8 ": multilabel_shapes_learns_well_above_chance,
     "cnnkit classify explain --weights runs/classify/shapes --data shapes": explain_wrote_every_method,
-    "cnnkit classify robustness --weights runs/classify/shapes": robustness_table_falls_under_heavy_corruption,
+    "cnnkit classify robustness --weights runs/classify/shapes --data": robustness_table_covers_every_corruption,
 }
 
 
