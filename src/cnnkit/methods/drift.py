@@ -90,11 +90,15 @@ class EmbeddingTap:
             stages = predictor.pipeline.feature_layers(model)
             return cls(list(stages.values())[-1]) if stages else None
         if isinstance(predictor.backend, OrtBackend):
-            tensor = onnx_stage_output(predictor.pipeline, predictor.backend)
-            if tensor is not None:
+            found = onnx_stage_output(predictor.pipeline, predictor.backend)
+            if found is not None:
+                tensor, x, want = found
                 tap = cls(backend=predictor.backend)
                 predictor.backend.tap(tensor, partial(tap._hook, None, ()))
-                return tap
+                got = tap.run(lambda: predictor.backend(x), len(x))[1]
+                if got is not None and got.shape == want:  # the guess checked on the tapped session itself
+                    return tap
+                tap.close()
         return None
 
     def _hook(self, module, inputs, output) -> None:
@@ -126,15 +130,16 @@ class EmbeddingTap:
             self.backend.tap(None)
 
 
-def onnx_stage_output(pipeline, backend) -> str | None:
-    """The name of the tensor in ``backend``'s ONNX graph that the deepest feature stage of
-    ``pipeline`` writes, or None.
+def onnx_stage_output(pipeline, backend) -> tuple[str, torch.Tensor, tuple[int, ...]] | None:
+    """``(tensor name, input, embedding shape)``: the tensor in ``backend``'s ONNX graph that
+    the deepest feature stage of ``pipeline`` writes, an example input and the embedding shape
+    PyTorch's stage gives on it; or None.
 
     PyTorch's TorchScript-based exporter names each node by the scopes of the modules it ran
     in (``/model/stages/stages.3/stages.3.1/.../Relu``; a wrapper's level may have no scope),
-    so the stage's output is the last node under the stage's scope. The model is rebuilt from the card (untrained) to find the
-    stage's path, and the guess is checked: on the same input the tensor must have the shape
-    the stage gives in PyTorch, else None (no embedding rather than a wrong one).
+    so the stage's output is the last node under the stage's scope. The model is rebuilt from
+    the card (untrained) to find the stage's path; :meth:`EmbeddingTap.attach` checks the guess
+    (the tapped tensor must have the returned shape, else no embedding rather than a wrong one).
     """
     import onnx
 
@@ -180,15 +185,7 @@ def onnx_stage_output(pipeline, backend) -> str | None:
         tap.close()
     if len(caught) != 1:
         return None
-    import onnxruntime as ort
-
-    from cnnkit.runtime.backend import with_output
-
-    session = ort.InferenceSession(with_output(backend.path, tensor), providers=["CPUExecutionProvider"])
-    out = session.run([tensor], {backend.inputs[0]: x.numpy()})[0]
-    got = torch.from_numpy(out).float()
-    got = got.flatten(2).mean(2) if got.ndim > 2 else got
-    return tensor if tuple(got.shape) == tuple(caught[0].shape) else None
+    return tensor, x, tuple(caught[0].shape)
 
 
 class Reference:
