@@ -117,7 +117,7 @@ def config_options(cls: type, skip: tuple[str, ...] = ()) -> Callable:
         for fld in reversed(dataclasses.fields(cls)):
             if fld.name in skip:
                 continue
-            tp, optional = _base_type(fld.type)
+            tp, _optional = _base_type(fld.type)
             flag = "--" + fld.name.replace("_", "-")
             help_ = HELP.get(fld.name, "")
             if tp is bool:  # a flag that is on by default also gets its --no- form to turn it off

@@ -322,7 +322,7 @@ def _smote_head(run, train_ds: Dataset, task: ClassifyTask, cfg: ClassifyConfig,
     opt.step(closure)
     state, card = load_weights(run.best)
     state.update({k: v.detach().cpu() for k, v in model.state_dict().items()})
-    card["provenance"] = {**card.get("provenance", {}), "smote": {"real": int(len(y)), "synthetic": int(len(ys) - len(y))}}
+    card["provenance"] = {**card.get("provenance", {}), "smote": {"real": len(y), "synthetic": int(len(ys) - len(y))}}
     save_weights(run.best, state, card)
     if verbose:
         console().print(f"smote: {len(ys) - len(y)} synthetic embeddings added; classifier head retrained")
