@@ -177,6 +177,22 @@ def medical_run(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def medical_classifier_run(tmp_path_factory):
+    import cnnkit.data.volumes as dv
+    from cnnkit.cli.main import main
+
+    saved = dv.PHANTOM_SIZES
+    dv.PHANTOM_SIZES = {"train": 4, "val": 4}
+    try:
+        out = tmp_path_factory.mktemp("medcls") / "run"
+        code = main(["medical", "train", "--model", "densenet3d", "--epochs", "1", "--batch", "2", "--out", str(out)])
+    finally:
+        dv.PHANTOM_SIZES = saved
+    assert code == 0
+    return out
+
+
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (40, 40, 230)}
 
 

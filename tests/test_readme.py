@@ -125,6 +125,18 @@ def served_prediction_is_the_predict_json(out: str) -> None:
     assert {"path", "label", "score", "topk"} == set(row) and 0 <= row["score"] <= 1
 
 
+def served_volume_is_the_predict_json(out: str) -> None:
+    """A phantom volume over HTTP: its voxels per class and its label volume, of its shape."""
+    import base64
+
+    from cnnkit.data.volumes import read_nifti_bytes
+
+    (row,) = json.loads(out)
+    labels, _ = read_nifti_bytes(base64.b64decode(row["labels_nifti"]))
+    assert list(labels.shape) == row["shape"] and sum(row["voxels"].values()) == labels.size
+    assert {"background", "organ"} <= set(row["voxels"]), row["voxels"]  # 3 epochs find the organ
+
+
 def metrics_counted_the_request(out: str) -> None:
     assert 'cnnkit_requests_total{model="digits",status="200"} 2.0' in out, out  # the two predict calls
 
@@ -159,6 +171,7 @@ def robustness_table_covers_every_corruption(root: Path) -> None:
 # curl command's check gets its output, a cnnkit command's the README folder)
 CHECKS = {
     "curl -s --data-binary @runs/demo/samples/digit_0_true6.png": served_prediction_is_the_predict_json,
+    "curl -s --data-binary @phantoms_nii/val/images/vol0000.nii.gz": served_volume_is_the_predict_json,
     "curl -s http://127.0.0.1:8000/metrics": metrics_counted_the_request,
     "cnnkit classify train --data digits --seed 2 --out runs/classify/digits-s2": digits_default_training_reaches_98_5_percent,
     "cnnkit multilabel train --data shapes --imgsz 32 --epochs 8 ": multilabel_shapes_learns_well_above_chance,

@@ -545,3 +545,116 @@ def test_psi_of_a_window_like_the_reference_stays_under_the_threshold():
     for v in rng.normal(0.8, 1.0, size=100):
         shifted.recent.append([float(v)])
     assert shifted.report()["drifted"]
+
+
+def _nifti_header_only(shape: tuple[int, ...]) -> bytes:
+    """A .nii.gz whose header announces ``shape`` (uint8) but holds a few bytes of voxels."""
+    import gzip
+
+    import nibabel as nib
+
+    h = nib.Nifti1Header()
+    h.set_data_shape(shape)
+    h.set_data_dtype(np.uint8)
+    h["vox_offset"] = 352
+    raw = h.binaryblock + b"\0" * 4 + b"\0" * 64
+    return gzip.compress(raw)
+
+
+def test_medical_volumes_over_http_answer_what_cli_predict_writes(medical_run, medical_classifier_run, tmp_path):
+    """Segmenter and classifier volumes, .nii.gz and .nii, raw and multipart: the rows of
+    `cnnkit medical predict --json`; the segmenter's label volume comes back as a .nii.gz
+    with the upload's affine, equal to the one `--save-dir` writes; hostile volumes are refused."""
+    import gzip
+
+    import nibabel as nib
+
+    from cnnkit.cli.main import main
+    from cnnkit.data.volumes import read_nifti, read_nifti_bytes, write_nifti
+    from cnnkit.serve import load_models
+
+    affine = np.diag([1.5, 1.5, 2.0, 1.0])
+    affine[:3, 3] = [10.0, -5.0, 3.0]
+    vol = np.random.default_rng(0).normal(size=(20, 45, 37)).astype(np.float32)
+    scan = tmp_path / "in" / "scan.nii.gz"
+    write_nifti(scan, vol, affine)
+    gz = scan.read_bytes()
+    plain = gzip.decompress(gz)  # the same volume as an uncompressed .nii
+    assert main(["medical", "predict", "--weights", str(medical_run), "--source", str(scan.parent),
+                 "--save-dir", str(tmp_path / "out"), "--json", str(tmp_path / "seg.json")]) == 0
+    (seg_row,) = json.loads((tmp_path / "seg.json").read_text())
+    seg_row.pop("labels")  # the file --save-dir wrote
+    saved_labels, saved_affine = read_nifti(tmp_path / "out" / "scan.nii.gz")
+    (cls_row,) = [r.to_dict() for r in cnnkit.load(medical_classifier_run)(str(scan))]
+
+    models = load_models([f"seg={medical_run}", f"cls={medical_classifier_run}"])
+    with running(models) as (url, _):
+        listed = {m["name"]: m["task"] for m in httpx.get(f"{url}/v1/models").json()["models"]}
+        assert listed == {"seg": "medical", "cls": "medical"}
+        for body in (gz, plain):
+            r = httpx.post(f"{url}/v1/models/seg/predict", content=body, timeout=120)
+            assert r.status_code == 200, r.text
+            (got,) = r.json()
+            labels, got_affine = read_nifti_bytes(base64.b64decode(got.pop("labels_nifti")))
+            assert np.array_equal(labels, saved_labels) and np.allclose(got_affine, affine)
+            assert np.allclose(saved_affine, affine)
+            got["path"] = seg_row["path"]
+            assert got == seg_row
+            r = httpx.post(f"{url}/v1/models/cls/predict", timeout=60,
+                           files=[("file", ("scan.nii.gz", body, "application/gzip"))])
+            assert r.status_code == 200, r.text
+            (got,) = r.json()
+            assert got["path"] == "scan.nii.gz" and got["shape"] == [20, 45, 37]
+            got["path"] = cls_row["path"]
+            assert same(got, cls_row)
+        flat = tmp_path / "flat.nii"
+        nib.save(nib.Nifti1Image(np.zeros((4, 4), np.float32), np.eye(4)), str(flat))
+        hostile = {
+            "huge": (_nifti_header_only((2000, 2000, 2000)), 413, "too large"),
+            "truncated": (gz[: len(gz) // 2], 422, "truncated"),
+            "png": (_png(), 422, "not a NIfTI volume"),
+            "flat": (flat.read_bytes(), 422, "not a 3-D volume"),
+        }
+        for what, (body, status, words) in hostile.items():
+            r = httpx.post(f"{url}/v1/models/seg/predict", content=body, timeout=60)
+            assert r.status_code == status and words in r.json()["detail"], (what, r.status_code, r.text)
+        assert httpx.get(f"{url}/readyz").status_code == 200
+        from prometheus_client.parser import text_string_to_metric_families
+
+        families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)}
+        counted = {s.labels["class_name"] for s in families["cnnkit_predicted_class"].samples
+                   if s.labels.get("model") == "cls"}
+        assert cls_row["label"] in counted
+
+
+def test_a_compressed_volume_is_inflated_only_as_far_as_its_header_announces():
+    """A zip bomb: a 100^3 uint8 volume followed by 256 MB of zeros (about 250 KB compressed)
+    is read without holding the zeros in memory; a header announcing more voxels than the
+    limit is refused before anything is inflated."""
+    import tracemalloc
+    import zlib
+
+    import nibabel as nib
+
+    from cnnkit.data.volumes import read_nifti_bytes
+    from cnnkit.errors import ImageDecodeError
+
+    h = nib.Nifti1Header()
+    h.set_data_shape((100, 100, 100))
+    h.set_data_dtype(np.uint8)
+    h["vox_offset"] = 352
+    z = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    bomb = z.compress(h.binaryblock + b"\0" * 4 + (np.arange(10**6) % 256).astype(np.uint8).tobytes())
+    zeros = b"\0" * 2**24
+    bomb += b"".join(z.compress(zeros) for _ in range(16)) + z.flush()
+    assert len(bomb) < 2**20
+    tracemalloc.start()
+    try:
+        vol, _ = read_nifti_bytes(bomb, max_voxels=40_000_000)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert vol.shape == (100, 100, 100) and vol[0, 0, 1] == 1 and vol[0, 1, 0] == 100  # (k, j, i)
+    assert peak < 64 * 2**20, peak  # the volume as bytes and float32, not the 256 MB of zeros
+    with pytest.raises(ImageDecodeError, match="too large"):
+        read_nifti_bytes(bomb, max_voxels=999_999)

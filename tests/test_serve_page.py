@@ -67,3 +67,33 @@ def test_page_draws_the_result_of_a_picked_image(browser, fixture, request, tmp_
         assert not errors, errors
         page.close()
     assert shot.stat().st_size > 10_000
+
+
+def test_page_shows_a_volume_answer(browser, medical_run, tmp_path, request):
+    """A medical segmenter: the page takes a .nii.gz and lists the voxels of every class."""
+    import numpy as np
+
+    from cnnkit.data.volumes import write_nifti
+    from cnnkit.serve import load_models
+
+    scan = tmp_path / "scan.nii.gz"
+    write_nifti(scan, np.random.default_rng(0).normal(size=(20, 45, 37)).astype(np.float32))
+    models = load_models([f"m={medical_run}"])
+    shot = Path(request.config.rootpath) / "tests" / "artifacts" / "serve_page_medical.png"
+    shot.parent.mkdir(exist_ok=True)
+    with running(models) as (url, _):
+        page = browser.new_page(viewport={"width": 1100, "height": 500})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(url + "/")
+        page.wait_for_selector("#model option", state="attached")
+        assert page.inner_text("#task").startswith("medical") and ".nii.gz" in page.inner_text("#drop")
+        page.set_input_files("#file", str(scan))
+        page.wait_for_selector("body[data-state=drawn]", timeout=30_000)
+        listed = page.inner_text("#result")
+        expected = models["m"](str(scan))[0].to_dict()["voxels"]
+        for name, n in expected.items():
+            assert f"{name} ({n} voxels)" in listed
+        page.screenshot(path=str(shot), full_page=True)
+        assert not errors, errors
+        page.close()

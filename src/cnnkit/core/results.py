@@ -133,6 +133,7 @@ class VolumeLabels:
     labels: torch.Tensor
     class_names: list[str]
     labels_file: str | None = None
+    affine: np.ndarray | None = None  # the input file's voxel-to-scanner transform, for the label volume
 
     def to_dict(self) -> dict[str, Any]:
         counts = np.bincount(self.labels.numpy().ravel(), minlength=len(self.class_names))

@@ -110,11 +110,95 @@ def read_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         arr = np.asarray(img.dataobj, dtype=np.float32)
     except Exception as e:  # noqa: BLE001 - nibabel raises many types for a damaged file
         raise DataError(f"'{p}' cannot be read as NIfTI ({e.__class__.__name__})") from None
+    return _volume(arr, str(p)), np.asarray(img.affine, np.float64)
+
+
+def _volume(arr: np.ndarray, name: str) -> np.ndarray:
+    """A NIfTI array (i, j, k) as a contiguous (k, j, i) volume; a 4-D array of one volume is
+    taken as 3-D."""
     if arr.ndim == 4 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     if arr.ndim != 3:
-        raise DataError(f"'{p}' has {arr.ndim} dimensions (shape {tuple(arr.shape)}); a volume must be 3-D")
-    return np.ascontiguousarray(arr.transpose(2, 1, 0)), np.asarray(img.affine, np.float64)
+        raise DataError(f"'{name}' has {arr.ndim} dimensions (shape {tuple(arr.shape)}); a volume must be 3-D")
+    return np.ascontiguousarray(arr.transpose(2, 1, 0))
+
+
+GZIP_MAGIC = b"\x1f\x8b"
+NIFTI2_HEADER = 540  # bytes; a NIfTI-1 header is 348
+
+
+def read_nifti_bytes(data: bytes, name: str = "<volume>", max_voxels: int | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`read_nifti` for the bytes of a ``.nii`` or ``.nii.gz`` file (an upload).
+
+    A volume over ``max_voxels`` is refused from its header, before its voxels are read; a
+    gzip stream is inflated header first, then only up to the size its header announces, so a
+    small compressed body cannot expand into gigabytes (a zip bomb).
+
+    Raises:
+        ImageDecodeError: not NIfTI, damaged, not 3-D, or too large (the reason starts with
+            "too large").
+    """
+    import io
+    import zlib
+
+    import nibabel as nib
+
+    from cnnkit.errors import ImageDecodeError
+
+    gz = data[:2] == GZIP_MAGIC
+    inflate = zlib.decompressobj(16 + zlib.MAX_WBITS) if gz else None
+    try:
+        head = inflate.decompress(data, NIFTI2_HEADER) if gz else data[:NIFTI2_HEADER]
+    except zlib.error:
+        raise ImageDecodeError(name, "not a readable gzip stream") from None
+    header = None
+    for kind in (nib.Nifti1Header, nib.Nifti2Header):
+        try:
+            header = kind.from_fileobj(io.BytesIO(head), check=True)
+            break
+        except Exception:  # noqa: BLE001 - nibabel raises many types for a foreign header
+            continue
+    if header is None:
+        raise ImageDecodeError(name, "not a NIfTI volume (.nii or .nii.gz)")
+    shape = tuple(int(n) for n in header.get_data_shape())
+    voxels = int(np.prod(shape, dtype=np.int64))
+    if max_voxels is not None and voxels > max_voxels:
+        raise ImageDecodeError(name, f"too large ({'x'.join(map(str, shape))} voxels, the limit is {max_voxels:,})")
+    if len(shape) != 3 and not (len(shape) == 4 and shape[-1] == 1):
+        raise ImageDecodeError(name, f"not a 3-D volume (shape {shape})")
+    size = int(header.get_data_offset()) + voxels * np.dtype(header.get_data_dtype()).itemsize
+    if gz:
+        try:
+            rest = inflate.decompress(inflate.unconsumed_tail, max(size - len(head), 0) + 1)
+        except zlib.error:
+            raise ImageDecodeError(name, "not a readable gzip stream") from None
+        raw = head + rest
+    else:
+        raw = data
+    if len(raw) < size:
+        raise ImageDecodeError(name, f"truncated ({len(raw):,} of {size:,} bytes)")
+    try:
+        image_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+        img = image_class.from_bytes(raw[:size])
+        volume = _volume(np.asarray(img.dataobj, dtype=np.float32), name)
+    except Exception as e:  # noqa: BLE001 - a bad datatype, damaged data
+        raise ImageDecodeError(name, f"the NIfTI data cannot be read ({e.__class__.__name__})") from None
+    if not np.isfinite(volume).all():
+        raise ImageDecodeError(name, "the volume holds NaN or infinite values")
+    return volume, np.asarray(img.affine, np.float64)
+
+
+def nifti_bytes(volume: np.ndarray, affine: np.ndarray | None = None) -> bytes:
+    """:func:`write_nifti` into memory: the gzip-compressed ``.nii.gz`` bytes."""
+    import gzip
+
+    import nibabel as nib
+
+    v = np.asarray(volume).transpose(2, 1, 0)
+    v = v.astype(np.uint8) if v.dtype in (np.uint8, np.int64, np.int32, bool) else v.astype(np.float32)
+    raw = nib.Nifti1Image(v, np.eye(4) if affine is None else affine).to_bytes()
+    return gzip.compress(raw, compresslevel=6, mtime=0)
 
 
 def write_nifti(path: str | Path, volume: np.ndarray, affine: np.ndarray | None = None) -> None:

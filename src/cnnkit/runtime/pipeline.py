@@ -80,6 +80,11 @@ class Pipeline:
         over ``max_pixels`` are refused from their header."""
         return read_image(item, channels=self.card.input.channels, max_pixels=max_pixels).contiguous()
 
+    def decode_meta(self, item: Any, max_pixels: int | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+        """:meth:`decode`, and what the input itself says about where its result belongs (a
+        volume's affine), added to its meta; nothing by default."""
+        return self.decode(item, max_pixels), {}
+
     def prepare(self, image: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         """One decoded input -> the core's input tensor (no batch dim) and its meta."""
         raise NotImplementedError
@@ -88,7 +93,9 @@ class Pipeline:
         """Inputs -> a batch for the core and one meta dict per input."""
         xs, metas = [], []
         for i, item in enumerate(images):
-            x, meta = self.prepare(self.decode(item))
+            image, extra = self.decode_meta(item)
+            x, meta = self.prepare(image)
+            meta.update(extra)
             meta["path"] = str(item) if isinstance(item, (str, Path)) else None
             xs.append(x)
             metas.append(meta)
@@ -244,8 +251,9 @@ class Predictor:
     def decode_prepare(self, item: ImageLike, name: str | None = None, max_pixels: int | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         """:meth:`prepare` that also returns the decoded image: ``(image, input, meta)``."""
-        image = self.pipeline.decode(item, max_pixels)
+        image, extra = self.pipeline.decode_meta(item, max_pixels)
         x, meta = self.pipeline.prepare(image)
+        meta.update(extra)
         meta["path"] = name
         return image, x, meta
 

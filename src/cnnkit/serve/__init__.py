@@ -58,11 +58,7 @@ def load_models(weights: list[str], backend: str = "torch", device: str = "cpu",
 
             folder = Path(workdir or tempfile.mkdtemp(prefix="cnnkit-serve-"))
             path = export(path, "onnx", folder / f"{name}.onnx", verbose=False)["file"]
-        model = load(path, device)
-        if model.task == "medical":
-            raise CnnkitError(f"'{path}' is a medical (3-D volume) model, which cnnkit serve does not take yet; "
-                              "use `cnnkit medical predict`")
-        models[name] = model
+        models[name] = load(path, device)
     return models
 
 
@@ -84,6 +80,9 @@ def build_references(models: dict[str, Any], specs: list[str], workdir: str | Pa
             name = next(iter(models))
         if name not in models:
             raise CnnkitError(f"--reference names model '{name}', which is not served (models: {', '.join(models)})")
+        if models[name].task == "medical":
+            raise CnnkitError(f"--reference names '{name}', a medical (3-D volume) model; drift is measured "
+                              "on 2-D images only")
         src = Path(source)
         if src.suffix == ".json":
             if not src.is_file():

@@ -2,11 +2,12 @@
 
 Routes (``/v1`` is the API version):
 
-- ``POST /v1/models/{name}/predict``: one image as the raw body or a multipart upload (one or
-  more file parts), or a JSON batch ``{"images": ["<base64>", ...]}``; query parameters are
-  the task's per-call predict options (``conf``, ``max_det``, ``topk``). The answer is the
-  list that ``cnnkit TASK predict --json`` writes (semantic masks added as COCO RLE per
-  class), with the time per stage in the ``Server-Timing`` header.
+- ``POST /v1/models/{name}/predict``: one image (for medical models a ``.nii``/``.nii.gz``
+  volume) as the raw body or a multipart upload (one or more file parts), or a JSON batch
+  ``{"images": ["<base64>", ...]}``; query parameters are the task's per-call predict options
+  (``conf``, ``max_det``, ``topk``). The answer is the list that ``cnnkit TASK predict
+  --json`` writes (semantic masks added as COCO RLE per class, label volumes as a base64
+  ``.nii.gz`` in ``labels_nifti``), with the time per stage in the ``Server-Timing`` header.
 - ``GET /v1/models``: the models, with their cards. ``GET /healthz``, ``GET /readyz``.
 - ``GET /v1/models/{name}/drift``: the drift score of the recent requests against the
   model's reference (:mod:`cnnkit.methods.drift`), also in ``/metrics``.
@@ -120,14 +121,20 @@ def parse_options(task: str, query: dict[str, str], defaults: dict[str, Any]) ->
 
 
 def result_row(result) -> dict[str, Any]:
-    """``result.to_dict()``; a semantic mask also travels, as COCO RLE per class present."""
-    from cnnkit.core.results import SegMask, mask_to_rle
+    """``result.to_dict()``; a semantic mask also travels, as COCO RLE per class present, and
+    a volume's labels as a base64 ``.nii.gz`` with the uploaded file's affine
+    (``labels_nifti``)."""
+    from cnnkit.core.results import SegMask, VolumeLabels, mask_to_rle
 
     row = result.to_dict()
     if isinstance(result, SegMask) and "mask" not in row:
         ids = result.mask.unique().tolist()
         row["masks"] = {result.class_names[i]: mask_to_rle(result.mask == i) for i in ids
                         if i < len(result.class_names)}
+    elif isinstance(result, VolumeLabels):
+        from cnnkit.data.volumes import nifti_bytes
+
+        row["labels_nifti"] = base64.b64encode(nifti_bytes(result.labels.numpy(), result.affine)).decode()
     return row
 
 

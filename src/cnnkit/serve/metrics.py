@@ -46,7 +46,7 @@ class Metrics:
 
 def predicted_classes(row: dict[str, Any]) -> list[str]:
     """The class names a result row names: its label, its tags, its detections' classes or
-    the classes in its mask."""
+    the classes in its mask or label volume."""
     if "detections" in row:
         return [d["class_name"] for d in row["detections"]]
     if "labels" in row and isinstance(row["labels"], list):
@@ -55,4 +55,6 @@ def predicted_classes(row: dict[str, Any]) -> list[str]:
         return [row["label"]]
     if "classes" in row:
         return list(row["classes"])
+    if "voxels" in row:
+        return list(row["voxels"])
     return []

@@ -42,12 +42,21 @@ class MedicalPipeline(Pipeline):
         return {n: m for n, m in named.items() if n != "class_layers"}
 
     def decode(self, item: Any, max_pixels: int | None = None) -> torch.Tensor:
-        if isinstance(item, (str, Path)):
-            from cnnkit.data.volumes import read_nifti
+        return self.decode_meta(item, max_pixels)[0]
 
-            vol, _ = read_nifti(item)
-            return torch.as_tensor(np.asarray(vol, np.float32))
-        return torch.as_tensor(np.asarray(item, np.float32))
+    def decode_meta(self, item: Any, max_pixels: int | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+        """A NIfTI path or the bytes of a ``.nii``/``.nii.gz`` file (an upload; over
+        ``max_pixels`` voxels refused from its header), or an array; the meta holds the file's
+        affine, so label volumes overlay their scans."""
+        from cnnkit.data.volumes import read_nifti, read_nifti_bytes
+
+        if isinstance(item, (str, Path)):
+            vol, affine = read_nifti(item)
+        elif isinstance(item, (bytes, bytearray, memoryview)):
+            vol, affine = read_nifti_bytes(bytes(item), max_voxels=max_pixels)
+        else:
+            vol, affine = np.asarray(item, np.float32), None
+        return torch.as_tensor(np.asarray(vol, np.float32)), {"affine": affine}
 
     def prepare(self, volume: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         v = volume.float()
@@ -76,7 +85,8 @@ class MedicalPipeline(Pipeline):
                                        {n: float(v) for n, v in zip(self.classes, p)}))
             return out
         labels = raw[0].float().argmax(1).to(torch.uint8).cpu()
-        return [VolumeLabels(m.get("path"), lab, self.classes) for lab, m in zip(labels, metas)]
+        return [VolumeLabels(m.get("path"), lab, self.classes, affine=m.get("affine"))
+                for lab, m in zip(labels, metas)]
 
     def target(self, raw: tuple[torch.Tensor, ...], selector: Any) -> torch.Tensor:
         """Classifiers: the logit of class ``selector``; segmenters: its mean logit."""

@@ -79,7 +79,7 @@ def _line(m: dict[str, Any], split: str) -> str:
 
 class MedicalSpec(WorkflowSpec):
     config = MedicalConfig
-    drift_reference = False  # cnnkit serve does not take 3-D volumes
+    drift_reference = False  # drift features are 2-D image statistics
 
     def curve_keys(self, cfg: MedicalConfig) -> tuple[str, ...]:
         return ("top1",) if cfg.classify else ("dice",)
@@ -160,7 +160,7 @@ class MedicalSpec(WorkflowSpec):
         for r in results:
             f = Path(r.path)
             target = _label_path(f, Path(options["source"]), out)
-            write_nifti(target, r.labels.numpy(), nib.load(str(f)).affine)
+            write_nifti(target, r.labels.numpy(), r.affine if r.affine is not None else nib.load(str(f)).affine)
             r.labels_file = str(target)
         return f"label volumes in {out}/"
 
