@@ -1,5 +1,5 @@
-"""``cnnkit export``, ``cnnkit quantize`` and ``cnnkit benchmark``: any task's weights to ONNX /
-TorchScript / int8 ONNX, and one table over formats."""
+"""``cnnkit export``, ``cnnkit quantize``, ``cnnkit prune`` and ``cnnkit benchmark``: any task's
+weights to ONNX / TorchScript / int8 ONNX or to a narrower network, and one table over them."""
 
 from __future__ import annotations
 
@@ -61,6 +61,35 @@ def quantize_cmd(weights, data, split, calib, method, per_channel, exclude, out,
 
     report = quantize(weights, data, out, calib, method, per_channel,
                       tuple(n.strip() for n in exclude.split(",") if n.strip()), split, not no_sensitivity)
+    if json_path:
+        write_json(json_path, report)
+
+
+@click.command("prune", context_settings=CONTEXT)
+@option("weights", help="best.safetensors or its run folder (classify, multilabel, fastdet, segment, medical)")
+@click.option("--ratio", type=float, default=0.5, help="share of the channels removed from every prunable layer, "
+              "in (0, 1)")
+@click.option("--method", type=click.Choice(["l1", "taylor"]), default="l1",
+              help="how channels are ranked: l1 (weight magnitude) or taylor (|w * grad| on --data images)")
+@click.option("--data", default=None, help="taylor: the task's data (as for val); its images give the gradients")
+@click.option("--split", default="train", help="taylor: the split whose images give the gradients")
+@click.option("--images", type=click.IntRange(1), default=64, help="taylor: how many images")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="file to write (default: beside the weights, pruned.safetensors)")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="write the report as JSON")
+def prune_cmd(weights, ratio, method, data, split, images, out, json_path) -> None:
+    """Structured pruning: remove whole channels (Torch-Pruning's dependency graph keeps
+    residual adds and concatenations consistent); the card records the new widths.
+
+    \b
+    The pruned model needs fine-tuning; --init trains the narrower network:
+      cnnkit prune --weights runs/classify/train --ratio 0.5
+      cnnkit classify train --data digits --init runs/classify/train/weights/pruned.safetensors --epochs 5
+    """
+    from cnnkit.methods.prune import prune
+    from cnnkit.utils.io import write_json
+
+    report = prune(weights, ratio, method, data, split, images, out, json_path=json_path)
     if json_path:
         write_json(json_path, report)
 

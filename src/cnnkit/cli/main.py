@@ -242,10 +242,11 @@ from cnnkit.cli.convert import convert
 
 cli.add_command(convert)
 
-from cnnkit.cli.export import benchmark_cmd, export_cmd, quantize_cmd
+from cnnkit.cli.export import benchmark_cmd, export_cmd, prune_cmd, quantize_cmd
 
 cli.add_command(export_cmd)
 cli.add_command(quantize_cmd)
+cli.add_command(prune_cmd)
 cli.add_command(benchmark_cmd)
 
 from cnnkit.cli.serve import serve_cmd

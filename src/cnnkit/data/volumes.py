@@ -157,7 +157,7 @@ def read_nifti_bytes(data: bytes, name: str = "<volume>", max_voxels: int | None
         try:
             header = kind.from_fileobj(io.BytesIO(head), check=True)
             break
-        except Exception:  # noqa: BLE001 - nibabel raises many types for a foreign header
+        except Exception:  # noqa: BLE001, S112 - nibabel raises many types for a foreign header
             continue
     if header is None:
         raise ImageDecodeError(name, "not a NIfTI volume (.nii or .nii.gz)")

@@ -298,6 +298,12 @@ def train(spec: WorkflowSpec, cfg: TrainConfig | None = None, *, resume: str | P
     device = select_device(cfg.device)
     seed_everything(cfg.seed)
     s = spec.setup(cfg, device, verbose, ckpt is not None)
+    from cnnkit.methods.prune import RECORD, apply, init_record
+
+    if cfg.init and ckpt is not None:  # resuming a fine-tune of pruned weights: the checkpoint is narrow too
+        apply(s.model, init_record(cfg.init))
+    if getattr(s.model, RECORD, None) is not None:  # the card rebuilds the pruned network
+        s.card.extra["pruned"] = getattr(s.model, RECORD)
     run = open_run(cfg, spec.name, run)
     hooks = list(s.hooks)
     task = s.task

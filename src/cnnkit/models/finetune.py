@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch.nn as nn
+from torch import nn
 
 from cnnkit.errors import CnnkitError, ModelError
 
@@ -183,6 +183,9 @@ def load_init(model: nn.Module, path: str, in_chans: int, num_classes: int) -> s
     else:
         raise ModelError(f"--init weights '{path}' do not exist")
     arch = getattr(model, "cnnkit_arch", "?")
+    from cnnkit.methods.prune import apply, init_record
+
+    apply(model, init_record(path))  # pruned weights: the network is narrowed to them first
     own = model.state_dict()
     if not set(state) & set(own):
         raise ModelError(f"--init weights '{path}' share no parameter names with model '{arch}'")
@@ -212,8 +215,20 @@ def copy_matching_weights(model, init: str | Path, prefixes: tuple[str, ...] = (
     """
     from cnnkit.engine.checkpoint import load_weights
     from cnnkit.errors import CnnkitError
+    from cnnkit.methods.prune import apply
 
     state, card = load_weights(init)
+    rec = card.get("extra", {}).get("pruned")
+    if rec and set(rec["modules"]) <= {n for n, _ in model.named_modules()}:
+        apply(model, rec)  # pruned weights of this network: it is narrowed to them first
+        own = model.state_dict()
+        odd = next((k for k, v in state.items() if k in own and own[k].shape != v.shape), None)
+        if odd is not None:
+            from cnnkit.errors import ModelError
+
+            kwargs = ", ".join(f"{k}={v}" for k, v in card.get("model_kwargs", {}).items()) or "its defaults"
+            raise ModelError(f"--init '{init}' is a pruned {card.get('arch')} built with {kwargs}, and this model "
+                             f"differs ({odd}); train with the same model options")
     own = model.state_dict()
     copied = {}
     for k, v in state.items():

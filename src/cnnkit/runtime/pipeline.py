@@ -352,6 +352,10 @@ def load_model(weights: str | Path, task: str | None = None, **build_options) ->
     pipe = pipeline_for(card)
     pipe.configure(**build_options)
     model = pipe.build()
+    if card.extra.get("pruned"):  # narrowed by `cnnkit prune`: rebuilt at the recorded widths
+        from cnnkit.methods.prune import apply
+
+        apply(model, card.extra["pruned"])
     try:
         model.load_state_dict(state)
     except RuntimeError:

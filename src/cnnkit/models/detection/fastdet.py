@@ -56,20 +56,36 @@ class Bottleneck(nn.Module):
 
 
 class CSP(nn.Module):
-    """Split, run ``n`` bottlenecks on one half, concatenate every intermediate, fuse (C2f)."""
+    """Two 1x1 branches, ``n`` bottlenecks on the second, every intermediate concatenated and
+    fused (C2f).
+
+    C2f computes both branches as one 1x1 conv whose output is chunked in two; here they are
+    two convs (the same arithmetic), so structured pruning (Torch-Pruning's dependency graph,
+    which mis-indexes ``chunk``) can narrow each branch on its own. Weights saved with the one
+    conv (``cv1`` of twice the width) still load: they are split on the way in.
+    """
 
     def __init__(self, c1: int, c2: int, n: int = 1, shortcut: bool = True):
         super().__init__()
         self.c = c2 // 2
-        self.cv1 = Conv(c1, 2 * self.c, 1)
+        self.cv0, self.cv1 = Conv(c1, self.c, 1), Conv(c1, self.c, 1)
         self.cv2 = Conv((2 + n) * self.c, c2, 1)
         self.m = nn.ModuleList(Bottleneck(self.c, shortcut) for _ in range(n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = list(self.cv1(x).chunk(2, 1))
+        y = [self.cv0(x), self.cv1(x)]
         for m in self.m:
             y.append(m(y[-1]))
         return self.cv2(torch.cat(y, 1))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "cv0.0.weight" not in state_dict and prefix + "cv1.0.weight" in state_dict:
+            for key in [k for k in state_dict if k.startswith(prefix + "cv1.")]:  # one conv of both branches
+                t = state_dict.pop(key)
+                first, second = (t, t) if t.dim() == 0 else t.chunk(2, 0)
+                state_dict[prefix + "cv0." + key[len(prefix) + 4:]] = first
+                state_dict[key] = second
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class SPPF(nn.Module):
