@@ -108,9 +108,20 @@ def test_pruned_digits_fine_tune_back_and_the_card_carries_the_record(digits_run
     ft = cnnkit.load(tmp_path / "ft")
     assert sum(p.numel() for p in ft.model.parameters()) == report["params_after"]
     assert ft.card.extra["pruned"]["ratio"] == 0.5
-    # export and int8 take the pruned network like any other
-    r = cli("export", "--weights", tmp_path / "ft")
+    # one table: the full model and the pruned one, eager and on ONNX Runtime, with their metric
+    r = cli("benchmark", "--weights", digits_run, "--variants", f"pruned={tmp_path / 'ft'}", "--data", "digits",
+            "--split", "test", "--formats", "torch,onnx", "--runs", "3", "--warmup", "1", "--batch", "4",
+            "--json", tmp_path / "bench.json")
     assert r.code == 0, r.err
+    rows = {(row["variant"], row["format"]): row for row in json.loads((tmp_path / "bench.json").read_text())["rows"]}
+    assert list(rows) == [("fp32", "torch"), ("fp32", "onnx"), ("pruned", "torch"), ("pruned", "onnx")]
+    assert rows[("pruned", "onnx")]["params"] == report["params_after"] < rows[("fp32", "torch")]["params"]
+    assert rows[("pruned", "onnx")]["size_mb"] < 0.5 * rows[("fp32", "onnx")]["size_mb"]
+    assert abs(rows[("pruned", "torch")]["metric"] - rows[("pruned", "onnx")]["metric"]) < 0.01
+    assert rows[("pruned", "torch")]["metric_delta"] == pytest.approx(
+        rows[("pruned", "torch")]["metric"] - rows[("fp32", "torch")]["metric"], abs=1e-5)
+    r = cli("benchmark", "--weights", digits_run, "--variants", "pruned")
+    assert r.code == 2 and "NAME=WEIGHTS" in r.err
 
 
 def test_prune_errors_are_one_sentence(cli, digits_run, instance_run, tmp_path):
@@ -146,3 +157,26 @@ def test_pruned_fastdet_fine_tunes_through_init(tiny_run, tiny_yolo, tmp_path, c
     ft = cnnkit.load(tmp_path / "ft")
     assert ft.card.extra["pruned"]["ratio"] == 0.5
     assert len(ft(str(next(tiny_yolo.parent.rglob("*.png"))))) == 1
+
+
+def test_fastdet_weights_saved_with_one_csp_input_conv_still_load():
+    """Before the C2f blocks had two 1x1 branches they had one conv of twice the width whose
+    output was chunked: such weights load split in two and compute the same function."""
+    from cnnkit.models.detection.fastdet import FastDet
+
+    torch.manual_seed(0)
+    new = FastDet(3, width=8).eval()
+    old = {}
+    for k, v in new.state_dict().items():
+        if ".cv0." in k:
+            continue
+        twin = k.replace(".cv1.", ".cv0.")
+        is_csp_input = ".cv1." in k and twin in new.state_dict() and ".m." not in k
+        old[k] = torch.cat([new.state_dict()[twin], v]) if is_csp_input and v.dim() > 0 else v
+    assert any(v.shape[0] == 2 * new.state_dict()[k].shape[0] for k, v in old.items() if v.dim() > 0)
+    loaded = FastDet(3, width=8).eval()
+    loaded.load_state_dict(old)
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(new.raw(x), loaded.raw(x)):
+            assert torch.equal(a, b)

@@ -106,10 +106,20 @@ def prune_cmd(weights, ratio, method, data, split, images, out, json_path) -> No
 @option("device", default="cpu")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="keep the exported files in this folder (default: a temporary one)")
+@click.option("--variants", default="", show_default=False, metavar="NAME=W,...",
+              help="other weights of the same task measured beside --weights in every format (a pruned or "
+                   "distilled model): pruned=runs/classify/ft,student=runs/classify/kd")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="write the table as JSON")
-def benchmark_cmd(weights, data, split, batch, formats, runs, warmup, device, out, json_path) -> None:
-    """Size, latency (batch 1 and N), images/s and the task's metric per format, side by side."""
-    from cnnkit.methods.benchmark import benchmark
+def benchmark_cmd(weights, data, split, batch, formats, runs, warmup, device, out, variants, json_path) -> None:
+    """Size, parameters, latency (batch 1 and N), images/s and the task's metric per format
+    and variant, side by side; the change is against --weights on eager PyTorch.
+
+    \b
+    One table for a model and its compressed variants:
+      cnnkit benchmark --weights runs/classify/train --data digits --formats torch,onnx,int8 \\
+          --variants pruned=runs/classify/pruned-ft
+    """
+    from cnnkit.methods.benchmark import benchmark, parse_variants
 
     benchmark(weights, data, batch, tuple(f.strip() for f in formats.split(",") if f.strip()), runs, warmup,
-              device, split, out, json_path)
+              device, split, out, json_path, variants=parse_variants(variants))
