@@ -154,17 +154,17 @@ def benchmark(weights: str | Path, data: str | None = None, batch: int = 16, for
         tn = t1 if n == 1 else time_interleaved(preds, {k: q.pipeline.example_input(n) for k, q in preds.items()},
                                                 runs, warmup)
         base = None
-        for key in files:
+        for key, file in files.items():
             name, fmt = key
-            row: dict[str, Any] = {"variant": name, "format": fmt, "file": str(files[key]),
-                                   "size_mb": round(files[key].stat().st_size / 2**20, 3), "params": params[name],
+            row: dict[str, Any] = {"variant": name, "format": fmt, "file": str(file),
+                                   "size_mb": round(file.stat().st_size / 2**20, 3), "params": params[name],
                                    "b1_median_ms": round(statistics.median(t1[key]), 3),
                                    "b1_p90_ms": round(p90(t1[key]), 3),
                                    "batch": n, "bN_median_ms": round(statistics.median(tn[key]), 3),
                                    "bN_p90_ms": round(p90(tn[key]), 3),
                                    "images_per_s": round(n * 1e3 / statistics.median(tn[key]), 1)}
             if data:
-                metrics = cnnkit.val(p.task, files[key], data, split=split, device=device, verbose=False)
+                metrics = cnnkit.val(p.task, file, data, split=split, device=device, verbose=False)
                 mkey = METRIC[p.task] if p.task != "medical" or "dice" in metrics else "top1"
                 row.update(metric_name=mkey, metric=metrics.get(mkey))
             base = base or row
