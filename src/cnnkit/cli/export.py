@@ -112,7 +112,7 @@ def prune_cmd(weights, ratio, method, data, split, images, out, json_path) -> No
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="write the table as JSON")
 def benchmark_cmd(weights, data, split, batch, formats, runs, warmup, device, out, variants, json_path) -> None:
     """Size, parameters, latency (batch 1 and N), images/s and the task's metric per format
-    and variant, side by side; the change is against --weights on eager PyTorch.
+    and variant, side by side; the change is against --weights in the first format.
 
     \b
     One table for a model and its compressed variants:
