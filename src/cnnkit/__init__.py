@@ -9,11 +9,11 @@ Examples:
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "attack", "explain", "export", "load", "predict", "robustness", "train", "val"]
+__all__ = ["__version__", "attack", "explain", "export", "load", "predict", "prune", "robustness", "train", "val"]
 
 
 def __getattr__(name):  # lazy: `import cnnkit` stays cheap and has no side effects
-    if name in ("train", "val", "predict", "load", "export", "explain", "attack", "robustness"):
+    if name in ("train", "val", "predict", "load", "export", "explain", "attack", "robustness", "prune"):
         from cnnkit import api
 
         return getattr(api, name)

@@ -21,7 +21,8 @@ from typing import Any
 
 from cnnkit.tasks import TASKS, config_class, spec
 
-__all__ = ["TASKS", "attack", "config_from_file", "explain", "export", "load", "predict", "robustness", "train", "val"]
+__all__ = ["TASKS", "attack", "config_from_file", "explain", "export", "load", "predict", "prune", "robustness", "train",
+           "val"]
 
 
 def train(task: str, cfg: Any = None, *, resume: str | Path | None = None, verbose: bool = True, **options: Any):
@@ -105,6 +106,16 @@ def export(weights: str | Path, format: str = "onnx", **options: Any) -> dict[st
     from cnnkit.methods.export import export as run
 
     return run(weights, format, **options)
+
+
+def prune(weights: str | Path, ratio: float = 0.5, **options: Any) -> dict[str, Any]:
+    """Remove ``ratio`` of the channels of every prunable layer with the options of ``cnnkit
+    prune`` (``method``, ``data``, ``split``, ``images``, ``out``); fine-tune the result with
+    ``train(..., init=report["file"])``. Returns the report (file, parameters and batch-1
+    latency before and after)."""
+    from cnnkit.methods.prune import prune as run
+
+    return run(weights, ratio, **options)
 
 
 def config_from_file(task: str, path: str | Path, overrides: dict[str, Any] | None = None):
