@@ -218,10 +218,15 @@ def prune_network(model: nn.Module, pipe, ratio: float, method: str = "l1",
         pruner = tp.pruner.MetaPruner(core, x, importance=importance, pruning_ratio=ratio, ignored_layers=keep,
                                       round_to=ROUND_TO)
     if method == "taylor":
-        for batch in batches or []:
+        if not batches:
+            raise CnnkitError("--method taylor needs images to compute gradients on, and got none")
+        for batch in batches:
             with torch.no_grad():
                 ref = _outputs(core, batch)
             pipe.attack_loss(_outputs(core, batch), ref).mean().backward()
+        for p in core.parameters():  # layers the outputs do not use (a backbone's spare classifier): no gradient
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
     pruner.step()
     model.zero_grad(set_to_none=True)
     with torch.no_grad():
