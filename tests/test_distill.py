@@ -118,7 +118,65 @@ def test_teacher_errors_are_one_sentence(cli, digits_run, seg_run, tmp_path, arg
     assert len(r.err.strip().splitlines()) == 1, r.err
 
 
-def test_detection_distillation_says_it_is_not_there_yet(cli, tiny_yolo, tiny_run, tmp_path):
-    r = cli("detect", "train", "--data", tiny_yolo, "--imgsz", "128", "--epochs", "1", "--width", "8",
-            "--teacher", tiny_run, "--out", tmp_path / "d")
-    assert r.code == 2 and "--teacher is not there yet for detect" in r.err
+def test_kd_fastdet_weights_box_distributions_by_the_teacher_confidence():
+    """Class scores as multi-label KD; box sides as KL at T weighted per anchor point by the
+    teacher's best class probability (a point the teacher calls background barely counts)."""
+    from cnnkit.engine.distill import kd_fastdet
+
+    torch.manual_seed(0)
+    cls_t = torch.tensor([[[4.0, -4.0], [-9.0, -9.0]]])  # point 0: confident object; point 1: background
+    box_t = torch.randn(1, 2, 4, 8)
+    assert kd_fastdet(cls_t, box_t, [(cls_t, box_t)], 2.0).item() == pytest.approx(
+        kd_sigmoid(cls_t, [cls_t], 2.0).item(), abs=1e-5)  # the student equal to the teacher: boxes add 0
+    box_s = box_t.clone()
+    box_s[0, 1] = torch.randn(4, 8) * 5  # wrong only where the teacher sees background
+    far = kd_fastdet(cls_t, box_s, [(cls_t, box_t)], 2.0) - kd_sigmoid(cls_t, [cls_t], 2.0)
+    box_s = box_t.clone()
+    box_s[0, 0] = box_s[0, 1 - 1] + torch.randn(4, 8) * 5  # as wrong, on the object
+    near = kd_fastdet(cls_t, box_s, [(cls_t, box_t)], 2.0) - kd_sigmoid(cls_t, [cls_t], 2.0)
+    assert 0 < far < 0.01 * near
+    # by hand for the object point alone
+    p = torch.softmax(box_t[0, 0] / 2, -1)
+    kl = (p * (p.log() - torch.log_softmax(box_s[0, 0] / 2, -1))).sum(-1).mean()
+    w = torch.sigmoid(torch.tensor([4.0, -9.0]))
+    want = 4 * (w[0] * kl) / w.sum()
+    assert near.item() == pytest.approx(want.item(), rel=1e-4)
+
+
+def test_a_narrower_fastdet_learns_from_a_fastdet_teacher(cli, tiny_yolo, tiny_run, tmp_path):
+    r = cli("detect", "train", "--data", tiny_yolo, "--imgsz", "128", "--epochs", "1", "--batch", "8", "--width", "4",
+            "--teacher", tiny_run, "--kd-temperature", "2", "--out", tmp_path / "kd")
+    assert r.code == 0, r.err
+    card = json.loads((tmp_path / "kd" / "weights" / "best.json").read_text())
+    assert card["provenance"]["teacher"] == str(tiny_run) and card["model_kwargs"]["width"] == 4
+    assert card["provenance"]["kd"] == "logit"
+    # the loss the student trained on: its task's and the KD term against the teacher's raw outputs
+    import cnnkit
+    from cnnkit.engine.distill import DistilledTask, Teacher, kd_fastdet
+    from cnnkit.runtime.pipeline import load_model
+
+    student, scard, _ = load_model(tmp_path / "kd")
+    teacher = Teacher([str(tiny_run)], scard, torch.device("cpu"))
+    task = DistilledTask(cnnkit.load(tmp_path / "kd").pipeline, teacher, 2.0, 0.5)
+    x = torch.rand(2, 3, 128, 128)
+    out = student.train()(x)
+    with torch.no_grad():
+        want = kd_fastdet(out[0], out[1], [cnnkit.load(tiny_run).model.raw(x)[:2]], 2.0)
+    assert teacher(x)[0][0].shape == out[0].shape and torch.allclose(
+        kd_fastdet(out[0], out[1], teacher(x), 2.0), want, atol=1e-5)
+    assert task.teacher.fastdet
+    # the anchor points must line up: a teacher at another input size is refused
+    r = cli("detect", "train", "--data", tiny_yolo, "--imgsz", "96", "--epochs", "1", "--width", "4",
+            "--teacher", tiny_run, "--out", tmp_path / "x")
+    assert r.code == 2 and "same input size" in r.err and r.err.count("\n") == 1, r.err
+
+
+def test_a_medical_student_learns_from_a_medical_teacher(cli, medical_run, tmp_path, monkeypatch):
+    import cnnkit.data.volumes as dv
+
+    monkeypatch.setattr(dv, "PHANTOM_SIZES", {"train": 4, "val": 2})
+    r = cli("medical", "train", "--model", "unet3d", "--epochs", "1", "--batch", "2", "--teacher", medical_run,
+            "--out", tmp_path / "kd")
+    assert r.code == 0, r.err
+    card = json.loads((tmp_path / "kd" / "weights" / "best.json").read_text())
+    assert card["provenance"]["teacher"] == str(medical_run) and card["provenance"]["kd"] == "logit"

@@ -125,6 +125,17 @@ def served_prediction_is_the_predict_json(out: str) -> None:
     assert {"path", "label", "score", "topk"} == set(row) and 0 <= row["score"] <= 1
 
 
+def pruned_digits_fine_tune_back(root: Path) -> None:
+    """The README's pruned digits model: a quarter of the parameters and, fine-tuned at the
+    defaults, within 2 points of the full model's test top-1."""
+    full = json.loads((root / "runs/classify/digits/results.json").read_text())["test"]["top1"]
+    pruned = json.loads((root / "runs/classify/digits-pruned/results.json").read_text())["test"]["top1"]
+    assert pruned >= full - 0.02, (pruned, full)
+    card = json.loads((root / "runs/classify/digits-pruned/weights/best.json").read_text())
+    rec = card["extra"]["pruned"]
+    assert rec["params_after"] < 0.3 * rec["params_before"]
+
+
 def served_volume_is_the_predict_json(out: str) -> None:
     """A phantom volume over HTTP: its voxels per class and its label volume, of its shape."""
     import base64
@@ -177,6 +188,7 @@ CHECKS = {
     "cnnkit multilabel train --data shapes --imgsz 32 --epochs 8 ": multilabel_shapes_learns_well_above_chance,
     "cnnkit classify explain --weights runs/classify/shapes --data shapes": explain_wrote_every_method,
     "cnnkit classify robustness --weights runs/classify/shapes --data": robustness_table_covers_every_corruption,
+    "cnnkit classify train --data digits --init runs/classify/digits-pruned.safetensors": pruned_digits_fine_tune_back,
 }
 
 

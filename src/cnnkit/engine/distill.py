@@ -11,8 +11,13 @@ std and illumination). The loss becomes
 (Hinton et al., 2015; the T^2 keeps the soft term's gradients at the hard term's scale). KD
 compares class scores the way the task reads them: the KL divergence from the teachers'
 softmax at temperature T (averaged over teachers: an ensemble teacher) for single-label
-classifiers, and per pixel for segmenters; binary cross-entropy against the teachers' sigmoid
-at T, label by label, for multi-label classifiers. Validation runs the student alone.
+classifiers, per pixel for segmenters and per voxel for medical segmenters; binary
+cross-entropy against the teachers' sigmoid at T, label by label, for multi-label
+classifiers. A fastdet student learns from a fastdet teacher at every anchor point: its class
+scores (sigmoid, as for multi-label) and its box-side distributions (the KL divergence of each
+side's distribution at T, weighted by the teacher's class confidence at that point, so
+background points do not swamp it: localization distillation, Zheng et al., 2022); the two
+share the input size, so their anchor points line up. Validation runs the student alone.
 
 With ``--kd-alpha 1`` and a high temperature this is defensive distillation (Papernot et al.,
 2016): the student learns only the teacher's soft labels at T and is used at T = 1, which
@@ -31,7 +36,7 @@ import torch.nn.functional as F
 from cnnkit.errors import CnnkitError
 
 KD_KINDS = ("logit",)
-SOFTMAX_TASKS = ("classify", "segment")
+SOFTMAX_TASKS = ("classify", "segment", "medical")
 SIGMOID_TASKS = ("multilabel",)
 
 
@@ -48,6 +53,20 @@ def kd_sigmoid(student: torch.Tensor, teachers: list[torch.Tensor], t: float) ->
     """``T^2 * BCE(sigmoid(student / T), mean_i sigmoid(teacher_i / T))``, averaged over labels."""
     p = torch.stack([torch.sigmoid(x.float() / t) for x in teachers]).mean(0)
     return F.binary_cross_entropy_with_logits(student.float() / t, p) * t * t
+
+
+def kd_fastdet(cls: torch.Tensor, box: torch.Tensor, teachers: list[tuple[torch.Tensor, torch.Tensor]],
+               t: float) -> torch.Tensor:
+    """fastdet's KD: :func:`kd_sigmoid` on the class logits ``(B, A, C)`` plus ``T^2 *`` the KL
+    divergence of each box side's distribution ``(B, A, 4, reg_max)`` from the teachers' (mean
+    softmax at T), averaged over sides and weighted per anchor point by the teachers' highest
+    class probability."""
+    cls_kd = kd_sigmoid(cls, [c for c, _ in teachers], t)
+    p = torch.stack([F.softmax(b.float() / t, -1) for _, b in teachers]).mean(0)
+    log_q = F.log_softmax(box.float() / t, -1)
+    kl = (p * (p.clamp_min(1e-12).log() - log_q)).sum(-1).mean(-1)  # (B, A)
+    w = torch.stack([torch.sigmoid(c.float()).amax(-1) for c, _ in teachers]).mean(0)
+    return cls_kd + (kl * w).sum() / w.sum().clamp_min(1e-6) * t * t
 
 
 class Teacher:
@@ -71,6 +90,13 @@ class Teacher:
                                   f"{card.input.channels}")
             self.members.append(p)
         self.card = card
+        self.fastdet = card.task == "detect"
+        if self.fastdet:
+            for p in self.members:
+                if p.card.arch != "fastdet" or p.card.input.height != card.input.height:
+                    raise CnnkitError(f"a fastdet student learns from a fastdet teacher of the same input size (its "
+                                      f"anchor points must line up); '{p.source}' is {p.card.arch} at "
+                                      f"{p.card.input.height} px, the student fastdet at {card.input.height} px")
         i = card.input
         self.normalized = card.task in ("classify", "multilabel") and i.mean is not None
         self.mean = torch.tensor(i.mean, device=device).view(1, -1, 1, 1) if self.normalized else None
@@ -85,9 +111,15 @@ class Teacher:
             x = x * self.std + self.mean
         out = []
         for p in self.members:
+            if self.card.task == "medical":  # z-scored volumes (or cubes of them): fully convolutional
+                out.append(p.backend.core(x).float())
+                continue
             size = (p.card.input.height, p.card.input.width)
             xi = x if tuple(x.shape[-2:]) == size else F.interpolate(x, size=size, mode="bilinear",
                                                                       align_corners=False, antialias=True)
+            if self.fastdet:  # class and box-side logits at every anchor point
+                out.append(tuple(r.float() for r in p.model.raw(xi.clamp(0, 1))[:2]))
+                continue
             raw = p.backend.core(xi.clamp(0, 1))
             out.append((raw if torch.is_tensor(raw) else raw[0]).float())
         return out
@@ -99,9 +131,9 @@ class DistilledTask:
 
     def __init__(self, task, teacher: Teacher, temperature: float, alpha: float):
         name = teacher.card.task
-        if name not in SOFTMAX_TASKS + SIGMOID_TASKS:
+        if name not in SOFTMAX_TASKS + SIGMOID_TASKS and not teacher.fastdet:
             raise CnnkitError(f"--teacher is not there yet for {name} models (distillation covers classify, "
-                              "multilabel and segment)")
+                              "multilabel, fastdet, segment and medical)")
         self.task, self.teacher, self.t, self.alpha = task, teacher, float(temperature), float(alpha)
         self.kd = kd_sigmoid if name in SIGMOID_TASKS else kd_softmax
         self._training = False
@@ -117,8 +149,15 @@ class DistilledTask:
         parts = self.task.loss(output, batch)
         if not self._training:
             return parts
-        scores = output if torch.is_tensor(output) else output[0]
         teachers = self.teacher(batch["images"])
+        if self.teacher.fastdet:
+            if teachers[0][1].shape != output[1].shape:
+                raise CnnkitError(f"the fastdet teacher's box distributions {tuple(teachers[0][1].shape[2:])} differ "
+                                  f"from the student's {tuple(output[1].shape[2:])} (another --reg-max?)")
+            kd = kd_fastdet(output[0], output[1], teachers, self.t)
+            total = (1 - self.alpha) * parts["loss"] + self.alpha * kd
+            return {**parts, "loss": total, "kd": kd.detach()}
+        scores = output if torch.is_tensor(output) else output[0]
         if teachers[0].shape[-2:] != scores.shape[-2:] and scores.ndim == 4:  # a segmenter's other resolution
             teachers = [F.interpolate(t, size=scores.shape[-2:], mode="bilinear", align_corners=False)
                         for t in teachers]
@@ -131,5 +170,8 @@ def distil(task, card, cfg, device: torch.device) -> DistilledTask:
     """The student's ``task`` wrapped for ``cfg.teacher`` (validated here)."""
     if cfg.kd not in KD_KINDS:
         raise CnnkitError(f"--kd {cfg.kd} is not there yet; --kd logit distils the class scores")
+    if card.task == "detect" and card.arch != "fastdet":
+        raise CnnkitError(f"--teacher is not there yet for {card.arch} (torchvision's detectors compute their losses "
+                          "inside); distil into fastdet")
     weights = [w for w in str(cfg.teacher).replace(",", " ").split() if w]
     return DistilledTask(task, Teacher(weights, card, device), cfg.kd_temperature, cfg.kd_alpha)
