@@ -56,10 +56,12 @@ HELP: dict[str, str] = {
     "teacher": "distil from these trained weights (same task and classes; comma-separated: an ensemble, their "
                "soft targets averaged); the teacher runs without gradients on the same augmented batches",
     "kd": "what is distilled: logit (the class scores: softmax KL, per pixel for segmenters; sigmoid BCE for "
-          "multi-label)",
+          "multi-label; fastdet: class scores and box-side distributions)",
     "kd_temperature": "--teacher: the softmax temperature T of the soft targets (high T with --kd-alpha 1: "
                       "defensive distillation)",
     "kd_alpha": "--teacher: weight of the distillation term; 1 - alpha weighs the task's own loss",
+    "qat": "quantization-aware training: fine-tune the --init weights with int8 rounding simulated (per-channel "
+           "weights, per-tensor activations), then write weights/best.int8.onnx (ONNX Runtime QDQ) and its metric",
     "train_temperature": "the training loss sees the logits divided by T (inference uses T = 1): with T 20 or "
                          "more, the teacher of defensive distillation",
     "illumination": "normalize the lighting inside the model (recorded in its card, applied at train and "

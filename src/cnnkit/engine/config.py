@@ -64,6 +64,7 @@ class TrainConfig:
     kd: str = "logit"  # what is distilled: the class scores
     kd_temperature: float = 4.0
     kd_alpha: float = 0.5  # weight of the distillation term (1 - alpha: the task's own loss)
+    qat: bool = False  # quantization-aware fine-tuning of --init weights; writes weights/best.int8.onnx
     # run
     seed: int = 0
     device: str = "auto"
@@ -112,6 +113,8 @@ class TrainConfig:
                 raise CnnkitError(f"--kd-temperature must be above 0, got {self.kd_temperature:g}")
             if not 0 <= self.kd_alpha <= 1:
                 raise CnnkitError(f"--kd-alpha must be in [0, 1], got {self.kd_alpha:g}")
+        if self.qat and not self.init:
+            raise CnnkitError("--qat fine-tunes trained weights for int8: give them with --init")
         if self.freeze not in (None, "", "none", "backbone", "all") and not str(self.freeze).isdigit():
             raise CnnkitError(f"--freeze must be 'backbone' or a number of stages, got '{self.freeze}'")
         if not 0 < self.layer_decay <= 1:

@@ -313,6 +313,11 @@ def train(spec: WorkflowSpec, cfg: TrainConfig | None = None, *, resume: str | P
         task = distil(s.task, s.card, cfg, device)
         s.card.provenance.update(teacher=cfg.teacher, kd=cfg.kd, kd_temperature=cfg.kd_temperature,
                                  kd_alpha=cfg.kd_alpha)
+    if cfg.qat:
+        from cnnkit.engine.qat import prepare
+
+        s.model_transforms.append(prepare)  # before the optimizer: fake quantization in every conv and linear layer
+        s.card.provenance.update(qat=True)
     if cfg.adv:
         from cnnkit.engine.adversarial import AdversarialTraining
 
@@ -328,6 +333,11 @@ def train(spec: WorkflowSpec, cfg: TrainConfig | None = None, *, resume: str | P
     test = spec.evaluate(cfg, s, best, "test")[0] if spec.has_split(s, "test") else None
     results = write_run_results(trainer, run, spec.public(val), spec.public(test) if test is not None else None,
                                 train_time)
+    if cfg.qat:
+        from cnnkit.utils.io import write_json
+
+        results["int8"] = _qat_int8(spec, cfg, s, run, verbose)
+        write_json(run.results, results)
     if spec.drift_reference:
         _drift_reference(spec, best, cfg.data, run.best.parent, verbose)
     plot_curves(trainer.history, run.plots / "results.png", list(spec.curve_keys(cfg)))
@@ -341,6 +351,24 @@ def train(spec: WorkflowSpec, cfg: TrainConfig | None = None, *, resume: str | P
                 con.print(f"  {p}: {r}")
         con.print(f"results in {run.root}/ (weights/best.safetensors, metrics.csv, results.json, plots/)")
     return TrainResult(run.root, results, results.get("test"), trainer.best_epoch, dict(trainer.skipped))
+
+
+def _qat_int8(spec: WorkflowSpec, cfg: TrainConfig, s: Setup, run, verbose: bool) -> dict[str, Any]:
+    """After ``--qat``: the int8 file of the best weights (``cnnkit quantize``: per-channel,
+    min/max ranges from the train split, the scheme the training simulated) and its val metrics."""
+    from cnnkit.methods.quantize import quantize
+    from cnnkit.runtime.pipeline import load
+
+    out = run.best.parent / "best.int8.onnx"
+    quantize(run.best, cfg.data, out, method="minmax", per_channel=True, split="train", sensitivity=False,
+             verbose=False)
+    ev, _ = spec.evaluate(cfg, s, load(out, "cpu"), "val")
+    public = spec.public(ev)
+    if verbose:
+        from cnnkit.engine.progress import console
+
+        console().print(f"int8 (ONNX Runtime, {out.name}): " + spec.line(ev, "val"))
+    return {"file": str(out.relative_to(run.root)), "val": public}
 
 
 def _drift_reference(spec: WorkflowSpec, best, data: str, folder: Path, verbose: bool) -> None:

@@ -23,7 +23,8 @@ class MedicalConfig(TrainConfig):
         shared("json_path", help='write [{"path", "shape", "voxels": {class: count}, "labels"}] (classifiers: '
                                  '[{"path", "shape", "label", "score", "probs"}])'))
 
-    UNUSED = ("imgsz", "pretrained", "init", "freeze", "unfreeze_at", "layer_decay", "linear_probe", "channels_last")
+    UNUSED = ("imgsz", "pretrained", "init", "freeze", "unfreeze_at", "layer_decay", "linear_probe", "channels_last",
+              "qat")
 
     data: str = "phantoms"
     model: str = "unet3d"  # segmenters unet3d (default), vnet, unet2d; classifiers densenet3d, densenet2d

@@ -1,0 +1,80 @@
+"""Quantization-aware training (`train --init W --qat`): the simulated rounding is the int8
+grid, gradients pass through it, the saved weights stay an ordinary float model, and the run
+writes an int8 ONNX file that reloads and validates."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import cnnkit
+from cnnkit.engine.qat import fake_weight, prepare, release
+
+
+def test_fake_weights_sit_on_the_per_channel_int8_grid():
+    torch.manual_seed(0)
+    w = torch.randn(6, 3, 3, 3) * torch.tensor([0.01, 0.1, 1, 5, 20, 100]).view(6, 1, 1, 1)
+    q = fake_weight(w)
+    scale = w.abs().flatten(1).amax(1) / 127
+    steps = q / scale.view(6, 1, 1, 1)
+    assert torch.allclose(steps, steps.round(), atol=1e-3) and steps.abs().max() <= 127.001
+    assert ((q - w).abs() <= scale.view(6, 1, 1, 1) / 2 + 1e-6).all()  # rounding, not truncation
+
+
+def test_prepared_layers_round_their_inputs_and_pass_gradients():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+    keys = list(m.state_dict())
+    plain = copy.deepcopy(m)
+    prepare(m)
+    assert list(m.state_dict()) == keys  # the saved weights stay an ordinary float model
+    x = torch.rand(16, 3, 8, 8)
+    m.train()
+    m(x).sum().backward()
+    assert m[0].weight.grad.abs().sum() > 0 and m[4].weight.grad.abs().sum() > 0  # straight-through
+    # the conv's input is rounded to at most 256 levels over its range, 0 exactly representable
+    seen = {}
+    m[0].register_forward_pre_hook(lambda mod, inp: seen.update(x=inp[0]))
+    m.eval()
+    with torch.no_grad():
+        y = m(x)
+        levels = m[0]._qat_input(seen["x"], False)
+        plain.load_state_dict(m.state_dict())
+        ref = plain.eval()(x)
+    assert len(torch.unique(levels)) <= 256 and 0 < (y - ref).abs().max() < 0.1
+    release(m)
+    assert type(m[0]) is nn.Conv2d and not hasattr(m[0], "_qat_input")
+
+
+def test_a_layer_without_an_int8_convolution_is_named():
+    from cnnkit.errors import CnnkitError
+
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"))
+    with pytest.raises(CnnkitError, match=r"cannot quantize layer '1' \(reflect padding"):
+        prepare(m)
+    with pytest.raises(CnnkitError, match="no convolution or linear layer"):
+        prepare(nn.Sequential(nn.ReLU()))
+
+
+def test_qat_fine_tunes_and_writes_an_int8_file_that_reloads(digits_run, cli, tmp_path):
+    r = cli("classify", "train", "--data", "digits", "--init", digits_run, "--qat", "--epochs", "1", "--lr", "1e-4",
+            "--out", tmp_path / "qat")
+    assert r.code == 0, r.err
+    res = json.loads((tmp_path / "qat" / "results.json").read_text())
+    int8 = tmp_path / "qat" / res["int8"]["file"]
+    assert int8.name == "best.int8.onnx" and int8.is_file()
+    assert res["int8"]["val"]["top1"] >= res["top1"] - 0.02, res
+    card = json.loads((tmp_path / "qat" / "weights" / "best.json").read_text())
+    assert card["provenance"]["qat"] is True
+    m = cnnkit.load(int8)
+    assert m.backend.name == "onnx" and m.card.extra["quantized"]["per_channel"] is True
+    again = cnnkit.val("classify", int8, "digits", verbose=False)
+    assert again["top1"] == pytest.approx(res["int8"]["val"]["top1"], abs=1e-6)
+    r = cli("classify", "train", "--data", "digits", "--qat", "--out", tmp_path / "x")
+    assert r.code == 2 and "give them with --init" in r.err and r.err.count("\n") == 1
+    r = cli("medical", "train", "--qat", "--out", tmp_path / "y")
+    assert r.code == 2 and "--qat" in r.err and r.err.count("\n") == 1
