@@ -6,7 +6,8 @@ For each task a model is trained at cnnkit's defaults (digits: the default small
 detection: fastdet for ``--det-minutes``; shapes segmentation: the U-Net for
 ``--seg-minutes``), pruned by ``cnnkit prune`` with the L1 and the Taylor criteria, and each
 pruned model is fine-tuned by ``train --init`` (digits: the default epochs again; the others:
-``--ft-minutes``). Then ``cnnkit benchmark --variants`` times the full model and the fine-tuned
+``--ft-minutes``); so is the full model (the control: a pruned model trained longer than the
+original would otherwise look better for the extra training alone). Then ``cnnkit benchmark --variants`` times the full model and the fine-tuned
 variants, eager and on ONNX Runtime, in interleaved rounds, and measures their metric on the
 test (digits) or val split. Latency figures need the machine to themselves: run it alone.
 """
@@ -31,9 +32,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", default="classify,detect,segment")
     ap.add_argument("--ratio", type=float, default=0.5)
-    ap.add_argument("--det-minutes", type=float, default=6.0)
-    ap.add_argument("--seg-minutes", type=float, default=5.0)
-    ap.add_argument("--ft-minutes", type=float, default=3.0, help="fine-tuning budget (detect, segment)")
+    ap.add_argument("--det-minutes", type=float, default=5.0)
+    ap.add_argument("--seg-minutes", type=float, default=4.0)
+    ap.add_argument("--ft-minutes", type=float, default=2.5, help="fine-tuning budget (detect, segment)")
     ap.add_argument("--runs", type=int, default=30, help="timed calls per model, format and batch size")
     args = ap.parse_args()
     import cnnkit
@@ -49,7 +50,11 @@ def main() -> None:
             t0 = time.perf_counter()
             cnnkit.train(task, data=spec["data"], out=str(full), verbose=False, **spec["train"], **budget)
             train_s = time.perf_counter() - t0
-            variants, notes = {}, {}
+            # the control: the full model given the same fine-tuning (more training alone may help)
+            control = Path(tmp) / task / "full-ft"
+            cnnkit.train(task, data=spec["data"], init=str(full), out=str(control), verbose=False, **spec["train"],
+                         **ft_budget)
+            variants, notes = {"fp32 fine-tuned": str(control)}, {}
             for method in ("l1", "taylor"):
                 report = cnnkit.prune(full, args.ratio, method=method, data=spec["data"],
                                       out=str(Path(tmp) / task / f"{method}.safetensors"), verbose=False)

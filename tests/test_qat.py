@@ -76,5 +76,5 @@ def test_qat_fine_tunes_and_writes_an_int8_file_that_reloads(digits_run, cli, tm
     assert again["top1"] == pytest.approx(res["int8"]["val"]["top1"], abs=1e-6)
     r = cli("classify", "train", "--data", "digits", "--qat", "--out", tmp_path / "x")
     assert r.code == 2 and "give them with --init" in r.err and r.err.count("\n") == 1
-    r = cli("medical", "train", "--qat", "--out", tmp_path / "y")
-    assert r.code == 2 and "--qat" in r.err and r.err.count("\n") == 1
+    r = cli("medical", "train", "--qat", "--out", tmp_path / "y")  # medical training takes no --init
+    assert r.code == 2 and "No such option '--qat'" in r.err
