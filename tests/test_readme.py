@@ -136,6 +136,14 @@ def pruned_digits_fine_tune_back(root: Path) -> None:
     assert rec["params_after"] < 0.3 * rec["params_before"]
 
 
+def qat_wrote_an_int8_file_that_holds_accuracy(root: Path) -> None:
+    """The README's QAT run: its int8 file exists and its val top-1 stays within 2 points of the
+    float weights it ends with."""
+    res = json.loads((root / "runs/classify/digits-qat/results.json").read_text())
+    assert (root / "runs/classify/digits-qat" / res["int8"]["file"]).is_file()
+    assert res["int8"]["val"]["top1"] >= res["top1"] - 0.02 and res["top1"] > 0.95, res
+
+
 def served_volume_is_the_predict_json(out: str) -> None:
     """A phantom volume over HTTP: its voxels per class and its label volume, of its shape."""
     import base64
@@ -189,6 +197,7 @@ CHECKS = {
     "cnnkit classify explain --weights runs/classify/shapes --data shapes": explain_wrote_every_method,
     "cnnkit classify robustness --weights runs/classify/shapes --data": robustness_table_covers_every_corruption,
     "cnnkit classify train --data digits --init runs/classify/digits-pruned.safetensors": pruned_digits_fine_tune_back,
+    "cnnkit classify train --data digits --init runs/classify/digits --qat": qat_wrote_an_int8_file_that_holds_accuracy,
 }
 
 
