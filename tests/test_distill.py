@@ -179,3 +179,45 @@ def test_a_medical_student_learns_from_a_medical_teacher(cli, medical_run, tmp_p
     assert r.code == 0, r.err
     card = json.loads((tmp_path / "kd" / "weights" / "best.json").read_text())
     assert card["provenance"]["teacher"] == str(medical_run) and card["provenance"]["kd"] == "logit"
+
+
+def test_kd_feature_is_a_scale_free_hint_loss():
+    from cnnkit.engine.distill import kd_feature
+
+    torch.manual_seed(0)
+    a, b = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    assert kd_feature(b, b).item() == pytest.approx(0.0, abs=1e-7)
+    want = ((a - b) ** 2).mean() / (b**2).mean()
+    assert kd_feature(a, b).item() == pytest.approx(want.item(), rel=1e-5)
+    assert kd_feature(10 * a, 10 * b).item() == pytest.approx(want.item(), rel=1e-5)
+    # a student map on a finer grid is resized to the teacher's
+    assert kd_feature(b.repeat_interleave(2, -1).repeat_interleave(2, -2), b).item() == pytest.approx(0, abs=1e-6)
+
+
+def test_feature_distillation_trains_adapters_and_saves_only_the_student(cli, digits_run, tiny_yolo, tiny_run,
+                                                                         tmp_path):
+    """`--kd feature`: the student's deepest stage meets the teacher's through a learned 1x1
+    adapter; the saved weights are the student's alone (they load as an ordinary model). A
+    narrower fastdet learns both ways (`--kd both`), stage by stage."""
+    import cnnkit
+
+    r = cli("classify", "train", "--data", "digits", "--epochs", "1", "--teacher", digits_run, "--kd", "feature",
+            "--out", tmp_path / "f")
+    assert r.code == 0, r.err
+    card = json.loads((tmp_path / "f" / "weights" / "best.json").read_text())
+    assert card["provenance"]["kd"] == "feature" and card["provenance"]["kd_layers"] == [["stages", "stages"]]
+    from safetensors.torch import load_file
+
+    assert not any("kd_adapters" in k for k in load_file(str(tmp_path / "f" / "weights" / "best.safetensors")))
+    assert cnnkit.val("classify", tmp_path / "f", "digits", verbose=False)["top1"] > 0.5
+    r = cli("detect", "train", "--data", tiny_yolo, "--imgsz", "128", "--epochs", "1", "--batch", "8", "--width", "4",
+            "--teacher", tiny_run, "--kd", "both", "--kd-layers", "stage3,stage4", "--out", tmp_path / "d")
+    assert r.code == 0, r.err
+    card = json.loads((tmp_path / "d" / "weights" / "best.json").read_text())
+    assert card["provenance"]["kd_layers"] == [["stage3", "stage3"], ["stage4", "stage4"]]
+    r = cli("classify", "train", "--data", "digits", "--epochs", "1", "--teacher", digits_run, "--kd", "feature",
+            "--kd-layers", "nope", "--out", tmp_path / "x")
+    assert r.code == 2 and "'nope' is not a feature stage" in r.err and "stages:" in r.err
+    r = cli("classify", "train", "--data", "digits", "--epochs", "1", "--teacher", f"{digits_run},{digits_run}",
+            "--kd", "feature", "--out", tmp_path / "y")
+    assert r.code == 2 and "one teacher" in r.err

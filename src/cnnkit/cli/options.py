@@ -18,7 +18,8 @@ CHOICES: dict[str, tuple[str, ...]] = {"optimizer": OPTIMIZERS, "schedule": SCHE
                                        "attention": ("none", *ATTENTION), "pool": POOLS,
                                        "loss": ("ce", "sce", "gce"), "noise_type": ("symmetric", "pairflip"),
                                        "missing_mode": ("pixel", "patch"), "missing_input": ("zero", "mask"),
-                                       "adv": ("pgd", "fgsm"), "illumination": ILLUMINATION, "kd": ("logit",)}
+                                       "adv": ("pgd", "fgsm"), "illumination": ILLUMINATION,
+                                       "kd": ("logit", "feature", "both")}
 
 HELP: dict[str, str] = {
     "data": "dataset: digits, shapes, or an ImageFolder path (root/train/<class>/..., optional val/ and test/)",
@@ -56,7 +57,10 @@ HELP: dict[str, str] = {
     "teacher": "distil from these trained weights (same task and classes; comma-separated: an ensemble, their "
                "soft targets averaged); the teacher runs without gradients on the same augmented batches",
     "kd": "what is distilled: logit (the class scores: softmax KL, per pixel for segmenters; sigmoid BCE for "
-          "multi-label; fastdet: class scores and box-side distributions)",
+          "multi-label; fastdet: class scores and box-side distributions), feature (stage outputs through "
+          "learned 1x1 adapters, FitNets) or both",
+    "kd_layers": "--kd feature: the student's feature stages to match (comma-separated; default the deepest); "
+                 "each meets the teacher's stage of the same name, else the one at the same relative depth",
     "kd_temperature": "--teacher: the softmax temperature T of the soft targets (high T with --kd-alpha 1: "
                       "defensive distillation)",
     "kd_alpha": "--teacher: weight of the distillation term; 1 - alpha weighs the task's own loss",

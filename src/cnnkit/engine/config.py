@@ -61,7 +61,8 @@ class TrainConfig:
     adv_steps: int = 7  # PGD steps per batch (step eps/4)
     # knowledge distillation from trained teachers of the same task and classes
     teacher: str | None = None  # weights (a run folder or .safetensors); several comma-separated: an ensemble
-    kd: str = "logit"  # what is distilled: the class scores
+    kd: str = "logit"  # what is distilled: logit (the class scores), feature (stage outputs), both
+    kd_layers: str | None = None  # --kd feature: the student's stages (comma-separated); default the deepest
     kd_temperature: float = 4.0
     kd_alpha: float = 0.5  # weight of the distillation term (1 - alpha: the task's own loss)
     qat: bool = False  # quantization-aware fine-tuning of --init weights; writes weights/best.int8.onnx

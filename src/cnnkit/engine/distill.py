@@ -35,7 +35,8 @@ import torch.nn.functional as F
 
 from cnnkit.errors import CnnkitError
 
-KD_KINDS = ("logit",)
+KD_KINDS = ("logit", "feature", "both")
+ADAPTERS = "kd_adapters"  # the student's attribute holding the feature adapters (left out of its state_dict)
 SOFTMAX_TASKS = ("classify", "segment", "medical")
 SIGMOID_TASKS = ("multilabel",)
 
@@ -125,17 +126,107 @@ class Teacher:
         return out
 
 
+def kd_feature(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """The FitNets hint loss, made scale-free: the mean squared difference of the (adapted)
+    student feature map and the teacher's, resized to the teacher's grid, over the teacher's
+    mean square."""
+    if student.shape[2:] != teacher.shape[2:]:
+        mode = "bilinear" if teacher.dim() == 4 else "trilinear"
+        student = F.interpolate(student, size=teacher.shape[2:], mode=mode, align_corners=False)
+    t = teacher.float()
+    return F.mse_loss(student.float(), t) / t.pow(2).mean().clamp_min(1e-8)
+
+
+class FeatureKD:
+    """Feature distillation: student stages (the pipeline's ``feature_layers``, ``--kd-layers``,
+    default the deepest) mapped by 1x1 convolutions (adapters, trained with the student) to the
+    teacher's stage of the same name, else at the same relative depth. Forward hooks catch both
+    sides' outputs on every training batch."""
+
+    def __init__(self, student: torch.nn.Module, card, teacher: Teacher, names: list[str] | None):
+        from cnnkit.runtime.pipeline import pipeline_for
+
+        if len(teacher.members) != 1:
+            raise CnnkitError("--kd feature takes one teacher (an ensemble's features do not line up)")
+        pipe = pipeline_for(card)
+        mine = pipe.feature_layers(student)
+        t = teacher.members[0]
+        theirs = t.pipeline.feature_layers(t.model)
+        if not mine or not theirs:
+            raise CnnkitError(f"--kd feature needs named feature stages, which {card.arch} or the teacher lacks")
+        names = names or [list(mine)[-1]]
+        unknown = [n for n in names if n not in mine]
+        if unknown:
+            raise CnnkitError(f"--kd-layers: '{unknown[0]}' is not a feature stage of {card.arch} "
+                              f"(stages: {', '.join(mine)})")
+        order, t_order = list(mine), list(theirs)
+        self.pairs = {}
+        for n in names:
+            j = n if n in theirs else t_order[round(order.index(n) * (len(t_order) - 1) / max(1, len(order) - 1))]
+            self.pairs[n] = j
+        self.s_out: dict[str, torch.Tensor] = {}
+        self.t_out: dict[str, torch.Tensor] = {}
+        self.handles = [mine[n].register_forward_hook(self._catch(self.s_out, n)) for n in self.pairs]
+        self.handles += [theirs[j].register_forward_hook(self._catch(self.t_out, j)) for j in set(self.pairs.values())]
+        # channel counts from one dry run of each side
+        x = pipe.example_input(1).to(next(student.parameters()).device)
+        was = student.training
+        student.eval()
+        with torch.no_grad():
+            student(x)
+            teacher(x)
+        student.train(was)
+        dims = 3 if card.input.dims == 3 else 2
+        conv = torch.nn.Conv3d if dims == 3 else torch.nn.Conv2d
+        self.adapters = torch.nn.ModuleDict({
+            n: conv(self._channels(self.s_out[n]), self._channels(self.t_out[j]), 1) for n, j in self.pairs.items()})
+
+    @staticmethod
+    def _channels(out) -> int:
+        out = out if torch.is_tensor(out) else next(o for o in out if torch.is_tensor(o))
+        return int(out.shape[1])
+
+    @staticmethod
+    def _catch(store: dict, name: str):
+        def hook(module, inputs, output):
+            store[name] = output if torch.is_tensor(output) else next(o for o in output if torch.is_tensor(o))
+        return hook
+
+    def attach(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The adapters become part of ``model`` (so the optimizer trains them) but stay out of
+        the weights it saves."""
+        setattr(model, ADAPTERS, self.adapters)
+
+        def drop(module, state, prefix, local_metadata):
+            for k in [k for k in state if k.startswith(prefix + ADAPTERS + ".")]:
+                del state[k]
+            return state
+
+        def missing_is_fine(module, incompatible):  # loading saved weights (or a good-state snapshot) back
+            incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if ADAPTERS + "." not in k]
+
+        model._register_state_dict_hook(drop)
+        model.register_load_state_dict_post_hook(missing_is_fine)
+        return model
+
+    def loss(self) -> torch.Tensor:
+        terms = [kd_feature(self.adapters[n](self.s_out[n]), self.t_out[j].detach()) for n, j in self.pairs.items()]
+        return torch.stack(terms).mean()
+
+
 class DistilledTask:
     """The student's task with the teacher's soft targets added to its training loss; every
     other attribute is the wrapped task's."""
 
-    def __init__(self, task, teacher: Teacher, temperature: float, alpha: float):
+    def __init__(self, task, teacher: Teacher, temperature: float, alpha: float, kind: str = "logit",
+                 features: FeatureKD | None = None):
         name = teacher.card.task
         if name not in SOFTMAX_TASKS + SIGMOID_TASKS and not teacher.fastdet:
             raise CnnkitError(f"--teacher is not there yet for {name} models (distillation covers classify, "
                               "multilabel, fastdet, segment and medical)")
         self.task, self.teacher, self.t, self.alpha = task, teacher, float(temperature), float(alpha)
         self.kd = kd_sigmoid if name in SIGMOID_TASKS else kd_softmax
+        self.kind, self.features = kind, features
         self._training = False
 
     def __getattr__(self, name: str) -> Any:
@@ -150,11 +241,16 @@ class DistilledTask:
         if not self._training:
             return parts
         teachers = self.teacher(batch["images"])
+        if self.kind == "feature":
+            kd = self.features.loss()
+            return {**parts, "loss": (1 - self.alpha) * parts["loss"] + self.alpha * kd, "kd": kd.detach()}
         if self.teacher.fastdet:
             if teachers[0][1].shape != output[1].shape:
                 raise CnnkitError(f"the fastdet teacher's box distributions {tuple(teachers[0][1].shape[2:])} differ "
                                   f"from the student's {tuple(output[1].shape[2:])} (another --reg-max?)")
             kd = kd_fastdet(output[0], output[1], teachers, self.t)
+            if self.kind == "both":
+                kd = kd + self.features.loss()
             total = (1 - self.alpha) * parts["loss"] + self.alpha * kd
             return {**parts, "loss": total, "kd": kd.detach()}
         scores = output if torch.is_tensor(output) else output[0]
@@ -162,16 +258,25 @@ class DistilledTask:
             teachers = [F.interpolate(t, size=scores.shape[-2:], mode="bilinear", align_corners=False)
                         for t in teachers]
         kd = self.kd(scores, teachers, self.t)
+        if self.kind == "both":
+            kd = kd + self.features.loss()
         total = (1 - self.alpha) * parts["loss"] + self.alpha * kd
         return {**parts, "loss": total, "kd": kd.detach()}
 
 
-def distil(task, card, cfg, device: torch.device) -> DistilledTask:
-    """The student's ``task`` wrapped for ``cfg.teacher`` (validated here)."""
+def distil(task, card, cfg, device: torch.device, model: torch.nn.Module | None = None) -> DistilledTask:
+    """The student's ``task`` wrapped for ``cfg.teacher`` (validated here); with ``--kd feature``
+    or ``both`` the adapters are attached to the student ``model``."""
     if cfg.kd not in KD_KINDS:
-        raise CnnkitError(f"--kd {cfg.kd} is not there yet; --kd logit distils the class scores")
+        raise CnnkitError(f"--kd must be one of {', '.join(KD_KINDS)}, got '{cfg.kd}'")
     if card.task == "detect" and card.arch != "fastdet":
         raise CnnkitError(f"--teacher is not there yet for {card.arch} (torchvision's detectors compute their losses "
                           "inside); distil into fastdet")
     weights = [w for w in str(cfg.teacher).replace(",", " ").split() if w]
-    return DistilledTask(task, Teacher(weights, card, device), cfg.kd_temperature, cfg.kd_alpha)
+    teacher = Teacher(weights, card, device)
+    features = None
+    if cfg.kd in ("feature", "both"):
+        names = [n.strip() for n in str(cfg.kd_layers or "").split(",") if n.strip()] or None
+        features = FeatureKD(model, card, teacher, names)
+        features.attach(model)
+    return DistilledTask(task, teacher, cfg.kd_temperature, cfg.kd_alpha, cfg.kd, features)

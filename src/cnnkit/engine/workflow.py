@@ -310,9 +310,10 @@ def train(spec: WorkflowSpec, cfg: TrainConfig | None = None, *, resume: str | P
     if cfg.teacher:
         from cnnkit.engine.distill import distil
 
-        task = distil(s.task, s.card, cfg, device)
+        task = distil(s.task, s.card, cfg, device, s.model)
         s.card.provenance.update(teacher=cfg.teacher, kd=cfg.kd, kd_temperature=cfg.kd_temperature,
-                                 kd_alpha=cfg.kd_alpha)
+                                 kd_alpha=cfg.kd_alpha, **({"kd_layers": list(task.features.pairs.items())}
+                                                          if task.features is not None else {}))
     if cfg.qat:
         from cnnkit.engine.qat import prepare
 
