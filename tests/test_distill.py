@@ -205,7 +205,7 @@ def test_feature_distillation_trains_adapters_and_saves_only_the_student(cli, di
             "--out", tmp_path / "f")
     assert r.code == 0, r.err
     card = json.loads((tmp_path / "f" / "weights" / "best.json").read_text())
-    assert card["provenance"]["kd"] == "feature" and card["provenance"]["kd_layers"] == [["stages", "stages"]]
+    assert card["provenance"]["kd"] == "feature" and card["provenance"]["kd_layers"] == [["stages.3", "stages.3"]]
     from safetensors.torch import load_file
 
     assert not any("kd_adapters" in k for k in load_file(str(tmp_path / "f" / "weights" / "best.safetensors")))

@@ -178,8 +178,9 @@ class FeatureKD:
         student.train(was)
         dims = 3 if card.input.dims == 3 else 2
         conv = torch.nn.Conv3d if dims == 3 else torch.nn.Conv2d
-        self.adapters = torch.nn.ModuleDict({
-            n: conv(self._channels(self.s_out[n]), self._channels(self.t_out[j]), 1) for n, j in self.pairs.items()})
+        self.adapters = torch.nn.ModuleDict({  # (module names cannot hold dots)
+            n.replace(".", "_"): conv(self._channels(self.s_out[n]), self._channels(self.t_out[j]), 1)
+            for n, j in self.pairs.items()})
 
     @staticmethod
     def _channels(out) -> int:
@@ -210,7 +211,8 @@ class FeatureKD:
         return model
 
     def loss(self) -> torch.Tensor:
-        terms = [kd_feature(self.adapters[n](self.s_out[n]), self.t_out[j].detach()) for n, j in self.pairs.items()]
+        terms = [kd_feature(self.adapters[n.replace(".", "_")](self.s_out[n]), self.t_out[j].detach())
+                 for n, j in self.pairs.items()]
         return torch.stack(terms).mean()
 
 
