@@ -1,6 +1,6 @@
 """Quantization-aware training against post-training int8, where post-training int8 loses.
 
-    python benchmarks/qat.py [--model mobilenet_v3_small] [--epochs 15] [--qat-epochs 3]
+    python benchmarks/qat.py [--model mobilenet_v3_small] [--epochs 30] [--qat-epochs 5]
 
 A classifier is trained on digits (fp32), then made int8 three ways, each an ONNX Runtime QDQ
 file measured by ``cnnkit classify val`` on the test split:
@@ -29,9 +29,9 @@ def main() -> None:
     ap.add_argument("--model", default="mobilenet_v3_small")
     ap.add_argument("--data", default="digits")
     ap.add_argument("--imgsz", type=int, default=32)
-    ap.add_argument("--epochs", type=int, default=15)
-    ap.add_argument("--qat-epochs", type=int, default=3)
-    ap.add_argument("--qat-lr", type=float, default=1e-4)
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--qat-epochs", type=int, default=5)
+    ap.add_argument("--qat-lr", type=float, default=1e-3)
     args = ap.parse_args()
     import cnnkit
     from cnnkit.methods.quantize import quantize
