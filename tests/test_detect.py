@@ -313,7 +313,8 @@ def test_registry_backbone_detectors_survive_deepcopy(arch):
 def test_fasterrcnn_learns_a_few_images():
     """torchvision's Faster R-CNN behind cnnkit's adapter (label shift past the background,
     registry backbone with FPN, anchors at 128 px): a few scenes are learnt to mAP50 > 0.85
-    (measured 0.86 after 50 steps and 1.0 after 75), so targets, losses and decoding agree."""
+    (measured 0.86 after 50 steps and 1.0 after 75 on one machine; 0.82 after 75 on an AMD EPYC
+    with the same pins, hence 100 steps), so targets, losses and decoding agree."""
     from cnnkit.tasks.detect.task import DetectTask
 
     torch.manual_seed(0)
@@ -323,7 +324,7 @@ def test_fasterrcnn_learns_a_few_images():
                            torch.device("cpu"))
     model = build_detector("fasterrcnn", 2, 128, backbone="resnet18")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    for _ in range(75):
+    for _ in range(100):
         model.train()
         loss = sum(model(batch["images"], batch["targets"]).values())
         opt.zero_grad()
