@@ -161,36 +161,30 @@ def instance_run(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="session")
-def medical_run(tmp_path_factory):
+def _train_medical(tmp_path_factory, name: str, model: str, sizes: dict[str, int]) -> Path:
+    """A one-epoch ``cnnkit medical train`` on a few phantoms (a run folder)."""
     import cnnkit.data.volumes as dv
     from cnnkit.cli.main import main
 
     saved = dv.PHANTOM_SIZES
-    dv.PHANTOM_SIZES = {"train": 4, "val": 2}
+    dv.PHANTOM_SIZES = sizes
     try:
-        out = tmp_path_factory.mktemp("med") / "run"
-        code = main(["medical", "train", "--model", "unet3d", "--epochs", "1", "--batch", "2", "--out", str(out)])
+        out = tmp_path_factory.mktemp(name) / "run"
+        code = main(["medical", "train", "--model", model, "--epochs", "1", "--batch", "2", "--out", str(out)])
     finally:
         dv.PHANTOM_SIZES = saved
     assert code == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def medical_run(tmp_path_factory):
+    return _train_medical(tmp_path_factory, "med", "unet3d", {"train": 4, "val": 2})
 
 
 @pytest.fixture(scope="session")
 def medical_classifier_run(tmp_path_factory):
-    import cnnkit.data.volumes as dv
-    from cnnkit.cli.main import main
-
-    saved = dv.PHANTOM_SIZES
-    dv.PHANTOM_SIZES = {"train": 4, "val": 4}
-    try:
-        out = tmp_path_factory.mktemp("medcls") / "run"
-        code = main(["medical", "train", "--model", "densenet3d", "--epochs", "1", "--batch", "2", "--out", str(out)])
-    finally:
-        dv.PHANTOM_SIZES = saved
-    assert code == 0
-    return out
+    return _train_medical(tmp_path_factory, "medcls", "densenet3d", {"train": 4, "val": 4})
 
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (40, 40, 230)}
