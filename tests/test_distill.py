@@ -221,3 +221,69 @@ def test_feature_distillation_trains_adapters_and_saves_only_the_student(cli, di
     r = cli("classify", "train", "--data", "digits", "--epochs", "1", "--teacher", f"{digits_run},{digits_run}",
             "--kd", "feature", "--out", tmp_path / "y")
     assert r.code == 2 and "one teacher" in r.err
+
+
+def test_an_rcnn_teacher_classifies_the_student_proposals(instance_run):
+    """R-CNN distillation: the teacher's box head classifies the regions the student sampled.
+    A student that is a copy of its teacher (BatchNorm on running statistics) gets the teacher's
+    region logits back exactly (so the KD term is 0); a perturbed one does not; a teacher at twice the input size sees the
+    proposals scaled to its image."""
+    import copy
+
+    import cnnkit
+    from cnnkit.engine.distill import RegionCatch, Teacher, kd_softmax
+
+    torch.manual_seed(0)
+    loaded = cnnkit.load(instance_run)
+    teacher = Teacher([str(instance_run)], loaded.card, torch.device("cpu"))
+    assert teacher.torchvision and not teacher.fastdet
+    student = copy.deepcopy(loaded.model).train()
+    for m in student.modules():  # batch statistics aside, a training forward is the teacher's function
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    regions = RegionCatch(student)
+    x = torch.rand(2, 3, 64, 64)
+    box = torch.tensor([[8.0, 8.0, 40.0, 40.0]])
+    targets = [{"boxes": box, "labels": torch.tensor([0]), "masks": torch.zeros(1, 64, 64, dtype=torch.uint8)}
+               for _ in range(2)]
+    targets[0]["masks"][0, 8:40, 8:40] = 1
+    targets[1]["masks"][0, 8:40, 8:40] = 1
+    student(x, targets)
+    got = teacher(x, regions)[0]
+    assert got.shape == regions.logits.shape and got.shape[1] == len(loaded.card.classes) + 1  # + background
+    assert torch.allclose(got, regions.logits.detach().float(), atol=1e-4)
+    assert kd_softmax(regions.logits, [got], 4.0).item() == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        for p in student.net.roi_heads.box_predictor.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    student(x, targets)
+    assert kd_softmax(regions.logits, teacher(x, regions), 4.0).item() > 0.01
+    # proposals are scaled to the teacher's image: the same region, at twice the size
+    caught = regions.caught
+    twice = [b * 2 for b in caught["proposals"]]
+    big = copy.deepcopy(loaded.model).eval()
+    net = big.net
+    net.transform.min_size, net.transform.max_size = (128,), 128
+    shown, _ = net.transform(list(x))
+    assert shown.image_sizes[0] == (128, 128)
+    heads = net.roi_heads
+    want = heads.box_predictor(heads.box_head(heads.box_roi_pool(net.backbone(shown.tensors), twice,
+                                                                  shown.image_sizes)))[0]
+    with torch.no_grad():
+        assert torch.allclose(regions.classify(net, net.backbone(shown.tensors), shown.image_sizes), want, atol=1e-5)
+
+
+def test_a_mask_rcnn_student_learns_from_its_teacher(cli, instance_run, tmp_path, monkeypatch):
+    """`instance train --teacher` (logit and feature KD on the R-CNN) trains and records the
+    teacher; a RetinaNet is told to use --kd feature, a fastdet teacher is refused."""
+    import cnnkit.data.detection as dd
+
+    monkeypatch.setattr(dd, "SHAPES_DET_SIZES", {"train": 8, "val": 4, "test": 4})
+    common = ("--data", "shapes", "--classes", "2", "--max-objects", "2", "--imgsz", "64", "--epochs", "1",
+              "--batch", "4")
+    r = cli("instance", "train", *common, "--teacher", instance_run, "--kd", "both", "--out", tmp_path / "kd")
+    assert r.code == 0, r.err
+    card = json.loads((tmp_path / "kd" / "weights" / "best.json").read_text())
+    assert card["provenance"]["teacher"] == str(instance_run) and card["provenance"]["kd"] == "both"
+    r = cli("detect", "train", *common, "--model", "retinanet", "--teacher", instance_run, "--out", tmp_path / "r")
+    assert r.code == 2 and "--kd feature" in r.err and r.err.count("\n") == 1, r.err

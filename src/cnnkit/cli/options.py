@@ -57,7 +57,8 @@ HELP: dict[str, str] = {
     "teacher": "distil from these trained weights (same task and classes; comma-separated: an ensemble, their "
                "soft targets averaged); the teacher runs without gradients on the same augmented batches",
     "kd": "what is distilled: logit (the class scores: softmax KL, per pixel for segmenters; sigmoid BCE for "
-          "multi-label; fastdet: class scores and box-side distributions), feature (stage outputs through "
+          "multi-label; fastdet: class scores and box-side distributions; Faster/Mask R-CNN: the teacher's class "
+          "scores for the student's region proposals), feature (stage outputs through "
           "learned 1x1 adapters, FitNets) or both",
     "kd_layers": "--kd feature: the student's feature stages to match (comma-separated; default the deepest); "
                  "each meets the teacher's stage of the same name, else the one at the same relative depth",

@@ -17,7 +17,12 @@ classifiers. A fastdet student learns from a fastdet teacher at every anchor poi
 scores (sigmoid, as for multi-label) and its box-side distributions (the KL divergence of each
 side's distribution at T, weighted by the teacher's class confidence at that point, so
 background points do not swamp it: localization distillation, Zheng et al., 2022); the two
-share the input size, so their anchor points line up. Validation runs the student alone.
+share the input size, so their anchor points line up. A Faster R-CNN or Mask R-CNN student
+learns from an R-CNN teacher on its own sampled proposals (Chen et al., 2017): the teacher's box
+head classifies the same regions (scaled to the teacher's input size) from its own features,
+and the student's region class scores (background included) meet the teacher's softmax at T;
+the RPN and the box deltas keep their own losses. Other torchvision detectors (RetinaNet, SSD)
+learn through ``--kd feature`` only. Validation runs the student alone.
 
 With ``--kd-alpha 1`` and a high temperature this is defensive distillation (Papernot et al.,
 2016): the student learns only the teacher's soft labels at T and is used at T = 1, which
@@ -39,6 +44,7 @@ KD_KINDS = ("logit", "feature", "both")
 ADAPTERS = "kd_adapters"  # the student's attribute holding the feature adapters (left out of its state_dict)
 SOFTMAX_TASKS = ("classify", "segment", "medical")
 SIGMOID_TASKS = ("multilabel",)
+RCNN_ARCHS = ("fasterrcnn", "maskrcnn")  # torchvision detectors with a region box head
 
 
 def kd_softmax(student: torch.Tensor, teachers: list[torch.Tensor], t: float) -> torch.Tensor:
@@ -91,7 +97,13 @@ class Teacher:
                                   f"{card.input.channels}")
             self.members.append(p)
         self.card = card
-        self.fastdet = card.task == "detect"
+        self.torchvision = card.task in ("detect", "instance") and card.arch != "fastdet"
+        self.fastdet = card.task == "detect" and not self.torchvision
+        if self.torchvision:
+            for p in self.members:
+                if p.card.arch == "fastdet":
+                    raise CnnkitError(f"a {card.arch} student learns from a torchvision detector, not from the "
+                                      f"fastdet '{p.source}' (their outputs do not correspond)")
         if self.fastdet:
             for p in self.members:
                 if p.card.arch != "fastdet" or p.card.input.height != card.input.height:
@@ -104,10 +116,23 @@ class Teacher:
         self.std = torch.tensor(i.std, device=device).view(1, -1, 1, 1) if self.normalized else None
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Each member's class scores for a student batch (normalized as the student's data)."""
+    def __call__(self, images: torch.Tensor, regions: RegionCatch | None = None) -> list[torch.Tensor]:
+        """Each member's class scores for a student batch (normalized as the student's data);
+        torchvision detectors: the region class logits for the student's proposals in
+        ``regions`` (without: the backbones run, for feature distillation, and nothing is
+        returned)."""
         c = self.card.input.channels
         x = images[:, :c].float()
+        if self.torchvision:
+            out = []
+            for p in self.members:
+                net = p.model.net
+                with torch.autocast(x.device.type, enabled=False):
+                    shown, _ = net.transform(list(x.clamp(0, 1)))
+                    features = net.backbone(shown.tensors)  # (the feature stages' hooks fire here)
+                    if regions is not None:
+                        out.append(regions.classify(net, features, shown.image_sizes))
+            return out
         if self.normalized:
             x = x * self.std + self.mean
         out = []
@@ -124,6 +149,40 @@ class Teacher:
             raw = p.backend.core(xi.clamp(0, 1))
             out.append((raw if torch.is_tensor(raw) else raw[0]).float())
         return out
+
+
+class RegionCatch:
+    """The regions an R-CNN student classified on its last forward: its sampled proposals (the
+    box RoI pool's input), the image sizes they refer to, and its region class logits (the box
+    predictor's output), caught by forward hooks on the student's ``roi_heads``."""
+
+    def __init__(self, student: torch.nn.Module):
+        heads = student.net.roi_heads
+        self.caught: dict[str, Any] = {}
+        caught = self.caught  # (closures: a deep copy of the student, its EMA, shares them harmlessly)
+
+        def pooled(module, args, output):
+            caught["proposals"], caught["sizes"] = [b.detach() for b in args[1]], list(args[2])
+
+        def predicted(module, args, output):
+            caught["logits"] = output[0]
+
+        heads.box_roi_pool.register_forward_hook(pooled)
+        heads.box_predictor.register_forward_hook(predicted)
+
+    @property
+    def logits(self) -> torch.Tensor:
+        return self.caught["logits"]
+
+    def classify(self, net: torch.nn.Module, features, sizes: list[tuple[int, int]]) -> torch.Tensor:
+        """A teacher R-CNN's (``net``) region class logits for the caught proposals, scaled from
+        the student's image sizes to the teacher's (``sizes``)."""
+        boxes = []
+        for b, (th, tw), (sh, sw) in zip(self.caught["proposals"], sizes, self.caught["sizes"]):
+            scale = b.new_tensor([tw / sw, th / sh, tw / sw, th / sh])
+            boxes.append(b.float() * scale)
+        heads = net.roi_heads
+        return heads.box_predictor(heads.box_head(heads.box_roi_pool(features, boxes, sizes)))[0].float()
 
 
 def kd_feature(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -221,11 +280,12 @@ class DistilledTask:
     other attribute is the wrapped task's."""
 
     def __init__(self, task, teacher: Teacher, temperature: float, alpha: float, kind: str = "logit",
-                 features: FeatureKD | None = None):
+                 features: FeatureKD | None = None, regions: RegionCatch | None = None):
         name = teacher.card.task
-        if name not in SOFTMAX_TASKS + SIGMOID_TASKS and not teacher.fastdet:
+        if name not in SOFTMAX_TASKS + SIGMOID_TASKS and not teacher.fastdet and not teacher.torchvision:
             raise CnnkitError(f"--teacher is not there yet for {name} models (distillation covers classify, "
-                              "multilabel, fastdet, segment and medical)")
+                              "multilabel, detect, instance, segment and medical)")
+        self.regions = regions
         self.task, self.teacher, self.t, self.alpha = task, teacher, float(temperature), float(alpha)
         self.kd = kd_sigmoid if name in SIGMOID_TASKS else kd_softmax
         self.kind, self.features = kind, features
@@ -242,7 +302,7 @@ class DistilledTask:
         parts = self.task.loss(output, batch)
         if not self._training:
             return parts
-        teachers = self.teacher(batch["images"])
+        teachers = self.teacher(batch["images"], self.regions if self.kind != "feature" else None)
         if self.kind == "feature":
             kd = self.features.loss()
             return {**parts, "loss": (1 - self.alpha) * parts["loss"] + self.alpha * kd, "kd": kd.detach()}
@@ -255,7 +315,7 @@ class DistilledTask:
                 kd = kd + self.features.loss()
             total = (1 - self.alpha) * parts["loss"] + self.alpha * kd
             return {**parts, "loss": total, "kd": kd.detach()}
-        scores = output if torch.is_tensor(output) else output[0]
+        scores = self.regions.logits if self.regions is not None else output if torch.is_tensor(output) else output[0]
         if teachers[0].shape[-2:] != scores.shape[-2:] and scores.ndim == 4:  # a segmenter's other resolution
             teachers = [F.interpolate(t, size=scores.shape[-2:], mode="bilinear", align_corners=False)
                         for t in teachers]
@@ -271,14 +331,22 @@ def distil(task, card, cfg, device: torch.device, model: torch.nn.Module | None 
     or ``both`` the adapters are attached to the student ``model``."""
     if cfg.kd not in KD_KINDS:
         raise CnnkitError(f"--kd must be one of {', '.join(KD_KINDS)}, got '{cfg.kd}'")
-    if card.task == "detect" and card.arch != "fastdet":
-        raise CnnkitError(f"--teacher is not there yet for {card.arch} (torchvision's detectors compute their losses "
-                          "inside); distil into fastdet")
+    torchvision = card.task in ("detect", "instance") and card.arch != "fastdet"
+    if torchvision and cfg.kd != "feature" and card.arch not in RCNN_ARCHS:
+        raise CnnkitError(f"--kd {cfg.kd} for torchvision detectors distils the R-CNN region classifier "
+                          f"({', '.join(RCNN_ARCHS)}); a {card.arch} student learns with --kd feature")
     weights = [w for w in str(cfg.teacher).replace(",", " ").split() if w]
     teacher = Teacher(weights, card, device)
+    regions = None
+    if torchvision and cfg.kd != "feature":
+        other = next((p for p in teacher.members if p.card.arch not in RCNN_ARCHS), None)
+        if other is not None:
+            raise CnnkitError(f"--kd {cfg.kd}: the teacher '{other.source}' is a {other.card.arch}; an R-CNN student "
+                              f"learns region class scores from an R-CNN teacher ({', '.join(RCNN_ARCHS)})")
+        regions = RegionCatch(model)
     features = None
     if cfg.kd in ("feature", "both"):
         names = [n.strip() for n in str(cfg.kd_layers or "").split(",") if n.strip()] or None
         features = FeatureKD(model, card, teacher, names)
         features.attach(model)
-    return DistilledTask(task, teacher, cfg.kd_temperature, cfg.kd_alpha, cfg.kd, features)
+    return DistilledTask(task, teacher, cfg.kd_temperature, cfg.kd_alpha, cfg.kd, features, regions)

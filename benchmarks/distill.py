@@ -1,0 +1,165 @@
+"""Distillation under a parameter budget: a student with at most a quarter of its teacher's
+parameters, trained alone and distilled, for the same epochs.
+
+    python benchmarks/distill.py [--tasks classify,detect,segment] [--epochs 15] [--teacher-epochs 15]
+
+Per task (all on the built-in ``shapes`` data, one seed):
+
+- classify: teacher ``resnet18`` (11.2 M parameters), student ``smallcnn`` (0.58 M); peer:
+  timm's own ``timm.task.LogitDistillationTask`` (the logit KD behind ``train.py
+  --kd-model-name``) driving the same student in a plain loop over cnnkit's training batches
+  (same augmentation, epochs, batch, AdamW and learning rate, warmup + cosine, label smoothing
+  0.1, the same T and weights).
+- detect: teacher fastdet ``--width 16`` (3.0 M), student ``--width 7`` (0.74 M), at
+  ``--det-imgsz`` with 3 classes and up to 4 objects per scene; the student distils with
+  ``--kd logit`` (class and box-distribution KD) and ``--kd both`` (plus the deepest stage).
+- segment: teacher U-Net with a resnet18 encoder (14.3 M), student U-Net with the smallcnn
+  encoder (0.83 M), at ``--seg-imgsz``.
+
+Every cnnkit run is the command a user types (``cnnkit.train`` with the same options); the
+metric is the test split's (top-1, mAP50-95, mIoU) of each run's best checkpoint. Accuracy at
+equal epochs is what is compared, so the figures do not depend on what else runs on the
+machine; the times printed do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from _common import save
+
+KD = {"kd_temperature": 4.0, "kd_alpha": 0.5}
+TASKS = {
+    "classify": {"metric": "top1", "common": {"data": "shapes"},
+                 "teacher": {"model": "resnet18"}, "student": {"model": "smallcnn"}},
+    "detect": {"metric": "map50_95", "common": {"data": "shapes", "classes": 3, "max_objects": 4},
+               "teacher": {"width": 16}, "student": {"width": 7}},
+    "segment": {"metric": "miou", "common": {"data": "shapes"},
+                "teacher": {"encoder": "resnet18"}, "student": {"encoder": "smallcnn"}},
+}
+
+
+def params(run: Path) -> int:
+    import cnnkit
+
+    return sum(p.numel() for p in cnnkit.load(run).model.parameters())
+
+
+def test_metric(task: str, res, metric: str) -> float:
+    m = res.test_metrics or res.metrics
+    return round(float(m[metric]), 4)
+
+
+def timm_peer(teacher_run: Path, epochs: int, seed: int, log=print) -> dict:
+    """The same student (cnnkit's smallcnn) distilled by timm's ``LogitDistillationTask`` in a
+    plain loop over cnnkit's shapes batches (``ClassifySpec.setup``: same augmentation and
+    normalization), tested on the test split."""
+    import cnnkit
+    from cnnkit.data.classification import TransformedDataset, make_loader
+    from cnnkit.tasks import config_class
+    from cnnkit.tasks.classify.spec import SPEC
+    from timm.task import DistillationTeacher, LogitDistillationTask
+
+    torch.manual_seed(seed)
+    dev = torch.device("cpu")
+    cfg = config_class("classify")(data="shapes", model="smallcnn", epochs=epochs, seed=seed)
+    setup = SPEC.setup(cfg, dev, False, False)
+    student = setup.model.to(dev)
+    teacher = cnnkit.load(teacher_run).model.to(dev).eval()
+    mean, std = setup.card.input.mean, setup.card.input.std
+    for m in (student, teacher):  # timm reads each model's normalization from its pretrained_cfg
+        m.pretrained_cfg = {"mean": tuple(mean), "std": tuple(std)}
+    kd = LogitDistillationTask(student, DistillationTeacher(teacher, device=dev), criterion=torch.nn.CrossEntropyLoss(label_smoothing=0.1),
+                               task_loss_weight=1 - KD["kd_alpha"], temperature=KD["kd_temperature"], device=dev,
+                               verbose=False)
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = epochs * len(setup.train_loader)
+    warm = len(setup.train_loader)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
+
+    def top1(split: str, model) -> float:
+        ds = TransformedDataset(setup.data.splits[split], setup.state["pre"].eval_transform())
+        right = total = 0
+        model.eval()
+        with torch.no_grad():
+            for b in make_loader(ds, 128, False, 0, setup.task.collate):
+                right += int((model(b["images"].to(dev)).argmax(1).cpu() == b["targets"]).sum())
+                total += len(b["targets"])
+        return right / total
+
+    best_val, best_state, t0 = -1.0, None, time.perf_counter()
+    for epoch in range(epochs):
+        kd.train()
+        for b in setup.train_loader:
+            out = kd(b["images"].to(dev), b["targets"].to(dev))
+            opt.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            opt.step()
+            sched.step()
+        val = top1("val", student)
+        if val > best_val:
+            best_val, best_state = val, {k: v.clone() for k, v in student.state_dict().items()}
+        log(f"timm peer epoch {epoch + 1}/{epochs}  kd {out['kd_loss'].item():.4f}  val top1 {val:.4f}")
+    student.load_state_dict(best_state)
+    return {"test": round(top1("test", student), 4), "val": round(best_val, 4),
+            "train_s": round(time.perf_counter() - t0, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tasks", default="classify,detect,segment")
+    ap.add_argument("--epochs", type=int, default=15, help="student epochs (alone and distilled alike)")
+    ap.add_argument("--teacher-epochs", type=int, default=15)
+    ap.add_argument("--det-imgsz", type=int, default=160)
+    ap.add_argument("--seg-imgsz", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args()
+    import cnnkit
+
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for task in args.tasks.split(","):
+            spec = TASKS[task]
+            common = dict(spec["common"], seed=args.seed, verbose=False)
+            if task == "detect":
+                common["imgsz"] = args.det_imgsz
+            if task == "segment":
+                common["imgsz"] = args.seg_imgsz
+            rows, root = {}, Path(tmp) / task
+
+            def run(name: str, epochs: int, **opts):
+                t0 = time.perf_counter()
+                res = cnnkit.train(task, out=str(root / name), epochs=epochs, **common, **opts)
+                rows[name] = {"metric": test_metric(task, res, spec["metric"]), "params": params(root / name),
+                              "train_s": round(time.perf_counter() - t0, 1), "options": opts}
+                print(f"{task} {name}: test {spec['metric']} {rows[name]['metric']}  "
+                      f"({rows[name]['params'] / 1e6:.2f} M parameters, {rows[name]['train_s']} s)", flush=True)
+
+            run("teacher", args.teacher_epochs, **spec["teacher"])
+            run("student alone", args.epochs, **spec["student"])
+            teacher = str(root / "teacher")
+            run("student + logit KD", args.epochs, teacher=teacher, kd="logit", **KD, **spec["student"])
+            if task == "detect":
+                run("student + logit and feature KD", args.epochs, teacher=teacher, kd="both", **KD,
+                    **spec["student"])
+            if task == "classify":
+                peer = timm_peer(root / "teacher", args.epochs, args.seed)
+                rows["student + timm LogitDistillationTask"] = {"metric": peer["test"],
+                                                                "params": rows["student alone"]["params"],
+                                                                "train_s": peer["train_s"]}
+                print(f"classify timm peer: test top1 {peer['test']}", flush=True)
+            results[task] = {"metric": spec["metric"], "rows": rows, "imgsz": common.get("imgsz")}
+    save("distill" + args.tag, {"epochs": args.epochs, "teacher_epochs": args.teacher_epochs, "kd": KD,
+                                "results": results})
+
+
+if __name__ == "__main__":
+    main()
