@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from _common import save
 
 KD = {"kd_temperature": 4.0, "kd_alpha": 0.5}
@@ -51,20 +50,27 @@ def params(run: Path) -> int:
     return sum(p.numel() for p in cnnkit.load(run).model.parameters())
 
 
-def test_metric(task: str, res, metric: str) -> float:
+def train_row(task: str, metric: str, out: Path, epochs: int, common: dict, opts: dict) -> dict:
+    """One ``cnnkit.train`` run: its test metric (val without a test split), parameters, time."""
+    import cnnkit
+
+    t0 = time.perf_counter()
+    res = cnnkit.train(task, out=str(out), epochs=epochs, **common, **opts)
     m = res.test_metrics or res.metrics
-    return round(float(m[metric]), 4)
+    return {"metric": round(float(m[metric]), 4), "params": params(out), "train_s": round(time.perf_counter() - t0, 1),
+            "options": opts}
 
 
 def timm_peer(teacher_run: Path, epochs: int, seed: int, log=print) -> dict:
     """The same student (cnnkit's smallcnn) distilled by timm's ``LogitDistillationTask`` in a
     plain loop over cnnkit's shapes batches (``ClassifySpec.setup``: same augmentation and
     normalization), tested on the test split."""
+    from timm.task import DistillationTeacher, LogitDistillationTask
+
     import cnnkit
     from cnnkit.data.classification import TransformedDataset, make_loader
     from cnnkit.tasks import config_class
     from cnnkit.tasks.classify.spec import SPEC
-    from timm.task import DistillationTeacher, LogitDistillationTask
 
     torch.manual_seed(seed)
     dev = torch.device("cpu")
@@ -122,7 +128,6 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
-    import cnnkit
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -135,11 +140,8 @@ def main() -> None:
                 common["imgsz"] = args.seg_imgsz
             rows, root = {}, Path(tmp) / task
 
-            def run(name: str, epochs: int, **opts):
-                t0 = time.perf_counter()
-                res = cnnkit.train(task, out=str(root / name), epochs=epochs, **common, **opts)
-                rows[name] = {"metric": test_metric(task, res, spec["metric"]), "params": params(root / name),
-                              "train_s": round(time.perf_counter() - t0, 1), "options": opts}
+            def run(name: str, epochs: int, task=task, spec=spec, rows=rows, root=root, common=common, **opts):
+                rows[name] = train_row(task, spec["metric"], root / name, epochs, common, opts)
                 print(f"{task} {name}: test {spec['metric']} {rows[name]['metric']}  "
                       f"({rows[name]['params'] / 1e6:.2f} M parameters, {rows[name]['train_s']} s)", flush=True)
 

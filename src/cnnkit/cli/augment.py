@@ -65,10 +65,14 @@ def preview(data: str, aug: str | None, n: int = 16, imgsz: int | None = None, s
     if out.is_dir():
         raise CnnkitError(f"--out '{out}' is a folder; give a file name such as {out / 'aug.png'}")
     ds = load_classification_data(data, seed=seed)
-    from cnnkit.tasks.classify.spec import default_aug
+    from types import SimpleNamespace
 
-    spec = aug if aug is not None else default_aug(ds)
-    size = imgsz or ds.default_imgsz
+    from cnnkit.tasks.classify.spec import default_aug, folder_defaults
+
+    chosen = SimpleNamespace(imgsz=imgsz, aug=aug, batch_aug=None, model="smallcnn", seed=seed)
+    folder_defaults(chosen, ds)  # a user's folder: the size and augmentation training would choose
+    spec = chosen.aug if chosen.aug is not None else default_aug(ds)
+    size = chosen.imgsz or ds.default_imgsz
     augs = parse_aug(spec, size)
     resize = v2.Resize((size, size), antialias=True)
     train = ds.split("train")

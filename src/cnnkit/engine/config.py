@@ -148,10 +148,20 @@ class TrainConfig:
             raise CnnkitError(f"{source} has unknown key(s) {', '.join(hints)}")
         return cls(**{k: v for k, v in d.items() if k in names})
 
-    def save_yaml(self, path: str | Path, task: str) -> None:
+    def save_yaml(self, path: str | Path, task: str, notes: dict[str, str] | None = None) -> None:
+        """``config.yaml``: every option, so the file reruns the training; ``notes`` become
+        comments beside their options (``imgsz: 16  # derived from the data: ...``)."""
         from cnnkit.utils.io import write_text
 
-        write_text(path, yaml.safe_dump({"task": task, **self.to_dict()}, sort_keys=False))
+        text = yaml.safe_dump({"task": task, **self.to_dict()}, sort_keys=False)
+        if notes:
+            lines = text.splitlines()
+            for i, line in enumerate(lines):
+                key = line.split(":", 1)[0]
+                if key in notes and not line.startswith(" "):
+                    lines[i] = f"{line}  # derived from the data: {' '.join(notes[key].split())}"
+            text = "\n".join(lines) + "\n"
+        write_text(path, text)
 
 
 def read_yaml_config(path: str | Path) -> dict[str, Any]:

@@ -54,12 +54,13 @@ def config_from_file(cls: type[C], task: str, path: str | Path, overrides: dict[
     return cls.from_dict({**d, **overrides}, source=f"config '{path}'")
 
 
-def open_run(cfg: TrainConfig, task: str, run: RunDir | None) -> RunDir:
-    """The run folder: the resumed one, or a new one with ``config.yaml`` written."""
+def open_run(cfg: TrainConfig, task: str, run: RunDir | None, notes: dict[str, str] | None = None) -> RunDir:
+    """The run folder: the resumed one, or a new one with ``config.yaml`` written (``notes``: why
+    an option has its value, as a comment beside it)."""
     if run is not None:
         return run
     run = new_run_dir(task, cfg.out, cfg.name)
-    cfg.save_yaml(run.config, task)
+    cfg.save_yaml(run.config, task, notes)
     return run
 
 

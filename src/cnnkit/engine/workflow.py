@@ -53,6 +53,7 @@ class Setup:
     batch_transforms: list = field(default_factory=list)
     model_transforms: list = field(default_factory=list)
     state: dict[str, Any] = field(default_factory=dict)  # whatever the spec's later steps need
+    derived: dict[str, Any] = field(default_factory=dict)  # option -> Derived: defaults chosen from the data
 
 
 class WorkflowSpec:
@@ -304,7 +305,11 @@ def train(spec: WorkflowSpec, cfg: TrainConfig | None = None, *, resume: str | P
         apply(s.model, init_record(cfg.init))
     if getattr(s.model, RECORD, None) is not None:  # the card rebuilds the pruned network
         s.card.extra["pruned"] = getattr(s.model, RECORD)
-    run = open_run(cfg, spec.name, run)
+    if verbose and s.derived:
+        con.print("defaults from the data (written to config.yaml; pass the option to override):")
+        for name, d in s.derived.items():
+            con.print(f"  --{name.replace('_', '-')} {d.value}: {d.reason}")
+    run = open_run(cfg, spec.name, run, {k: d.reason for k, d in s.derived.items()})
     hooks = list(s.hooks)
     task = s.task
     if cfg.teacher:

@@ -38,11 +38,26 @@ from cnnkit.tasks.classify.task import ClassifyTask
 
 # Per-dataset defaults used when --imgsz / --aug are not given.
 DATA_DEFAULTS = {"digits": {"aug": "affine"}, "shapes": {"aug": "affine,flip"}}
-FOLDER_AUG = "crop=0.6,flip"
+FOLDER_AUG = "crop=0.6"  # (no flip: a mirrored image may be another class)
 
 
 def default_aug(data: ClassificationData) -> str:
     return DATA_DEFAULTS.get(data.name, {}).get("aug", FOLDER_AUG)
+
+
+def folder_defaults(cfg, data: ClassificationData) -> dict:
+    """For a user's images (not a built-in dataset), the input size and augmentation the options
+    left out, chosen from the images (:mod:`cnnkit.data.defaults`); ``cfg`` takes the values."""
+    from cnnkit.data.defaults import adopt, derive_imgsz, folder_aug, model_stride
+
+    derived: dict = {}
+    paths = getattr(data.splits["train"], "paths", None)
+    if data.name in DATA_DEFAULTS or not paths:
+        return derived
+    derive_imgsz(cfg, derived, paths, model_stride(cfg.model), data.default_imgsz)
+    if cfg.aug is None and not cfg.batch_aug:
+        adopt(cfg, derived, "aug", folder_aug(cfg.imgsz or data.default_imgsz))
+    return derived
 
 
 def evaluate_split(predictor, split: Dataset, batch: int = 64, workers: int = 0, keep: int = 0):
@@ -60,6 +75,7 @@ class ClassifySpec(WorkflowSpec):
     def setup(self, cfg: ClassifyConfig, device, verbose: bool, resuming: bool) -> Setup:
         con = console()
         data = load_classification_data(cfg.data, seed=cfg.seed, val_fraction=cfg.val_fraction, channels=cfg.channels)
+        derived = folder_defaults(cfg, data)
         imgsz = cfg.imgsz or data.default_imgsz
         mean, std = normalization_stats(data, cfg.pretrained)
         pre = Preprocess(imgsz, mean, std, data.channels, mask_channel=cfg.missing_input == "mask",
@@ -104,7 +120,8 @@ class ClassifySpec(WorkflowSpec):
                                    mask_channel=pre.mask_channel, illumination=cfg.illumination),
                          OutputSpec(("logits",), "softmax"), model_kwargs, provenance=provenance(cfg, aug=aug))
         return Setup(model, task, train_loader, val_loader, card, data, batch_transforms=batch_transforms,
-                     state={"imb": imb, "pre": pre, "train_split": train_split, "val_split": val_split})
+                     state={"imb": imb, "pre": pre, "train_split": train_split, "val_split": val_split},
+                     derived=derived)
 
     def after_fit(self, cfg: ClassifyConfig, run, setup: Setup, trainer, device, verbose: bool) -> None:
         if "smote" in setup.state["imb"]:

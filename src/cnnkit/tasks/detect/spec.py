@@ -12,6 +12,7 @@ import torch
 
 from cnnkit.core.card import InputSpec, ModelCard, OutputSpec
 from cnnkit.data.classification import make_loader
+from cnnkit.data.defaults import derive_imgsz
 from cnnkit.data.detection import (
     DetectionData,
     DetectionDataset,
@@ -59,8 +60,10 @@ class DetectSpec(WorkflowSpec):
 
         con, masks = console(), self.masks
         data = load_data(cfg.data, cfg.seed, cfg.imgsz, cfg.classes, cfg.max_objects, verbose, masks, cfg.scenes)
-        imgsz = cfg.imgsz or DEFAULT_IMGSZ
         train_recs, val_recs = data.split("train"), data.split("val")
+        derived: dict = {}  # letterboxed: the longer side counts
+        derive_imgsz(cfg, derived, [r.path for r in train_recs], 32, DEFAULT_IMGSZ, side="long")
+        imgsz = cfg.imgsz or DEFAULT_IMGSZ
         if not train_recs:
             raise DataError(f"the train split of '{cfg.data}' has no images")
         if not val_recs:
@@ -107,7 +110,7 @@ class DetectSpec(WorkflowSpec):
                          provenance(cfg, aug=aug, mosaic=cfg.mosaic, classes=cfg.classes, max_objects=cfg.max_objects,
                                     scenes=cfg.scenes),
                          extra={"category_ids": category_ids})
-        return Setup(model, task, train_loader, val_loader, card, data)
+        return Setup(model, task, train_loader, val_loader, card, data, derived=derived)
 
     def evaluate(self, cfg: DetectConfig, setup: Setup, predictor, split: str, keep: int = 0):
         return evaluate(predictor, setup.data.split(split), cfg.batch * 2, cfg.workers), []

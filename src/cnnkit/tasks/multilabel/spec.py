@@ -11,6 +11,7 @@ import torch
 
 from cnnkit.core.card import InputSpec, ModelCard, OutputSpec
 from cnnkit.data.classification import TransformedDataset, make_loader, normalization_stats
+from cnnkit.data.defaults import derive_imgsz, model_stride
 from cnnkit.data.multilabel import load_multilabel_data
 from cnnkit.data.transforms import Preprocess, parse_aug
 from cnnkit.engine.progress import console
@@ -45,6 +46,9 @@ class MultiLabelSpec(WorkflowSpec):
 
     def setup(self, cfg: MultiLabelConfig, device, verbose: bool, resuming: bool) -> Setup:
         data = load_multilabel_data(cfg.data, seed=cfg.seed, val_fraction=cfg.val_fraction, channels=cfg.channels)
+        derived: dict = {}
+        derive_imgsz(cfg, derived, getattr(data.splits["train"], "paths", None), model_stride(cfg.model),
+                     data.default_imgsz)
         imgsz = cfg.imgsz or data.default_imgsz
         mean, std = normalization_stats(data, cfg.pretrained)
         pre = Preprocess(imgsz, mean, std, data.channels, illumination=cfg.illumination)
@@ -69,7 +73,7 @@ class MultiLabelSpec(WorkflowSpec):
                                    illumination=cfg.illumination),
                          OutputSpec(("logits",), "sigmoid"), model_kwargs,
                          provenance=provenance(cfg, aug=aug, loss=cfg.loss, val_fraction=cfg.val_fraction))
-        return Setup(model, task, train_loader, val_loader, card, data)
+        return Setup(model, task, train_loader, val_loader, card, data, derived=derived)
 
     def after_fit(self, cfg: MultiLabelConfig, run, setup: Setup, trainer, device, verbose: bool) -> None:
         """Tune one threshold per class on val with the best weights; write them into the card."""

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from cnnkit.core.card import InputSpec, ModelCard, OutputSpec
 from cnnkit.data.classification import make_loader
+from cnnkit.data.defaults import derive_imgsz
 from cnnkit.data.segmentation import (
     IGNORE_INDEX,
     SHAPES_SEG_SIZES,
@@ -162,8 +163,11 @@ class SegmentSpec(WorkflowSpec):
         from cnnkit.models.segmentation import build_segmenter
 
         data = load_data(cfg.data, cfg.seed, cfg.imgsz, cfg.classes, cfg.max_objects, cfg.scenes)
-        imgsz = cfg.imgsz or default_imgsz(data)
         train_recs, val_recs = data.splits.get("train", []), data.splits.get("val", [])
+        derived: dict = {}
+        if not cfg.crop:  # (crops keep the images' scale: no size to derive)
+            derive_imgsz(cfg, derived, [r.path for r in train_recs], 32, default_imgsz(data))
+        imgsz = cfg.imgsz or default_imgsz(data)
         if not train_recs:
             raise DataError(f"the train split of '{cfg.data}' has no images")
         if not val_recs:
@@ -190,7 +194,7 @@ class SegmentSpec(WorkflowSpec):
                          provenance=provenance(cfg, aug=aug, loss=cfg.loss, classes=cfg.classes,
                                                max_objects=cfg.max_objects, scenes=cfg.scenes),
                          extra={"ignore_index": IGNORE_INDEX})
-        return Setup(model, task, train_loader, val_loader, card, data)
+        return Setup(model, task, train_loader, val_loader, card, data, derived=derived)
 
     def evaluate(self, cfg: SegmentConfig, setup: Setup, predictor, split: str, keep: int = 0):
         return evaluate(predictor, setup.data.split(split)), []
