@@ -12,7 +12,8 @@ TRAIN_HELP = {
              "retinanet (anchors, focal loss), ssd, ssdlite",
     "backbone": "registry model under fasterrcnn/retinanet/ssd/ssdlite (resnet18, mobilenet_v3_large, ...); "
                 "default resnet18 (ssdlite: mobilenet_v3_large)",
-    "imgsz": "images are letterboxed to this square size (a multiple of 32); default 320",
+    "imgsz": "images are letterboxed to this square size (a multiple of 32); default 320 (your images: their median "
+             "longer side, rounded to 32, at most 320)",
     "width": "fastdet: channels of the stem (stages use 2x to 16x); 16 is about 3 M parameters",
     "anchors": "anchors file written by `cnnkit detect anchors` (fasterrcnn, retinanet)",
     "aug": "box-aware augmentation: flip, vflip, rotate=DEG, scale=LO:HI, translate=F, crop=LO, jitter=S, "

@@ -24,7 +24,8 @@ CHOICES: dict[str, tuple[str, ...]] = {"optimizer": OPTIMIZERS, "schedule": SCHE
 HELP: dict[str, str] = {
     "data": "dataset: digits, shapes, or an ImageFolder path (root/train/<class>/..., optional val/ and test/)",
     "model": "architecture from `cnnkit models` (smallcnn, resnet18, ...; timm:NAME for any timm model)",
-    "imgsz": "input size in pixels (square); default: the dataset's (digits 16, shapes 64, folders 224)",
+    "imgsz": "input size in pixels (square); default: the dataset's (digits 16, shapes 64; a folder: its median "
+             "image's side rounded to the network's stride, 16 to 224)",
     "pretrained": "start from published ImageNet weights (torchvision/timm loaders; needs network once)",
     "init": "start from these weights (a cnnkit .safetensors or a state-dict file): fine-tuning, not resuming",
     "freeze": "freeze 'backbone' (all but the head; a segmenter's or detector's encoder) or N (the stem and the first N stages), BN statistics included",

@@ -10,7 +10,8 @@ TRAIN_HELP = {
     "model": "unet (encoder-decoder with skips), fcn (FCN-8s), deeplabv3 (atrous spatial pyramid pooling)",
     "encoder": "registry model as the encoder (smallcnn, resnet18, mobilenet_v3_large, efficientnet_b0, ...); "
                "default resnet18",
-    "imgsz": "training size (a multiple of 32); default: shapes 128, folders 256",
+    "imgsz": "training size (a multiple of 32); default: shapes 128; your images: their median side rounded to 32, "
+             "at most 256",
     "loss": "ce (cross-entropy), dice (soft Dice), focal, or ce+dice",
     "class_weights": "auto (1/sqrt of each class's pixel share in train) or one weight per class, comma-separated",
     "aug": "augmentation applied to image and mask alike: flip, vflip, rotate=DEG, scale=LO:HI, translate=F, "
