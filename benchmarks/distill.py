@@ -16,6 +16,12 @@ Per task (all on the built-in ``shapes`` data, one seed):
 - segment: teacher U-Net with a resnet18 encoder (14.3 M), student U-Net with the smallcnn
   encoder (0.83 M), at ``--seg-imgsz``.
 
+With ``--report``, each task also gets the one table of issue 17: the teacher pruned by half
+(``cnnkit prune``, then fine-tuned for the student's epochs) joins the students, and ``cnnkit
+benchmark --variants`` times every model on eager PyTorch, ONNX Runtime and ONNX Runtime int8
+(calibrated on the train split) and scores each on the test split; the latency columns need the
+machine to themselves.
+
 Every cnnkit run is the command a user types (``cnnkit.train`` with the same options); the
 metric is the test split's (top-1, mAP50-95, mIoU) of each run's best checkpoint. Accuracy at
 equal epochs is what is compared, so the figures do not depend on what else runs on the
@@ -126,8 +132,13 @@ def main() -> None:
     ap.add_argument("--det-imgsz", type=int, default=160)
     ap.add_argument("--seg-imgsz", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--report", action="store_true",
+                    help="add the pruned teacher and time every variant in fp32 and int8 (cnnkit benchmark)")
+    ap.add_argument("--runs", type=int, default=20, help="--report: timed calls per model, format and batch")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
+
+    import cnnkit
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -158,7 +169,16 @@ def main() -> None:
                                                                 "params": rows["student alone"]["params"],
                                                                 "train_s": peer["train_s"]}
                 print(f"classify timm peer: test top1 {peer['test']}", flush=True)
-            results[task] = {"metric": spec["metric"], "rows": rows, "imgsz": common.get("imgsz")}
+            report = None
+            if args.report:
+                pruned = cnnkit.prune(teacher, 0.5, out=str(root / "pruned.safetensors"), verbose=False)
+                run("teacher pruned 50%, fine-tuned", args.epochs, init=pruned["file"], **spec["teacher"])
+                from cnnkit.methods.benchmark import benchmark
+
+                variants = {name: str(root / name) for name in rows if name != "teacher" and (root / name).exists()}
+                report = benchmark(teacher, spec["common"]["data"], batch=16, formats=("torch", "onnx", "int8"),
+                                   runs=args.runs, split="test", verbose=True, variants=variants)
+            results[task] = {"metric": spec["metric"], "rows": rows, "imgsz": common.get("imgsz"), "report": report}
     save("distill" + args.tag, {"epochs": args.epochs, "teacher_epochs": args.teacher_epochs, "kd": KD,
                                 "results": results})
 
