@@ -181,3 +181,18 @@ def test_help_imports_no_torch():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == "[]", r.stdout[-500:]
+
+
+def test_smallcnn_width_is_an_option_the_card_rebuilds(cli, tmp_path):
+    """`--width` scales smallcnn (a wider teacher, a narrower student); the card records it, so
+    the weights load at that width; other models refuse it with one sentence."""
+    import cnnkit
+
+    r = cli("classify", "train", "--data", "digits", "--width", "8", "--epochs", "1", "--out", tmp_path / "w8")
+    assert r.code == 0, r.err
+    model = cnnkit.load(tmp_path / "w8")
+    assert model.card.model_kwargs["width"] == 8
+    assert sum(p.numel() for p in model.model.parameters()) < 60_000  # about 1/16 of the default's 0.58 M
+    assert cnnkit.val("classify", tmp_path / "w8", "digits", verbose=False)["top1"] > 0.3
+    r = cli("classify", "train", "--data", "digits", "--model", "resnet18", "--width", "8", "--out", tmp_path / "x")
+    assert r.code == 2 and "--width sets smallcnn's channels" in r.err and r.err.count("\n") == 1, r.err

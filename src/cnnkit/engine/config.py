@@ -187,6 +187,7 @@ class ImageClassifierConfig(TrainConfig):
     drop_rate: float = 0.2
     attention: str | None = None  # se, cbam or eca blocks in the backbone (smallcnn, resnets)
     pool: str = "avg"  # global pooling: avg, max, avgmax, lp, gem, spp
+    width: int | None = None  # smallcnn: first-stage channels (None: its default, 32)
     illumination: str = "none"  # standardize, grayworld or equalize: inside the model, recorded in the card
 
     def validate(self) -> None:
@@ -201,3 +202,8 @@ class ImageClassifierConfig(TrainConfig):
             raise CnnkitError(f"--channels must be 1 or 3, got {self.channels}")
         if not 0 <= self.drop_rate < 1:
             raise CnnkitError(f"--drop-rate must be in [0, 1), got {self.drop_rate}")
+        if self.width is not None and self.model != "smallcnn":
+            raise CnnkitError(f"--width sets smallcnn's channels; {self.model} has its own (pick a larger or "
+                              "smaller model instead)")
+        if self.width is not None and not 4 <= self.width <= 512:
+            raise CnnkitError(f"--width must be between 4 and 512, got {self.width}")

@@ -87,7 +87,8 @@ class ClassifySpec(WorkflowSpec):
         train_split, val_split = _experiment_splits(cfg, data)
         num_classes = len(data.classes)
         task = _make_task(cfg, data.classes, train_split.targets, imb)
-        model_kwargs = {"drop_rate": cfg.drop_rate, "attention": cfg.attention, "pool": cfg.pool}
+        model_kwargs = {"drop_rate": cfg.drop_rate, "attention": cfg.attention, "pool": cfg.pool,
+                        **({"width": cfg.width} if cfg.width else {})}
         model = ClassifyTask.build_model(cfg.model, num_classes, pre.model_channels, cfg.pretrained, **model_kwargs)
         if cfg.init and not resuming:
             note = load_init(model, cfg.init, data.channels, num_classes)

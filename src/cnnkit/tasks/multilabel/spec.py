@@ -54,7 +54,8 @@ class MultiLabelSpec(WorkflowSpec):
         pre = Preprocess(imgsz, mean, std, data.channels, illumination=cfg.illumination)
         aug = cfg.aug if cfg.aug is not None else DEFAULT_AUG
         task = make_task(cfg, data.classes)
-        model_kwargs = {"drop_rate": cfg.drop_rate, "attention": cfg.attention, "pool": cfg.pool}
+        model_kwargs = {"drop_rate": cfg.drop_rate, "attention": cfg.attention, "pool": cfg.pool,
+                        **({"width": cfg.width} if cfg.width else {})}
         model = MultiLabelTask.build_model(cfg.model, len(data.classes), data.channels, cfg.pretrained, **model_kwargs)
         if cfg.init and not resuming:
             note = load_init(model, cfg.init, data.channels, len(data.classes))
