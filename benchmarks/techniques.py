@@ -96,15 +96,19 @@ def write_shapes_folder(root: Path, classes: list[int], per_class: dict[str, int
     return root
 
 
+SHAPES_AUG = "crop=0.6,flip"  # shapes folders: flips keep the labels
+
+
 def transfer(pre_epochs: int = 10, ft_epochs: int = 15, shots: int = 20, seeds=(0,), imgsz: int = 32) -> dict:
     """Pretrain smallcnn on shapes classes 0-3 (200 images each, 32 px), fine-tune on classes 4-7
     with ``shots`` images per class (batch 16); compare with the same net from scratch at equal
-    epochs and settings."""
+    epochs and settings. Augmentation ``crop=0.6,flip`` (the folder default when the figures were
+    measured; a mirrored shape is the same shape, so flips keep these labels)."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         src = write_shapes_folder(tmp / "source", [0, 1, 2, 3], {"train": 200, "val": 25}, seed=1, imgsz=imgsz)
-        pre = _train(tmp / "pre", data=str(src), epochs=pre_epochs, imgsz=imgsz)
+        pre = _train(tmp / "pre", data=str(src), epochs=pre_epochs, imgsz=imgsz, aug=SHAPES_AUG)
         print(json.dumps({"pretrain_val_top1": pre["test"]["top1"], "seconds": pre["seconds"]}), flush=True)
         for seed in seeds:
             tgt = write_shapes_folder(tmp / f"target{seed}", [4, 5, 6, 7],
@@ -113,7 +117,7 @@ def transfer(pre_epochs: int = 10, ft_epochs: int = 15, shots: int = 20, seeds=(
                              ("linear-probe", {"init": str(tmp / "pre"), "linear_probe": True}),
                              ("finetune-llrd", {"init": str(tmp / "pre"), "layer_decay": 0.6})):
                 r = _train(tmp / f"{mode}-{seed}", data=str(tgt), epochs=ft_epochs, seed=seed, imgsz=imgsz,
-                           batch=16, **kw)
+                           batch=16, aug=SHAPES_AUG, **kw)
                 rows.append({"mode": mode, "seed": seed, "test_top1": r["test"]["top1"], "seconds": r["seconds"]})
                 print(json.dumps(rows[-1]), flush=True)
     return {"pretrain": {"val_top1": pre["test"]["top1"], "epochs": pre_epochs, "seconds": pre["seconds"]},

@@ -48,15 +48,15 @@ def test_pretrained_beats_scratch_on_a_small_target_set(tmp_path):
     seeds. One seed is not a fair bar at this size (240 test images, and the gap moves by 0.04
     with the number of torch threads); measured on 2 CPU cores with 1 thread: scratch 0.333 /
     0.346, fine-tuned 0.463 / 0.404, linear probe 0.442 / 0.417 (seeds 0 / 1)."""
-    from techniques import write_shapes_folder
+    from techniques import SHAPES_AUG, write_shapes_folder
 
     src = write_shapes_folder(tmp_path / "src", [0, 1, 2, 3], {"train": 120, "val": 20}, seed=1, imgsz=32)
-    _test_metrics(tmp_path / "pre", data=str(src), epochs=8, imgsz=32)
+    _test_metrics(tmp_path / "pre", data=str(src), epochs=8, imgsz=32, aug=SHAPES_AUG)
     tgt = write_shapes_folder(tmp_path / "tgt", [4, 5, 6, 7], {"train": 20, "val": 20, "test": 60}, seed=7,
                               imgsz=32)
     top1: dict[str, list[float]] = {"scratch": [], "tuned": [], "probe": []}
     for seed in (0, 1):
-        kw = dict(data=str(tgt), epochs=15, imgsz=32, batch=16, seed=seed)
+        kw = dict(data=str(tgt), epochs=15, imgsz=32, batch=16, seed=seed, aug=SHAPES_AUG)  # (as measured)
         top1["scratch"].append(_test_metrics(tmp_path / f"scratch{seed}", **kw)["top1"])
         top1["tuned"].append(_test_metrics(tmp_path / f"ft{seed}", init=str(tmp_path / "pre"), **kw)["top1"])
         top1["probe"].append(_test_metrics(tmp_path / f"probe{seed}", init=str(tmp_path / "pre"), linear_probe=True,
