@@ -8,7 +8,7 @@ import torch
 
 from cnnkit.core.card import ModelCard
 from cnnkit.core.results import Classification
-from cnnkit.runtime.pipeline import ImageClassifierPipeline
+from cnnkit.runtime.classifier import ImageClassifierPipeline
 from cnnkit.tasks.softmax import decode_topk
 
 

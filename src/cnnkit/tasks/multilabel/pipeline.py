@@ -10,7 +10,7 @@ import torch
 
 from cnnkit.core.card import ModelCard
 from cnnkit.core.results import MultiLabel
-from cnnkit.runtime.pipeline import ImageClassifierPipeline
+from cnnkit.runtime.classifier import ImageClassifierPipeline
 
 
 class MultiLabelPipeline(ImageClassifierPipeline):

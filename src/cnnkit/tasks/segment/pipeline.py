@@ -109,7 +109,7 @@ class SegmentPipeline(Pipeline):
         """``target``: a class name or index (None: the foreground class with the most
         predicted pixels); the region is that class's predicted pixels (the whole image when
         the model predicts none)."""
-        from cnnkit.runtime.pipeline import class_index
+        from cnnkit.runtime.classifier import class_index
 
         pred = raw[0][0].argmax(0)
         if target is None:
