@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.cnnkit-installed
+# test files run on this many pytest-xdist workers, each with its share of the cores (tests/conftest.py)
+TEST_WORKERS ?= 2
 
 .PHONY: install browser run test test-fast bench clean
 
@@ -27,10 +29,10 @@ run: install
 	$(BIN)/cnnkit demo
 
 test: install browser
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-fast: install
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 bench: install
 	$(BIN)/python benchmarks/train_overhead.py

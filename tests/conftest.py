@@ -12,6 +12,38 @@ import pytest
 from PIL import Image
 
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+def _share_the_cores() -> None:
+    """Under pytest-xdist (`make test` runs two workers), each worker gets its share of the cores.
+
+    Two workers that each start torch's default of one thread per core oversubscribe the machine,
+    and spinning OpenMP threads then make both several times slower. The variable also reaches the
+    subprocesses a test starts (the README's entry point, `cnnkit serve`).
+    """
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = threads
+        import torch
+
+        torch.set_num_threads(int(threads))
+
+
+_share_the_cores()
+
+# Under xdist `--dist loadfile --no-loadscope-reorder`, files are handed out in this order, longest
+# first, so that the long README file starts at once and no long file starts last. Each worker starts
+# with two files (xdist hands out the first, second, third and fourth in turn): the third, queued
+# behind the README on the first worker, is a short one.
+_FIRST = ("test_readme.py", "test_detect.py", "test_anchors.py", "test_explain.py", "test_instance.py",
+          "test_techniques_acceptance.py", "test_quantize.py", "test_attack.py", "test_distill.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+        rank = {name: i for i, name in enumerate(_FIRST)}
+        items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: in-file order kept
 CLASSES = ("checker", "circle", "hstripes", "vstripes")
 
 

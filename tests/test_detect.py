@@ -21,8 +21,6 @@ from cnnkit.models.detection.fastdet import FastDet
 from cnnkit.tasks.detect.losses import FastDetLoss, dfl, task_aligned_assign
 from cnnkit.models.detection.zoo import build_detector
 
-torch.set_num_threads(2)
-
 
 def test_letterbox_keeps_aspect_and_maps_back():
     img = torch.zeros(3, 60, 100, dtype=torch.uint8)
