@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.cnnkit-installed
 # test files run on this many pytest-xdist workers, each with its share of the cores (tests/conftest.py)
 TEST_WORKERS ?= 2
 
-.PHONY: install browser run test test-fast bench clean
+.PHONY: install browser bench-data run test test-fast bench clean
 
 install: $(STAMP)
 
@@ -24,6 +24,14 @@ browser:
 	  apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive \
 	  apt-get install -y -qq --no-install-recommends chromium >/dev/null; } || \
 	  echo "note: Chromium is not installed and could not be (needs root and apt); the web page test will skip"
+
+# real images the benchmarks' second datasets are cut from (OpenCV's sample data: 5,000 handwritten digits,
+# photographs); Debian's opencv-doc, about 95 MB (needs root and apt)
+bench-data:
+	@test -f /usr/share/doc/opencv-doc/examples/data/digits.png || { command -v apt-get >/dev/null 2>&1 && \
+	  [ "$$(id -u)" = 0 ] && apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq --no-install-recommends opencv-doc >/dev/null; } || \
+	  echo "note: opencv-doc is not installed and could not be (needs root and apt)"
 
 run: install
 	$(BIN)/cnnkit demo
