@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -32,18 +33,59 @@ def _share_the_cores() -> None:
 
 _share_the_cores()
 
-# Under xdist `--dist loadfile --no-loadscope-reorder`, files are handed out in this order, longest
-# first, so that the long README file starts at once and no long file starts last. Each worker starts
-# with two files (xdist hands out the first, second, third and fourth in turn): the third, queued
-# behind the README on the first worker, is a short one.
-_FIRST = ("test_readme.py", "test_detect.py", "test_anchors.py", "test_explain.py", "test_instance.py",
+# Under xdist (`make test`: `--dist loadgroup --no-loadscope-reorder`) every test file is one unit of
+# work run on one worker (its session and module fixtures built once), except the README's commands,
+# which build on each other in one folder and are the longest file: they form two units, the
+# detection, segmentation and multi-label commands (which use nothing the others write) and the rest.
+# Units are handed out in this order, longest first, so that no long one starts last; each worker
+# starts with two (xdist hands out the first, second, third and fourth in turn): the third, queued
+# behind the long README unit on the first worker, is a short one.
+README_OTHER_TASKS = re.compile(r"cnnkit (multilabel|detect|segment|instance|convert shapes)")
+_FIRST = ("readme", "test_detect.py", "test_anchors.py", "test_explain.py", "readme-tasks", "test_instance.py",
           "test_techniques_acceptance.py", "test_quantize.py", "test_attack.py", "test_distill.py")
 
 
+def _unit(item) -> str:
+    cmd = getattr(item, "callspec", None) and item.callspec.params.get("cmd")
+    if item.path.name == "test_readme.py" and isinstance(cmd, str):
+        return "readme-tasks" if README_OTHER_TASKS.match(cmd) else "readme"
+    return item.path.name
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+        for item in items:
+            item.add_marker(pytest.mark.xdist_group(_unit(item)))
         rank = {name: i for i, name in enumerate(_FIRST)}
-        items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: in-file order kept
+        items.sort(key=lambda item: rank.get(_unit(item), len(rank)))  # stable: in-file order kept
+
+
+def built_once(tmp_path_factory, name: str, build):
+    """``build(folder)`` once for the whole session, also under pytest-xdist: the first worker to
+    ask builds it under a file lock in the folder the workers share, and the others reuse what it
+    wrote (pytest-xdist's recipe for session fixtures), so a shared model trains once rather than
+    once per worker. ``build`` returns a path, or a tuple of paths, inside ``folder``."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return build(tmp_path_factory.mktemp(name))
+    import json
+    import shutil
+
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp().parent  # this session's, shared by its workers
+    folder, done = root / "shared" / name, root / "shared" / f"{name}.json"
+    folder.parent.mkdir(exist_ok=True)
+    with FileLock(str(folder) + ".lock"):
+        if not done.is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            result = build(folder)
+            done.write_text(json.dumps([str(p) for p in result] if isinstance(result, tuple) else str(result)))
+        got = json.loads(done.read_text())
+    return tuple(Path(p) for p in got) if isinstance(got, list) else Path(got)
+
+
 CLASSES = ("checker", "circle", "hstripes", "vstripes")
 
 
@@ -91,8 +133,8 @@ def make_image_folder(root: Path, per_class: dict[str, int], seed: int = 0, spli
 @pytest.fixture(scope="session")
 def image_folder(tmp_path_factory) -> Path:
     """4 classes, RGB, varied sizes: 60 train + 15 val + 10 test images per class (340 in all)."""
-    root = tmp_path_factory.mktemp("folder")
-    return make_image_folder(root, {"train": 60, "val": 15, "test": 10}, splits=("train", "val", "test"))
+    return built_once(tmp_path_factory, "folder", lambda root: make_image_folder(
+        root, {"train": 60, "val": 15, "test": 10}, splits=("train", "val", "test")))
 
 
 @pytest.fixture(scope="session")
@@ -100,9 +142,11 @@ def digits_run(tmp_path_factory) -> Path:
     """A short digits training run shared by tests that need trained weights."""
     import cnnkit
 
-    out = tmp_path_factory.mktemp("runs") / "digits"
-    cnnkit.train("classify", data="digits", epochs=3, out=str(out), verbose=False)
-    return out
+    def build(root):
+        cnnkit.train("classify", data="digits", epochs=3, out=str(root / "digits"), verbose=False)
+        return root / "digits"
+
+    return built_once(tmp_path_factory, "runs", build)
 
 
 class CliResult:
@@ -126,7 +170,7 @@ def cli(capsys):
 def run_subprocess(args: list[str], cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run the installed ``cnnkit`` entry point as a user would."""
     exe = Path(sys.executable).parent / "cnnkit"
-    return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+    return subprocess.run([str(exe), *args], check=False, cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "COLUMNS": "120"})
 
 
@@ -138,10 +182,12 @@ def tiny_yolo(tmp_path_factory) -> Path:
     """Generated shapes at 128 px (24 train, 12 val images, 2 classes) as a YOLO dataset."""
     from cnnkit.cli.main import main
 
-    out = tmp_path_factory.mktemp("det") / "yolo"
-    assert main(["convert", "shapes", "--to", "yolo", "--out", str(out), "--imgsz", "128", "--sizes",
-                 "train=24,val=12", "--classes", "2", "--max-objects", "3"]) == 0
-    return out / "data.yaml"
+    def build(root):
+        assert main(["convert", "shapes", "--to", "yolo", "--out", str(root / "yolo"), "--imgsz", "128", "--sizes",
+                     "train=24,val=12", "--classes", "2", "--max-objects", "3"]) == 0
+        return root / "yolo" / "data.yaml"
+
+    return built_once(tmp_path_factory, "det", build)
 
 
 @pytest.fixture(scope="session")
@@ -149,10 +195,12 @@ def tiny_run(tiny_yolo, tmp_path_factory) -> Path:
     """One short fastdet training on ``tiny_yolo`` (a run folder)."""
     from cnnkit.cli.main import main
 
-    out = tmp_path_factory.mktemp("det") / "run"
-    assert main(["detect", "train", "--data", str(tiny_yolo), "--imgsz", "128", "--epochs", "2", "--batch", "8",
-                 "--width", "8", "--out", str(out)]) == 0
-    return out
+    def build(root):
+        assert main(["detect", "train", "--data", str(tiny_yolo), "--imgsz", "128", "--epochs", "2", "--batch", "8",
+                     "--width", "8", "--out", str(root / "run")]) == 0
+        return root / "run"
+
+    return built_once(tmp_path_factory, "detrun", build)
 
 
 @pytest.fixture(scope="session")
@@ -160,20 +208,22 @@ def seg_data(tmp_path_factory):
     """A tiny shapes segmentation dataset written as mask folders (64 px, 2 shape classes)."""
     from cnnkit.data.segmentation import shapes_segmentation, write_mask_folders
 
-    root = tmp_path_factory.mktemp("segdata")
-    data = shapes_segmentation(64, {"train": 24, "val": 8}, num_classes=2, max_objects=2)
-    return write_mask_folders(data, root)
+    def build(root):
+        return write_mask_folders(shapes_segmentation(64, {"train": 24, "val": 8}, num_classes=2, max_objects=2), root)
+
+    return built_once(tmp_path_factory, "segdata", build)
 
 
 @pytest.fixture(scope="session")
 def seg_run(seg_data, tmp_path_factory):
     from cnnkit.cli.main import main
 
-    out = tmp_path_factory.mktemp("segrun") / "run"
-    code = main(["segment", "train", "--data", str(seg_data), "--imgsz", "64", "--epochs", "2", "--batch", "8",
-                 "--encoder", "smallcnn", "--out", str(out)])
-    assert code == 0
-    return out
+    def build(root):
+        assert main(["segment", "train", "--data", str(seg_data), "--imgsz", "64", "--epochs", "2", "--batch", "8",
+                     "--encoder", "smallcnn", "--out", str(root / "run")]) == 0
+        return root / "run"
+
+    return built_once(tmp_path_factory, "segrun", build)
 
 
 @pytest.fixture(scope="session")
@@ -181,16 +231,18 @@ def instance_run(tmp_path_factory):
     import cnnkit.data.detection as dd
     from cnnkit.cli.main import main
 
-    saved = dd.SHAPES_DET_SIZES
-    dd.SHAPES_DET_SIZES = {"train": 8, "val": 4, "test": 4}
-    try:
-        out = tmp_path_factory.mktemp("inst") / "run"
-        code = main(["instance", "train", "--data", "shapes", "--classes", "2", "--max-objects", "2", "--imgsz", "64",
-                     "--epochs", "1", "--batch", "4", "--out", str(out)])
-    finally:
-        dd.SHAPES_DET_SIZES = saved
-    assert code == 0
-    return out
+    def build(root):
+        saved = dd.SHAPES_DET_SIZES
+        dd.SHAPES_DET_SIZES = {"train": 8, "val": 4, "test": 4}
+        try:
+            code = main(["instance", "train", "--data", "shapes", "--classes", "2", "--max-objects", "2", "--imgsz",
+                         "64", "--epochs", "1", "--batch", "4", "--out", str(root / "run")])
+        finally:
+            dd.SHAPES_DET_SIZES = saved
+        assert code == 0
+        return root / "run"
+
+    return built_once(tmp_path_factory, "inst", build)
 
 
 def _train_medical(tmp_path_factory, name: str, model: str, sizes: dict[str, int]) -> Path:
@@ -198,15 +250,18 @@ def _train_medical(tmp_path_factory, name: str, model: str, sizes: dict[str, int
     import cnnkit.data.volumes as dv
     from cnnkit.cli.main import main
 
-    saved = dv.PHANTOM_SIZES
-    dv.PHANTOM_SIZES = sizes
-    try:
-        out = tmp_path_factory.mktemp(name) / "run"
-        code = main(["medical", "train", "--model", model, "--epochs", "1", "--batch", "2", "--out", str(out)])
-    finally:
-        dv.PHANTOM_SIZES = saved
-    assert code == 0
-    return out
+    def build(root):
+        saved = dv.PHANTOM_SIZES
+        dv.PHANTOM_SIZES = sizes
+        try:
+            code = main(["medical", "train", "--model", model, "--epochs", "1", "--batch", "2", "--out",
+                         str(root / "run")])
+        finally:
+            dv.PHANTOM_SIZES = saved
+        assert code == 0
+        return root / "run"
+
+    return built_once(tmp_path_factory, name, build)
 
 
 @pytest.fixture(scope="session")
@@ -248,13 +303,15 @@ def multilabel_run(tmp_path_factory) -> Path:
     """A short multi-label training on coloured squares (24 px, 3 labels) with a test split."""
     from cnnkit.cli.main import main
 
-    root = tmp_path_factory.mktemp("mlrun")
-    make_colour_csv(root / "data", 96, 0, "train.csv")
-    make_colour_csv(root / "data", 32, 1, "val.csv")
-    make_colour_csv(root / "data", 16, 2, "test.csv")
-    assert main(["multilabel", "train", "--data", str(root / "data"), "--imgsz", "24", "--epochs", "2",
-                 "--batch", "16", "--out", str(root / "run")]) == 0
-    return root / "run"
+    def build(root):
+        make_colour_csv(root / "data", 96, 0, "train.csv")
+        make_colour_csv(root / "data", 32, 1, "val.csv")
+        make_colour_csv(root / "data", 16, 2, "test.csv")
+        assert main(["multilabel", "train", "--data", str(root / "data"), "--imgsz", "24", "--epochs", "2",
+                     "--batch", "16", "--out", str(root / "run")]) == 0
+        return root / "run"
+
+    return built_once(tmp_path_factory, "mlrun", build)
 
 
 @pytest.fixture(scope="session")
@@ -265,14 +322,16 @@ def fitted_detector(tiny_yolo, tmp_path_factory):
 
     from cnnkit.cli.main import main
 
-    root = tmp_path_factory.mktemp("fitted")
-    spec = yaml.safe_load(tiny_yolo.read_text())
-    spec.update(path=str(tiny_yolo.parent), val=spec["train"])
-    (root / "data.yaml").write_text(yaml.safe_dump(spec))
-    assert main(["detect", "train", "--data", str(root / "data.yaml"), "--imgsz", "128", "--width", "8", "--epochs",
-                 "60", "--batch", "8", "--lr", "0.003", "--aug", "none", "--mosaic", "0", "--out",
-                 str(root / "run")]) == 0
-    return root / "run", root / "data.yaml"
+    def build(root):
+        spec = yaml.safe_load(tiny_yolo.read_text())
+        spec.update(path=str(tiny_yolo.parent), val=spec["train"])
+        (root / "data.yaml").write_text(yaml.safe_dump(spec))
+        assert main(["detect", "train", "--data", str(root / "data.yaml"), "--imgsz", "128", "--width", "8",
+                     "--epochs", "60", "--batch", "8", "--lr", "0.003", "--aug", "none", "--mosaic", "0", "--out",
+                     str(root / "run")]) == 0
+        return root / "run", root / "data.yaml"
+
+    return built_once(tmp_path_factory, "fitted", build)
 
 
 def tiny_classifier(size: int, batch: int):

@@ -428,9 +428,9 @@ def _print(table, lines, notes, skipped) -> None:
 
     con = console()
     for item in ([table] if table is not None else []) + list(lines) + list(notes):
-        con.print(item)
+        con.print(item, soft_wrap=isinstance(item, str))  # a line per image: never wrapped inside its path
     for p, reason in skipped:
-        con.print(f"[yellow]skipped[/] {p}: {reason}")
+        con.print(f"[yellow]skipped[/] {p}: {reason}", soft_wrap=True)
 
 
 def finish_predict(rows: list[dict[str, Any]], json_path, verbose: bool, table=None, lines=(), skipped=(),
