@@ -35,20 +35,23 @@ _share_the_cores()
 
 # Under xdist (`make test`: `--dist loadgroup --no-loadscope-reorder`) every test file is one unit of
 # work run on one worker (its session and module fixtures built once), except the README's commands,
-# which build on each other in one folder and are the longest file: they form two units, the
-# detection, segmentation and multi-label commands (which use nothing the others write) and the rest.
-# Units are handed out in this order, longest first, so that no long one starts last; each worker
-# starts with two (xdist hands out the first, second, third and fourth in turn): the third, queued
-# behind the long README unit on the first worker, is a short one.
+# which build on each other in one folder and are the longest file: they form three units that use
+# nothing of each other's, the detection, segmentation and multi-label commands, those on the `shapes`
+# classifiers, and the rest (digits, export, serving...). Units are handed out in this order, longest
+# first, so that no long one starts last; each worker starts with two (xdist hands out the first,
+# second, third and fourth in turn): the third, behind a long README unit on the first worker, is short.
 README_OTHER_TASKS = re.compile(r"cnnkit (multilabel|detect|segment|instance|convert shapes)")
-_FIRST = ("readme", "test_detect.py", "test_anchors.py", "test_explain.py", "readme-tasks", "test_instance.py",
-          "test_techniques_acceptance.py", "test_quantize.py", "test_attack.py", "test_distill.py")
+README_SHAPES = re.compile(r"cnnkit (classify train --data shapes|augment preview --data shapes)|.*runs/classify/shapes")
+_FIRST = ("readme", "readme-shapes", "test_anchors.py", "test_detect.py", "test_explain.py", "readme-tasks",
+          "test_instance.py", "test_techniques_acceptance.py", "test_quantize.py", "test_attack.py", "test_distill.py")
 
 
 def _unit(item) -> str:
     cmd = getattr(item, "callspec", None) and item.callspec.params.get("cmd")
     if item.path.name == "test_readme.py" and isinstance(cmd, str):
-        return "readme-tasks" if README_OTHER_TASKS.match(cmd) else "readme"
+        if README_OTHER_TASKS.match(cmd):
+            return "readme-tasks"
+        return "readme-shapes" if README_SHAPES.match(cmd) else "readme"
     return item.path.name
 
 
