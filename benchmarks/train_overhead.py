@@ -77,7 +77,7 @@ def main() -> None:
     ap.add_argument("--no-progress", action="store_true", help="run the Trainer without its progress bar")
     args = ap.parse_args()
     cfg = ClassifyConfig(data="digits", model=args.model, imgsz=args.imgsz, batch=args.batch,
-                         epochs=args.epochs, workers=0, warmup_epochs=1.0, schedule="cosine", ema=0.0)
+                         lr=ClassifyConfig.DEFAULT_LR, epochs=args.epochs, workers=0, warmup_epochs=1.0, schedule="cosine", ema=0.0)
     b, o = [], []
     for i in range(args.repeats):  # alternate the order so neither side always runs first
         if i % 2 == 0:

@@ -79,6 +79,57 @@ def test_header_and_config_name_every_derived_default(cli, tmp_path):
     assert r.code == 0 and "defaults from the data" not in r.out, r.out + r.err  # all explicit now
 
 
+@pytest.mark.parametrize("n_train, default, want", [
+    (1000, 32, 32),  # 31 steps an epoch: enough
+    (640, 32, 32),  # exactly 20
+    (600, 32, 16),  # 18 at 32, 37 at 16
+    (300, 32, 8),  # 9 at 32, 18 at 16, 37 at 8
+    (50, 32, 8),  # never below 8 (batch-norm statistics)
+    (300, 16, 8),  # detection's and segmentation's default 16
+    (10, 4, 4),  # volumes keep their small default
+])
+def test_a_small_training_set_gets_a_smaller_batch(n_train, default, want):
+    from cnnkit.data.defaults import fit_batch
+
+    assert fit_batch(n_train, default) == want
+
+
+def test_only_a_left_out_batch_on_user_data_is_fitted():
+    from cnnkit.data.defaults import resolve_batch_lr
+    from cnnkit.tasks.classify.config import ClassifyConfig
+    from cnnkit.tasks.medical.config import MedicalConfig
+    from cnnkit.tasks.segment.config import SegmentConfig
+
+    cfg, derived = ClassifyConfig(), {}
+    resolve_batch_lr(cfg, derived, 300, user_data=True)
+    assert (cfg.batch, cfg.lr, list(derived)) == (8, 2e-3, ["batch"])  # the LR stays at the default
+    assert "300 training images: batch 8 makes an epoch 37 steps (at 32 it would be 9" in derived["batch"].reason
+    cfg, derived = ClassifyConfig(batch=64, lr=0.01), {}  # given options stay as given
+    resolve_batch_lr(cfg, derived, 300, user_data=True)
+    assert (cfg.batch, cfg.lr, derived) == (64, 0.01, {})
+    cfg, derived = ClassifyConfig(), {}  # built-in data keep their tuned defaults
+    resolve_batch_lr(cfg, derived, 300, user_data=False)
+    assert (cfg.batch, cfg.lr, derived) == (32, 2e-3, {})
+    for config, want in ((SegmentConfig, (16, 3e-3)), (MedicalConfig, (4, 1e-3))):
+        cfg = config()
+        resolve_batch_lr(cfg, {}, 1000, user_data=True)
+        assert (cfg.batch, cfg.lr) == want
+
+
+def test_header_and_config_name_a_derived_batch(cli, tmp_path):
+    """A folder of 24 images: batch 8 (3 batches an epoch rather than 1), in the header
+    and in config.yaml; the run header's batch is the one used."""
+    import yaml
+
+    root = _folder(tmp_path / "f", [(8, 8)] * 4, "L")
+    r = cli("classify", "train", "--data", root, "--epochs", "1", "--out", tmp_path / "run")
+    assert r.code == 0, r.err
+    assert "--batch 8: " in r.out and "batch 8 ·" in r.out, r.out
+    text = (tmp_path / "run" / "config.yaml").read_text()
+    assert "batch: 8  # derived from the data:" in text
+    assert (yaml.safe_load(text)["batch"], yaml.safe_load(text)["lr"]) == (8, 0.002)
+
+
 @pytest.mark.slow
 def test_a_digits_folder_with_no_options_learns(cli, tmp_path):
     """scikit-learn's 8x8 digits as PNG class folders (a stratified split of its own, not the

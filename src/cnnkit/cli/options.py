@@ -33,8 +33,9 @@ HELP: dict[str, str] = {
     "layer_decay": "layer-wise LR decay: each depth group below the head gets this factor times the LR above; 1 is off",
     "linear_probe": "train only a linear head on frozen features (the backbone and its BN statistics stay fixed)",
     "epochs": "number of epochs",
-    "batch": "batch size",
-    "lr": "peak learning rate",
+    "batch": "batch size; default: the task's (classify and multilabel 32, detect, instance and segment 16, "
+             "medical 4), halved for a small training set of your own so that an epoch takes at least 20 steps",
+    "lr": "peak learning rate; default: the task's (2e-3; segment 3e-3, instance and medical 1e-3)",
     "optimizer": "optimizer (sgd uses Nesterov momentum)",
     "weight_decay": "weight decay (not applied to biases and norm layers)",
     "momentum": "SGD momentum",

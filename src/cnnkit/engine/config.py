@@ -25,6 +25,9 @@ AMP_MODES = ("auto", "off", "bf16", "fp16")
 class TrainConfig:
     """Options common to every ``cnnkit TASK train``."""
 
+    DEFAULT_BATCH = 32  # class attributes, not options: what --batch and --lr left out (None) become; a
+    DEFAULT_LR = 2e-3  # user's small training set gets a smaller batch (data/defaults.py)
+
     # data and model
     data: str = "digits"
     model: str = "smallcnn"
@@ -38,8 +41,8 @@ class TrainConfig:
     linear_probe: bool = False  # frozen backbone (BN statistics too) + a trained linear head
     # optimization
     epochs: int = 20
-    batch: int = 32
-    lr: float = 2e-3
+    batch: int | None = None  # None: the task's DEFAULT_BATCH, smaller for a user's small training set
+    lr: float | None = None  # None: the task's DEFAULT_LR
     optimizer: str = "adamw"
     weight_decay: float = 0.05
     momentum: float = 0.9
@@ -77,8 +80,8 @@ class TrainConfig:
         """Raise :class:`CnnkitError` for values that cannot work."""
         checks = [
             (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
-            (self.batch >= 1, f"--batch must be at least 1, got {self.batch}"),
-            (self.lr > 0, f"--lr must be positive, got {self.lr}"),
+            (self.batch is None or self.batch >= 1, f"--batch must be at least 1, got {self.batch}"),
+            (self.lr is None or self.lr > 0, f"--lr must be positive, got {self.lr}"),
             (self.imgsz is None or self.imgsz >= 8, f"--imgsz must be at least 8, got {self.imgsz}"),
             (self.workers >= 0, f"--workers must be 0 or more, got {self.workers}"),
             (self.accumulate >= 1, f"--accumulate must be at least 1, got {self.accumulate}"),

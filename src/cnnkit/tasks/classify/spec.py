@@ -18,6 +18,7 @@ from cnnkit.data.classification import (
     make_loader,
     normalization_stats,
 )
+from cnnkit.data.defaults import resolve_batch_lr
 from cnnkit.data.mix import make_batch_mix
 from cnnkit.data.sampling import (
     LabelView,
@@ -45,6 +46,11 @@ def default_aug(data: ClassificationData) -> str:
     return DATA_DEFAULTS.get(data.name, {}).get("aug", FOLDER_AUG)
 
 
+def user_images(data: ClassificationData) -> bool:
+    """Whether ``data`` is a user's image files (not a built-in dataset with tuned defaults)."""
+    return data.name not in DATA_DEFAULTS and bool(getattr(data.splits["train"], "paths", None))
+
+
 def folder_defaults(cfg, data: ClassificationData) -> dict:
     """For a user's images (not a built-in dataset), the input size and augmentation the options
     left out, chosen from the images (:mod:`cnnkit.data.defaults`); ``cfg`` takes the values."""
@@ -52,7 +58,7 @@ def folder_defaults(cfg, data: ClassificationData) -> dict:
 
     derived: dict = {}
     paths = getattr(data.splits["train"], "paths", None)
-    if data.name in DATA_DEFAULTS or not paths:
+    if not user_images(data):
         return derived
     derive_imgsz(cfg, derived, paths, model_stride(cfg.model), data.default_imgsz)
     if cfg.aug is None and not cfg.batch_aug:
@@ -98,6 +104,7 @@ class ClassifySpec(WorkflowSpec):
         train_ds = TransformedDataset(train_split, train_tf)
         if len(train_ds) == 0:
             raise DataError(f"the train split of '{cfg.data}' has no images")
+        resolve_batch_lr(cfg, derived, len(train_ds), user_images(data))
         sampler_name = next((k for k in SAMPLERS if k in imb), None)
         sampler = make_sampler(sampler_name, train_split.targets, num_classes, gen) if sampler_name else None
         pin = device.type == "cuda"

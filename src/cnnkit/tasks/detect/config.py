@@ -17,6 +17,7 @@ class DetectConfig(TrainConfig):
 
     TASK = "detect"  # class attributes, not options: the task name, its models, its val/predict options
     MODELS = ("fastdet", "fasterrcnn", "retinanet", "ssd", "ssdlite")
+    DEFAULT_BATCH, DEFAULT_LR = 16, 2e-3
 
     data: str = "shapes"
     model: str = "fastdet"  # fastdet, fasterrcnn, retinanet, ssd or ssdlite
@@ -26,8 +27,6 @@ class DetectConfig(TrainConfig):
     aug: str | None = None  # box-aware augmentation; None: flip,scale=0.7:1.3,translate=0.1,color=0.3
     mosaic: float = 0.5  # share of training images that are 2x2 mosaics of four
     epochs: int = 30
-    batch: int = 16
-    lr: float = 2e-3
     weight_decay: float = 0.01
     warmup_epochs: float = 2.0
     grad_clip: float = 10.0
@@ -71,10 +70,10 @@ class InstanceConfig(DetectConfig):
 
     TASK = "instance"
     MODELS = ("maskrcnn",)
+    DEFAULT_LR = 1e-3
 
     model: str = "maskrcnn"
     mosaic: float = 0.0  # a mosaic would cut masks; instance training does not use it
-    lr: float = 1e-3
     ema: float = 0.0
 
 

@@ -12,7 +12,7 @@ import torch
 
 from cnnkit.core.card import InputSpec, ModelCard, OutputSpec
 from cnnkit.data.classification import make_loader
-from cnnkit.data.defaults import derive_imgsz
+from cnnkit.data.defaults import derive_imgsz, resolve_batch_lr
 from cnnkit.data.detection import (
     DetectionData,
     DetectionDataset,
@@ -96,6 +96,7 @@ class DetectSpec(WorkflowSpec):
                 con.print(f"[yellow]warning:[/] {bare} of {total} training objects have no mask or polygon "
                           "(box-only labels); Mask R-CNN learns their boxes, filled, as their masks")
         train_ds = DetectionDataset(train_recs, imgsz, parse_det_aug(aug, imgsz), cfg.mosaic, masks=masks)
+        resolve_batch_lr(cfg, derived, len(train_recs), all(r.path for r in train_recs))
         val_ds = DetectionDataset(val_recs, imgsz, masks=masks, full_masks=True)
         pin = device.type == "cuda"
         gen = torch.Generator().manual_seed(cfg.seed)

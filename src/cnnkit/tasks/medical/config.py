@@ -26,13 +26,13 @@ class MedicalConfig(TrainConfig):
     UNUSED = ("imgsz", "pretrained", "init", "freeze", "unfreeze_at", "layer_decay", "linear_probe", "channels_last",
               "qat")
 
+    DEFAULT_BATCH, DEFAULT_LR = 4, 1e-3
+
     data: str = "phantoms"
     model: str = "unet3d"  # segmenters unet3d (default), vnet, unet2d; classifiers densenet3d, densenet2d
     loss: str = "dice+ce"  # dice or dice+ce
     patch: int | None = None  # train on random cubes of this side (a multiple of 16); None: whole volumes
     epochs: int = 30
-    batch: int = 4
-    lr: float = 1e-3
     weight_decay: float = 1e-4
     warmup_epochs: float = 1.0
 

@@ -12,6 +12,7 @@ import torch
 
 from cnnkit.core.card import InputSpec, ModelCard, OutputSpec
 from cnnkit.data.classification import make_loader
+from cnnkit.data.defaults import resolve_batch_lr
 from cnnkit.data.volumes import (
     VolRecord,
     VolumeData,
@@ -98,6 +99,7 @@ class MedicalSpec(WorkflowSpec):
         gen = torch.Generator().manual_seed(cfg.seed)
         train_ds = VolumeDataset(data.split("train"), k, window, train=True, classify=cfg.classify)
         val_ds = VolumeDataset(data.split("val"), k, window, classify=cfg.classify)
+        resolve_batch_lr(cfg, {}, len(train_ds), False)  # (volumes: the default batch is already small)
         train_loader = make_loader(train_ds, cfg.batch, True, cfg.workers, task.collate, gen,
                                    drop_last=len(train_ds) > cfg.batch, pin_memory=device.type == "cuda")
         val_loader = make_loader(val_ds, cfg.batch, False, cfg.workers, task.collate)

@@ -11,7 +11,7 @@ import torch
 
 from cnnkit.core.card import InputSpec, ModelCard, OutputSpec
 from cnnkit.data.classification import TransformedDataset, make_loader, normalization_stats
-from cnnkit.data.defaults import derive_imgsz, model_stride
+from cnnkit.data.defaults import derive_imgsz, model_stride, resolve_batch_lr
 from cnnkit.data.multilabel import load_multilabel_data
 from cnnkit.data.transforms import Preprocess, parse_aug
 from cnnkit.engine.progress import console
@@ -64,6 +64,7 @@ class MultiLabelSpec(WorkflowSpec):
         train_ds = TransformedDataset(data.split("train"), pre.train_transform(parse_aug(aug, imgsz)))
         if len(train_ds) == 0:
             raise DataError(f"the train split of '{cfg.data}' has no images")
+        resolve_batch_lr(cfg, derived, len(train_ds), bool(getattr(data.splits["train"], "paths", None)))
         pin = device.type == "cuda"
         gen = torch.Generator().manual_seed(cfg.seed)
         train_loader = make_loader(train_ds, cfg.batch, True, cfg.workers, task.collate, gen, pin_memory=pin)

@@ -15,6 +15,7 @@ class SegmentConfig(TrainConfig):
     """``cnnkit segment train`` options (the shared ones plus segmentation's own)."""
 
     TASK = "segment"  # a class attribute, not an option (VAL and PREDICT are set below the class)
+    DEFAULT_BATCH, DEFAULT_LR = 16, 3e-3
 
     data: str = "shapes"
     model: str = "unet"  # unet, fcn or deeplabv3
@@ -24,8 +25,6 @@ class SegmentConfig(TrainConfig):
     aug: str | None = None  # None: flip,affine,color=0.2
     crop: bool = False  # train on random imgsz crops at full resolution; val/predict slide a window
     epochs: int = 30
-    batch: int = 16
-    lr: float = 3e-3
     weight_decay: float = 0.01
     warmup_epochs: float = 1.0
     ema: float = 0.0

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from cnnkit.core.card import InputSpec, ModelCard, OutputSpec
 from cnnkit.data.classification import make_loader
-from cnnkit.data.defaults import derive_imgsz
+from cnnkit.data.defaults import derive_imgsz, resolve_batch_lr
 from cnnkit.data.segmentation import (
     IGNORE_INDEX,
     SHAPES_SEG_SIZES,
@@ -182,6 +182,7 @@ class SegmentSpec(WorkflowSpec):
         task = SegmentTask(data.names, cfg.loss, class_weights_from(cfg.class_weights, train_recs, k))
         mode = "crop" if cfg.crop else "resize"
         train_ds = SegmentationDataset(train_recs, imgsz, k, parse_seg_aug(aug, imgsz), mode=mode)
+        resolve_batch_lr(cfg, derived, len(train_recs), all(r.path for r in train_recs))
         val_ds = SegmentationDataset(val_recs, imgsz, k, mode=mode, train=False)
         gen = torch.Generator().manual_seed(cfg.seed)
         pin = device.type == "cuda"
