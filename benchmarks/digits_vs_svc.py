@@ -24,7 +24,6 @@ import tempfile
 import time
 
 import numpy as np
-
 from _common import save
 
 
@@ -34,7 +33,7 @@ def svc_peer() -> dict:
     from cnnkit.data.digits import digits_arrays
 
     (xtr, ytr), (xva, yva), (xte, yte) = (digits_arrays(s) for s in ("train", "val", "test"))
-    flat = lambda x: x.reshape(len(x), -1).astype(np.float64) / 255.0  # noqa: E731
+    flat = lambda x: x.reshape(len(x), -1).astype(np.float64) / 255.0
     t0 = time.perf_counter()
     best = max(((SVC(C=c, gamma=g).fit(flat(xtr), ytr).score(flat(xva), yva), c, g)
                 for c in (1, 3, 10, 30) for g in ("scale", 0.01, 0.03, 0.1)), key=lambda t: t[0])
@@ -85,6 +84,17 @@ def opencv_digits() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return cells, y, cells.reshape(len(cells), -1) / 255.0
 
 
+def write_class_folders(root, images: np.ndarray, y: np.ndarray, splits: dict) -> None:
+    """``root/SPLIT/LABEL/INDEX.png`` for the indices of each split (grayscale PNGs)."""
+    from PIL import Image
+
+    for split, idx in splits.items():
+        for i in idx:
+            folder = root / split / str(y[i])
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(images[i], "L").save(folder / f"{i}.png")
+
+
 def folder_runs(seeds: list[int], dataset: str = "sklearn", split_seed: int = 1) -> dict:
     """Write the digits as PNG folders, train with no options per seed, and fit the SVC."""
     import json
@@ -92,7 +102,6 @@ def folder_runs(seeds: list[int], dataset: str = "sklearn", split_seed: int = 1)
     import sys
     from pathlib import Path
 
-    from PIL import Image
     from sklearn.model_selection import train_test_split
     from sklearn.svm import SVC
 
@@ -109,11 +118,7 @@ def folder_runs(seeds: list[int], dataset: str = "sklearn", split_seed: int = 1)
     runs = []
     with tempfile.TemporaryDirectory() as d:
         root = Path(d) / "digits"
-        for split, idx in (("train", itr), ("test", ite)):
-            for i in idx:
-                folder = root / split / str(y[i])
-                folder.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(images[i], "L").save(folder / f"{i}.png")
+        write_class_folders(root, images, y, {"train": itr, "test": ite})
         for seed in seeds:
             out = Path(d) / f"run{seed}"
             cmd = [str(exe), "classify", "train", "--data", str(root), "--out", str(out)]

@@ -27,23 +27,20 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import yaml
 from _common import save
+from digits_vs_svc import sklearn_digits, write_class_folders
 
 
 def write_folders(root: Path, size: int, split_seed: int = 1) -> None:
-    from PIL import Image
-    from sklearn.datasets import load_digits
+    """The digits folder of ``digits_vs_svc.py --folder`` with ``train/`` cut to ``size`` images."""
     from sklearn.model_selection import train_test_split
 
-    x, y = load_digits(return_X_y=True)
+    images, y, _ = sklearn_digits()
     itr, ite = train_test_split(np.arange(len(y)), test_size=0.2, stratify=y, random_state=split_seed)
     if size < len(itr):
         itr, _ = train_test_split(itr, train_size=size, stratify=y[itr], random_state=split_seed)
-    for split, idx in (("train", itr), ("test", ite)):
-        for i in idx:
-            folder = root / split / str(y[i])
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray((x[i].reshape(8, 8) * 255 / 16).round().astype(np.uint8), "L").save(folder / f"{i}.png")
+    write_class_folders(root, images, y, {"train": itr, "test": ite})
 
 
 def main() -> None:
@@ -67,14 +64,12 @@ def main() -> None:
                     "sqrt-lr": {"batch": small, "lr": round(base_lr * (small / base_batch) ** 0.5, 6)}}
             for seed in args.seeds:
                 for way, opts in ways.items():
-                    if way != "fixed" and small == base_batch and opts:
+                    if way == "sqrt-lr" and small == base_batch:
                         continue  # the same run as fixed
                     out = Path(d) / f"run{size}-{way}-{seed}"
                     r = cnnkit.train("classify", data=str(root), out=str(out), seed=seed, verbose=False, **opts)
-                    cfg = (out / "config.yaml").read_text()
-                    batch = next(int(ln.split()[1]) for ln in cfg.splitlines() if ln.startswith("batch:"))
-                    lr = next(float(ln.split()[1]) for ln in cfg.splitlines() if ln.startswith("lr:"))
-                    rows.append({"size": size, "way": way, "seed": seed, "batch": batch, "lr": lr,
+                    cfg = yaml.safe_load((out / "config.yaml").read_text())
+                    rows.append({"size": size, "way": way, "seed": seed, "batch": cfg["batch"], "lr": cfg["lr"],
                                  "test_top1": r.test_metrics["top1"]})
                     print(rows[-1], flush=True)
     summary = {}

@@ -8,8 +8,8 @@ from the images themselves (a sample of their headers, nothing decoded): the med
 side, rounded to the network's stride and capped at the task's usual size, so images are never
 upsampled beyond the smallest input the networks take; and folder augmentation keeps labels
 (no flips unless asked). A small training set gets a smaller batch, so an epoch still takes
-enough optimizer steps. Each choice carries its reason,
-printed in the run header and written next to the value in ``config.yaml``.
+enough optimizer steps. Each choice carries its reason, printed in the run header and written
+next to the value in ``config.yaml``.
 """
 
 from __future__ import annotations
