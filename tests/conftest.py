@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,35 +32,27 @@ def _share_the_cores() -> None:
 
 _share_the_cores()
 
-# Under xdist (`make test`: `--dist loadgroup --no-loadscope-reorder`) every test file is one unit of
-# work run on one worker (its session and module fixtures built once), except the README's commands,
-# which build on each other in one folder and are the longest file: they form three units that use
-# nothing of each other's, the detection, segmentation and multi-label commands, those on the `shapes`
-# classifiers, and the rest (digits, export, serving...). Units are handed out in this order, longest
-# first, so that no long one starts last; each worker starts with two (xdist hands out the first,
-# second, third and fourth in turn): the third, behind a long README unit on the first worker, is short.
-README_OTHER_TASKS = re.compile(r"cnnkit (multilabel|detect|segment|instance|convert shapes)")
-README_SHAPES = re.compile(r"cnnkit (classify train --data shapes|augment preview --data shapes)|.*runs/classify/shapes")
-_FIRST = ("readme", "readme-shapes", "test_anchors.py", "test_detect.py", "test_explain.py", "readme-tasks",
-          "test_instance.py", "test_techniques_acceptance.py", "test_quantize.py", "test_attack.py", "test_distill.py")
+# Under pytest-xdist (`make test-fast`: `--dist loadfile --no-loadscope-reorder`) every test file is
+# one unit of work run on one worker (its session and module fixtures built once). Files are handed
+# out in this order, longest first, so that no long one starts last; each worker starts with two
+# (xdist hands out the first, second, third and fourth in turn): the third, behind the README's long
+# first part on the first worker, is short. (Not `--dist loadgroup`: pytest 9.2 ignores the group
+# suffix pytest-xdist 3.8 writes into node ids, so groups were split across workers.)
+_FIRST = ("test_readme.py", "test_readme_shapes.py", "test_anchors.py", "test_detect.py", "test_explain.py",
+          "test_readme_tasks.py", "test_instance.py", "test_techniques_acceptance.py", "test_quantize.py",
+          "test_attack.py", "test_distill.py")
 
 
-def _unit(item) -> str:
-    cmd = getattr(item, "callspec", None) and item.callspec.params.get("cmd")
-    if item.path.name == "test_readme.py" and isinstance(cmd, str):
-        if README_OTHER_TASKS.match(cmd):
-            return "readme-tasks"
-        return "readme-shapes" if README_SHAPES.match(cmd) else "readme"
-    return item.path.name
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
-        for item in items:
-            item.add_marker(pytest.mark.xdist_group(_unit(item)))
         rank = {name: i for i, name in enumerate(_FIRST)}
-        items.sort(key=lambda item: rank.get(_unit(item), len(rank)))  # stable: in-file order kept
+        items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: in-file order kept
+
+
+@pytest.fixture(scope="module")
+def readme_dir(tmp_path_factory) -> Path:
+    """One folder per README test file, whose commands build on each other in order."""
+    return tmp_path_factory.mktemp("readme")
 
 
 def built_once(tmp_path_factory, name: str, build):
