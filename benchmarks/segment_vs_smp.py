@@ -3,18 +3,26 @@
     pip install -c constraints.txt segmentation-models-pytorch     # the peer; a benchmark-only dependency
     python benchmarks/segment_vs_smp.py [--minutes 10] [--encoder resnet18] [--threads 1] [--parallel]
     python benchmarks/segment_vs_smp.py --epochs 60 --device cuda --workers 2     # fixed epochs instead of time
+    python benchmarks/segment_vs_smp.py --data photo --minutes 9 --parallel        # shapes on real photographs
+    python benchmarks/segment_vs_smp.py --data photo --peer-recipe plain ...       # the peer's own plain loop
 
 cnnkit: the command a user types, ``cnnkit segment train --data shapes --encoder E --time M``
 (built-in shapes scenes: 600 train / 150 val at 128 px, background + 4 shape classes; its
 defaults: CE + Dice, AdamW 3e-3, 1 warmup epoch then cosine stretched to the budget, flip +
 affine + colour augmentation, batch 16, best epoch on val).
 
-Peer: ``smp.Unet(E, encoder_weights=None, classes=5)`` trained by a plain PyTorch loop with the
-same recipe: the same data loader (cnnkit's dataset and augmentation, so the data pipeline is not
+``--data photo``: the same objects drawn on crops of OpenCV's sample photographs, 300 train / 60
+val at 128 px, train and val from different photographs (benchmarks/photo_scenes.py; cnnkit gets
+``--data <its data.yaml>`` and its data-derived defaults).
+
+Peer: ``smp.Unet(E, encoder_weights=None, classes=5)`` trained by a plain PyTorch loop, by default
+(``--peer-recipe cnnkit``) with the same recipe: the same data loader (cnnkit's dataset and augmentation, so the data pipeline is not
 what differs), ``smp.losses.DiceLoss("multiclass")`` + cross-entropy, AdamW 3e-3, the same
 warmup + cosine schedule stretched to the budget after the first epoch, validation after
 every epoch inside the budget and the best epoch kept. Both are scored on the val split by
 the same code (mIoU over the 5 classes at 128 px, cnnkit.tasks.segment.task.SegMetrics).
+``--peer-recipe plain`` trains the peer as a user would by hand: CE + Dice, AdamW 1e-3 at a
+constant rate, horizontal and vertical flips only, batch 16.
 
 Throughput: training images/s, validation excluded (cnnkit: the mean of metrics.csv's
 ``images_per_s``; peer: images over the seconds spent in training steps). The two runs go one
@@ -45,7 +53,7 @@ def start_cnnkit(work: Path, args, extra: list[str]):
     """``cnnkit segment train`` as a user types it, started in the background."""
     exe = Path(sys.executable).with_name("cnnkit")
     budget = ["--epochs", str(args.epochs)] if args.epochs else ["--time", f"{args.minutes:g}"]
-    cmd = ["segment", "train", "--data", "shapes", "--encoder", args.encoder, *budget, "--seed", str(args.seed),
+    cmd = ["segment", "train", "--data", args.data_spec, "--encoder", args.encoder, *budget, "--seed", str(args.seed),
            "--device", args.device, "--workers", str(args.workers), *extra]
     print("+ cnnkit " + " ".join(cmd), flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
@@ -70,20 +78,25 @@ def finish_cnnkit(work: Path, proc, cmd: list[str]) -> dict:
 
 
 def run_smp(minutes: float, encoder: str, threads: int, seed: int, epochs: int = 0, device: str = "cpu",
-            workers: int = 0, log=print) -> dict:
+            workers: int = 0, log=print, data_spec: str = "shapes", recipe: str = "cnnkit") -> dict:
     import segmentation_models_pytorch as smp
 
-    from cnnkit.tasks.segment.spec import DEFAULT_AUG, parse_seg_aug
     from cnnkit.data.classification import make_loader
-    from cnnkit.data.segmentation import SegmentationDataset, shapes_segmentation
+    from cnnkit.data.segmentation import (
+        SegmentationDataset,
+        load_segmentation_data,
+        shapes_segmentation,
+    )
+    from cnnkit.tasks.segment.spec import DEFAULT_AUG, parse_seg_aug
     from cnnkit.tasks.segment.task import SegmentTask, SegMetrics
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    data = shapes_segmentation(128, seed=seed)
+    data = shapes_segmentation(128, seed=seed) if data_spec == "shapes" else load_segmentation_data(data_spec)
     k = len(data.names)
     task = SegmentTask(data.names)
-    train_ds = SegmentationDataset(data.split("train"), 128, k, parse_seg_aug(DEFAULT_AUG, 128))
+    aug = parse_seg_aug(DEFAULT_AUG if recipe == "cnnkit" else "flip,vflip", 128)
+    train_ds = SegmentationDataset(data.split("train"), 128, k, aug)
     val_ds = SegmentationDataset(data.split("val"), 128, k, train=False)
     dev = torch.device(device)
     train_dl = make_loader(train_ds, 16, True, workers, task.collate, torch.Generator().manual_seed(seed),
@@ -93,11 +106,13 @@ def run_smp(minutes: float, encoder: str, threads: int, seed: int, epochs: int =
     mean = torch.tensor([0.485, 0.456, 0.406], device=dev).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225], device=dev).view(1, 3, 1, 1)
     dice = smp.losses.DiceLoss("multiclass", ignore_index=255)
-    opt = torch.optim.AdamW(model.parameters(), 3e-3, weight_decay=0.01)
+    opt = torch.optim.AdamW(model.parameters(), 3e-3 if recipe == "cnnkit" else 1e-3, weight_decay=0.01)
     steps_per_epoch = len(train_dl)
     total = [(epochs or 30) * steps_per_epoch]  # with a time budget: replaced after each epoch by what fits
 
     def lr_at(step: int) -> float:
+        if recipe == "plain":
+            return 1.0
         warm = steps_per_epoch
         if step < warm:
             return (step + 1) / warm
@@ -140,7 +155,7 @@ def run_smp(minutes: float, encoder: str, threads: int, seed: int, epochs: int =
         if epoch >= fit:
             break
     return {"miou": round(best, 4), "epochs": epoch, "train_images_per_s": round(images / train_s, 2),
-            "train_time_s": round(used, 1), "smp": smp.__version__, "curve": curve}
+            "train_time_s": round(used, 1), "smp": smp.__version__, "recipe": recipe, "curve": curve}
 
 
 def main() -> None:
@@ -155,6 +170,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--parallel", action="store_true", help="run both sides at once (1 thread each on 2 cores)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data", choices=["shapes", "photo"], default="shapes",
+                    help="the built-in scenes, or the shapes on photographs of benchmarks/photo_scenes.py")
+    ap.add_argument("--peer-recipe", choices=["cnnkit", "plain"], default="cnnkit",
+                    help="the peer's loop: cnnkit's recipe, or a plain one (AdamW 1e-3 constant, flips)")
     ap.add_argument("--only", choices=["cnnkit", "smp"], default=None, help="run one side only")
     ap.add_argument("--tag", default="", help="suffix of the results file name")
     ap.add_argument("--out", default=None, help="keep cnnkit's run folder here (default: a temporary one)")
@@ -163,6 +182,11 @@ def main() -> None:
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = args.out or tmp
+        args.data_spec = "shapes"
+        if args.data == "photo":
+            from photo_scenes import write_photo_scenes
+
+            args.data_spec = str(write_photo_scenes(Path(tmp) / "photo_scenes", seed=args.seed))
         proc = None
         if args.only in (None, "cnnkit"):
             proc, cmd = start_cnnkit(Path(work), args, extra)
@@ -171,13 +195,15 @@ def main() -> None:
                 proc = None
         if args.only in (None, "smp"):
             rows["smp"] = run_smp(args.minutes, args.encoder, args.threads, args.seed, args.epochs, args.device,
-                                  args.workers, log=lambda m: print(m, flush=True))
+                                  args.workers, log=lambda m: print(m, flush=True), data_spec=args.data_spec,
+                                  recipe=args.peer_recipe)
             print(json.dumps(rows["smp"]), flush=True)
         if proc is not None:
             rows["cnnkit"] = finish_cnnkit(Path(work), proc, cmd)
         if "cnnkit" in rows:
             print(json.dumps(rows["cnnkit"]), flush=True)
-    result = {"minutes": args.minutes, "epochs": args.epochs, "device": args.device, "encoder": args.encoder,
+    result = {"data": args.data, "peer_recipe": args.peer_recipe, "minutes": args.minutes, "epochs": args.epochs,
+              "device": args.device, "encoder": args.encoder,
               "threads": args.threads, "parallel": args.parallel, "cnnkit_args": extra, **rows}
     if len(rows) == 2:
         result["ratio_miou"] = round(rows["cnnkit"]["miou"] / max(1e-9, rows["smp"]["miou"]), 3)

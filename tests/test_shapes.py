@@ -240,3 +240,19 @@ def test_empty_scene():
     sc = render_scene([], SceneParams(), np.random.default_rng(0))
     assert sc.masks.shape == (0, 64, 64) and sc.boxes.shape == (0, 4)
     assert sc.semantic_mask().max() == 0 and sc.tags().sum() == 0
+
+
+def test_scene_drawn_on_a_given_background():
+    """``sample_scene(background=...)`` (the photographic benchmark set) draws the objects on that
+    image: with lighting and noise off, every pixel outside the objects' circles is the background's."""
+    params = SceneParams(imgsz=64, min_objects=2, max_objects=3, lighting=0.0, noise=0.0)
+    rng = np.random.default_rng(3)
+    bg = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    scene = sample_scene(params, np.random.default_rng(5), background=bg)
+    yy, xx = np.mgrid[0:64, 0:64]
+    outside = np.ones((64, 64), bool)
+    for o in scene.objects:
+        outside &= np.hypot(xx - o.cx, yy - o.cy) > o.size + 2
+    assert scene.objects and 0.2 < outside.mean() < 0.95
+    assert np.array_equal(scene.image[outside], bg[outside])
+    assert not np.array_equal(scene.image, bg) and scene.semantic_mask()[outside].max() == 0

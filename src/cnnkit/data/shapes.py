@@ -466,7 +466,7 @@ def _sample_objects(params, rng, bg, classes=None) -> list[ShapeSpec]:
 
 
 def sample_scene(params: SceneParams, rng: np.random.Generator,
-                 classes: Sequence[int] | None = None) -> Scene:
+                 classes: Sequence[int] | None = None, background: np.ndarray | None = None) -> Scene:
     """Sample a random scene: background, objects, then :func:`render_scene`.
 
     Objects get a random class, a circumscribed diameter from ``params.size_range``, a centre
@@ -479,9 +479,11 @@ def sample_scene(params: SceneParams, rng: np.random.Generator,
         rng: Source of all randomness.
         classes: One object per entry with these classes, instead of
             ``min_objects..max_objects`` random ones.
+        background: uint8 (imgsz, imgsz, 3) image to draw on (a photograph, say) instead of
+            a sampled gradient with clutter.
 
     Returns:
         The rendered :class:`Scene`.
     """
-    bg = sample_background(params, rng)
+    bg = sample_background(params, rng) if background is None else background
     return render_scene(_sample_objects(params, rng, bg, classes), params, rng, background=bg)
