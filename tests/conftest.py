@@ -32,7 +32,7 @@ def _share_the_cores() -> None:
 
 _share_the_cores()
 
-# Under pytest-xdist (`make test-fast`: `--dist loadfile --no-loadscope-reorder`) every test file is
+# Under pytest-xdist (`make test`: `--dist loadfile --no-loadscope-reorder`) every test file is
 # one unit of work run on one worker (its session and module fixtures built once). Files are handed
 # out in this order, longest first, so that no long one starts last; each worker starts with two
 # (xdist hands out the first, second, third and fourth in turn): the third, behind the README's long
