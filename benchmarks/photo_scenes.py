@@ -6,9 +6,11 @@
 The built-in `shapes` scenes draw objects on a smooth two-colour gradient with thin clutter; here
 the background is a random crop (a quarter to all of the shorter side, resized) of one of the colour
 photographs that ship with OpenCV's samples: edges, textures and colours the U-Net's defaults never
-saw while they were chosen. Objects, occluders, lighting and noise are those of `shapes`
-segmentation (`cnnkit.data.shapes.sample_scene` with a photographic ``background``). Train and val
-crops come from different photographs, so a model cannot learn a val background by heart.
+saw while they were chosen. Objects, lighting and noise are those of `shapes` segmentation
+(`cnnkit.data.shapes.sample_scene` with a photographic ``background``), without its occluders:
+they are painted in the local background's mean colour, which on a photograph is a flat patch that
+looks like one more square rather than like background. Train and val crops come from different
+photographs, so a model cannot learn a val background by heart.
 
 The result is a mask-folder dataset (`data.yaml`, images/, masks/) any `cnnkit segment` command
 reads, deterministic in ``--seed``.
@@ -17,6 +19,7 @@ reads, deterministic in ``--seed``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +59,7 @@ def photo_segmentation(imgsz: int = 128, sizes: dict[str, int] | None = None, se
     from cnnkit.data.shapes import SHAPE_CLASSES, sample_scene
 
     sizes = sizes or {"train": 300, "val": 60}
-    params = shapes_segmentation_params(imgsz, max_objects)
+    params = dataclasses.replace(shapes_segmentation_params(imgsz, max_objects), occlusion=0.0)
     splits = {}
     for k, (split, n) in enumerate(sizes.items()):
         photos = load_photos(TRAIN_PHOTOS if split == "train" else VAL_PHOTOS)

@@ -74,7 +74,8 @@ def finish_cnnkit(work: Path, proc, cmd: list[str]) -> dict:
     return {"miou": round(res["miou"], 4), "dice": round(res["dice"], 4), "epochs": res["epochs_run"],
             "best_epoch": res["best_epoch"], "train_images_per_s": round(sum(ips) / len(ips), 2),
             "train_time_s": res["train_time_s"], "command": "cnnkit " + " ".join(cmd),
-            "curve": [round(float(r["miou"]), 4) for r in rows if r.get("miou")]}
+            "curve": [round(float(r["miou"]), 4) for r in rows if r.get("miou")],
+            "derived": [ln.strip() for ln in (out / "config.yaml").read_text().splitlines() if "derived" in ln]}
 
 
 def run_smp(minutes: float, encoder: str, threads: int, seed: int, epochs: int = 0, device: str = "cpu",
