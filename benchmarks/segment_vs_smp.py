@@ -75,6 +75,7 @@ def finish_cnnkit(work: Path, proc, cmd: list[str]) -> dict:
             "best_epoch": res["best_epoch"], "train_images_per_s": round(sum(ips) / len(ips), 2),
             "train_time_s": res["train_time_s"], "command": "cnnkit " + " ".join(cmd),
             "curve": [round(float(r["miou"]), 4) for r in rows if r.get("miou")],
+            "train_loss": [round(float(r["train_loss"]), 4) for r in rows if r.get("train_loss")],
             "derived": [ln.strip() for ln in (out / "config.yaml").read_text().splitlines() if "derived" in ln]}
 
 
@@ -121,7 +122,7 @@ def run_smp(minutes: float, encoder: str, threads: int, seed: int, epochs: int =
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     budget, used, train_s, images, step, epoch, best = minutes * 60, 0.0, 0.0, 0, 0, 0, 0.0
-    curve = []
+    curve, losses = [], []
     while (epoch < epochs) if epochs else (used < budget):
         t0 = time.perf_counter()
         model.train()
@@ -148,6 +149,7 @@ def run_smp(minutes: float, encoder: str, threads: int, seed: int, epochs: int =
         miou = state.compute()["miou"]
         best = max(best, miou)
         curve.append(round(miou, 4))
+        losses.append(round(loss.item(), 4))  # the epoch's last step
         epoch += 1
         used += time.perf_counter() - t0
         fit = epochs or max(epoch, int(budget / (used / epoch)))
@@ -156,7 +158,8 @@ def run_smp(minutes: float, encoder: str, threads: int, seed: int, epochs: int =
         if epoch >= fit:
             break
     return {"miou": round(best, 4), "epochs": epoch, "train_images_per_s": round(images / train_s, 2),
-            "train_time_s": round(used, 1), "smp": smp.__version__, "recipe": recipe, "curve": curve}
+            "train_time_s": round(used, 1), "smp": smp.__version__, "recipe": recipe, "curve": curve,
+            "train_loss": losses}
 
 
 def main() -> None:
