@@ -2,10 +2,13 @@
 
     bash benchmarks/yolo_env.sh                 # once: Ultralytics in its own venv, benchmarks/.venv-yolo
     python benchmarks/detect_vs_yolo.py [--budget-min 7.5] [--threads 2] [--only yolo|cnnkit|both]
-                                        [--train 200 --val 50] [--work DIR]
+                                        [--train 200 --val 50] [--work DIR] [--data shapes|photo]
 
 The data is ``shapes`` in YOLO format (``cnnkit convert shapes --to yolo``: 320 px, 1-4 objects of
-3 classes), written once and read by both sides. Each side trains for the same time budget with
+3 classes), written once and read by both sides. ``--data photo`` (after ``make bench-data``) draws
+the same objects on crops of OpenCV's sample photographs instead (``benchmarks/photo_scenes.py
+--detection``; no occluders; train and val crops from different photographs); results then go to
+``detect_vs_yolo_photo.json``. Each side trains for the same time budget with
 its own clock (Ultralytics ``time=``, cnnkit ``--time``: both start after setup and count the
 per-epoch validation), picks its best-on-val weights, and is scored on the val split with its
 own mAP50 / mAP50-95 (COCO-style 101-point). Predict latency is the median wall-clock per image,
@@ -36,7 +39,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from _common import save
 
 HERE = Path(__file__).resolve().parent
@@ -53,9 +55,14 @@ def _run(cmd: list[str], threads: int) -> None:
     subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
 
 
-def make_data(root: Path, train: int, val: int, threads: int) -> Path:
-    """The shapes detection data in YOLO format under ``root`` (reused when already there)."""
+def make_data(root: Path, train: int, val: int, threads: int, kind: str = "shapes") -> Path:
+    """The detection data (``shapes`` or ``photo``) in YOLO format under ``root`` (reused when
+    already there)."""
     yaml_path = root / "data.yaml"
+    if kind == "photo":
+        from photo_scenes import write_photo_detection
+
+        return write_photo_detection(root, IMGSZ, {"train": train, "val": val})
     if not yaml_path.exists():
         _run(CNNKIT + ["convert", "shapes", "--to", "yolo", "--out", str(root), "--imgsz", str(IMGSZ),
                        "--sizes", f"train={train},val={val}", "--max-objects", str(MAX_OBJECTS),
@@ -136,6 +143,8 @@ def main() -> None:
     ap.add_argument("--work", help="keep data and runs here (default: a temp folder, removed at the end)")
     ap.add_argument("--train", type=int, default=200, help="train images")
     ap.add_argument("--val", type=int, default=50, help="val images")
+    ap.add_argument("--data", choices=["shapes", "photo"], default="shapes",
+                    help="the built-in scenes, or the same objects on photographs (benchmarks/photo_scenes.py)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -145,7 +154,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     rows: dict[str, dict] = {}
     try:
-        data = make_data(work / "data", args.train, args.val, args.threads)
+        data = make_data(work / "data", args.train, args.val, args.threads, args.data)
         if args.only in ("yolo", "both"):
             rows["yolo"] = yolo_side(data, work, args.budget_min, args.threads, args.workers)
             print(json.dumps({"yolo": rows["yolo"]}), flush=True)
@@ -160,7 +169,7 @@ def main() -> None:
     if r:
         print(f"mAP50-95 cnnkit/YOLO: {r['map50_95_cnnkit_over_yolo']} · "
               f"predict latency YOLO/cnnkit: {r['latency_yolo_over_cnnkit']}")
-    save("detect_vs_yolo", {"data": {"name": "shapes", "train": args.train, "val": args.val, "imgsz": IMGSZ,
+    save("detect_vs_yolo" + ("_photo" if args.data == "photo" else ""), {"data": {"name": args.data, "train": args.train, "val": args.val, "imgsz": IMGSZ,
                                      "classes": CLASSES, "max_objects": MAX_OBJECTS},
                             "budget_min": args.budget_min, "threads": args.threads, "batch": BATCH,
                             **rows, "ratios": r})

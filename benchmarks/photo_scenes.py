@@ -1,7 +1,8 @@
-"""A second segmentation dataset of a different kind: the `shapes` objects drawn on real photographs.
+"""A second dataset of a different kind: the `shapes` objects drawn on real photographs.
 
     make bench-data                                       # Debian opencv-doc: OpenCV's sample images
     python benchmarks/photo_scenes.py --out data/photo_scenes [--sizes train=300,val=60] [--imgsz 128]
+    python benchmarks/photo_scenes.py --detection --out data/photo_det [--sizes train=200,val=50] [--imgsz 320]
 
 The built-in `shapes` scenes draw objects on a smooth two-colour gradient with thin clutter; here
 the background is a random crop (a quarter to all of the shorter side, resized) of one of the colour
@@ -13,7 +14,9 @@ looks like one more square rather than like background. Train and val crops come
 photographs, so a model cannot learn a val background by heart.
 
 The result is a mask-folder dataset (`data.yaml`, images/, masks/) any `cnnkit segment` command
-reads, deterministic in ``--seed``.
+reads, deterministic in ``--seed``. With ``--detection`` it is a YOLO dataset of boxes instead (the
+scene settings of `shapes` detection: objects 8-45% of the image, 1-4 of 3 classes, no occluders;
+objects under 3 px across are not labelled), which `cnnkit detect` and Ultralytics both read.
 """
 
 from __future__ import annotations
@@ -74,6 +77,42 @@ def photo_segmentation(imgsz: int = 128, sizes: dict[str, int] | None = None, se
     return SegmentationData("photo_scenes", ["background", *SHAPE_CLASSES[:num_classes]], splits)
 
 
+def photo_detection(imgsz: int = 320, sizes: dict[str, int] | None = None, seed: int = 0, num_classes: int = 3,
+                    max_objects: int = 4):
+    """`shapes` detection scenes on photographic backgrounds, as a :class:`DetectionData`."""
+    from cnnkit.data.detection import DetectionData, DetRecord, shapes_detection_params
+    from cnnkit.data.shapes import SHAPE_CLASSES, sample_scene
+
+    sizes = sizes or {"train": 200, "val": 50}
+    params = dataclasses.replace(shapes_detection_params(imgsz, max_objects, num_classes), occlusion=0.0)
+    splits = {}
+    for k, (split, n) in enumerate(sizes.items()):
+        photos = load_photos(TRAIN_PHOTOS if split == "train" else VAL_PHOTOS)
+        recs = []
+        for i in range(n):
+            rng = np.random.default_rng([seed, k, i, 0xDE70])
+            bg = photo_crop(photos[int(rng.integers(len(photos)))], imgsz, rng)
+            count = int(rng.integers(params.min_objects, params.max_objects + 1))
+            scene = sample_scene(params, rng, classes=rng.integers(0, num_classes, count), background=bg)
+            keep = (scene.boxes[:, 2:] - scene.boxes[:, :2]).min(1) >= 3
+            recs.append(DetRecord(None, imgsz, imgsz, scene.boxes[keep], scene.labels[keep], image_id=i,
+                                  occlusion=scene.occlusion[keep], image=scene.image))
+        splits[split] = recs
+    return DetectionData("photo_scenes", list(SHAPE_CLASSES[:num_classes]), splits)
+
+
+def write_photo_detection(out: str | Path, imgsz: int = 320, sizes: dict[str, int] | None = None,
+                          seed: int = 0) -> Path:
+    """Write the detection dataset in YOLO format under ``out`` (once: an existing one is reused);
+    returns data.yaml."""
+    from cnnkit.data.formats.yolo import write_yolo
+
+    out = Path(out)
+    if not (out / "data.yaml").is_file():
+        write_yolo(photo_detection(imgsz, sizes, seed), out)
+    return out / "data.yaml"
+
+
 def write_photo_scenes(out: str | Path, imgsz: int = 128, sizes: dict[str, int] | None = None, seed: int = 0) -> Path:
     """Write the dataset as mask folders under ``out`` (once: an existing one is reused); returns data.yaml."""
     from cnnkit.data.segmentation import write_mask_folders
@@ -87,12 +126,16 @@ def write_photo_scenes(out: str | Path, imgsz: int = 128, sizes: dict[str, int] 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="data/photo_scenes")
-    ap.add_argument("--imgsz", type=int, default=128)
-    ap.add_argument("--sizes", default="train=300,val=60")
+    ap.add_argument("--detection", action="store_true", help="boxes in YOLO format instead of masks")
+    ap.add_argument("--imgsz", type=int, default=None, help="image side (default: 128 for masks, 320 for boxes)")
+    ap.add_argument("--sizes", default=None, help="images per split (default: train=300,val=60; boxes train=200,val=50)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    sizes = {k: int(v) for k, v in (kv.split("=") for kv in args.sizes.split(","))}
-    print(write_photo_scenes(args.out, args.imgsz, sizes, args.seed))
+    sizes = {k: int(v) for k, v in (kv.split("=") for kv in args.sizes.split(","))} if args.sizes else None
+    if args.detection:
+        print(write_photo_detection(args.out, args.imgsz or 320, sizes, args.seed))
+    else:
+        print(write_photo_scenes(args.out, args.imgsz or 128, sizes, args.seed))
 
 
 if __name__ == "__main__":

@@ -110,7 +110,7 @@ def test_only_a_left_out_batch_on_user_data_is_fitted():
     cfg, derived = ClassifyConfig(), {}  # built-in data keep their tuned defaults
     resolve_batch_lr(cfg, derived, 300, user_data=False)
     assert (cfg.batch, cfg.lr, derived) == (32, 2e-3, {})
-    for config, want in ((SegmentConfig, (16, 3e-3)), (MedicalConfig, (4, 1e-3))):
+    for config, want in ((SegmentConfig, (16, 1e-3)), (MedicalConfig, (4, 1e-3))):
         cfg = config()
         resolve_batch_lr(cfg, {}, 1000, user_data=True)
         assert (cfg.batch, cfg.lr) == want

@@ -1,5 +1,5 @@
-"""`--illumination`: lighting normalized inside classifiers, recorded in the card, the same at
-training and inference, exported with the model."""
+"""`--illumination`: lighting normalized inside classifiers, segmenters and fastdet, recorded in
+the card, the same at training and inference, exported with the model."""
 
 from __future__ import annotations
 
@@ -85,3 +85,47 @@ def test_training_records_it_and_inference_and_export_apply_it(tmp_path, cli):
 
     with pytest.raises(CnnkitError, match="--illumination must be one of"):
         cnnkit.train("classify", data="digits", illumination="sunlight", out=str(tmp_path / "bad"), verbose=False)
+
+
+def test_a_segmenter_carries_it_too(seg_data, tmp_path):
+    """A U-Net trained with --illumination grayworld: the card says so, a colour cast (each
+    channel scaled) leaves its masks as they were, and the ONNX file answers the same."""
+    import cnnkit
+    from cnnkit.data.decode import read_image
+
+    out = tmp_path / "seg"
+    cnnkit.train("segment", data=str(seg_data), imgsz=64, epochs=1, batch=8, encoder="smallcnn",
+                 illumination="grayworld", out=str(out), verbose=False)
+    card = json.loads((out / "weights" / "best.json").read_text())
+    assert card["input"]["illumination"] == "grayworld"
+    model = cnnkit.load(out)
+    assert model.model.norm.illumination == "grayworld"
+    images = [read_image(p, channels=3) for p in sorted((seg_data.parent / "images" / "val").glob("*.png"))[:4]]
+    cast = [(im.float() * torch.tensor([0.9, 0.7, 0.5]).view(3, 1, 1)).round().to(torch.uint8) for im in images]
+    plain, tinted = model(images), model(cast)
+    agree = [float((a.mask == b.mask).float().mean()) for a, b in zip(plain, tinted)]
+    assert min(agree) > 0.98, agree
+    onnx = cnnkit.export(out, "onnx", out=str(tmp_path / "seg.onnx"), verbose=False)
+    assert onnx["max_abs_diff"] < 1e-3
+
+
+def test_fastdet_carries_it_and_torchvision_detectors_refuse_it(tiny_yolo, tmp_path, cli):
+    """fastdet trained with --illumination standardize: the card and the rebuilt model say so,
+    and a darker copy of an image (a global change of brightness, clipped nowhere) gets the
+    same detections; Faster R-CNN refuses the option in one sentence."""
+    import cnnkit
+    from cnnkit.data.decode import read_image
+
+    out = tmp_path / "det"
+    cnnkit.train("detect", data=str(tiny_yolo), imgsz=128, epochs=1, batch=8, illumination="standardize",
+                 out=str(out), verbose=False)
+    assert json.loads((out / "weights" / "best.json").read_text())["input"]["illumination"] == "standardize"
+    model = cnnkit.load(out)
+    image = read_image(min((tiny_yolo.parent / "images" / "val").glob("*.png")), channels=3)
+    darker = (image.float() * 0.6).round().to(torch.uint8)
+    a, b = model.raw(model.prepare(image)[0][None]), model.raw(model.prepare(darker)[0][None])
+    assert model.model.illumination == "standardize"
+    assert torch.allclose(a[0], b[0], atol=0.05), float((a[0] - b[0]).abs().max())
+    r = cli("detect", "train", "--data", tiny_yolo, "--model", "fasterrcnn", "--illumination", "grayworld",
+            "--out", tmp_path / "frcnn")
+    assert r.code == 2 and "--illumination applies to fastdet" in r.err

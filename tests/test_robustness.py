@@ -115,6 +115,111 @@ def test_occlusion_covers_its_share_of_each_box():
     assert abs(float((whole[0, 0] == 0.5).float().mean()) - OCCLUDED[2]) < 0.04
 
 
+class _Recorder:
+    """A backend that keeps every input it is given and runs ``inner``."""
+
+    def __init__(self, inner):
+        self.inner, self.name, self.seen = inner, "recorder", []
+        self.device = getattr(inner, "device", torch.device("cpu"))
+
+    def __call__(self, x, *rest):
+        self.seen.append(x.detach().cpu().clone())
+        return self.inner(x, *rest)
+
+
+def _occluded_inputs(spec, model, records, options) -> tuple[torch.Tensor, torch.Tensor]:
+    """The core's inputs of a val pass over ``records``, clean (severity 0) and under occlusion
+    at severity 5, as robustness runs them."""
+    from cnnkit.methods.robustness import CorruptionBackend
+
+    inner, passes = model.backend, []
+    try:
+        for severity in (0, 5):
+            recorder = _Recorder(inner)
+            model.backend = CorruptionBackend(recorder, 3, "occlusion", severity, 0)
+            spec.val_metrics(model, records, options)
+            passes.append(torch.cat(recorder.seen))
+    finally:
+        model.backend = inner
+    return passes[0], passes[1]
+
+
+def _assert_inside(clean: torch.Tensor, occluded: torch.Tensor, boxes: list[torch.Tensor]) -> None:
+    """Every occluded pixel lies inside one of its image's boxes (a pixel of margin for the
+    boxes' rounding), and every box is partly covered."""
+    changed = (occluded != clean).any(1)  # (B, H, W)
+    assert len(changed) == len(boxes)
+    for i, (c, bs) in enumerate(zip(changed, boxes)):
+        inside = torch.zeros_like(c)
+        for x1, y1, x2, y2 in bs.tolist():
+            inside[max(0, int(y1) - 1):int(y2) + 2, max(0, int(x1) - 1):int(x2) + 2] = True
+            box = c[int(y1):int(y2) + 1, int(x1):int(x2) + 1]
+            assert box.any(), (i, bs)  # the object was occluded
+        assert c.any() and not (c & ~inside).any(), f"image {i}: occlusion outside the objects' boxes"
+        assert c.float().mean() < 0.7  # not the whole image
+
+
+def test_corruption_backend_passes_the_objects_of_one_call():
+    """Occlusion covers the boxes told before a call; the next call, told nothing, covers the
+    whole image (the boxes were that batch's), as does a call whose boxes do not match."""
+    from cnnkit.methods.robustness import CorruptionBackend
+
+    x = torch.zeros(2, 3, 40, 40)
+    rec = _Recorder(lambda t: (t,))
+    backend = CorruptionBackend(rec, 3, "occlusion", 5, 0)
+    backend.objects = [torch.tensor([[0.0, 0.0, 10.0, 10.0]]), torch.tensor([[20.0, 20.0, 40.0, 30.0]])]
+    backend(x)
+    assert backend.objects is None
+    grey = rec.seen[0][:, 0] == 0.5
+    assert grey[0, :10, :10].sum() == grey[0].sum() > 0 and grey[1, 20:30, 20:40].sum() == grey[1].sum() > 0
+    backend(x)
+    assert abs(float((rec.seen[1][:, 0] == 0.5).float().mean()) - OCCLUDED[4]) < 0.05
+    backend.objects = [torch.tensor([[0.0, 0.0, 10.0, 10.0]])]  # one image's boxes for a batch of two
+    backend(x)
+    assert abs(float((rec.seen[2][:, 0] == 0.5).float().mean()) - OCCLUDED[4]) < 0.05
+
+
+def test_occlusion_covers_each_object_for_detectors_segmenters_and_shapes_classifiers(fitted_detector, seg_run,
+                                                                                      seg_data):
+    """Through each task's own val loop, the occluding patches fall inside the objects (the
+    detector's letterboxed ground-truth boxes, the segmenter's connected class regions, the
+    shapes classifier's shape), not anywhere in the image."""
+    import cnnkit
+    from cnnkit.core.card import InputSpec, ModelCard
+    from cnnkit.data.detection import DetectionDataset
+    from cnnkit.data.shapes_classification import SHAPE_CLASSES, ShapesClassification
+    from cnnkit.runtime.backend import TorchBackend
+    from cnnkit.runtime.pipeline import Predictor, pipeline_for
+    from cnnkit.tasks import spec
+    from cnnkit.tasks.segment.spec import object_boxes
+
+    CLASSIFY, DETECT, SEGMENT = spec("classify"), spec("detect"), spec("segment")
+    run, data = fitted_detector
+    det = cnnkit.load(run)
+    records = DETECT.val_records(det, str(data), "val", False)[:4]
+    clean, occluded = _occluded_inputs(DETECT, det, records, {"batch": 4, "workers": 0, "conf": 0.001,
+                                                              "save_json": None})
+    ds = DetectionDataset(records, det.pipeline.size)
+    _assert_inside(clean, occluded, [ds[i][1]["boxes"] for i in range(len(records))])
+
+    seg = cnnkit.load(seg_run)
+    records = SEGMENT.val_records(seg, str(seg_data), "val", False)[:4]
+    clean, occluded = _occluded_inputs(SEGMENT, seg, records, {})
+    _assert_inside(clean, occluded, [object_boxes(r.load_mask()) for r in records])  # 64 px, as trained
+
+    card = ModelCard("classify", "smallcnn", list(SHAPE_CLASSES), InputSpec(64, 64, 3, mean=(0.5,) * 3, std=(0.25,) * 3),
+                     model_kwargs={"width": 8, "drop_rate": 0.0})
+    pipe = pipeline_for(card)
+    torch.manual_seed(0)
+    clf = Predictor(card, pipe, TorchBackend(pipe.core(pipe.build()), torch.device("cpu")))
+    shapes = torch.utils.data.Subset(ShapesClassification("val", size=6), range(4))
+    clean, occluded = _occluded_inputs(CLASSIFY, clf, shapes, {"batch": 4, "workers": 0})
+    _assert_inside(clean, occluded, [shapes.dataset.object_boxes(i) for i in range(4)])
+    mask = shapes.dataset.mask(0)
+    ys, xs = np.nonzero(mask)
+    assert shapes.dataset.object_boxes(0).tolist() == [[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]]
+
+
 def test_brightness_keeps_hue_and_saturation():
     """Raising HSV's V keeps H and S: every channel scales by the same factor."""
     import colorsys

@@ -35,7 +35,7 @@ HELP: dict[str, str] = {
     "epochs": "number of epochs",
     "batch": "batch size; default: the task's (classify and multilabel 32, detect, instance and segment 16, "
              "medical 4), halved for a small training set of your own so that an epoch takes at least 20 steps",
-    "lr": "peak learning rate; default: the task's (2e-3; segment 3e-3, instance and medical 1e-3)",
+    "lr": "peak learning rate; default: the task's (2e-3; segment, instance and medical 1e-3)",
     "optimizer": "optimizer (sgd uses Nesterov momentum)",
     "weight_decay": "weight decay (not applied to biases and norm layers)",
     "momentum": "SGD momentum",

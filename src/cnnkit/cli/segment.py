@@ -16,7 +16,7 @@ TRAIN_HELP = {
     "class_weights": "auto (1/sqrt of each class's pixel share in train) or one weight per class, comma-separated",
     "aug": "augmentation applied to image and mask alike: flip, vflip, rotate=DEG, scale=LO:HI, translate=F, "
            "affine, crop=LO, color=S, jitter=S, blur, noise, gamma, shadow, erase=P, ... or none; "
-           "default: flip,affine,color=0.2",
+           "default: flip,vflip (use flip alone for scenes with an up and a down)",
     "crop": "train on random --imgsz crops at full resolution (for large images); val and predict then slide "
             "a window over the whole image",
     "classes": "shapes: how many of the 8 shape classes (background comes on top)",

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from cnnkit.errors import DataError, ImageDecodeError
 
@@ -95,11 +95,16 @@ class ChannelView(Dataset):
 
 
 class TransformedDataset(Dataset):
-    """Applies ``transform`` to the image; unreadable images become a ``Skipped`` marker."""
+    """Applies ``transform`` to the image; unreadable images become a ``Skipped`` marker.
 
-    def __init__(self, base: Dataset, transform):
+    With ``objects``, an item also carries its objects' boxes in the transformed image's pixels
+    where the data knows them (``base.object_boxes(i)``, through a ``Subset`` too; the transform
+    must be a resize), else None: ``(image, label, boxes)``."""
+
+    def __init__(self, base: Dataset, transform, objects: bool = False):
         self.base = base
         self.transform = transform
+        self.objects = objects
 
     def __len__(self) -> int:
         return len(self.base)
@@ -109,7 +114,19 @@ class TransformedDataset(Dataset):
             img, label = self.base[i]
         except ImageDecodeError as e:
             return Skipped(e.path, e.reason)
-        return self.transform(img), label
+        x = self.transform(img)
+        if not self.objects:
+            return x, label
+        return x, label, self._boxes(i, img.shape[-2:], x.shape[-2:])
+
+    def _boxes(self, i: int, before, after) -> torch.Tensor | None:
+        base = self.base
+        while isinstance(base, Subset):
+            base, i = base.dataset, base.indices[i]
+        if not hasattr(base, "object_boxes"):
+            return None
+        (h0, w0), (h1, w1) = before, after
+        return base.object_boxes(i) * torch.tensor([w1 / w0, h1 / h0] * 2)
 
 
 @dataclass
@@ -119,7 +136,8 @@ class Skipped:
 
 
 def collate_classification(items: list) -> dict:
-    """Stack ``(image, label)`` items into ``{"images", "targets", "skipped"}``."""
+    """Stack ``(image, label)`` items into ``{"images", "targets", "skipped"}`` (and
+    ``(image, label, boxes)`` items into ``"objects"`` too: per image, the boxes or none)."""
     good = [it for it in items if not isinstance(it, Skipped)]
     skipped = [(it.path, it.reason) for it in items if isinstance(it, Skipped)]
     if good:
@@ -127,7 +145,10 @@ def collate_classification(items: list) -> dict:
         targets = torch.tensor([g[1] for g in good], dtype=torch.long)
     else:
         images, targets = torch.empty(0), torch.empty(0, dtype=torch.long)
-    return {"images": images, "targets": targets, "skipped": skipped}
+    out = {"images": images, "targets": targets, "skipped": skipped}
+    if good and len(good[0]) > 2:  # TransformedDataset(objects=True); no boxes: the whole image
+        out["objects"] = [g[2] if g[2] is not None else torch.zeros(0, 4) for g in good]
+    return out
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, workers: int,

@@ -45,6 +45,7 @@ class ShapesClassification(torch.utils.data.Dataset):
         self.params = params if params is not None else classification_params(self.default_imgsz)
         self.classes = list(SHAPE_CLASSES)
         self._cache: dict[int, torch.Tensor] = {}
+        self._boxes: dict[int, torch.Tensor] = {}
         nc, idx = len(SHAPE_CLASSES), _SPLITS[split]
         blocks = [np.random.default_rng([seed, idx, b, 0xC1A55]).permutation(nc)
                   for b in range(-(-self.size // nc))]
@@ -75,6 +76,14 @@ class ShapesClassification(torch.utils.data.Dataset):
         """Item ``i`` rendered again with its ground truth (a :class:`~cnnkit.data.shapes.Scene`)."""
         rng = np.random.default_rng([self.seed, _SPLITS[self.split], int(i) % self.size])
         return sample_scene(self.params, rng, classes=[self._targets[int(i) % self.size]])
+
+    def object_boxes(self, i: int) -> torch.Tensor:
+        """float32 (1, 4): the xyxy box of item ``i``'s shape in pixels (x2/y2 exclusive; what
+        robustness' occlusion covers a share of)."""
+        i = int(i) % self.size
+        if i not in self._boxes:
+            self._boxes[i] = torch.from_numpy(self.scene(i).boxes[:1].astype(np.float32))
+        return self._boxes[i]
 
     def mask(self, i: int) -> np.ndarray:
         """bool (H, W): the visible pixels of item ``i``'s shape (what an explanation of its label

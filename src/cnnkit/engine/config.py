@@ -195,10 +195,7 @@ class ImageClassifierConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        from cnnkit.core.choices import ILLUMINATION
-
-        if self.illumination not in ILLUMINATION:
-            raise CnnkitError(f"--illumination must be one of {', '.join(ILLUMINATION)}, got '{self.illumination}'")
+        check_illumination(self.illumination)
         if not 0 < self.val_fraction < 1:
             raise CnnkitError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         if self.channels not in (None, 1, 3):
@@ -210,3 +207,11 @@ class ImageClassifierConfig(TrainConfig):
                               "smaller model instead)")
         if self.width is not None and not 4 <= self.width <= 512:
             raise CnnkitError(f"--width must be between 4 and 512, got {self.width}")
+
+
+def check_illumination(mode: str) -> None:
+    """``--illumination``: one of :data:`cnnkit.core.choices.ILLUMINATION` (one sentence otherwise)."""
+    from cnnkit.core.choices import ILLUMINATION
+
+    if mode not in ILLUMINATION:
+        raise CnnkitError(f"--illumination must be one of {', '.join(ILLUMINATION)}, got '{mode}'")

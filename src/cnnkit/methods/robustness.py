@@ -10,6 +10,12 @@ after the pipeline's resize or letterbox, in [0, 1], as ImageNet-C corrupts the 
 Each corruption and severity draws from its own seeded generator, so two models evaluated on
 the same data (a model and its ``--baseline``) see the same corrupted images.
 
+Occlusion covers a share of each object's box. The evaluation loops say where the objects are
+through :func:`cnnkit.runtime.pipeline.show_objects` (boxes in the core input's pixels): a
+detector's ground-truth boxes, a segmenter's connected regions of each class, a ``shapes``
+classifier's shape; where the data gives no location (a folder of images), the object is the
+whole image.
+
 The corruption error of Hendrycks & Dietterich (2019): for corruption ``c``,
 ``CE_c = sum_s E_{s,c} / sum_s E^base_{s,c}`` (``E = 1 - metric``), and the mean over the 15
 ImageNet-C corruptions is the mCE; the relative mCE does the same with the errors' rise over
@@ -58,7 +64,9 @@ def parse_severities(text: str) -> list[int]:
 
 class CorruptionBackend:
     """A backend whose every call runs on corrupted inputs (see the module docstring): the
-    first ``channels`` input channels are the image, later ones (an observation mask) pass."""
+    first ``channels`` input channels are the image, later ones (an observation mask) pass.
+    ``objects``, set before a call (:func:`~cnnkit.runtime.pipeline.show_objects`), holds the
+    batch's object boxes for occlusion; it holds for that one call."""
 
     def __init__(self, inner, channels: int, name: str, severity: int, seed: int, keep: int = 0):
         self.inner, self.channels = inner, channels
@@ -67,11 +75,15 @@ class CorruptionBackend:
         self.name = f"{inner.name}+{name}"
         self.generator = torch.Generator().manual_seed(seed)
         self.keep, self.kept = keep, []
+        self.objects: list[torch.Tensor] | None = None
 
     def __call__(self, x: torch.Tensor, *rest: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x = x.to(self.device)
         c = self.channels
-        image = corrupt(x[:, :c], self.corruption, self.severity, self.generator)
+        boxes, self.objects = self.objects, None
+        if boxes is not None and len(boxes) != len(x):
+            boxes = None  # a sliding window's tiles: the boxes were the whole image's
+        image = corrupt(x[:, :c], self.corruption, self.severity, self.generator, boxes)
         out = torch.cat([image, x[:, c:].float()], 1) if x.shape[1] > c else image
         for i in range(min(len(x), self.keep - len(self.kept))):
             self.kept.append(image[i].cpu())

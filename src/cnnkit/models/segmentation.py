@@ -84,17 +84,26 @@ class Encoder(nn.Module):
 
 class _Normalize(nn.Module):
     """Input in [0, 1] -> normalized with the encoder's mean and std (kept in the model, so
-    a model card needs no preprocessing code)."""
+    a model card needs no preprocessing code); with ``illumination`` the lighting is normalized
+    first (:mod:`cnnkit.data.illumination`; no parameters, so the weights do not change)."""
 
-    def __init__(self, in_chans: int):
+    def __init__(self, in_chans: int, illumination: str = "none"):
         super().__init__()
+        self.illumination = illumination
         mean = torch.tensor(IMAGENET_MEAN if in_chans == 3 else (0.5,) * in_chans).view(1, -1, 1, 1)
         std = torch.tensor(IMAGENET_STD if in_chans == 3 else (0.25,) * in_chans).view(1, -1, 1, 1)
         self.register_buffer("mean", mean, persistent=False)
         self.register_buffer("std", std, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.illumination != "none":
+            from cnnkit.data.illumination import illuminate
+
+            x = illuminate(x, self.illumination)
         return (x - self.mean) / self.std
+
+    def extra_repr(self) -> str:
+        return f"illumination={self.illumination}" if self.illumination != "none" else ""
 
 
 class _DecoderBlock(nn.Module):
@@ -218,8 +227,9 @@ class DeepLabV3(nn.Module):
 
 
 def build_segmenter(arch: str, num_classes: int, in_chans: int = 3, encoder: str | None = None,
-                    pretrained: bool = False) -> nn.Module:
-    """One of :data:`SEGMENTERS` on a registry encoder (default per arch)."""
+                    pretrained: bool = False, illumination: str = "none") -> nn.Module:
+    """One of :data:`SEGMENTERS` on a registry encoder (default per arch); ``illumination``
+    normalizes the lighting inside the model, before the encoder's normalization."""
     if arch not in SEGMENTERS:
         import difflib
 
@@ -228,6 +238,7 @@ def build_segmenter(arch: str, num_classes: int, in_chans: int = 3, encoder: str
         raise ModelError(f"unknown segmentation model '{arch}'{hint}; choose from {', '.join(SEGMENTERS)}")
     cls = {"unet": UNet, "fcn": FCN, "deeplabv3": DeepLabV3}[arch]
     model = cls(num_classes, encoder or DEFAULT_ENCODER[arch], in_chans, pretrained)
+    model.norm.illumination = illumination
     model.cnnkit_arch = arch
     model.encoder_name = encoder or DEFAULT_ENCODER[arch]
     return model

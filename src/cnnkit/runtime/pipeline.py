@@ -364,6 +364,14 @@ def load_model(weights: str | Path, task: str | None = None, **build_options) ->
     return model.eval(), card, pipe
 
 
+def show_objects(predictor: Predictor, boxes: Sequence[torch.Tensor] | None) -> None:
+    """Tell a backend that corrupts its inputs where the next batch's objects are: per image, the
+    ``(N, 4)`` xyxy boxes in the core input's pixels (robustness' occlusion covers a share of
+    each). Other backends have no ``objects`` and ignore it."""
+    if boxes is not None and hasattr(predictor.backend, "objects"):
+        predictor.backend.objects = list(boxes)
+
+
 def evaluate_loader(predictor: Predictor, loader, state, output=None, keep: int = 0) -> tuple[dict[str, Any], list, list]:
     """Run ``predictor`` over a loader of ``{"images", "targets", "skipped"}`` batches (images
     already prepared by the pipeline) and update the metric ``state`` with
@@ -381,6 +389,7 @@ def evaluate_loader(predictor: Predictor, loader, state, output=None, keep: int 
             continue
         if hasattr(predictor.backend, "labels") and torch.is_tensor(b.get("targets")):
             predictor.backend.labels = b["targets"]  # an attacking backend pushes against the true labels
+        show_objects(predictor, b.get("objects"))
         out = output(predictor.raw(b["images"]), b)
         state.update(out, b)
         if len(kept) < keep:
@@ -404,4 +413,4 @@ def evaluate_dataset(predictor: Predictor, dataset, task, batch: int = 64, worke
 from cnnkit.runtime.classifier import ImageClassifierPipeline, Normalized, class_index
 
 __all__ = ["ImageClassifierPipeline", "Normalized", "Pipeline", "Predictor", "class_index", "evaluate_dataset",
-           "evaluate_loader", "interpolate_scores", "load", "load_model", "load_torch", "pipeline_for", "resize_image"]
+           "evaluate_loader", "interpolate_scores", "load", "load_model", "load_torch", "pipeline_for", "resize_image", "show_objects"]

@@ -111,6 +111,8 @@ class FastDet(nn.Module):
         depth: bottlenecks per CSP block multiplier (1: 1, 2, 2, 1 in the four stages).
         reg_max: bins of the box-side distributions (distances up to ``reg_max - 1`` strides).
         topk: anchor points assigned per object.
+        illumination: the lighting normalized inside the model before its mean/std
+            (:mod:`cnnkit.data.illumination`; ``"none"``: as the pixels come).
 
     Shape:
         input float ``(B, 3, S, S)`` in [0, 1], S a multiple of 32.
@@ -119,8 +121,10 @@ class FastDet(nn.Module):
     strides = (8, 16, 32)
 
     def __init__(self, num_classes: int, width: int = 16, depth: float = 1.0, reg_max: int = 16,
-                 topk: int = 10, box_gain: float = 7.5, cls_gain: float = 0.5, dfl_gain: float = 1.5):
+                 topk: int = 10, box_gain: float = 7.5, cls_gain: float = 0.5, dfl_gain: float = 1.5,
+                 illumination: str = "none"):
         super().__init__()
+        self.illumination = illumination  # lighting normalized before the mean/std (cnnkit.data.illumination)
         self.num_classes, self.reg_max, self.topk = num_classes, reg_max, topk
         self.gains = (box_gain, cls_gain, dfl_gain)
         self.conf, self.iou, self.max_det, self.nms = 0.001, 0.6, 100, "hard"
@@ -158,6 +162,10 @@ class FastDet(nn.Module):
 
     # ---- network ------------------------------------------------------------------------
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.illumination != "none":
+            from cnnkit.data.illumination import illuminate
+
+            x = illuminate(x, self.illumination)
         x = (x - self.mean) / self.std
         p3 = self.stage2(self.stage1(self.stem(x)))
         p4 = self.stage3(p3)

@@ -207,7 +207,8 @@ class ClassifySpec(WorkflowSpec):
         from cnnkit.runtime.pipeline import Predictor, evaluate_loader
 
         task = ClassifyTask(model.classes)
-        loader = make_loader(TransformedDataset(records, lambda img: model.pipeline.prepare(img)[0]),
+        loader = make_loader(TransformedDataset(records, lambda img: model.pipeline.prepare(img)[0],
+                                                objects=hasattr(model.backend, "objects")),  # robustness' occlusion
                              options["batch"], False, options["workers"], task.collate)
         metrics, _, skipped = evaluate_loader(model, loader, task.metrics())
         extra, notes = {}, []

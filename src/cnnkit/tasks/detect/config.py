@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from cnnkit.core.choices import NMS_METHODS
 from cnnkit.core.options import Opt, attack_options, explain_options, robustness_options, shared
-from cnnkit.engine.config import TrainConfig
+from cnnkit.engine.config import TrainConfig, check_illumination
 from cnnkit.errors import CnnkitError
 
 
@@ -32,6 +32,7 @@ class DetectConfig(TrainConfig):
     grad_clip: float = 10.0
     ema: float = 0.99
     channels_last: bool = True  # measured faster for these convolutions on CPU too (oneDNN)
+    illumination: str = "none"  # fastdet: standardize, grayworld or equalize inside the model, recorded in the card
     iou: float = 0.6  # NMS IoU during validation
     nms: str = "hard"  # hard (torchvision batched_nms) or soft (Gaussian soft-NMS) during validation
     max_det: int = 100
@@ -62,6 +63,10 @@ class DetectConfig(TrainConfig):
             raise CnnkitError(f"--scenes must be at least 1, got {self.scenes}")
         if self.width < 4:
             raise CnnkitError(f"--width must be at least 4, got {self.width}")
+        check_illumination(self.illumination)
+        if self.illumination != "none" and self.model != "fastdet":
+            raise CnnkitError(f"--illumination applies to fastdet; {self.model} normalizes its images inside "
+                              "torchvision's own transform")
 
 
 @dataclass

@@ -91,6 +91,8 @@ class DetectPipeline(Pipeline):
         kw = dict(self.card.model_kwargs)
         imgsz = int(kw.pop("imgsz", self.size))
         extra = {"width": kw.pop("width")} if "width" in kw else {}
+        if self.card.input.illumination != "none":  # fastdet only (the config refuses the others)
+            extra["illumination"] = self.card.input.illumination
         model = build_detector(self.card.arch, self.card.num_classes, imgsz, kw.pop("backbone", None), False,
                                kw.pop("anchors", None), **extra)
         if not self.fastdet:  # thresholds inside torchvision's modules (soft: no suppression there)

@@ -22,7 +22,7 @@ from cnnkit.data.detection import (
 from cnnkit.engine.progress import console
 from cnnkit.engine.workflow import Evaluation, Setup, WorkflowSpec, provenance
 from cnnkit.errors import CnnkitError, DataError
-from cnnkit.runtime.pipeline import Predictor
+from cnnkit.runtime.pipeline import Predictor, show_objects
 from cnnkit.tasks.detect.config import DetectConfig, InstanceConfig
 from cnnkit.tasks.detect.task import DetectMetrics, DetectTask, draw_detections
 
@@ -76,7 +76,7 @@ class DetectSpec(WorkflowSpec):
         model_kwargs = {"imgsz": imgsz, "backbone": cfg.backbone, "anchors": anchors}
         if cfg.model == "fastdet":
             model_kwargs["width"] = cfg.width
-        extra = {"width": cfg.width} if cfg.model == "fastdet" else {}
+        extra = {"width": cfg.width, "illumination": cfg.illumination} if cfg.model == "fastdet" else {}
         model = build_detector(cfg.model, len(data.names), imgsz, cfg.backbone, cfg.pretrained, anchors, **extra)
         if cfg.init and not resuming:  # a detector's or a classifier's weights (a classifier fills the backbone)
             note = copy_matching_weights(model, cfg.init, ("", "net.backbone.features.body.",
@@ -105,7 +105,8 @@ class DetectSpec(WorkflowSpec):
         val_loader = make_loader(val_ds, cfg.batch * 2, False, cfg.workers, task.collate, pin_memory=pin)
         names = ("scores", "boxes") if cfg.model == "fastdet" else ("boxes", "scores", "labels") + (
             ("masks",) if masks else ())
-        card = ModelCard(self.name, cfg.model, list(data.names), InputSpec(imgsz, imgsz, 3, "letterbox"),
+        card = ModelCard(self.name, cfg.model, list(data.names), InputSpec(imgsz, imgsz, 3, "letterbox",
+                                                                     illumination=cfg.illumination),
                          OutputSpec(names, "fastdet" if cfg.model == "fastdet" else "detections"), model_kwargs,
                          {"iou": cfg.iou, "nms": cfg.nms, "max_det": cfg.max_det},
                          provenance(cfg, aug=aug, mosaic=cfg.mosaic, classes=cfg.classes, max_objects=cfg.max_objects,
@@ -226,6 +227,7 @@ def evaluate(model: Predictor, records, batch: int = 32, workers: int = 0, conf:
         if not len(b["targets"]):
             continue
         x = b["images"].float().div_(255)
+        show_objects(model, [t["boxes"] for t in b["targets"]])  # letterboxed pixels: the core's input
         state.update(pipe.detections(model.raw(x), conf), b)
     metrics = state.compute()
     if skipped:

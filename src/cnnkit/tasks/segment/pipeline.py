@@ -42,7 +42,8 @@ class SegmentPipeline(Pipeline):
         from cnnkit.models.segmentation import build_segmenter
 
         kw = self.card.model_kwargs
-        return build_segmenter(self.card.arch, self.card.num_classes, self.card.input.channels, kw.get("encoder"))
+        return build_segmenter(self.card.arch, self.card.num_classes, self.card.input.channels, kw.get("encoder"),
+                               illumination=self.card.input.illumination)
 
     def feature_layers(self, model: nn.Module) -> dict[str, nn.Module]:
         from cnnkit.models.finetune import feature_stages

@@ -28,11 +28,11 @@ from cnnkit.data.segmentation import (
 from cnnkit.engine.progress import console
 from cnnkit.engine.workflow import Evaluation, Setup, WorkflowSpec, provenance
 from cnnkit.errors import CnnkitError, DataError
-from cnnkit.runtime.pipeline import Predictor
+from cnnkit.runtime.pipeline import Predictor, show_objects
 from cnnkit.tasks.segment.config import SegmentConfig
 from cnnkit.tasks.segment.task import SegmentTask, SegMetrics
 
-DEFAULT_AUG = "flip,affine,color=0.2"
+DEFAULT_AUG = "flip,vflip"  # with SegmentConfig.DEFAULT_LR: see the comment there
 
 
 def load_data(spec: str, seed: int, imgsz: int | None, classes: int = 4, max_objects: int = 4,
@@ -87,6 +87,22 @@ def scores(model: Predictor, image: torch.Tensor) -> torch.Tensor:
     return model.pipeline.scores(model.raw(x[None], [meta]), meta)
 
 
+def object_boxes(mask: torch.Tensor) -> torch.Tensor:
+    """The objects of a class-index mask ``(H, W)``: each connected region (8-connected) of a
+    foreground class, as ``(N, 4)`` float xyxy boxes in pixels (x2/y2 exclusive)."""
+    import numpy as np
+    from scipy import ndimage
+
+    m = np.asarray(mask)
+    boxes = []
+    for c in np.unique(m):
+        if c == 0:
+            continue
+        regions, _ = ndimage.label(m == c, structure=np.ones((3, 3), bool))
+        boxes += [(sx.start, sy.start, sx.stop, sy.stop) for sy, sx in ndimage.find_objects(regions)]
+    return torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+
+
 def evaluate(model: Predictor, records: list[SegRecord]) -> dict[str, Any]:
     """mIoU, Dice, pixel accuracy and per-class IoU/Dice of ``records`` at original size."""
     from cnnkit.errors import ImageDecodeError
@@ -100,6 +116,10 @@ def evaluate(model: Predictor, records: list[SegRecord]) -> dict[str, Any]:
         except ImageDecodeError as e:  # reported, as training skips it too
             skipped.append({"path": e.path, "reason": e.reason})
             continue
+        if not model.pipeline.tile:  # the core sees the whole image resized (tiles have no objects of their own)
+            h, w = model.pipeline.size
+            show_objects(model, [object_boxes(mask) * torch.tensor([w, h, w, h]) / torch.tensor(
+                [mask.shape[1], mask.shape[0]] * 2)])
         state.add_predictions(scores(model, img).argmax(0).cpu(), mask.long())
     out = state.compute()
     out["num_images"] = len(records) - len(skipped)
@@ -174,7 +194,7 @@ class SegmentSpec(WorkflowSpec):
             raise DataError(f"the val split of '{cfg.data}' has no images")
         k = len(data.names)
         aug = cfg.aug if cfg.aug is not None else DEFAULT_AUG
-        model = build_segmenter(cfg.model, k, 3, cfg.encoder, cfg.pretrained)
+        model = build_segmenter(cfg.model, k, 3, cfg.encoder, cfg.pretrained, cfg.illumination)
         if cfg.init and not resuming:  # a segmenter's or a classifier's weights (a classifier fills the encoder)
             note = copy_matching_weights(model, cfg.init, ("", "encoder.features.body."))
             if verbose:
@@ -190,7 +210,7 @@ class SegmentSpec(WorkflowSpec):
                                    drop_last=len(train_ds) > cfg.batch, pin_memory=pin)
         val_loader = make_loader(val_ds, cfg.batch * 2, False, cfg.workers, task.collate, pin_memory=pin)
         card = ModelCard("segment", cfg.model, list(data.names),
-                         InputSpec(imgsz, imgsz, 3, "tile" if cfg.crop else "resize"),
+                         InputSpec(imgsz, imgsz, 3, "tile" if cfg.crop else "resize", illumination=cfg.illumination),
                          OutputSpec(("logits",), "seg-logits"), {"encoder": model.encoder_name},
                          provenance=provenance(cfg, aug=aug, loss=cfg.loss, classes=cfg.classes,
                                                max_objects=cfg.max_objects, scenes=cfg.scenes),
