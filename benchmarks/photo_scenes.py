@@ -55,49 +55,52 @@ def photo_crop(photo: np.ndarray, imgsz: int, rng: np.random.Generator) -> np.nd
     return np.ascontiguousarray(out[:, ::-1]) if rng.random() < 0.5 else out
 
 
+def _scenes(params, sizes: dict[str, int], seed: int, salt: int, num_classes: int):
+    """``{split: [Scene, ...]}``: ``params``' scenes on photographic crops, train and val from
+    different photographs, deterministic in ``seed`` (``salt`` keeps each kind's draws its own)."""
+    from cnnkit.data.shapes import sample_scene
+
+    splits = {}
+    for k, (split, n) in enumerate(sizes.items()):
+        photos = load_photos(TRAIN_PHOTOS if split == "train" else VAL_PHOTOS)
+        scenes = []
+        for i in range(n):
+            rng = np.random.default_rng([seed, k, i, salt])
+            bg = photo_crop(photos[int(rng.integers(len(photos)))], params.imgsz, rng)
+            count = int(rng.integers(params.min_objects, params.max_objects + 1))
+            scenes.append(sample_scene(params, rng, classes=rng.integers(0, num_classes, count), background=bg))
+        splits[split] = scenes
+    return splits
+
+
 def photo_segmentation(imgsz: int = 128, sizes: dict[str, int] | None = None, seed: int = 0, num_classes: int = 4,
                        max_objects: int = 4):
     """`shapes` segmentation scenes on photographic backgrounds, as a :class:`SegmentationData`."""
     from cnnkit.data.segmentation import SegmentationData, SegRecord, shapes_segmentation_params
-    from cnnkit.data.shapes import SHAPE_CLASSES, sample_scene
+    from cnnkit.data.shapes import SHAPE_CLASSES
 
-    sizes = sizes or {"train": 300, "val": 60}
     params = dataclasses.replace(shapes_segmentation_params(imgsz, max_objects), occlusion=0.0)
-    splits = {}
-    for k, (split, n) in enumerate(sizes.items()):
-        photos = load_photos(TRAIN_PHOTOS if split == "train" else VAL_PHOTOS)
-        recs = []
-        for i in range(n):
-            rng = np.random.default_rng([seed, k, i, 0xF070])
-            bg = photo_crop(photos[int(rng.integers(len(photos)))], imgsz, rng)
-            count = int(rng.integers(params.min_objects, params.max_objects + 1))
-            scene = sample_scene(params, rng, classes=rng.integers(0, num_classes, count), background=bg)
-            recs.append(SegRecord(image=scene.image, mask=scene.semantic_mask(), image_id=i))
-        splits[split] = recs
-    return SegmentationData("photo_scenes", ["background", *SHAPE_CLASSES[:num_classes]], splits)
+    splits = _scenes(params, sizes or {"train": 300, "val": 60}, seed, 0xF070, num_classes)
+    return SegmentationData("photo_scenes", ["background", *SHAPE_CLASSES[:num_classes]],
+                            {split: [SegRecord(image=sc.image, mask=sc.semantic_mask(), image_id=i)
+                                     for i, sc in enumerate(scenes)] for split, scenes in splits.items()})
 
 
 def photo_detection(imgsz: int = 320, sizes: dict[str, int] | None = None, seed: int = 0, num_classes: int = 3,
                     max_objects: int = 4):
-    """`shapes` detection scenes on photographic backgrounds, as a :class:`DetectionData`."""
+    """`shapes` detection scenes on photographic backgrounds, as a :class:`DetectionData`
+    (objects under 3 px across are not labelled)."""
     from cnnkit.data.detection import DetectionData, DetRecord, shapes_detection_params
-    from cnnkit.data.shapes import SHAPE_CLASSES, sample_scene
+    from cnnkit.data.shapes import SHAPE_CLASSES
 
-    sizes = sizes or {"train": 200, "val": 50}
     params = dataclasses.replace(shapes_detection_params(imgsz, max_objects, num_classes), occlusion=0.0)
     splits = {}
-    for k, (split, n) in enumerate(sizes.items()):
-        photos = load_photos(TRAIN_PHOTOS if split == "train" else VAL_PHOTOS)
-        recs = []
-        for i in range(n):
-            rng = np.random.default_rng([seed, k, i, 0xDE70])
-            bg = photo_crop(photos[int(rng.integers(len(photos)))], imgsz, rng)
-            count = int(rng.integers(params.min_objects, params.max_objects + 1))
-            scene = sample_scene(params, rng, classes=rng.integers(0, num_classes, count), background=bg)
-            keep = (scene.boxes[:, 2:] - scene.boxes[:, :2]).min(1) >= 3
-            recs.append(DetRecord(None, imgsz, imgsz, scene.boxes[keep], scene.labels[keep], image_id=i,
-                                  occlusion=scene.occlusion[keep], image=scene.image))
-        splits[split] = recs
+    for split, scenes in _scenes(params, sizes or {"train": 200, "val": 50}, seed, 0xDE70, num_classes).items():
+        splits[split] = []
+        for i, sc in enumerate(scenes):
+            keep = (sc.boxes[:, 2:] - sc.boxes[:, :2]).min(1) >= 3
+            splits[split].append(DetRecord(None, imgsz, imgsz, sc.boxes[keep], sc.labels[keep], image_id=i,
+                                           occlusion=sc.occlusion[keep], image=sc.image))
     return DetectionData("photo_scenes", list(SHAPE_CLASSES[:num_classes]), splits)
 
 
