@@ -52,7 +52,7 @@ class InputSpec:
     pad_value: int = 114
     mask_channel: bool = False  # an extra observation-mask channel (--missing-input mask)
     dims: int = 2  # 2: images (B, C, H, W); 3: volumes (B, C, D, H, W)
-    illumination: str = "none"  # classifiers, segmenters: lighting normalized inside the core (cnnkit.data.illumination)
+    illumination: str = "none"  # lighting normalized inside the core (cnnkit.data.illumination; not torchvision detectors)
 
     @property
     def model_channels(self) -> int:

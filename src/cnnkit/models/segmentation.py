@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnkit.core.choices import SEGMENTERS
+from cnnkit.data.illumination import illuminate
 from cnnkit.errors import ModelError
 from cnnkit.models.blocks import upsample_nearest
 
@@ -87,20 +88,16 @@ class _Normalize(nn.Module):
     a model card needs no preprocessing code); with ``illumination`` the lighting is normalized
     first (:mod:`cnnkit.data.illumination`; no parameters, so the weights do not change)."""
 
-    def __init__(self, in_chans: int, illumination: str = "none"):
+    def __init__(self, in_chans: int):
         super().__init__()
-        self.illumination = illumination
+        self.illumination = "none"  # set by build_segmenter
         mean = torch.tensor(IMAGENET_MEAN if in_chans == 3 else (0.5,) * in_chans).view(1, -1, 1, 1)
         std = torch.tensor(IMAGENET_STD if in_chans == 3 else (0.25,) * in_chans).view(1, -1, 1, 1)
         self.register_buffer("mean", mean, persistent=False)
         self.register_buffer("std", std, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.illumination != "none":
-            from cnnkit.data.illumination import illuminate
-
-            x = illuminate(x, self.illumination)
-        return (x - self.mean) / self.std
+        return (illuminate(x, self.illumination) - self.mean) / self.std
 
     def extra_repr(self) -> str:
         return f"illumination={self.illumination}" if self.illumination != "none" else ""

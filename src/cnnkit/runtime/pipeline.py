@@ -364,11 +364,17 @@ def load_model(weights: str | Path, task: str | None = None, **build_options) ->
     return model.eval(), card, pipe
 
 
+def wants_objects(predictor: Predictor) -> bool:
+    """Whether ``predictor``'s backend corrupts its inputs by object (robustness' occlusion), so
+    an evaluation loop should work out where the objects are (:func:`show_objects`)."""
+    return hasattr(predictor.backend, "objects")
+
+
 def show_objects(predictor: Predictor, boxes: Sequence[torch.Tensor] | None) -> None:
     """Tell a backend that corrupts its inputs where the next batch's objects are: per image, the
     ``(N, 4)`` xyxy boxes in the core input's pixels (robustness' occlusion covers a share of
     each). Other backends have no ``objects`` and ignore it."""
-    if boxes is not None and hasattr(predictor.backend, "objects"):
+    if boxes is not None and wants_objects(predictor):
         predictor.backend.objects = list(boxes)
 
 
@@ -413,4 +419,5 @@ def evaluate_dataset(predictor: Predictor, dataset, task, batch: int = 64, worke
 from cnnkit.runtime.classifier import ImageClassifierPipeline, Normalized, class_index
 
 __all__ = ["ImageClassifierPipeline", "Normalized", "Pipeline", "Predictor", "class_index", "evaluate_dataset",
-           "evaluate_loader", "interpolate_scores", "load", "load_model", "load_torch", "pipeline_for", "resize_image", "show_objects"]
+           "evaluate_loader", "interpolate_scores", "load", "load_model", "load_torch", "pipeline_for", "resize_image", "show_objects",
+           "wants_objects"]

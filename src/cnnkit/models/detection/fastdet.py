@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cnnkit.data.illumination import illuminate
 from cnnkit.models.blocks import upsample_nearest
 from cnnkit.models.detection.nms import suppress
 
@@ -162,11 +163,7 @@ class FastDet(nn.Module):
 
     # ---- network ------------------------------------------------------------------------
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if self.illumination != "none":
-            from cnnkit.data.illumination import illuminate
-
-            x = illuminate(x, self.illumination)
-        x = (x - self.mean) / self.std
+        x = (illuminate(x, self.illumination) - self.mean) / self.std
         p3 = self.stage2(self.stage1(self.stem(x)))
         p4 = self.stage3(p3)
         p5 = self.stage4(p4)

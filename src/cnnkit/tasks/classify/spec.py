@@ -204,11 +204,11 @@ class ClassifySpec(WorkflowSpec):
 
     def val_metrics(self, model, records, options: dict[str, Any]) -> Evaluation:
         from cnnkit.runtime.backend import TorchBackend
-        from cnnkit.runtime.pipeline import Predictor, evaluate_loader
+        from cnnkit.runtime.pipeline import Predictor, evaluate_loader, wants_objects
 
         task = ClassifyTask(model.classes)
         loader = make_loader(TransformedDataset(records, lambda img: model.pipeline.prepare(img)[0],
-                                                objects=hasattr(model.backend, "objects")),  # robustness' occlusion
+                                                objects=wants_objects(model)),  # robustness' occlusion
                              options["batch"], False, options["workers"], task.collate)
         metrics, _, skipped = evaluate_loader(model, loader, task.metrics())
         extra, notes = {}, []

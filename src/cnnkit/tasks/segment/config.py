@@ -15,7 +15,8 @@ class SegmentConfig(TrainConfig):
     """``cnnkit segment train`` options (the shared ones plus segmentation's own)."""
 
     TASK = "segment"  # a class attribute, not an option (VAL and PREDICT are set below the class)
-    # found by experiment on two datasets (BENCHMARKS.md, "the segmentation recipe"): 3e-3 and
+    # found by experiment on two datasets (BENCHMARKS.md, "A second dataset: the shapes on
+    # photographs, and the recipe it changed"): 3e-3 and
     # flip,affine,color=0.2 held the U-Net at background on photographs; 1e-3 with flips did not
     DEFAULT_BATCH, DEFAULT_LR = 16, 1e-3
 

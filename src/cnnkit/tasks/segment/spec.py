@@ -28,7 +28,7 @@ from cnnkit.data.segmentation import (
 from cnnkit.engine.progress import console
 from cnnkit.engine.workflow import Evaluation, Setup, WorkflowSpec, provenance
 from cnnkit.errors import CnnkitError, DataError
-from cnnkit.runtime.pipeline import Predictor, show_objects
+from cnnkit.runtime.pipeline import Predictor, show_objects, wants_objects
 from cnnkit.tasks.segment.config import SegmentConfig
 from cnnkit.tasks.segment.task import SegmentTask, SegMetrics
 
@@ -89,14 +89,15 @@ def scores(model: Predictor, image: torch.Tensor) -> torch.Tensor:
 
 def object_boxes(mask: torch.Tensor) -> torch.Tensor:
     """The objects of a class-index mask ``(H, W)``: each connected region (8-connected) of a
-    foreground class, as ``(N, 4)`` float xyxy boxes in pixels (x2/y2 exclusive)."""
+    foreground class (not background, not ignored pixels), as ``(N, 4)`` float xyxy boxes in
+    pixels (x2/y2 exclusive)."""
     import numpy as np
     from scipy import ndimage
 
     m = np.asarray(mask)
     boxes = []
     for c in np.unique(m):
-        if c == 0:
+        if c in (0, IGNORE_INDEX):
             continue
         regions, _ = ndimage.label(m == c, structure=np.ones((3, 3), bool))
         boxes += [(sx.start, sy.start, sx.stop, sy.stop) for sy, sx in ndimage.find_objects(regions)]
@@ -116,7 +117,7 @@ def evaluate(model: Predictor, records: list[SegRecord]) -> dict[str, Any]:
         except ImageDecodeError as e:  # reported, as training skips it too
             skipped.append({"path": e.path, "reason": e.reason})
             continue
-        if not model.pipeline.tile:  # the core sees the whole image resized (tiles have no objects of their own)
+        if wants_objects(model) and not model.pipeline.tile:  # whole image resized (tiles have no objects of their own)
             h, w = model.pipeline.size
             show_objects(model, [object_boxes(mask) * torch.tensor([w, h, w, h]) / torch.tensor(
                 [mask.shape[1], mask.shape[0]] * 2)])
