@@ -152,11 +152,18 @@ def main() -> None:
             if task == "segment":
                 common["imgsz"] = args.seg_imgsz
             rows, root = {}, Path(tmp) / task
+            results[task] = {"metric": spec["metric"], "rows": rows, "imgsz": common.get("imgsz"), "report": None}
+
+            def checkpoint() -> None:
+                # After every run, so a long benchmark that is stopped keeps what it finished.
+                save("distill" + args.tag, {"epochs": args.epochs, "teacher_epochs": args.teacher_epochs, "kd": KD,
+                                            "results": results})
 
             def run(name: str, epochs: int, task=task, spec=spec, rows=rows, root=root, common=common, **opts):
                 rows[name] = train_row(task, spec["metric"], root / name, epochs, common, opts)
                 print(f"{task} {name}: test {spec['metric']} {rows[name]['metric']}  "
                       f"({rows[name]['params'] / 1e6:.2f} M parameters, {rows[name]['train_s']} s)", flush=True)
+                checkpoint()
 
             run("teacher", args.teacher_epochs, **spec["teacher"])
             run("student alone", args.epochs, **spec["student"])
@@ -171,6 +178,7 @@ def main() -> None:
                                                                 "params": rows["student alone"]["params"],
                                                                 "train_s": peer["train_s"]}
                 print(f"classify timm peer: test top1 {peer['test']}", flush=True)
+                checkpoint()
             report = None
             if args.report:
                 pruned = cnnkit.prune(teacher, 0.5, out=str(root / "pruned.safetensors"), verbose=False)
@@ -180,9 +188,8 @@ def main() -> None:
                 variants = {name: str(root / name) for name in rows if name != "teacher" and (root / name).exists()}
                 report = benchmark(teacher, spec["common"]["data"], batch=16, formats=("torch", "onnx", "int8"),
                                    runs=args.runs, split="test", verbose=True, variants=variants)
-            results[task] = {"metric": spec["metric"], "rows": rows, "imgsz": common.get("imgsz"), "report": report}
-    save("distill" + args.tag, {"epochs": args.epochs, "teacher_epochs": args.teacher_epochs, "kd": KD,
-                                "results": results})
+            results[task]["report"] = report
+            checkpoint()
 
 
 if __name__ == "__main__":
