@@ -171,12 +171,13 @@ def attack_options(val: tuple[Opt, ...]) -> tuple[Opt, ...]:
             help="fgsm (one signed-gradient step of --eps), pgd (--steps steps of --alpha from a random start, "
                  "projected onto the --eps ball), cw (Carlini-Wagner L2, classifiers: the smallest L2 change "
                  "found that flips the answer, no budget; --steps Adam steps of learning rate --alpha) or "
-                 "autoattack (classifiers: AutoAttack's APGD with cross-entropy, then with the DLR loss on what "
-                 "is left, --steps each, in the --eps ball)"),
+                 "autoattack (classifiers: the standard AutoAttack, APGD-CE, APGD-T, FAB-T and the black-box "
+                 "Square attack, each on the images the ones before left, in the --eps ball)"),
         Opt("eps", default="8/255", help="perturbation budget in pixel units of [0, 1] images (0.03 or 8/255); "
                                          "with --norm l2, the L2 radius"),
-        Opt("steps", int, None, "PGD steps (default 10), CW optimizer steps (default 50), APGD steps of "
-                                "autoattack (default 100)", lo=1),
+        Opt("steps", int, None, "PGD steps (default 10), CW optimizer steps (default 50), APGD and FAB steps "
+                                "of autoattack (default 100)", lo=1),
+        Opt("queries", int, 5000, "autoattack: the Square attack's queries per image", lo=1),
         Opt("alpha", help="PGD step size (default: eps/4, i.e. 2/255 at 8/255); CW's Adam learning rate (default 0.01)"),
         Opt("c", float, 1.0, "CW: weight of the misclassification term against the squared L2 size", lo=0, lo_open=True),
         Opt("kappa", float, 0.0, "CW: how far past the decision boundary the answer must go (logit margin)", lo=0),

@@ -4,7 +4,7 @@ and adversarial training (``train --adv``, the :class:`AdversarialTraining` hook
 FGSM (Goodfellow et al., 2015) and PGD (Madry et al., 2018) in the L-infinity or L2 ball, on
 images in [0, 1], against any differentiable loss per sample; the Carlini-Wagner L2 attack
 (Carlini & Wagner, 2017) against a margin per sample (a classifier's logit margin); and
-AutoAttack's parameter-free APGD (Croce & Hein, 2020) with the cross-entropy and the DLR loss.
+AutoAttack's standard ensemble (Croce & Hein, 2020; in :mod:`cnnkit.engine.autoattack`).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ class AttackConfig:
     seed: int = 0
     c: float = 1.0  # CW: weight of the margin term
     kappa: float = 0.0  # CW: confidence
+    queries: int = 5000  # AutoAttack: the Square attack's queries per image
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -50,8 +51,10 @@ class AttackConfig:
             self.norm = "l2"
             self.steps = 50 if self.steps is None else self.steps
             self.alpha = 0.01 if self.alpha is None else self.alpha
-        if self.method == "autoattack":  # APGD sets its own step sizes
+        if self.method == "autoattack":  # APGD sets its own step sizes; APGD and FAB take 100 steps
             self.steps = 100 if self.steps is None else self.steps
+            if self.queries < 1:
+                raise CnnkitError(f"--queries must be at least 1, got {self.queries}")
         self.steps = 10 if self.steps is None else self.steps
         if self.norm not in NORMS:
             raise CnnkitError(f"--norm must be linf or l2, got '{self.norm}'")
@@ -80,13 +83,15 @@ def _step(grad: torch.Tensor, alpha: float, norm: str) -> torch.Tensor:
 
 
 def perturb(loss_fn, x: torch.Tensor, cfg: AttackConfig, generator: torch.Generator | None = None,
-            margin_fn=None, objective_fn=None) -> torch.Tensor:
+            margin_fn=None, logits_fn=None, labels: torch.Tensor | None = None) -> torch.Tensor:
     """Adversarial ``x`` (images in [0, 1]) maximizing ``loss_fn(x) -> (B,)`` under ``cfg``.
 
     FGSM is one step of size eps from ``x``; PGD starts from a random point of the eps ball
     (uniform in each coordinate for L-infinity, as torchattacks; a random direction scaled by a
     uniform radius for L2) and takes ``steps`` steps of ``alpha``, each projected back onto the
-    ball and into [0, 1]. CW minimizes ``margin_fn`` instead (see :func:`carlini_wagner`).
+    ball and into [0, 1]. CW minimizes ``margin_fn`` instead (see :func:`carlini_wagner`);
+    AutoAttack attacks ``logits_fn``'s class scores away from ``labels``
+    (see :mod:`cnnkit.engine.autoattack`).
     """
     x = x.detach()
     if cfg.method == "cw":
@@ -95,10 +100,12 @@ def perturb(loss_fn, x: torch.Tensor, cfg: AttackConfig, generator: torch.Genera
                               "classifiers (use pgd with --norm l2 for other tasks)")
         return carlini_wagner(margin_fn, x, cfg)
     if cfg.method == "autoattack":
-        if objective_fn is None:
+        if logits_fn is None or labels is None:
             raise CnnkitError("--method autoattack needs a margin between class scores; it attacks single-label "
                               "classifiers (use pgd for other tasks)")
-        return auto_attack(objective_fn, x, cfg, generator)
+        from cnnkit.engine.autoattack import auto_attack
+
+        return auto_attack(logits_fn, x, labels, cfg.eps, cfg.norm, cfg.steps, cfg.queries, generator)[0]
     if cfg.method == "fgsm":
         steps, alpha, delta = 1, cfg.eps, torch.zeros_like(x)
     else:
@@ -162,106 +169,6 @@ def carlini_wagner(margin_fn, x: torch.Tensor, cfg: AttackConfig) -> torch.Tenso
                 break
             prev = float(cost.detach())
     return best.detach()
-
-
-def apgd(objective, x: torch.Tensor, cfg: AttackConfig, loss: str, generator: torch.Generator | None = None
-         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Auto-PGD (Croce & Hein, 2020), as in torchattacks' and AutoAttack's ``APGD``: a random
-    start in the eps ball, a first step of 2 eps, momentum 0.75, and at checkpoints (22% of the
-    steps, shrinking by 3% to at least 6%) the step halved for images whose loss rose in fewer
-    than 75% of the steps since the last checkpoint or did not improve, restarting them from
-    their best point.
-
-    ``objective(adv, loss) -> (loss per sample, fooled per sample)`` (``loss``: "ce" or "dlr").
-    Returns ``(adv, fooled)``:
-    each image's first fooling point, else its highest-loss point.
-    """
-    n, steps, eps = len(x), cfg.steps, cfg.eps
-    n_iter_2, n_iter_min, size_decr = max(int(0.22 * steps), 1), max(int(0.06 * steps), 1), max(int(0.03 * steps), 1)
-    view = (-1, *[1] * (x.ndim - 1))
-    if cfg.norm == "linf":
-        t = torch.rand(x.shape, generator=generator).to(x.device) * 2 - 1
-        x_adv = x + eps * t / t.flatten(1).abs().amax(1).view(view)
-    else:
-        t = torch.randn(x.shape, generator=generator).to(x.device)
-        x_adv = x + eps * t / (t.flatten(1).norm(dim=1).view(view) + 1e-12)
-    x_adv = x_adv.clamp(0, 1)
-
-    def grad_at(a: torch.Tensor):
-        a = a.detach().requires_grad_(True)
-        with torch.enable_grad():
-            value, fooled = objective(a, loss)
-            g = torch.autograd.grad(value.sum(), a)[0].detach()
-        return value.detach(), fooled.detach(), g
-
-    def project(a: torch.Tensor) -> torch.Tensor:
-        if cfg.norm == "linf":
-            return torch.min(torch.max(a, x - eps), x + eps).clamp(0, 1)
-        d = a - x
-        return (x + d * (eps / (d.flatten(1).norm(dim=1).view(view) + 1e-12)).clamp(max=1)).clamp(0, 1)
-
-    def step(a: torch.Tensor, g: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
-        if cfg.norm == "linf":
-            return a + size * g.sign()
-        return a + size * g / (g.flatten(1).norm(dim=1).view(view) + 1e-12)
-
-    value, fooled, grad = grad_at(x_adv)
-    x_best, grad_best, loss_best = x_adv.clone(), grad.clone(), value.clone()
-    x_first = torch.where(fooled.view(view), x_adv, x_best)
-    ever = fooled.clone()
-    size = torch.full((n, *[1] * (x.ndim - 1)), 2.0 * eps, device=x.device)
-    x_old = x_adv.clone()
-    history = torch.zeros(steps, n, device=x.device)
-    k, counter = n_iter_2, 0
-    best_at_check = loss_best.clone()
-    reduced_at_check = torch.ones(n, dtype=torch.bool, device=x.device)
-    for i in range(steps):
-        momentum = x_adv - x_old
-        x_old = x_adv.clone()
-        a = 0.75 if i > 0 else 1.0
-        z = project(step(x_adv, grad, size))
-        x_adv = project(x_adv + (z - x_adv) * a + momentum * (1 - a))
-        value, fooled, grad = grad_at(x_adv)
-        newly = fooled & ~ever
-        x_first = torch.where(newly.view(view), x_adv, x_first)
-        ever |= fooled
-        history[i] = value
-        better = value > loss_best
-        x_best = torch.where(better.view(view), x_adv, x_best)
-        grad_best = torch.where(better.view(view), grad, grad_best)
-        loss_best = torch.where(better, value, loss_best)
-        counter += 1
-        if counter == k:
-            rises = sum((history[i - j] > history[i - j - 1]).float() for j in range(k) if i - j - 1 >= 0)
-            oscillating = torch.as_tensor(rises, device=x.device) <= k * 0.75
-            stuck = ~reduced_at_check & (best_at_check >= loss_best)
-            halve = oscillating | stuck
-            reduced_at_check = halve.clone()
-            best_at_check = loss_best.clone()
-            size = torch.where(halve.view(view), size / 2, size)
-            x_adv = torch.where(halve.view(view), x_best, x_adv)
-            grad = torch.where(halve.view(view), grad_best, grad)
-            counter = 0
-            k = max(k - size_decr, n_iter_min)
-    return torch.where(ever.view(view), x_first, x_best).detach(), ever
-
-
-def auto_attack(objective, x: torch.Tensor, cfg: AttackConfig, generator: torch.Generator | None = None
-                ) -> torch.Tensor:
-    """AutoAttack's APGD pair: APGD with the cross-entropy, then APGD with the DLR loss (the
-    logit margin over the gap between the first and third logits, invariant to the logits'
-    scale) on the images the first did not fool. The full standard AutoAttack also runs a
-    targeted APGD, FAB and the Square attack; this is its two white-box APGD runs."""
-    adv, fooled = apgd(objective, x, cfg, "ce", generator)
-    rest = (~fooled).nonzero().flatten()
-    if len(rest):
-        def sub(a, loss, idx=rest):
-            return objective(a, loss, idx)
-
-        adv2, _ = apgd(sub, x[rest], cfg, "dlr", generator)
-        adv = adv.clone()
-        adv[rest] = adv2
-    return adv
 
 
 # ---- defence: adversarial training ----------------------------------------------------------

@@ -40,13 +40,15 @@ class AttackStats:
     l2: list[float] = field(default_factory=list)
     kept: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     keep: int = 8
+    broke: dict[str, int] = field(default_factory=dict)  # AutoAttack: images each of its attacks broke first
 
     def summary(self) -> dict[str, Any]:
         n = max(1, len(self.linf))
         rated = [v for v in self.success if not math.isnan(v)]  # NaN: nothing to overturn (no detections)
         return {"samples": len(self.linf),
                 "success_rate": round(sum(rated) / len(rated), 4) if rated else None,
-                "mean_linf": round(sum(self.linf) / n, 5), "mean_l2": round(sum(self.l2) / n, 4)}
+                "mean_linf": round(sum(self.linf) / n, 5), "mean_l2": round(sum(self.l2) / n, 4),
+                **({"broken_by": dict(self.broke)} if self.broke else {})}
 
 
 class AttackBackend:
@@ -66,18 +68,6 @@ class AttackBackend:
         out = self.core(x)
         return out if isinstance(out, (tuple, list)) else (out,)
 
-    def _objective(self, a: torch.Tensor, loss: str, ref, targeted, labels, idx=None):
-        """APGD's ``(loss, fooled)`` per sample: the cross-entropy or the DLR loss, and whether
-        the answer is overturned (on the samples ``idx`` of the batch when given)."""
-        if idx is not None:
-            ref = None if ref is None else tuple(r[idx] for r in ref)
-            labels = None if labels is None else labels[idx.to(labels.device)]
-        raw = self._raw(a)
-        margin = self.pipeline.attack_margin(raw, ref, targeted, labels)
-        value = (self.pipeline.attack_loss(raw, ref, targeted, labels) if loss == "ce"
-                 else -self.pipeline.attack_margin(raw, ref, targeted, labels, dlr=True))
-        return value, margin < 0
-
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x = x.to(self.device).float()
         labels, self.labels = self.labels, None  # given by the evaluation loop for this batch only
@@ -86,9 +76,22 @@ class AttackBackend:
         if labels is None or t is not None:
             with torch.no_grad():
                 ref = tuple(r.detach() for r in self._raw(x))
-        adv = perturb(lambda a: self.pipeline.attack_loss(self._raw(a), ref, t, labels), x, self.cfg, self.generator,
-                      lambda a: self.pipeline.attack_margin(self._raw(a), ref, t, labels),
-                      lambda a, loss, idx=None: self._objective(a, loss, ref, t, labels, idx))
+        if self.cfg.method == "autoattack":
+            from cnnkit.engine.autoattack import auto_attack
+
+            def logits(a: torch.Tensor) -> torch.Tensor:
+                return self.pipeline.attack_logits(self._raw(a))
+
+            if labels is None:  # away from the clean answer
+                labels = self.pipeline.attack_logits(ref).argmax(1)
+            c = self.cfg
+            adv, broke = auto_attack(logits, x, labels.to(self.device), c.eps, c.norm, c.steps, c.queries,
+                                     self.generator)
+            for stage, count in broke.items():
+                self.stats.broke[stage] = self.stats.broke.get(stage, 0) + count
+        else:
+            adv = perturb(lambda a: self.pipeline.attack_loss(self._raw(a), ref, t, labels), x, self.cfg,
+                          self.generator, lambda a: self.pipeline.attack_margin(self._raw(a), ref, t, labels))
         out = self.inner(adv)
         s = self.stats
         if ref is not None:  # with true labels, success comes from the clean and attacked accuracy instead
@@ -129,9 +132,12 @@ def run(spec, o: dict[str, Any], verbose: bool = True) -> dict[str, Any]:
     from cnnkit.runtime.pipeline import class_index, load_torch
     from cnnkit.utils.io import write_json
 
+    if o["method"] == "autoattack" and o["targeted"] is not None:
+        raise CnnkitError("--method autoattack is untargeted (its APGD-T and FAB-T pick their own target classes); "
+                          "use pgd or cw with --targeted")
     cfg = AttackConfig(o["method"], parse_eps(o["eps"]), o["steps"],
                        parse_fraction(o["alpha"], "--alpha") if o["alpha"] is not None else None, o["norm"], None,
-                       seed=o["seed"], c=o["c"], kappa=o["kappa"])
+                       seed=o["seed"], c=o["c"], kappa=o["kappa"], queries=o["queries"])
     model = load_torch(o["weights"], o["device"], spec.name, "attack",
                        **{k: o[k] for k in spec.load_options if k in o and o[k] is not None})
     if o["targeted"] is not None:
@@ -155,7 +161,8 @@ def run(spec, o: dict[str, Any], verbose: bool = True) -> dict[str, Any]:
     cw = cfg.method == "cw"
     result = {"method": cfg.method, "norm": cfg.norm, "eps": None if cw else cfg.eps,
               "steps": 1 if cfg.method == "fgsm" else cfg.steps, "alpha": cfg.eps if cfg.method == "fgsm" else cfg.alpha,
-              **({"c": cfg.c, "kappa": cfg.kappa} if cw else {}), "targeted": o["targeted"], "metric": key,
+              **({"c": cfg.c, "kappa": cfg.kappa} if cw else {}),
+              **({"queries": cfg.queries} if cfg.method == "autoattack" else {}), "targeted": o["targeted"], "metric": key,
               "clean": clean.get(key), "attacked": attacked.get(key), **summary,
               "clean_metrics": _numbers(clean), "attacked_metrics": _numbers(attacked),
               "picture": str(picture) if attacker.stats.kept else None, "data": o["data"], "split": o["split"],
@@ -181,6 +188,9 @@ def _print(r: dict[str, Any]) -> None:
     else:
         what = f"{r['method'].upper()} {r['norm']} eps {r['eps']:.4g}" + (
             f", {r['steps']} steps of {r['alpha']:.4g}" if r["method"] == "pgd" else "")
+    if r["method"] == "autoattack":
+        what = (f"AutoAttack {r['norm']} eps {r['eps']:.4g} (APGD-CE, APGD-T, FAB-T: {r['steps']} steps; "
+                f"Square: {r['queries']} queries)")
     what += f", toward '{r['targeted']}'" if r["targeted"] is not None else ""
     t = Table(title=f"{what} · {r['data']} {r['split']} · {r['samples']} images")
     for c in ("metric", "clean", "under attack"):
@@ -193,5 +203,7 @@ def _print(r: dict[str, Any]) -> None:
     rate = "n/a" if r["success_rate"] is None else f"{r['success_rate']:.1%}"
     con.print(f"attack success {rate} · mean perturbation L-inf {r['mean_linf']:.4f}, L2 {r['mean_l2']:.3f}"
               + (f" · clean / adversarial / difference in {r['picture']}" if r["picture"] else ""))
+    if r.get("broken_by"):
+        con.print("images each attack broke first: " + ", ".join(f"{k} {v}" for k, v in r["broken_by"].items()))
 
 

@@ -101,13 +101,12 @@ class ImageClassifierPipeline(Pipeline):
         want = torch.full((len(logits),), int(targeted), device=logits.device, dtype=torch.long)
         return -F.cross_entropy(logits, want, reduction="none")
 
-    def attack_margin(self, raw, ref, targeted: int | None = None, labels: torch.Tensor | None = None,
-                      dlr: bool = False) -> torch.Tensor:
+    def attack_margin(self, raw, ref, targeted: int | None = None, labels: torch.Tensor | None = None
+                      ) -> torch.Tensor:
         """The true (else the clean top) class's logit minus the best other's; toward
-        ``targeted``: the best other's minus the target's; ``dlr``: over the first logit minus
-        the third (Croce & Hein, 2020). Multi-label models have none."""
+        ``targeted``: the best other's minus the target's. Multi-label models have none."""
         if self.card.task == "multilabel":
-            return super().attack_margin(raw, ref, targeted, labels, dlr)
+            return super().attack_margin(raw, ref, targeted, labels)
         logits = raw[0].float()
         if targeted is None:
             cls = labels.long().to(logits.device) if labels is not None else ref[0].argmax(1)
@@ -115,11 +114,13 @@ class ImageClassifierPipeline(Pipeline):
             cls = torch.full((len(logits),), int(targeted), device=logits.device, dtype=torch.long)
         own = logits.gather(1, cls.view(-1, 1))[:, 0]
         other = logits.scatter(1, cls.view(-1, 1), float("-inf")).amax(1)
-        margin = own - other if targeted is None else other - own
-        if dlr:
-            top = logits.topk(min(3, logits.shape[1]), 1).values
-            margin = margin / (top[:, 0] - top[:, -1] + 1e-12)
-        return margin
+        return own - other if targeted is None else other - own
+
+    def attack_logits(self, raw) -> torch.Tensor:
+        """The logits (single-label models; multi-label ones have no single answer to overturn)."""
+        if self.card.task == "multilabel":
+            return super().attack_logits(raw)
+        return raw[0].float()
 
     def attack_success(self, raw, ref, targeted: int | None = None) -> torch.Tensor:
         """Top class changed (or is ``targeted``); multi-label: any label flipped (or ``targeted`` on)."""

@@ -139,14 +139,16 @@ class Pipeline:
         raise NotImplementedError
 
     def attack_margin(self, raw: tuple[torch.Tensor, ...], ref: tuple[torch.Tensor, ...] | None,
-                      targeted: int | None = None, labels: torch.Tensor | None = None, dlr: bool = False
-                      ) -> torch.Tensor:
+                      targeted: int | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
         """The Carlini-Wagner margin per sample ``(B,)``: negative exactly when the answer is
-        overturned (or is class ``targeted``); with ``dlr``, divided by the gap between the
-        first and third scores (AutoAttack's DLR loss, negated). Only single-label classifiers
-        have one."""
+        overturned (or is class ``targeted``). Only single-label classifiers have one."""
         raise ModelError(f"--method cw and autoattack need a margin between class scores, which {self.task} "
                          "models do not have; they attack single-label classifiers (use pgd here)")
+
+    def attack_logits(self, raw: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The class scores ``(B, K)`` whose top one is the answer, which AutoAttack's attacks
+        read. Only single-label classifiers have them."""
+        return self.attack_margin(raw, None)  # raises the same sentence
 
     def explain_layer(self, model: nn.Module, selector: Any) -> tuple[str, nn.Module] | None:
         """The layer a CAM method should look at for this target when the user names none
