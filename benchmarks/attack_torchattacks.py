@@ -5,7 +5,8 @@
 Two smallcnn classifiers are trained here (digits at 16 px, shapes at 64 px); each is attacked
 with FGSM and PGD (10 steps, step eps/4, random start) in the L-infinity ball, and with the
 Carlini-Wagner L2 attack at torchattacks' defaults (c 1, kappa 0, 50 Adam steps at 0.01), and
-AutoAttack's APGD pair (cross-entropy, then DLR on what is left; 50 steps each), by cnnkit
+the standard AutoAttack (APGD-CE, APGD-T, FAB-T with 100 steps each, Square with 5,000 queries,
+each on what the ones before left), by cnnkit
 (``cnnkit.methods.attack``, through the same ``AttackBackend`` that ``cnnkit classify attack``
 puts under ``val``) and by torchattacks 3.5.1 (the peer, installed by this script into
 ``benchmarks/.peer-torchattacks`` with pip ``--target`` and put on this process's path only,
@@ -40,23 +41,22 @@ def install_peer() -> None:
     sys.path.insert(0, str(PEER))
 
 
-class ApgdPair:
-    """torchattacks' APGD with the cross-entropy, then its APGD with the DLR loss on the images
-    the first did not fool: the composition cnnkit's ``autoattack`` runs."""
+class StandardAutoAttack:
+    """torchattacks' standard AutoAttack, built from its parts so that the steps and queries can
+    match cnnkit's: APGD-CE, APGD-T, FAB-T (``steps`` each) and Square (``queries``), each on the
+    images the ones before left (``MultiAttack``). torchattacks' own ``AutoAttack`` class fixes
+    10 steps; the reference (and cnnkit) default to 100."""
 
-    def __init__(self, torchattacks, core, eps: float, steps: int, seed: int):
-        self.core = core
-        self.ce = torchattacks.APGD(core, eps=eps, steps=steps, loss="ce", seed=seed)
-        self.dlr = torchattacks.APGD(core, eps=eps, steps=steps, loss="dlr", seed=seed)
+    def __init__(self, torchattacks, core, eps: float, steps: int, queries: int, n_classes: int, seed: int):
+        ta = torchattacks
+        self.attack = ta.MultiAttack([
+            ta.APGD(core, eps=eps, steps=steps, loss="ce", n_restarts=1, seed=seed),
+            ta.APGDT(core, eps=eps, steps=steps, n_restarts=1, n_classes=n_classes, seed=seed),
+            ta.FAB(core, eps=eps, steps=steps, n_restarts=1, multi_targeted=True, n_classes=n_classes, seed=seed),
+            ta.Square(core, eps=eps, n_queries=queries, n_restarts=1, seed=seed)])
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        adv = self.ce(x, y)
-        with torch.no_grad():
-            left = (self.core(adv).argmax(1) == y).nonzero().flatten()
-        if len(left):
-            adv = adv.clone()
-            adv[left] = self.dlr(x[left], y[left])
-        return adv
+        return self.attack(x, y)
 
 
 def compare(name: str, run: Path, data: str, split: str, method: str, eps: float, batch: int,
@@ -78,9 +78,9 @@ def compare(name: str, run: Path, data: str, split: str, method: str, eps: float
     secs = {"cnnkit": 0.0, "torchattacks": 0.0}
     l2 = {"cnnkit": [], "torchattacks": []}  # per image overturned: the perturbation's L2 size
     for seed in range(seeds if method == "pgd" else 1):  # PGD's random start: several seeds, same for both
-        if method == "autoattack":  # AutoAttack's two APGD runs: cross-entropy, then DLR on what is left
-            ours = AttackBackend(p.backend, p.pipeline, AttackConfig("autoattack", eps, 50, seed=seed))
-            peer = ApgdPair(torchattacks, core, eps, 50, seed)
+        if method == "autoattack":  # the standard AutoAttack, the reference's 100 steps and 5,000 queries
+            ours = AttackBackend(p.backend, p.pipeline, AttackConfig("autoattack", eps, 100, seed=seed, queries=5000))
+            peer = StandardAutoAttack(torchattacks, core, eps, 100, 5000, len(p.card.classes), seed)
         elif method == "cw":  # torchattacks' CW defaults: c 1, kappa 0, 50 Adam steps at 0.01
             ours = AttackBackend(p.backend, p.pipeline, AttackConfig("cw", eps, 50, 0.01, c=1.0, kappa=0.0))
             peer = torchattacks.CW(core, c=1, kappa=0, steps=50, lr=0.01)
@@ -118,6 +118,8 @@ def compare(name: str, run: Path, data: str, split: str, method: str, eps: float
     for k, v in l2.items():  # mean L2 of the perturbations that overturned an answer (CW's figure of merit)
         row[f"{k}_mean_l2"] = round(sum(v) / len(v), 4) if v else None
     row["speedup"] = round(row["torchattacks_s"] / row["cnnkit_s"], 2)
+    if ours.stats.broke:  # AutoAttack: the images each of cnnkit's four attacks broke first
+        row["cnnkit_broken_by"] = dict(ours.stats.broke)
     print(f"{name:<8} {method:<5} eps {eps:.4f}  clean {row['clean_top1']:.4f}  cnnkit {row['cnnkit_top1']:.4f}  "
           f"torchattacks {row['torchattacks_top1']:.4f} ({row['diff_points']:+.2f} points, mean of {row['seeds']} "
           f"seeds)  time cnnkit "
