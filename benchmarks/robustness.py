@@ -18,6 +18,10 @@
 4. **Illumination.** The default classifier trained again with each ``--illumination`` mode
    (standardize, grayworld, equalize), all evaluated on the val split under the lighting
    corruptions (gamma, shadow, colour temperature, brightness, contrast, fog, frost).
+5. **Illumination for detectors and segmenters** (part ``light-tasks``): the same four modes
+   and lighting corruptions for fastdet on shapes scenes (160 px, 3 classes, up to 4 objects)
+   and the default U-Net on shapes masks (64 px), each trained for ``--light-epochs``; mAP50-95
+   and mIoU on the val split.
 
 Run it alone: timings on 2 shared cores are off by 2-4x when anything else runs.
 """
@@ -34,6 +38,10 @@ import numpy as np
 import torch
 from _common import save
 
+LIGHTING = "illumination,brightness,contrast,fog,frost"
+MODES = ("none", "standardize", "grayworld", "equalize")
+LIGHT_TASKS = {"detect": {"classes": 3, "max_objects": 4, "imgsz": 160},  # fastdet, the detect default
+               "segment": {"imgsz": 64}}  # the default U-Net
 AUGS = {"none": "none", "default": "affine,flip",
         "default+photometric": "affine,flip,noise=0.05,blur=1.5,jitter=0.4,gamma=0.7:1.5,shadow=0.5"}
 
@@ -92,7 +100,9 @@ def main() -> None:
     ap.add_argument("--speed-images", type=int, default=100)
     ap.add_argument("--goal-images", type=int, default=1000)
     ap.add_argument("--tag", default="", help="suffix of the results file (benchmarks/results/robustness{TAG}.json)")
-    ap.add_argument("--skip", default="", help="comma-separated parts to skip: speed, goal, aug, illumination")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: speed, goal, aug, illumination, "
+                                               "light-tasks")
+    ap.add_argument("--light-epochs", type=int, default=12, help="epochs of each detector and segmenter (part 5)")
     args = ap.parse_args()
     import cnnkit
     from cnnkit.methods.corruptions import IMAGENET_C
@@ -106,7 +116,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         runs = {}
         for label, aug in AUGS.items():
-            if label != "default" and "aug" in skip:
+            if (label != "default" and "aug" in skip) or not {"goal", "aug", "illumination"} - skip:
                 continue
             runs[label] = Path(tmp) / label
             t0 = time.perf_counter()
@@ -151,9 +161,9 @@ def main() -> None:
                       + "  ".join(f"{k} {v:.3f}" for k, v in extra.items()), flush=True)
             result["augmentation"] = rows
         if "illumination" not in skip:
-            lighting = "illumination,brightness,contrast,fog,frost"
+            lighting = LIGHTING
             rows = []
-            for mode in ("none", "standardize", "grayworld", "equalize"):
+            for mode in MODES:
                 run = runs["default"] if mode == "none" else Path(tmp) / f"light-{mode}"
                 if mode != "none":
                     cnnkit.train("classify", data="shapes", epochs=args.epochs, illumination=mode, out=str(run),
@@ -166,6 +176,26 @@ def main() -> None:
                 print(f"--illumination {mode:<12} clean {row['clean']:.4f}  mean under lighting {row['mean']:.4f}  "
                       + "  ".join(f"{n} {row[n]:.3f}" for n in r["corruptions"]), flush=True)
             result["illumination"] = rows
+        if "light-tasks" not in skip:
+            result["light_tasks"] = {}
+            for task, opts in LIGHT_TASKS.items():
+                rows = []
+                for mode in MODES:
+                    run = Path(tmp) / f"{task}-light-{mode}"
+                    t0 = time.perf_counter()
+                    cnnkit.train(task, data="shapes", epochs=args.light_epochs, illumination=mode, out=str(run),
+                                 verbose=False, **opts)
+                    minutes = (time.perf_counter() - t0) / 60
+                    r = cnnkit.robustness(task, run, "shapes", split="val", corruptions=LIGHTING, severities="1-5",
+                                          out=str(Path(tmp) / f"{task}-light-{mode}-rob"), verbose=False)
+                    row = {"illumination": mode, "metric": r.get("metric"), "clean": r["clean"], "mean": r["mean"],
+                           "train_min": round(minutes, 1),
+                           **{n: round(float(np.mean(v)), 4) for n, v in r["corruptions"].items()}}
+                    rows.append(row)
+                    print(f"{task} --illumination {mode:<12} clean {row['clean']:.4f}  mean under lighting "
+                          f"{row['mean']:.4f}  " + "  ".join(f"{n} {row[n]:.3f}" for n in r["corruptions"]), flush=True)
+                    result["light_tasks"][task] = rows
+                    save(f"robustness{args.tag}", result)  # after every model: a long run keeps what it finished
     save(f"robustness{args.tag}", result)
 
 
