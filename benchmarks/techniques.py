@@ -8,6 +8,11 @@
 
 Every run is a normal ``cnnkit.train("classify", ...)`` call; figures are test-split metrics of
 the best-on-val weights. Results go to ``benchmarks/results/techniques_<name>.json``.
+
+``--data opencv`` runs imbalance, noise and missing on a second dataset of another kind:
+OpenCV's 5,000 handwritten 20x20 digits (Debian ``opencv-doc``, ``make bench-data``), written
+as a class-folder ImageFolder (3,000 train, 1,000 val, 1,000 test, stratified), trained at the
+defaults cnnkit derives for a folder; results go to ``techniques_<name>_opencv.json``.
 """
 
 from __future__ import annotations
@@ -35,6 +40,25 @@ def _train(out: Path, **kw) -> dict:
     return {"test": test, "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def opencv_folder(root: Path, seed: int = 1) -> str:
+    """OpenCV's digits as ``root/{train,val,test}/DIGIT/*.png`` (3,000 / 1,000 / 1,000, stratified)."""
+    from digits_vs_svc import opencv_digits, write_class_folders
+
+    images, y, _ = opencv_digits()
+    rng = np.random.default_rng(seed)
+    splits = {"train": [], "val": [], "test": []}
+    for c in range(10):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        splits["train"] += idx[:300].tolist()
+        splits["val"] += idx[300:400].tolist()
+        splits["test"] += idx[400:].tolist()
+    write_class_folders(root, images, y, splits)
+    return str(root)
+
+
+DATA = {"data": "digits", "tag": ""}  # --data opencv: the folder (main)
+
+
 def minority_recall(metrics: dict, classes: list[str]) -> float:
     return float(np.mean([metrics["per_class"][c]["recall"] for c in classes]))
 
@@ -50,7 +74,7 @@ def imbalance(epochs: int = 20, ratio: float = 0.05, seeds=(0,), strategies=IMBA
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
             for s in strategies:
-                r = _train(Path(tmp) / f"{s}-{seed}", data="digits", epochs=epochs, seed=seed,
+                r = _train(Path(tmp) / f"{s}-{seed}", data=DATA["data"], epochs=epochs, seed=seed,
                            imbalance_ratio=ratio, imbalance=None if s == "none" else s)
                 t = r["test"]
                 rows.append({"strategy": s, "seed": seed, "top1": t["top1"],
@@ -68,7 +92,7 @@ def noise(epochs: int = 20, p: float = 0.4, seeds=(0,), losses=("ce", "sce", "gc
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
             for loss in losses:
-                r = _train(Path(tmp) / f"{loss}-{seed}", data="digits", epochs=epochs, seed=seed,
+                r = _train(Path(tmp) / f"{loss}-{seed}", data=DATA["data"], epochs=epochs, seed=seed,
                            label_noise=p, loss=loss, label_smoothing=0.0)
                 rows.append({"loss": loss, "seed": seed, "clean_test_top1": r["test"]["top1"],
                              "seconds": r["seconds"]})
@@ -137,10 +161,10 @@ def missing(epochs: int = 20, p: float = 0.6, seeds=(0,), ratios=(0.0, 0.1, 0.3,
             for name, kw in (("plain", {}), ("zero-fill", {"missing": p}),
                              ("mask-channel", {"missing": p, "missing_input": "mask"})):
                 out = Path(tmp) / f"{name}-{seed}"
-                _train(out, data="digits", epochs=epochs, seed=seed, **kw)
+                _train(out, data=DATA["data"], epochs=epochs, seed=seed, **kw)
                 runs.append(str(out))
-            curve = missing_curve(runs, "digits", list(ratios), split="test", verbose=False,
-                                  plot=RESULTS / f"missing_curve_seed{seed}.png")
+            curve = missing_curve(runs, DATA["data"], list(ratios), split="test", verbose=False,
+                                  plot=RESULTS / f"missing_curve{DATA['tag']}_seed{seed}.png")
             rows.append({"seed": seed, **curve})
             print(json.dumps(rows[-1]), flush=True)
     return {"epochs": epochs, "train_missing": p, "rows": rows}
@@ -151,16 +175,27 @@ def main() -> None:
     ap.add_argument("which", choices=["imbalance", "noise", "transfer", "missing", "all"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--data", choices=["digits", "opencv"], default="digits",
+                    help="opencv: OpenCV's 5,000 digits as a folder (imbalance, noise, missing)")
     args = ap.parse_args()
     RESULTS.mkdir(exist_ok=True)
+    folder = None
+    if args.data == "opencv":
+        if args.which == "transfer":
+            raise SystemExit("transfer has its own shapes folders; --data opencv covers imbalance, noise and missing")
+        folder = tempfile.TemporaryDirectory()
+        DATA.update(data=opencv_folder(Path(folder.name) / "opencv-digits"), tag="_opencv")
     todo = ["imbalance", "noise", "transfer", "missing"] if args.which == "all" else [args.which]
     for name in todo:
         if name == "transfer":
+            if folder is not None:
+                continue
             out = transfer(seeds=args.seeds)
         else:
             out = globals()[name](epochs=args.epochs, seeds=args.seeds)
-        (RESULTS / f"techniques_{name}.json").write_text(json.dumps(out, indent=1))
-        print(f"wrote {RESULTS / f'techniques_{name}.json'}")
+        path = RESULTS / f"techniques_{name}{DATA['tag']}.json"
+        path.write_text(json.dumps({"data": args.data, **out}, indent=1))
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":
