@@ -249,3 +249,71 @@ def test_explain_refuses_an_exported_model(digits_run, tmp_path, cli):
     onnx = cnnkit.export(digits_run, "onnx", out=str(tmp_path / "m.onnx"), verbose=False)["file"]
     r = cli("classify", "explain", "--weights", onnx, "--source", str(tmp_path), "--out", str(tmp_path / "o"))
     assert r.code == 2 and "needs the PyTorch model" in r.err
+
+
+# ---- volumes (cnnkit medical explain) ---------------------------------------------------------
+def test_gradcam_on_a_volume_is_the_3d_formula():
+    """On a 3-D network, Grad-CAM is the ReLU of the activations weighted by their mean
+    gradients, min-max scaled, resized trilinearly to the volume and scaled again."""
+    torch.manual_seed(0)
+    stem = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.ReLU(),
+                               torch.nn.Conv3d(4, 5, 3, stride=2, padding=1))
+    w = torch.randn(5)
+    x = torch.randn(1, 1, 8, 8, 8)
+
+    def f(v):
+        return stem(v).mean((2, 3, 4)) @ w
+
+    m = E.cam("gradcam", f, stem[2], x)[0]
+    with torch.no_grad():
+        a = stem(x)[0]
+    ref = (w.view(5, 1, 1, 1) / a[0].numel() * a).sum(0).clamp(min=0)  # d score / d a = w / N at every voxel
+    ref = (ref - ref.min()) / (1e-7 + (ref - ref.min()).max())
+    ref = F.interpolate(ref[None, None], size=(8, 8, 8), mode="trilinear", align_corners=False)[0, 0]
+    ref = (ref - ref.min()) / (1e-7 + (ref - ref.min()).max())
+    assert m.shape == (8, 8, 8)
+    torch.testing.assert_close(m, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_deletion_on_a_volume_by_hand():
+    x = torch.ones(1, 2, 2, 2)
+    ranks = torch.arange(8.0, 0, -1).view(2, 2, 2)  # the top voxel first
+    # the probability is the mean voxel: 2 voxels deleted per step gives 1, .75, .5, .25, 0
+    d, i = E.deletion_insertion(lambda b: b.flatten(1).mean(1), x, ranks, steps=4)
+    assert d == pytest.approx(0.5)
+    assert i == pytest.approx(1.0)  # inserted onto a blurred copy of a constant volume: the constant
+    v = torch.rand(2, 9, 9, 9)
+    blurred = E._blur(v)
+    assert blurred.shape == v.shape and blurred.std() < 0.5 * v.std()
+    torch.testing.assert_close(blurred.mean(), v.mean(), atol=0.02, rtol=0)
+
+
+def test_medical_explain_segmenter_and_classifier(medical_run, medical_classifier_run, tmp_path, cli):
+    """Maps over whole volumes for a 3-D segmenter (against the label volume's classes) and a
+    3-D classifier (a NIfTI file, two targets), with the three orthogonal slices drawn."""
+    from PIL import Image
+
+    from cnnkit.data.volumes import phantoms, write_nifti
+
+    js = tmp_path / "seg.json"
+    r = cli("medical", "explain", "--weights", str(medical_run), "--data", "phantoms", "--limit", "1", "--method",
+            "gradcam,saliency", "--eval", "--out", str(tmp_path / "seg"), "--json", str(js))
+    assert r.code == 0, r.err
+    rows = json.loads(js.read_text())["rows"]
+    scored = [row for row in rows if row["method"] == "gradcam"]
+    assert scored and all("energy_in_mask" in row and 0 <= row["deletion_auc"] <= 1 for row in scored)
+    side = 32  # the phantoms' side
+    m = np.load(tmp_path / "seg" / "val_0000_t0.gradcam.npy")
+    assert m.shape == (side,) * 3 and 0 <= m.min() and m.max() <= 1 + 1e-6 and m.max() > 0.99
+    assert Image.open(tmp_path / "seg" / "val_0000_t0.gradcam.png").size == (3 * side + 8, side)
+
+    vol = phantoms({"test": 1}).split("test")[0]
+    nii = tmp_path / "case.nii.gz"
+    write_nifti(nii, vol.image, np.eye(4))
+    maps = []
+    for target in ("0", "1"):
+        r = cli("medical", "explain", "--weights", str(medical_classifier_run), "--source", str(nii), "--target",
+                target, "--out", str(tmp_path / f"cls{target}"))
+        assert r.code == 0, r.err
+        maps.append(np.load(tmp_path / f"cls{target}" / "case.nii.gradcam.npy"))
+    assert maps[0].shape == vol.image.shape and np.abs(maps[0] - maps[1]).max() > 1e-3

@@ -187,7 +187,7 @@ def add_mode_commands(group: click.Group, cfg_cls: type, val_help: str, predict_
 METHOD_COMMANDS = (
     ("ATTACK", "attack", (
         "The val metric under an adversarial attack (FGSM and PGD in the L-inf or L2 ball; for classifiers also "
-        "Carlini-Wagner L2 and AutoAttack's APGD pair), with the attack's success rate, perturbation size and a "
+        "Carlini-Wagner L2 and the standard AutoAttack), with the attack's success rate, perturbation size and a "
         "picture.")),
     ("ROBUSTNESS", "robustness", (
         "The val metric under the 15 ImageNet-C corruptions (noise, blur, weather, digital) at five severities, "

@@ -29,7 +29,7 @@ def register(parent: click.Group) -> click.Group:
     @parent.group("medical", cls=SuggestingGroup, context_settings=CONTEXT)
     def medical() -> None:
         """Medical volumes: segmentation (3-D U-Net, V-Net, slice-wise 2-D U-Net) and classification
-        (DenseNet-121 in 3-D or over slices): train, val, predict."""
+        (DenseNet-121 in 3-D or over slices): train, val, predict, explain."""
 
     # the image-classifier options 3-D training does not use are hidden (MedicalConfig refuses them)
     add_train_command(medical, MedicalConfig,

@@ -99,27 +99,37 @@ def score_fn(pipeline, core: nn.Module, selector: Any, prob: bool = False) -> Ca
     return f
 
 
+def _per_sample(t: torch.Tensor) -> tuple[int, ...]:
+    """The view that broadcasts one value per sample over ``t``'s other dimensions."""
+    return (-1, *[1] * (t.ndim - 1))
+
+
 def _normalize(cam: torch.Tensor) -> torch.Tensor:
-    """Per map ``(B, h, w)``: min-max to [0, 1] (pytorch-grad-cam's ``scale_cam_image``)."""
-    flat = cam.flatten(1)
-    lo = flat.min(1).values.view(-1, 1, 1)
-    cam = cam - lo
-    return cam / (1e-7 + cam.flatten(1).max(1).values.view(-1, 1, 1))
+    """Per map ``(B, h, w)`` (or ``(B, d, h, w)`` for volumes): min-max to [0, 1]
+    (pytorch-grad-cam's ``scale_cam_image``)."""
+    cam = cam - cam.flatten(1).min(1).values.view(_per_sample(cam))
+    return cam / (1e-7 + cam.flatten(1).max(1).values.view(_per_sample(cam)))
+
+
+def _mode(size: Sequence[int]) -> str:
+    return "bilinear" if len(size) == 2 else "trilinear"
 
 
 def _resize(cam: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    return F.interpolate(cam[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+    return F.interpolate(cam[:, None], size=tuple(size), mode=_mode(size), align_corners=False)[:, 0]
 
 
 class _Activations:
-    """Forward hook keeping the layer's output of the latest call."""
+    """Forward hook keeping the layer's output of the latest call, and counting the calls."""
 
     def __init__(self, layer: nn.Module):
         self.value: torch.Tensor | None = None
+        self.calls = 0
         self.handle = layer.register_forward_hook(self)
 
     def __call__(self, module, args, output) -> None:
         self.value = output[0] if isinstance(output, (tuple, list)) else output
+        self.calls += 1
 
     def __enter__(self) -> Self:
         return self
@@ -129,13 +139,17 @@ class _Activations:
 
 
 def cam(method: str, f: Callable[[torch.Tensor], torch.Tensor], layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A CAM method's maps ``(B, H, W)`` in [0, 1] for inputs ``x`` and score function ``f``."""
+    """A CAM method's maps ``(B, H, W)`` (``(B, D, H, W)`` for volumes) in [0, 1] for inputs
+    ``x`` and score function ``f``."""
     with _Activations(layer) as hook, torch.enable_grad():
         score = f(x)
         a = hook.value
-        if a is None or a.ndim != 4:
-            raise ModelError("the CAM layer must output (B, C, h, w) feature maps; pick a convolutional stage "
-                             "with --layer")
+        if a is None or a.ndim != x.ndim:
+            raise ModelError("the CAM layer must output feature maps of the input's dimensions ((B, C, h, w) for "
+                             "images, (B, C, d, h, w) for volumes); pick a convolutional stage with --layer")
+        if hook.calls > 1:
+            raise ModelError("the CAM layer ran once per sliding window, and a CAM map needs one pass over the "
+                             "whole input; use saliency, ig or occlusion for inputs larger than the model's window")
         if method == "eigencam":
             weights = None
         elif method == "scorecam":
@@ -145,29 +159,32 @@ def cam(method: str, f: Callable[[torch.Tensor], torch.Tensor], layer: nn.Module
             g = torch.zeros_like(a) if g is None else g
             weights = _grad_weights(method, a.detach(), g.detach())
     a = a.detach().float()
-    m = _eigen(a) if weights is None else (weights[:, :, None, None] * a).sum(1)
-    return _normalize(_resize(_normalize(m.clamp(min=0)), x.shape[-2:]))  # scaled again after the resize, as
+    m = _eigen(a) if weights is None else (weights.view(*weights.shape, *[1] * (a.ndim - 2)) * a).sum(1)
+    return _normalize(_resize(_normalize(m.clamp(min=0)), x.shape[2:]))  # scaled again after the resize, as
     # pytorch-grad-cam does, so the peak is 1
 
 
 def _grad_weights(method: str, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Channel weights ``(B, C)``: Grad-CAM's mean gradient, or Grad-CAM++'s weighted positive
     gradients (the closed form for an exponential score, as in the paper and pytorch-grad-cam)."""
+    space = tuple(range(2, g.ndim))
     if method == "gradcam":
-        return g.mean((2, 3))
+        return g.mean(space)
     g2 = g.pow(2)
-    alpha = g2 / (2 * g2 + a.sum((2, 3), keepdim=True) * g2 * g + 1e-6)
+    alpha = g2 / (2 * g2 + a.sum(space, keepdim=True) * g2 * g + 1e-6)
     alpha = torch.where(g != 0, alpha, torch.zeros_like(alpha))
-    return (g.clamp(min=0) * alpha).sum((2, 3))
+    return (g.clamp(min=0) * alpha).sum(space)
 
 
 @torch.no_grad()
 def _scorecam_weights(f, a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Score-CAM: each channel, upsampled and scaled to [0, 1], masks the input; the channel's
     weight is the softmax over channels of the masked inputs' scores."""
-    up = F.interpolate(a.float(), size=x.shape[-2:], mode="bilinear", align_corners=True)
+    size = x.shape[2:]
+    up = F.interpolate(a.float(), size=size, mode=_mode(size), align_corners=True)
     flat = up.flatten(2)
-    lo, hi = flat.min(2).values[..., None, None], flat.max(2).values[..., None, None]
+    view = (*flat.shape[:2], *[1] * len(size))
+    lo, hi = flat.min(2).values.view(view), flat.max(2).values.view(view)
     up = (up - lo) / (hi - lo + 1e-8)
     weights = []
     for b in range(len(x)):
@@ -208,18 +225,21 @@ def attribution(method: str, f: Callable[[torch.Tensor], torch.Tensor], x: torch
             m = IntegratedGradients(f).attribute(x, baselines=torch.zeros_like(x), n_steps=IG_STEPS,
                                                  internal_batch_size=IG_STEPS // 2).abs().sum(1)
         else:
-            k = window or max(2, min(x.shape[-2:]) // 8)
+            space = x.shape[2:]
+            k = window or max(2, min(space) // 8)
             stride = max(1, k // 2)
             c = x.shape[1]
             with torch.no_grad():
-                m = Occlusion(f).attribute(x, sliding_window_shapes=(c, k, k), strides=(c, stride, stride),
-                                           baselines=0.5, perturbations_per_eval=16).sum(1).clamp(min=0)
+                m = Occlusion(f).attribute(x, sliding_window_shapes=(c, *[k] * len(space)),
+                                           strides=(c, *[stride] * len(space)), baselines=0.5,
+                                           perturbations_per_eval=16 if len(space) == 2 else 4).sum(1).clamp(min=0)
     return _normalize(m.detach().float())
 
 
 def explain_one(method: str, pipeline, core: nn.Module, layer: nn.Module | None, x: torch.Tensor,
                 selector: Any) -> torch.Tensor:
-    """The map ``(H, W)`` of one prepared input ``x (C, H, W)`` for ``selector``."""
+    """The map ``(H, W)`` of one prepared input ``x (C, H, W)`` (``(D, H, W)`` of a volume
+    ``(C, D, H, W)``) for ``selector``."""
     f = score_fn(pipeline, core, selector)
     xb = x[None]
     if method in CAM_METHODS:
@@ -252,27 +272,42 @@ def deletion_insertion(f_prob: Callable[[torch.Tensor], torch.Tensor], x: torch.
     ranks[order] = torch.arange(n, device=order.device)
     ranks = ranks.view(m.shape)
     k = torch.linspace(0, n, steps + 1, device=x.device).round().long()
-    keep = ranks[None] < k.view(-1, 1, 1)  # (steps + 1, H, W): the top-k pixels
+    keep = ranks[None] < k.view(-1, *[1] * m.ndim)  # (steps + 1, H, W): the top-k pixels (or voxels)
     blurred = _blur(x)
     deleted = torch.where(keep[:, None], torch.zeros_like(x)[None], x[None])
     inserted = torch.where(keep[:, None], x[None], blurred[None])
-    d = torch.cat([f_prob(deleted[i:i + 8]) for i in range(0, len(deleted), 8)])
-    ins = torch.cat([f_prob(inserted[i:i + 8]) for i in range(0, len(inserted), 8)])
+    b = 8 if m.ndim == 2 else 2
+    d = torch.cat([f_prob(deleted[i:i + b]) for i in range(0, len(deleted), b)])
+    ins = torch.cat([f_prob(inserted[i:i + b]) for i in range(0, len(inserted), b)])
     return float(torch.trapezoid(d, dx=1 / steps)), float(torch.trapezoid(ins, dx=1 / steps))
 
 
 def _blur(x: torch.Tensor) -> torch.Tensor:
-    from torchvision.transforms.v2 import functional as TF
+    """A Gaussian blur of an image ``(C, H, W)`` or a volume ``(C, D, H, W)``, its kernel an
+    eighth of the smallest side."""
+    space = x.shape[1:]
+    k = max(3, (min(space) // 8) | 1)
+    if len(space) == 2:
+        from torchvision.transforms.v2 import functional as TF
 
-    k = max(3, (min(x.shape[-2:]) // 8) | 1)
-    return TF.gaussian_blur(x, [k, k], [k / 3, k / 3])
+        return TF.gaussian_blur(x, [k, k], [k / 3, k / 3])
+    g = torch.exp(-0.5 * ((torch.arange(k, device=x.device) - k // 2) / (k / 3)) ** 2)
+    g = (g / g.sum()).to(x.dtype)
+    out = x[:, None]
+    for axis in range(3):  # separable: one 1-D pass per axis, edges replicated
+        shape = [1, 1, 1, 1, 1]
+        shape[2 + axis] = k
+        pad = [0] * 6
+        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = k // 2
+        out = F.conv3d(F.pad(out, pad, mode="replicate"), g.view(shape))
+    return out[:, 0]
 
 
 def random_map(shape: Sequence[int], seed: int) -> torch.Tensor:
     """A baseline map of smooth random blobs (uniform noise upsampled), in [0, 1]."""
     g = torch.Generator().manual_seed(seed)
-    low = torch.rand(1, 1, max(2, shape[0] // 8), max(2, shape[1] // 8), generator=g)
-    return _normalize(F.interpolate(low, size=tuple(shape), mode="bilinear", align_corners=False)[:, 0])[0]
+    low = torch.rand(1, 1, *[max(2, s // 8) for s in shape], generator=g)
+    return _normalize(F.interpolate(low, size=tuple(shape), mode=_mode(shape), align_corners=False)[:, 0])[0]
 
 
 # ---- the command -----------------------------------------------------------------------------
@@ -299,6 +334,27 @@ def overlay(image: torch.Tensor, m: np.ndarray, box: Sequence[float] | None = No
     return out
 
 
+def overlay_volume(volume: torch.Tensor, m: np.ndarray):
+    """A PIL image for a volume ``(D, H, W)`` and its map: the three orthogonal slices through
+    the map's peak (axial, coronal, sagittal), each the scan (grey, between its 1st and 99th
+    percentiles) under the map's colours, side by side."""
+    from PIL import Image
+
+    v = volume.float().cpu().numpy()
+    lo, hi = np.percentile(v, [1, 99])
+    grey = ((v - lo) / max(hi - lo, 1e-6) * 255).clip(0, 255).astype(np.uint8)
+    d, h, w = np.unravel_index(int(np.argmax(m)), m.shape)
+    cuts = [(grey[d], m[d]), (grey[:, h], m[:, h]), (grey[:, :, w], m[:, :, w])]
+    tiles = [overlay(torch.from_numpy(np.ascontiguousarray(g))[None], np.ascontiguousarray(c)) for g, c in cuts]
+    out = Image.new("RGB", (sum(t.width for t in tiles) + 4 * (len(tiles) - 1), max(t.height for t in tiles)),
+                    (255, 255, 255))
+    x = 0
+    for t in tiles:
+        out.paste(t, (x, 0))
+        x += t.width + 4
+    return out
+
+
 def _items(spec, model, o: dict[str, Any], verbose: bool) -> tuple[list, list[tuple[str, str]]]:
     """``[(name, image uint8, [(target, object mask or None), ...]), ...]`` and the unreadable
     files: the ``--source`` images with ``--target``, or the first ``--limit`` images of a
@@ -317,9 +373,7 @@ def _items(spec, model, o: dict[str, Any], verbose: bool) -> tuple[list, list[tu
                 continue
             items.append((f"{o['split']}_{i:04d}", image, spec.explain_truth(records, i)))
         return items, skipped
-    from cnnkit.data.decode import list_sources
-
-    for path in list_sources(o["source"])[:o["limit"]]:
+    for path in spec.sources({"source": o["source"]})[:o["limit"]]:
         try:
             image = model.pipeline.decode(path)
         except ImageDecodeError as e:
@@ -376,7 +430,7 @@ def run(spec, o: dict[str, Any], verbose: bool = True) -> dict[str, Any]:
                 layers_used.add(used_name)
             maps = {method: explain_one(method, pipe, core, used, x, selector) for method in methods}
             if o["eval"]:
-                maps["random"] = random_map(x.shape[-2:], len(rows)).to(x.device)
+                maps["random"] = random_map(x.shape[1:], len(rows)).to(x.device)
             for method, m in maps.items():
                 full = pipe.map_to_image(m, meta).cpu().numpy().astype(np.float32)
                 row = {"image": name, "target": desc, "method": method}
@@ -386,7 +440,8 @@ def run(spec, o: dict[str, Any], verbose: bool = True) -> dict[str, Any]:
                     with atomic_path(out / f"{stem}.{method}.npy") as p, open(p, "wb") as fh:
                         np.save(fh, full)
                     with atomic_path(out / f"{stem}.{method}.png") as p:
-                        overlay(image, full, box).save(p, format="PNG")
+                        (overlay(image, full, box) if full.ndim == 2 else overlay_volume(image, full)).save(
+                            p, format="PNG")
                     row["png"] = str(out / f"{stem}.{method}.png")
                 if o["eval"]:
                     d, i = deletion_insertion(score_fn(pipe, core, selector, prob=True), x, m)

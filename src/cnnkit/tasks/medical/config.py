@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cnnkit.core.options import shared
+from cnnkit.core.options import explain_options, shared
 from cnnkit.engine.config import TrainConfig
 from cnnkit.errors import CnnkitError
 
@@ -63,3 +63,9 @@ class MedicalConfig(TrainConfig):
         from cnnkit.models.volumetric import CLASSIFIERS_3D
 
         return self.model in CLASSIFIERS_3D
+
+
+MedicalConfig.EXPLAIN = explain_options(
+    "the class to explain (a name or an index); classifiers: default the top class; segmenters: default the "
+    "foreground class with the most predicted voxels, explained over those voxels",
+    "phantoms or a NIfTI YAML")

@@ -37,9 +37,40 @@ class MedicalPipeline(Pipeline):
         return build_volume_model(self.card.arch, self.card.num_classes, self.card.input.channels)
 
     def feature_layers(self, model: nn.Module) -> dict[str, nn.Module]:
+        """The encoder's stages, input to output: DenseNet's dense blocks (``block1``-``block4``),
+        the U-Net's levels (``down1``... and ``bottom``), V-Net's input and down levels."""
         net = getattr(model, "net", model)  # SliceWise wraps a 2-D network
-        named = dict(net.named_children())
-        return {n: m for n, m in named.items() if n != "class_layers"}
+        if hasattr(net, "features") and hasattr(net, "class_layers"):  # MONAI DenseNet
+            return {n.replace("denseblock", "block"): m for n, m in net.features.named_children()
+                    if n.startswith("denseblock")}
+        if isinstance(getattr(net, "model", None), nn.Sequential):  # MONAI UNet: nested (down, skip(...), up)
+            stages, seq = {}, net.model
+            while isinstance(seq, nn.Sequential) and len(seq) == 3 and hasattr(seq[1], "submodule"):
+                stages[f"down{len(stages) + 1}"] = seq[0]
+                seq = seq[1].submodule
+            stages["bottom"] = seq
+            return stages
+        return {n: m for n, m in net.named_children() if n == "in_tr" or n.startswith("down_tr")}  # V-Net
+
+    def explain_layer(self, model: nn.Module, selector: Any) -> tuple[str, nn.Module] | None:
+        """The deepest stage whose output is still at least 4 voxels a side on the model's
+        window (a 32-voxel cube halves to one voxel at DenseNet's last block, where a CAM map
+        is one value); found with one forward pass of an empty window."""
+        stages = self.feature_layers(model)
+        sides: dict[str, int] = {}
+        hooks = [m.register_forward_hook(lambda mod, i, out, n=n: sides.__setitem__(
+            n, min((out[0] if isinstance(out, (tuple, list)) else out).shape[2:])))
+            for n, m in stages.items()]
+        try:
+            p = next(model.parameters())
+            with torch.no_grad():
+                model(torch.zeros(1, self.card.input.channels, *(self.window,) * 3, device=p.device, dtype=p.dtype))
+        finally:
+            for h in hooks:
+                h.remove()
+        fit = [n for n in stages if sides.get(n, 0) >= 4]
+        name = fit[-1] if fit else next(iter(stages), None)
+        return None if name is None else (name, stages[name])
 
     def decode(self, item: Any, max_pixels: int | None = None) -> torch.Tensor:
         return self.decode_meta(item, max_pixels)[0]
@@ -89,9 +120,60 @@ class MedicalPipeline(Pipeline):
                 for lab, m in zip(labels, metas)]
 
     def target(self, raw: tuple[torch.Tensor, ...], selector: Any) -> torch.Tensor:
-        """Classifiers: the logit of class ``selector``; segmenters: its mean logit."""
+        """Classifiers: the logit of class ``selector``; segmenters: its mean logit, over the
+        voxels of ``(class, region)`` where a region is given (else over the whole volume)."""
+        region = None
+        if isinstance(selector, tuple):
+            selector, region = selector
         logits = raw[0][:, int(selector)]
-        return logits if self.classify else logits.flatten(1).mean(1)
+        if self.classify:
+            return logits
+        if region is None:
+            return logits.flatten(1).mean(1)
+        r = region.to(logits.device, logits.dtype)
+        return (logits * r).flatten(1).sum(1) / r.sum().clamp(min=1)
+
+    def target_prob(self, raw: tuple[torch.Tensor, ...], selector: Any) -> torch.Tensor:
+        """The class's softmax probability (segmenters: its mean over the region's voxels)."""
+        region = None
+        if isinstance(selector, tuple):
+            selector, region = selector
+        p = raw[0].float().softmax(1)[:, int(selector)]
+        if self.classify:
+            return p
+        if region is None:
+            return p.flatten(1).mean(1)
+        r = region.to(p.device, p.dtype)
+        return (p * r).flatten(1).sum(1) / r.sum().clamp(min=1)
+
+    def select(self, raw: tuple[torch.Tensor, ...], target: Any, meta: dict[str, Any] | None = None) -> tuple[Any, str]:
+        """``target``: a class name or index. Classifiers: None is the top class. Segmenters:
+        None is the foreground class with the most predicted voxels, and the region explained
+        is that class's predicted voxels (the whole volume when none are)."""
+        from cnnkit.runtime.classifier import class_index
+
+        if self.classify:
+            idx = int(raw[0][0].argmax()) if target is None else class_index(self.classes, target)
+            return idx, f"class {self.classes[idx]}"
+        pred = raw[0][0].argmax(0)
+        if target is None:
+            counts = torch.bincount(pred.flatten().cpu(), minlength=len(self.classes))[1:]
+            cls = 1 + int(counts.argmax()) if len(counts) and counts.max() > 0 else min(1, len(self.classes) - 1)
+        else:
+            cls = class_index(self.classes, target)
+        region = pred == cls
+        if not region.any():
+            return (cls, None), f"class {self.classes[cls]} (not predicted here: the whole volume)"
+        return (cls, region), f"class {self.classes[cls]} ({int(region.sum())} predicted voxels)"
+
+    def map_to_image(self, m: torch.Tensor, meta: dict[str, Any]) -> torch.Tensor:
+        """A map over the core's input -> over the volume: classifiers saw it resized to the
+        window cube (trilinear back); segmenters saw it whole."""
+        shape = tuple(int(s) for s in meta["shape"])
+        if tuple(m.shape) == shape:
+            return m
+        return torch.nn.functional.interpolate(m[None, None].float(), size=shape, mode="trilinear",
+                                               align_corners=False)[0, 0]
 
 
 def pipeline(card: ModelCard) -> MedicalPipeline:

@@ -132,6 +132,22 @@ class MedicalSpec(WorkflowSpec):
     def val_metrics(self, model, records, options: dict[str, Any]) -> Evaluation:
         return Evaluation(evaluate(model, records))
 
+    def explain_truth(self, records, i: int) -> list:
+        """Segmenters: every foreground class in the label volume, with its voxels.
+        Classifiers: the volume's class, with the voxels of the label volume's highest class
+        where the record has one and that class is present (phantoms: the lesion, for volumes
+        of class "lesion"); else no voxels (deletion and insertion still score the map)."""
+        r = records[i]
+        label = r.load_label() if (r.label is not None or r.label_path) else None
+        if r.target is not None:  # a classifier's volume
+            mask = None
+            if label is not None and r.target > 0 and (top := int(label.max())) > 0:
+                mask = label == top
+            return [(int(r.target), mask)]
+        if label is None:
+            raise DataError(f"volume {r.name} has no label volume to explain against")
+        return [(int(c), label == c) for c in sorted(set(np.unique(label).tolist()) - {0})]
+
     def sources(self, options: dict[str, Any]) -> list:
         """The NIfTI files of ``source``; with ``save_dir``, refuse to write a label volume over
         an input."""
