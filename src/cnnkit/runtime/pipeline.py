@@ -122,7 +122,7 @@ class Pipeline:
         answer), and a few words naming it. Raises a one-sentence error for a target the
         model does not have."""
         raise ModelError(f"{self.task} models cannot be explained yet (explain covers classify, multilabel, "
-                         "detect, instance and segment)")
+                         "detect, instance, segment and medical)")
 
     def attack_loss(self, raw: tuple[torch.Tensor, ...], ref: tuple[torch.Tensor, ...] | None,
                     targeted: int | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
