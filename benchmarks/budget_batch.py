@@ -1,0 +1,63 @@
+"""Which batch a time budget wants (issue 19, part 1): ``--time M`` with each batch size.
+
+    python benchmarks/budget_batch.py [--data opencv shapes] [--minutes 0.5 2] [--batches 8 16 32 64] [--seed 0]
+
+Each (data, budget, batch) trains ``cnnkit classify train --data D --time M --batch B`` with
+every other option at its default (the learning rate too) and reports the test top-1 of the
+best-on-val weights and the epochs the budget allowed. Data:
+``opencv`` is OpenCV's 5,000 handwritten digits as a class folder (3,000 / 1,000 / 1,000,
+``techniques.opencv_folder``; Debian opencv-doc via ``make bench-data``), ``shapes`` the
+built-in shapes classification set (64 px). The question is whether a short budget is better
+spent on more, smaller steps than the default batch takes, and from which budget on the default
+wins: the answer decides whether ``--time`` should fit the batch.
+
+``--time`` counts wall-clock time, so run this alone on the machine: anything running beside it
+cuts the epochs each budget allows and changes the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from _common import save
+
+
+def main() -> None:
+    import cnnkit
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", nargs="+", default=["opencv", "shapes"])
+    ap.add_argument("--minutes", type=float, nargs="+", default=[0.5, 2.0])
+    ap.add_argument("--batches", type=int, nargs="+", default=[8, 16, 32, 64])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        for data in args.data:
+            source = data
+            if data == "opencv":
+                from techniques import opencv_folder
+
+                source = opencv_folder(Path(d) / "opencv-digits")
+            for minutes in args.minutes:
+                for batch in args.batches:
+                    out = Path(d) / f"{data}-{minutes}-{batch}"
+                    t0 = time.perf_counter()
+                    r = cnnkit.train("classify", data=source, time=minutes, batch=batch, seed=args.seed, out=str(out),
+                                     verbose=False)
+                    seconds = time.perf_counter() - t0
+                    epochs = len((out / "metrics.csv").read_text().strip().splitlines()) - 1
+                    test = r.test_metrics or r.metrics
+                    row = {"data": data, "minutes": minutes, "batch": batch, "test_top1": round(test["top1"], 4),
+                           "epochs": epochs, "best_epoch": r.best_epoch, "seconds": round(seconds, 1)}
+                    rows.append(row)
+                    print(row, flush=True)
+                    save("budget_batch" + args.tag, {"seed": args.seed, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
