@@ -167,6 +167,24 @@ class Pipeline:
         return F.interpolate(m[None, None].float(), size=size, mode="bilinear", align_corners=False)[0, 0]
 
 
+def predicted_region(pred: torch.Tensor, classes: Sequence[str], target: Any, unit: str = "pixels",
+                     whole: str = "image") -> tuple[Any, str]:
+    """A segmenter's :meth:`Pipeline.select`: from the predicted class map ``pred``, the class
+    ``target`` (a name or index; None: the foreground class with the most predicted
+    ``unit``) and its predicted region (None, meaning the whole ``whole``, when it has none)."""
+    from cnnkit.runtime.classifier import class_index
+
+    if target is None:
+        counts = torch.bincount(pred.flatten().cpu(), minlength=len(classes))[1:]
+        cls = 1 + int(counts.argmax()) if len(counts) and counts.max() > 0 else min(1, len(classes) - 1)
+    else:
+        cls = class_index(classes, target)
+    region = pred == cls
+    if not region.any():
+        return (cls, None), f"class {classes[cls]} (not predicted here: the whole {whole})"
+    return (cls, region), f"class {classes[cls]} ({int(region.sum())} predicted {unit})"
+
+
 def pipeline_for(card: ModelCard) -> Pipeline:
     """The task pipeline of ``card`` (``cnnkit.tasks.<task>.pipeline``)."""
     module = importlib.import_module(f"cnnkit.tasks.{PIPELINES[card.task]}.pipeline")

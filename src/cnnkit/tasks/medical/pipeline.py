@@ -122,49 +122,35 @@ class MedicalPipeline(Pipeline):
     def target(self, raw: tuple[torch.Tensor, ...], selector: Any) -> torch.Tensor:
         """Classifiers: the logit of class ``selector``; segmenters: its mean logit, over the
         voxels of ``(class, region)`` where a region is given (else over the whole volume)."""
-        region = None
-        if isinstance(selector, tuple):
-            selector, region = selector
-        logits = raw[0][:, int(selector)]
-        if self.classify:
-            return logits
-        if region is None:
-            return logits.flatten(1).mean(1)
-        r = region.to(logits.device, logits.dtype)
-        return (logits * r).flatten(1).sum(1) / r.sum().clamp(min=1)
+        return self._class_score(raw[0], selector)
 
     def target_prob(self, raw: tuple[torch.Tensor, ...], selector: Any) -> torch.Tensor:
         """The class's softmax probability (segmenters: its mean over the region's voxels)."""
-        region = None
-        if isinstance(selector, tuple):
-            selector, region = selector
-        p = raw[0].float().softmax(1)[:, int(selector)]
+        return self._class_score(raw[0].float().softmax(1), selector)
+
+    def _class_score(self, scores: torch.Tensor, selector: Any) -> torch.Tensor:
+        """Class ``selector``'s channel of ``scores`` per sample: as is for classifiers, its mean
+        over the region's voxels (the whole volume without one) for segmenters."""
+        cls, region = selector if isinstance(selector, tuple) else (selector, None)
+        s = scores[:, int(cls)]
         if self.classify:
-            return p
+            return s
         if region is None:
-            return p.flatten(1).mean(1)
-        r = region.to(p.device, p.dtype)
-        return (p * r).flatten(1).sum(1) / r.sum().clamp(min=1)
+            return s.flatten(1).mean(1)
+        r = region.to(s.device, s.dtype)
+        return (s * r).flatten(1).sum(1) / r.sum().clamp(min=1)
 
     def select(self, raw: tuple[torch.Tensor, ...], target: Any, meta: dict[str, Any] | None = None) -> tuple[Any, str]:
         """``target``: a class name or index. Classifiers: None is the top class. Segmenters:
         None is the foreground class with the most predicted voxels, and the region explained
         is that class's predicted voxels (the whole volume when none are)."""
         from cnnkit.runtime.classifier import class_index
+        from cnnkit.runtime.pipeline import predicted_region
 
         if self.classify:
             idx = int(raw[0][0].argmax()) if target is None else class_index(self.classes, target)
             return idx, f"class {self.classes[idx]}"
-        pred = raw[0][0].argmax(0)
-        if target is None:
-            counts = torch.bincount(pred.flatten().cpu(), minlength=len(self.classes))[1:]
-            cls = 1 + int(counts.argmax()) if len(counts) and counts.max() > 0 else min(1, len(self.classes) - 1)
-        else:
-            cls = class_index(self.classes, target)
-        region = pred == cls
-        if not region.any():
-            return (cls, None), f"class {self.classes[cls]} (not predicted here: the whole volume)"
-        return (cls, region), f"class {self.classes[cls]} ({int(region.sum())} predicted voxels)"
+        return predicted_region(raw[0][0].argmax(0), self.classes, target, "voxels", "volume")
 
     def map_to_image(self, m: torch.Tensor, meta: dict[str, Any]) -> torch.Tensor:
         """A map over the core's input -> over the volume: classifiers saw it resized to the

@@ -110,18 +110,9 @@ class SegmentPipeline(Pipeline):
         """``target``: a class name or index (None: the foreground class with the most
         predicted pixels); the region is that class's predicted pixels (the whole image when
         the model predicts none)."""
-        from cnnkit.runtime.classifier import class_index
+        from cnnkit.runtime.pipeline import predicted_region
 
-        pred = raw[0][0].argmax(0)
-        if target is None:
-            counts = torch.bincount(pred.flatten().cpu(), minlength=len(self.classes))[1:]
-            cls = 1 + int(counts.argmax()) if len(counts) and counts.max() > 0 else min(1, len(self.classes) - 1)
-        else:
-            cls = class_index(self.classes, target)
-        region = pred == cls
-        if not region.any():
-            return (cls, None), f"class {self.classes[cls]} (not predicted here: the whole image)"
-        return (cls, region), f"class {self.classes[cls]} ({int(region.sum())} predicted pixels)"
+        return predicted_region(raw[0][0].argmax(0), self.classes, target)
 
 
 def pipeline(card: ModelCard) -> SegmentPipeline:
