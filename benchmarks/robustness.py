@@ -29,6 +29,7 @@ Run it alone: timings on 2 shared cores are off by 2-4x when anything else runs.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -103,6 +104,8 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: speed, goal, aug, illumination, "
                                                "light-tasks")
     ap.add_argument("--light-epochs", type=int, default=12, help="epochs of each detector and segmenter (part 5)")
+    ap.add_argument("--resume", action="store_true",
+                    help="part 5: keep the models already in benchmarks/results/robustness{TAG}.json and train the rest")
     args = ap.parse_args()
     import cnnkit
     from cnnkit.methods.corruptions import IMAGENET_C
@@ -178,9 +181,19 @@ def main() -> None:
             result["illumination"] = rows
         if "light-tasks" not in skip:
             result["light_tasks"] = {}
+            result["light_epochs"] = args.light_epochs
+            done = {}
+            previous = Path(__file__).parent / "results" / f"robustness{args.tag}.json"
+            if args.resume and previous.exists():
+                done = json.loads(previous.read_text()).get("light_tasks", {})
             for task, opts in LIGHT_TASKS.items():
                 rows = []
                 for mode in MODES:
+                    kept = [row for row in done.get(task, []) if row["illumination"] == mode]
+                    if kept:
+                        rows.append(kept[0])
+                        print(f"{task} --illumination {mode:<12} kept from {previous.name}", flush=True)
+                        continue
                     run = Path(tmp) / f"{task}-light-{mode}"
                     t0 = time.perf_counter()
                     cnnkit.train(task, data="shapes", epochs=args.light_epochs, illumination=mode, out=str(run),
@@ -196,6 +209,7 @@ def main() -> None:
                           f"{row['mean']:.4f}  " + "  ".join(f"{n} {row[n]:.3f}" for n in r["corruptions"]), flush=True)
                     result["light_tasks"][task] = rows
                     save(f"robustness{args.tag}", result)  # after every model: a long run keeps what it finished
+                result["light_tasks"][task] = rows
     save(f"robustness{args.tag}", result)
 
 
