@@ -15,14 +15,40 @@ import cnnkit
 from cnnkit.engine.qat import fake_weight, prepare, release
 
 
-def test_fake_weights_sit_on_the_per_channel_int8_grid():
+@pytest.mark.parametrize("bits,top", [(7, 64), (8, 127)])
+def test_fake_weights_sit_on_the_per_channel_int8_grid(bits, top):
+    """The integers ORT writes: -64..64 with 7-bit weights (cnnkit quantize's default), -127..127."""
     torch.manual_seed(0)
     w = torch.randn(6, 3, 3, 3) * torch.tensor([0.01, 0.1, 1, 5, 20, 100]).view(6, 1, 1, 1)
-    q = fake_weight(w)
-    scale = w.abs().flatten(1).amax(1) / 127
+    q = fake_weight(w, bits)
+    scale = w.abs().flatten(1).amax(1) / top
     steps = q / scale.view(6, 1, 1, 1)
-    assert torch.allclose(steps, steps.round(), atol=1e-3) and steps.abs().max() <= 127.001
+    assert torch.allclose(steps, steps.round(), atol=1e-3) and steps.abs().max() <= top + 0.001
+    assert steps.abs().flatten(1).amax(1).round().eq(top).all()
     assert ((q - w).abs() <= scale.view(6, 1, 1, 1) / 2 + 1e-6).all()  # rounding, not truncation
+
+
+def test_every_tensor_ort_quantizes_is_rounded():
+    """BatchNorm outputs feeding an addition, both sides of a Hardswish, a ReLU's output (ORT
+    folds the ReLU into the range before it, so the BatchNorm before a ReLU is not rounded)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+                      nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.Hardswish(), nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8))
+    prepare(m)
+    assert not hasattr(m[1], "_qat_output") and hasattr(m[2], "_qat_output")  # BN -> ReLU: once, after the ReLU
+    assert not hasattr(m[4], "_qat_output")  # BN -> Hardswish: the Hardswish rounds its input
+    assert hasattr(m[5], "_qat_act_input") and hasattr(m[5], "_qat_output") and hasattr(m[7], "_qat_output")
+    seen = {}
+    for i in (1, 5, 7):
+        m[i].register_forward_hook(lambda mod, inp, out, i=i: seen.update({i: (inp[0], out)}))
+    m.train()
+    m(torch.rand(4, 3, 10, 10))
+    assert len(torch.unique(seen[1][1])) > 256  # not rounded: the ReLU's output is
+    for out in (seen[5][0], seen[5][1], seen[7][1]):  # hooks run in order: these see rounded tensors
+        assert len(torch.unique(out.detach())) <= 256
+    release(m)
+    assert not any(mod._forward_hooks or mod._forward_pre_hooks for mod in m.modules() if mod not in (m[1], m[5], m[7]))
+    assert not any(hasattr(mod, "_qat_output") or hasattr(mod, "_qat_act_input") for mod in m.modules())
 
 
 def test_prepared_layers_round_their_inputs_and_pass_gradients():

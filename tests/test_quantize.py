@@ -71,6 +71,8 @@ def test_int8_runs_through_val_within_the_allowed_loss(int8, request, name):
     ops = {n.op_type for n in m.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     assert any(t.data_type == onnx.TensorProto.INT8 for t in m.graph.initializer)
+    # 7-bit weights by default: no u8s8 saturation on x86 without VNNI (the grid's ends are used)
+    assert _int8_weight_range(m) == 64
     assert report["size_mb"] < report["fp32_size_mb"]
     # the nodes writing the raw outputs stay in float (8 bits cannot hold box coordinates)
     producer = {o: n for n in m.graph.node for o in n.output}
@@ -78,9 +80,18 @@ def test_int8_runs_through_val_within_the_allowed_loss(int8, request, name):
     assert all(producer[o.name].op_type != "DequantizeLinear" for o in m.graph.output), name
     card = json.loads({p.key: p.value for p in m.metadata_props}["cnnkit_card"])
     assert card["extra"]["quantized"]["calibration"]["images"] == report["calibration"]["images"] > 0
+    assert card["extra"]["quantized"]["weight_bits"] == 7
     sqnr = report["outputs_sqnr_db"]
     if name != "instance_run":  # Mask R-CNN's kept detections vary in number: compared by val above
         assert all(v is not None and v > 10 for v in sqnr.values()), sqnr
+
+
+def _int8_weight_range(m) -> int:
+    """The largest |integer| among the int8 initializers of an ONNX model."""
+    from onnx import numpy_helper
+
+    return max(int(np.abs(numpy_helper.to_array(t).astype(np.int32)).max())
+               for t in m.graph.initializer if t.data_type == onnx.TensorProto.INT8)
 
 
 def test_sensitivity_names_layers_and_exclude_leaves_them_in_float(int8, tmp_path):
@@ -111,15 +122,17 @@ def test_sqnr_against_hand_computed_values():
 def test_cli_quantize_and_its_errors(digits_run, cli, tmp_path):
     out = tmp_path / "d.int8.onnx"
     r = cli("quantize", "--weights", digits_run, "--data", "digits", "--calib", "32", "--out", out,
-            "--no-sensitivity", "--json", tmp_path / "q.json")
+            "--no-sensitivity", "--json", tmp_path / "q.json", "--weight-bits", "8")
     assert r.code == 0, r.err
     assert "int8 classify" in r.out and json.loads((tmp_path / "q.json").read_text())["file"] == str(out)
+    assert _int8_weight_range(onnx.load(str(out))) == 127 and "8-bit weights" in " ".join(r.out.split())
     r = cli("classify", "predict", "--weights", out, "--source", str(tmp_path / "nothing.png"))
     assert r.code == 2
     bad = {
         ("--exclude", "no_such_node"): "no_such_node",
         ("--method", "bogus"): "bogus",
         ("--calib", "0"): "0",
+        ("--weight-bits", "9"): "9",
     }
     for args, word in bad.items():
         r = cli("quantize", "--weights", digits_run, "--data", "digits", "--out", tmp_path / "x.onnx", *args)

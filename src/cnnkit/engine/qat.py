@@ -7,27 +7,46 @@ QAT fine-tunes the trained float model with both roundings simulated in its forw
 (fake quantization, the rounding's gradient taken as 1 inside the range: the straight-through
 estimator), so the weights settle where rounding costs little:
 
-- weights: ``torch.fake_quantize_per_channel_affine`` at ``max|w_c| / 127`` per output channel.
+- weights: ``torch.fake_quantize_per_channel_affine`` at ``max|w_c| / 64`` per output channel
+  (the 7-bit weights ``cnnkit quantize`` writes by default; see ``methods.quantize``).
   Folding a BatchNorm into the convolution before it (as ORT's pre-processing does) scales each
   output channel by a constant, and symmetric per-channel rounding commutes with that, so the
   unfolded weights see the rounding the folded ones will get;
 - activations: ``torch.fake_quantize_per_tensor_affine`` over the running min/max (exponential
-  average, 0 always inside) of each layer's input, as min/max calibration sets them.
+  average, 0 always inside) of each tensor, as min/max calibration sets them. ONNX Runtime's
+  QDQ quantizer rounds every tensor between two quantized nodes, not only the inputs of
+  convolutions, so the simulation rounds (:data:`REMOVABLE`, :data:`ACTIVATIONS`):
+
+  - the input of every convolution and linear layer;
+  - the output of every BatchNorm (the folded convolution's output) that no activation
+    module follows, as it feeds a residual addition;
+  - the input and output of every activation that stays a node of its own (Hardswish,
+    Hardsigmoid, Sigmoid, SiLU, ...);
+  - only the output of ReLU, ReLU6 and Hardtanh: ORT removes them and gives their range to the
+    node before, so the convolution's output is rounded once, on ``[0, max]``.
+
+  On a MobileNetV3 trained on digits, the logits of the int8 file are 14.3 dB from fp32 (SQNR);
+  the simulation with these roundings 14.7 dB, with convolution inputs alone 16.6 dB (60% of
+  the noise power).
 
 The transform swaps each ``nn.Conv{1,2,3}d`` and ``nn.Linear`` for a subclass with that
-forward (:func:`prepare`); parameters, buffers and ``state_dict`` keys do not change, so the
-weights the run saves are an ordinary float model of the same architecture. After training the
+forward and adds forward hooks to the BatchNorm and activation modules (:func:`prepare`);
+parameters, buffers and ``state_dict`` keys do not change, so the weights the run saves are
+an ordinary float model of the same architecture. After training the
 workflow writes ``weights/best.int8.onnx`` with ``cnnkit quantize`` (per-channel, min/max,
 calibrated on the train split) and reports its metric beside the float one.
 """
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cnnkit.errors import CnnkitError
+from cnnkit.methods.quantize import WEIGHT_BITS
 
 MOMENTUM = 0.05  # of the running activation range
 
@@ -60,11 +79,13 @@ class _Range:
         return r
 
 
-def fake_weight(w: torch.Tensor) -> torch.Tensor:
-    """``w`` rounded to int8 with one symmetric scale per output channel (dim 0)."""
-    scale = w.detach().abs().flatten(1).amax(1).float().clamp(min=1e-8) / 127
+def fake_weight(w: torch.Tensor, bits: int = WEIGHT_BITS) -> torch.Tensor:
+    """``w`` rounded with one symmetric scale per output channel (dim 0) to the integers ORT
+    writes: -64..64 for 7 bits (``cnnkit quantize``'s default), -127..127 for 8."""
+    top = 64 if bits == 7 else 127
+    scale = w.detach().abs().flatten(1).amax(1).float().clamp(min=1e-8) / top
     zero = torch.zeros_like(scale, dtype=torch.int32)
-    return torch.fake_quantize_per_channel_affine(w.float(), scale, zero, 0, -128, 127).to(w.dtype)
+    return torch.fake_quantize_per_channel_affine(w.float(), scale, zero, 0, -top, top).to(w.dtype)
 
 
 class _QATConv:
@@ -90,6 +111,34 @@ class QATLinear(nn.Linear):
 
 
 SWAPS = {nn.Conv1d: QATConv1d, nn.Conv2d: QATConv2d, nn.Conv3d: QATConv3d, nn.Linear: QATLinear}
+REMOVABLE = (nn.ReLU, nn.ReLU6, nn.Hardtanh)  # ORT folds these into the range of the node before
+ACTIVATIONS = (nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.SiLU, nn.GELU, nn.Mish, nn.Tanh, nn.LeakyReLU, nn.ELU)
+
+
+def _round_output(module: nn.Module, args, output):
+    return module._qat_output(output, module.training) if isinstance(output, torch.Tensor) else output
+
+
+def _round_input(module: nn.Module, args):
+    if args and isinstance(args[0], torch.Tensor):
+        return (module._qat_act_input(args[0], module.training), *args[1:])
+    return None
+
+
+def _activation_follows(model: nn.Module) -> set[int]:
+    """``id`` of every BatchNorm that an activation module follows: the next module registered
+    beside it (``Sequential`` and the usual ``conv, bn, act`` attribute order), or its own
+    ``act`` (timm's ``BatchNormAct2d``)."""
+    out = set()
+    for parent in model.modules():
+        kids = list(parent.children())
+        for a, b in itertools.pairwise(kids):
+            if isinstance(a, nn.modules.batchnorm._BatchNorm) and isinstance(b, REMOVABLE + ACTIVATIONS):
+                out.add(id(a))
+        act = getattr(parent, "act", None)
+        if isinstance(parent, nn.modules.batchnorm._BatchNorm) and isinstance(act, REMOVABLE + ACTIVATIONS):
+            out.add(id(parent))
+    return out
 
 
 def prepare(model: nn.Module) -> nn.Module:
@@ -106,6 +155,15 @@ def prepare(model: nn.Module) -> nn.Module:
             swapped += 1
         elif isinstance(m, nn.modules.conv._ConvNd | nn.Linear) and type(m) not in SWAPS.values():
             left.append(name)  # transposed or custom convolutions: trained in float, quantized as ORT can
+    followed = _activation_follows(model)
+    for m in model.modules():
+        if isinstance(m, ACTIVATIONS):
+            m._qat_act_input = _Range()
+            m.register_forward_pre_hook(_round_input)
+        if isinstance(m, REMOVABLE + ACTIVATIONS) or (isinstance(m, nn.modules.batchnorm._BatchNorm)
+                                                      and id(m) not in followed):
+            m._qat_output = _Range()
+            m.register_forward_hook(_round_output)
     model._qat_float_layers = left
     if not swapped:
         raise CnnkitError("--qat found no convolution or linear layer to quantize in this model")
@@ -119,4 +177,10 @@ def release(model: nn.Module) -> nn.Module:
         if type(m) in back:
             m.__class__ = back[type(m)]
             del m._qat_input
+        for hooks, hook, attr in ((m._forward_pre_hooks, _round_input, "_qat_act_input"),
+                                  (m._forward_hooks, _round_output, "_qat_output")):
+            for key in [k for k, f in hooks.items() if f is hook]:
+                del hooks[key]
+            if hasattr(m, attr):
+                delattr(m, attr)
     return model
