@@ -19,8 +19,9 @@ timed in interleaved rounds with a pause before each turn (`cnnkit.methods.bench
 
 Accuracy (``--accuracy``): small models trained here for ``--minutes`` each (classify smallcnn
 on the built-in digits, fastdet width 16 on shapes at 160 px, the smallcnn U-Net on shapes at
-128 px), then val of fp32, `cnnkit quantize` (calibrated on 256 train images) and the ORT
-default peer (same calibration inputs) on the val split. Goal (issue 17): int8 at least 1.8x
+128 px), then val of fp32, `cnnkit quantize` (calibrated on 256 train images; its default
+7-bit weights and ``--weight-bits 8``) and the ORT default peer (same calibration inputs) on
+the val split. ``--no-latency`` skips the latency table. Goal (issue 17): int8 at least 1.8x
 ORT fp32 at batch 1, losing at most 1 point of top-1, 0.01 mAP50-95, 0.01 mIoU. Run it alone.
 """
 
@@ -161,6 +162,9 @@ def accuracy(minutes: float, folder: Path) -> list[dict]:
         fp32 = cnnkit.val(task, run, data, verbose=False)[key]
         q = quantize(run, data, folder / f"{task}.int8.onnx", calib=256, sensitivity=False, verbose=False)
         int8 = cnnkit.val(task, q["file"], data, verbose=False)[key]
+        q8 = quantize(run, data, folder / f"{task}.int8-8bit.onnx", calib=256, sensitivity=False, verbose=False,
+                      weight_bits=8)  # full-range weights: ORT's u8s8 kernels saturate on x86 without VNNI
+        int8_8bit = cnnkit.val(task, q8["file"], data, verbose=False)[key]
         # the peer, on the same export and calibration inputs, with the card put back so val reads it
         predictor = cnnkit.load(run)
         calib_x, _ = calibration_inputs(predictor, data, "train", 256)
@@ -170,8 +174,10 @@ def accuracy(minutes: float, folder: Path) -> list[dict]:
         _copy_card(onnx32, peer)
         default = cnnkit.val(task, peer, data, verbose=False)[key]
         row = {"task": task, "data": data, "metric": key, "fp32": round(fp32, 4), "cnnkit_int8": round(int8, 4),
-               "ort_default": round(default, 4), "cnnkit_int8_loss": round(fp32 - int8, 4),
-               "ort_default_loss": round(fp32 - default, 4), "outputs_sqnr_db": q["outputs_sqnr_db"]}
+               "cnnkit_int8_8bit_weights": round(int8_8bit, 4), "ort_default": round(default, 4),
+               "cnnkit_int8_loss": round(fp32 - int8, 4), "cnnkit_int8_8bit_weights_loss": round(fp32 - int8_8bit, 4),
+               "ort_default_loss": round(fp32 - default, 4), "outputs_sqnr_db": q["outputs_sqnr_db"],
+               "outputs_sqnr_db_8bit_weights": q8["outputs_sqnr_db"]}
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -196,13 +202,16 @@ def main() -> None:
     ap.add_argument("--accuracy", action="store_true", help="also train small models and compare val metrics")
     ap.add_argument("--minutes", type=float, default=2.0, help="training budget per accuracy model")
     ap.add_argument("--keep", default=None, help="folder for the accuracy runs (reused when present)")
+    ap.add_argument("--no-latency", action="store_true", help="accuracy only (the latency table needs the "
+                                                                "machine to itself)")
+    ap.add_argument("--tag", default="", help="suffix of the results file (benchmarks/results/int8{TAG}.json)")
     ap.add_argument("--case", help=argparse.SUPPRESS)  # internal: measure one case, print its row
     args = ap.parse_args()
     if args.case:
         print(json.dumps(measure(args.case, args.runs, args.warmup)))
         return
     rows = []
-    for name, _, _ in CASES:
+    for name, _, _ in [] if args.no_latency else CASES:
         reps = []
         for _ in range(args.repeats):
             cmd = [sys.executable, __file__, "--case", name, "--runs", str(args.runs), "--warmup", str(args.warmup)]
@@ -233,7 +242,7 @@ def main() -> None:
         else:
             with tempfile.TemporaryDirectory() as tmp:
                 result["accuracy"] = accuracy(args.minutes, Path(tmp))
-    save("int8", result)
+    save(f"int8{args.tag}", result)
 
 
 if __name__ == "__main__":
