@@ -9,7 +9,10 @@ file measured by ``cnnkit classify val`` on the test split:
 - ``cnnkit quantize --per-channel``, and the same with ``--weight-bits 8`` (full-range weights,
   which ONNX Runtime's kernels saturate on x86 CPUs without VNNI);
 - ``cnnkit classify train --init FP32 --qat --epochs N`` (fine-tuned with the rounding
-  simulated, then quantized per channel as above).
+  simulated, then quantized per channel as above), and the same with ``--qat-weights
+  per-tensor`` (one weight scale per tensor, trained for and written so);
+- the same fine-tuning without the rounding, then quantized both ways (is it the rounding or
+  the extra epochs?).
 
 Depthwise convolutions (MobileNet) have channels of very different ranges, which one scale
 per tensor rounds badly: the case post-training int8 is known to lose on. Accuracy only: the
@@ -55,13 +58,20 @@ def main() -> None:
                      **common)
         rows[f"int8 after QAT ({args.qat_epochs} epochs)"] = cnnkit.val(
             "classify", qat / "weights" / "best.int8.onnx", args.data, split="test", verbose=False)["top1"]
+        # one weight scale per tensor, where post-training int8 loses most: trained for it, then written so
+        qat = Path(tmp) / "qat-tensor"
+        cnnkit.train("classify", epochs=args.qat_epochs, init=str(fp32), qat=True, qat_weights="per-tensor",
+                     lr=args.qat_lr, out=str(qat), **common)
+        rows[f"int8 per tensor after QAT per tensor ({args.qat_epochs} epochs)"] = cnnkit.val(
+            "classify", qat / "weights" / "best.int8.onnx", args.data, split="test", verbose=False)["top1"]
         # the same fine-tuning without the simulated rounding: is it the rounding, or more epochs?
         more = Path(tmp) / "more"
         cnnkit.train("classify", epochs=args.qat_epochs, init=str(fp32), lr=args.qat_lr, out=str(more), **common)
-        out = Path(tmp) / "more.int8.onnx"
-        quantize(more, args.data, out, per_channel=True, sensitivity=False, verbose=False)
-        rows[f"int8 per channel after {args.qat_epochs} plain epochs"] = cnnkit.val(
-            "classify", out, args.data, split="test", verbose=False)["top1"]
+        for per_channel in (True, False):
+            out = Path(tmp) / f"more{int(per_channel)}.int8.onnx"
+            quantize(more, args.data, out, per_channel=per_channel, sensitivity=False, verbose=False)
+            rows[f"int8 per {'channel' if per_channel else 'tensor'} after {args.qat_epochs} plain epochs"] = \
+                cnnkit.val("classify", out, args.data, split="test", verbose=False)["top1"]
     for label, top1 in rows.items():
         print(f"{label:<44} test top-1 {top1:.4f}  ({top1 - rows['fp32 (PyTorch)']:+.4f})")
     save(f"qat{args.tag}", {"args": vars(args), "top1": rows})

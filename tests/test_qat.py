@@ -86,21 +86,48 @@ def test_a_layer_without_an_int8_convolution_is_named():
         prepare(nn.Sequential(nn.ReLU()))
 
 
+def test_per_tensor_weights_sit_on_one_grid_after_batchnorm_folding():
+    """--qat-weights per-tensor: one scale for the folded weights (w * |gamma| / sqrt(var + eps)),
+    the scale ORT sets after folding, so the folded simulated weights lie on one integer grid."""
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(3, 6, 3, bias=False), nn.BatchNorm2d(6)
+    with torch.no_grad():
+        conv.weight.mul_(torch.tensor([0.01, 0.1, 1, 5, 20, 100]).view(6, 1, 1, 1))
+        bn.running_var.copy_(torch.tensor([0.5, 1, 2, 4, 8, 16.0]))
+        bn.weight.copy_(torch.tensor([1, -2, 0.5, 3, 1, 0.1]))
+    k = bn.weight.abs() / torch.sqrt(bn.running_var + bn.eps)
+    folded = conv.weight * k.view(6, 1, 1, 1)
+    for fold, ref in ((k, folded), (None, conv.weight)):
+        q = fake_weight(conv.weight, per_channel=False, fold=fold)
+        got = q * (1 if fold is None else k.view(6, 1, 1, 1))
+        scale = ref.abs().max() / 64
+        steps = got / scale
+        assert torch.allclose(steps, steps.round(), atol=1e-3) and steps.abs().max() <= 64.001
+        assert ((got - ref).abs() <= scale / 2 + 1e-5).all()
+    m = prepare(nn.Sequential(conv, bn, nn.ReLU()), per_channel=False)
+    assert m[0].__dict__["_qat_bn"] is m[1] and "0._qat_bn.weight" not in m.state_dict()
+    release(m)
+    assert "_qat_bn" not in m[0].__dict__
+
+
 def test_qat_fine_tunes_and_writes_an_int8_file_that_reloads(digits_run, cli, tmp_path):
+    """Per-tensor here (per-channel, the default, runs in the README's command)."""
     r = cli("classify", "train", "--data", "digits", "--init", digits_run, "--qat", "--epochs", "1", "--lr", "1e-4",
-            "--out", tmp_path / "qat")
+            "--qat-weights", "per-tensor", "--out", tmp_path / "qat")
     assert r.code == 0, r.err
     res = json.loads((tmp_path / "qat" / "results.json").read_text())
     int8 = tmp_path / "qat" / res["int8"]["file"]
     assert int8.name == "best.int8.onnx" and int8.is_file()
     assert res["int8"]["val"]["top1"] >= res["top1"] - 0.02, res
     card = json.loads((tmp_path / "qat" / "weights" / "best.json").read_text())
-    assert card["provenance"]["qat"] is True
+    assert card["provenance"]["qat"] is True and card["provenance"]["qat_weights"] == "per-tensor"
     m = cnnkit.load(int8)
-    assert m.backend.name == "onnx" and m.card.extra["quantized"]["per_channel"] is True
+    assert m.backend.name == "onnx" and m.card.extra["quantized"]["per_channel"] is False
     again = cnnkit.val("classify", int8, "digits", verbose=False)
     assert again["top1"] == pytest.approx(res["int8"]["val"]["top1"], abs=1e-6)
     r = cli("classify", "train", "--data", "digits", "--qat", "--out", tmp_path / "x")
     assert r.code == 2 and "give them with --init" in r.err and r.err.count("\n") == 1
+    r = cli("classify", "train", "--data", "digits", "--qat-weights", "per-tensor", "--out", tmp_path / "z")
+    assert r.code == 2 and "--qat-weights needs --qat" in r.err and "Traceback" not in r.err
     r = cli("medical", "train", "--qat", "--out", tmp_path / "y")  # medical training takes no --init
     assert r.code == 2 and "No such option '--qat'" in r.err

@@ -19,7 +19,7 @@ CHOICES: dict[str, tuple[str, ...]] = {"optimizer": OPTIMIZERS, "schedule": SCHE
                                        "loss": ("ce", "sce", "gce"), "noise_type": ("symmetric", "pairflip"),
                                        "missing_mode": ("pixel", "patch"), "missing_input": ("zero", "mask"),
                                        "adv": ("pgd", "fgsm"), "illumination": ILLUMINATION,
-                                       "kd": ("logit", "feature", "both")}
+                                       "kd": ("logit", "feature", "both"), "qat_weights": ("per-channel", "per-tensor")}
 
 HELP: dict[str, str] = {
     "data": "dataset: digits, shapes, or an ImageFolder path (root/train/<class>/..., optional val/ and test/)",
@@ -69,6 +69,8 @@ HELP: dict[str, str] = {
     "kd_alpha": "--teacher: weight of the distillation term; 1 - alpha weighs the task's own loss",
     "qat": "quantization-aware training: fine-tune the --init weights with int8 rounding simulated (per-channel "
            "weights, per-tensor activations), then write weights/best.int8.onnx (ONNX Runtime QDQ) and its metric",
+    "qat_weights": "--qat: one weight scale per output channel (per-channel, the finer) or one per tensor "
+                   "(per-tensor, for runtimes and chips that take nothing else); the int8 file is written the same way",
     "train_temperature": "the training loss sees the logits divided by T (inference uses T = 1): with T 20 or "
                          "more, the teacher of defensive distillation",
     "illumination": "normalize the lighting inside the model (recorded in its card, applied at train and "

@@ -11,7 +11,9 @@ estimator), so the weights settle where rounding costs little:
   (the 7-bit weights ``cnnkit quantize`` writes by default; see ``methods.quantize``).
   Folding a BatchNorm into the convolution before it (as ORT's pre-processing does) scales each
   output channel by a constant, and symmetric per-channel rounding commutes with that, so the
-  unfolded weights see the rounding the folded ones will get;
+  unfolded weights see the rounding the folded ones will get. With ``--qat-weights
+  per-tensor`` the one scale is set on the folded weights (the BatchNorm's running statistics),
+  as ORT will set it;
 - activations: ``torch.fake_quantize_per_tensor_affine`` over the running min/max (exponential
   average, 0 always inside) of each tensor, as min/max calibration sets them. ONNX Runtime's
   QDQ quantizer rounds every tensor between two quantized nodes, not only the inputs of
@@ -79,18 +81,42 @@ class _Range:
         return r
 
 
-def fake_weight(w: torch.Tensor, bits: int = WEIGHT_BITS) -> torch.Tensor:
-    """``w`` rounded with one symmetric scale per output channel (dim 0) to the integers ORT
-    writes: -64..64 for 7 bits (``cnnkit quantize``'s default), -127..127 for 8."""
+def fake_weight(w: torch.Tensor, bits: int = WEIGHT_BITS, per_channel: bool = True,
+                fold: torch.Tensor | None = None) -> torch.Tensor:
+    """``w`` rounded with symmetric scales to the integers ORT writes: -64..64 for 7 bits
+    (``cnnkit quantize``'s default), -127..127 for 8; one scale per output channel (dim 0), or
+    one for the whole tensor.
+
+    ``fold``: the factor per output channel that folding the next BatchNorm multiplies the
+    weights by (``|gamma| / sqrt(var + eps)``). Per channel it does not matter (the rounding
+    commutes with it); one scale per tensor is set on the folded weights, which is the scale
+    ``s / fold_c`` per channel on the unfolded ones."""
     top = 64 if bits == 7 else 127
-    scale = w.detach().abs().flatten(1).amax(1).float().clamp(min=1e-8) / top
+    peak = w.detach().abs().flatten(1).amax(1).float()
+    if per_channel:
+        scale = peak.clamp(min=1e-8) / top
+    else:
+        k = torch.ones_like(peak) if fold is None else fold.detach().float().abs().clamp(min=1e-12)
+        scale = ((peak * k).max().clamp(min=1e-8) / top) / k
     zero = torch.zeros_like(scale, dtype=torch.int32)
     return torch.fake_quantize_per_channel_affine(w.float(), scale, zero, 0, -top, top).to(w.dtype)
 
 
+def _fold(bn: nn.Module | None) -> torch.Tensor | None:
+    """The factor per channel that folding ``bn`` into the layer before multiplies it by."""
+    if bn is None or bn.running_var is None:
+        return None
+    k = torch.rsqrt(bn.running_var + bn.eps)
+    return k * bn.weight if bn.weight is not None else k
+
+
+def _qat_weight(layer: nn.Module) -> torch.Tensor:
+    return fake_weight(layer.weight, per_channel=layer._qat_per_channel, fold=_fold(layer.__dict__.get("_qat_bn")))
+
+
 class _QATConv:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self._qat_input(x, self.training), fake_weight(self.weight), self.bias)
+        return self._conv_forward(self._qat_input(x, self.training), _qat_weight(self), self.bias)
 
 
 class QATConv1d(_QATConv, nn.Conv1d):
@@ -107,7 +133,7 @@ class QATConv3d(_QATConv, nn.Conv3d):
 
 class QATLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self._qat_input(x, self.training), fake_weight(self.weight), self.bias)
+        return F.linear(self._qat_input(x, self.training), _qat_weight(self), self.bias)
 
 
 SWAPS = {nn.Conv1d: QATConv1d, nn.Conv2d: QATConv2d, nn.Conv3d: QATConv3d, nn.Linear: QATLinear}
@@ -141,10 +167,25 @@ def _activation_follows(model: nn.Module) -> set[int]:
     return out
 
 
-def prepare(model: nn.Module) -> nn.Module:
+def _batchnorm_after(model: nn.Module) -> dict[int, nn.Module]:
+    """``{id(conv): bn}`` for each convolution that a BatchNorm of its width follows (registered
+    next to it: ``Sequential`` and the ``conv, bn`` attribute order), the pairs ORT folds."""
+    out = {}
+    for parent in model.modules():
+        for a, b in itertools.pairwise(parent.children()):
+            if (isinstance(a, nn.modules.conv._ConvNd) and isinstance(b, nn.modules.batchnorm._BatchNorm)
+                    and b.num_features == a.out_channels):
+                out[id(a)] = b
+    return out
+
+
+def prepare(model: nn.Module, per_channel: bool = True) -> nn.Module:
     """``model`` with fake quantization in every convolution and linear layer (in place; see
-    the module docstring). Raises a one-sentence error when a layer has no int8 form here."""
+    the module docstring), weights rounded with one scale per output channel or, with
+    ``per_channel=False``, one per (folded) tensor. Raises a one-sentence error when a layer
+    has no int8 form here."""
     swapped, left = 0, []
+    batchnorms = _batchnorm_after(model)
     for name, m in model.named_modules():
         if type(m) in SWAPS:
             if isinstance(m, nn.Conv2d | nn.Conv1d | nn.Conv3d) and m.padding_mode != "zeros":
@@ -152,6 +193,8 @@ def prepare(model: nn.Module) -> nn.Module:
                                   "convolution in ONNX Runtime)")
             m.__class__ = SWAPS[type(m)]
             m._qat_input = _Range()
+            m._qat_per_channel = per_channel
+            m.__dict__["_qat_bn"] = batchnorms.get(id(m))  # not a submodule: state_dict keys stay as they were
             swapped += 1
         elif isinstance(m, nn.modules.conv._ConvNd | nn.Linear) and type(m) not in SWAPS.values():
             left.append(name)  # transposed or custom convolutions: trained in float, quantized as ORT can
@@ -176,7 +219,8 @@ def release(model: nn.Module) -> nn.Module:
     for m in model.modules():
         if type(m) in back:
             m.__class__ = back[type(m)]
-            del m._qat_input
+            del m._qat_input, m._qat_per_channel
+            m.__dict__.pop("_qat_bn", None)
         for hooks, hook, attr in ((m._forward_pre_hooks, _round_input, "_qat_act_input"),
                                   (m._forward_hooks, _round_output, "_qat_output")):
             for key in [k for k, f in hooks.items() if f is hook]:

@@ -320,10 +320,13 @@ def train(spec: WorkflowSpec, cfg: TrainConfig | None = None, *, resume: str | P
                                  kd_alpha=cfg.kd_alpha, **({"kd_layers": list(task.features.pairs.items())}
                                                           if task.features is not None else {}))
     if cfg.qat:
+        from functools import partial
+
         from cnnkit.engine.qat import prepare
 
-        s.model_transforms.append(prepare)  # before the optimizer: fake quantization in every conv and linear layer
-        s.card.provenance.update(qat=True)
+        # before the optimizer: fake quantization in every conv and linear layer
+        s.model_transforms.append(partial(prepare, per_channel=cfg.qat_weights == "per-channel"))
+        s.card.provenance.update(qat=True, qat_weights=cfg.qat_weights)
     if cfg.adv:
         from cnnkit.engine.adversarial import AdversarialTraining
 
@@ -360,14 +363,15 @@ def train(spec: WorkflowSpec, cfg: TrainConfig | None = None, *, resume: str | P
 
 
 def _qat_int8(spec: WorkflowSpec, cfg: TrainConfig, s: Setup, run, verbose: bool) -> dict[str, Any]:
-    """After ``--qat``: the int8 file of the best weights (``cnnkit quantize``: per-channel,
-    min/max ranges from the train split, the scheme the training simulated) and its val metrics."""
+    """After ``--qat``: the int8 file of the best weights (``cnnkit quantize``: per-channel or
+    per-tensor as ``--qat-weights`` says, min/max ranges from the train split, the scheme the
+    training simulated) and its val metrics."""
     from cnnkit.methods.quantize import quantize
     from cnnkit.runtime.pipeline import load
 
     out = run.best.parent / "best.int8.onnx"
-    quantize(run.best, cfg.data, out, method="minmax", per_channel=True, split="train", sensitivity=False,
-             verbose=False)
+    quantize(run.best, cfg.data, out, method="minmax", per_channel=cfg.qat_weights == "per-channel", split="train",
+             sensitivity=False, verbose=False)
     ev, _ = spec.evaluate(cfg, s, load(out, "cpu"), "val")
     public = spec.public(ev)
     if verbose:

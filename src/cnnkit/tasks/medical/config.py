@@ -24,7 +24,7 @@ class MedicalConfig(TrainConfig):
                                  '[{"path", "shape", "label", "score", "probs"}])'))
 
     UNUSED = ("imgsz", "pretrained", "init", "freeze", "unfreeze_at", "layer_decay", "linear_probe", "channels_last",
-              "qat")
+              "qat", "qat_weights")
 
     DEFAULT_BATCH, DEFAULT_LR = 4, 1e-3
 
