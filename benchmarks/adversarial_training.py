@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=400, help="images attacked per split")
     ap.add_argument("--datasets", default="digits,shapes")
     ap.add_argument("--warm-epochs", type=int, default=0, help="epochs of --adv pgd from the plain weights (0: none)")
+    ap.add_argument("--no-scratch", action="store_true", help="with --warm-epochs: skip --adv pgd from scratch")
     ap.add_argument("--tag", default="", help="suffix of the results file")
     args = ap.parse_args()
     import cnnkit
@@ -43,7 +44,8 @@ def main() -> None:
         for data in args.datasets.split(","):
             eps_text, eps, split = SETTINGS[data]
             plain = Path(tmp) / f"{data}-plain"
-            for adv in (None, "pgd", "warm") if args.warm_epochs else (None, "pgd"):
+            kinds = (None, "pgd", "warm") if args.warm_epochs else (None, "pgd")
+            for adv in [k for k in kinds if not (args.no_scratch and args.warm_epochs and k == "pgd")]:
                 run = Path(tmp) / f"{data}-{adv or 'plain'}"
                 epochs = args.warm_epochs if adv == "warm" else every[data]
                 t0 = time.perf_counter()
