@@ -106,7 +106,11 @@ def test_per_tensor_weights_sit_on_one_grid_after_batchnorm_folding():
         assert ((got - ref).abs() <= scale / 2 + 1e-5).all()
     m = prepare(nn.Sequential(conv, bn, nn.ReLU()), per_channel=False)
     assert m[0].__dict__["_qat_bn"] is m[1] and "0._qat_bn.weight" not in m.state_dict()
+    before = m[1].running_var.clone()
+    m.train()(torch.rand(4, 3, 8, 8))
+    assert torch.equal(m[1].running_var, before)  # the statistics ORT folds stay put
     release(m)
+    assert not m[1]._forward_pre_hooks
     assert "_qat_bn" not in m[0].__dict__
 
 

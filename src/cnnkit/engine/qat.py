@@ -13,7 +13,8 @@ estimator), so the weights settle where rounding costs little:
   output channel by a constant, and symmetric per-channel rounding commutes with that, so the
   unfolded weights see the rounding the folded ones will get. With ``--qat-weights
   per-tensor`` the one scale is set on the folded weights (the BatchNorm's running statistics),
-  as ORT will set it;
+  as ORT will set it, and those BatchNorms keep their running statistics through the
+  fine-tuning (see :func:`_frozen_statistics`);
 - activations: ``torch.fake_quantize_per_tensor_affine`` over the running min/max (exponential
   average, 0 always inside) of each tensor, as min/max calibration sets them. ONNX Runtime's
   QDQ quantizer rounds every tensor between two quantized nodes, not only the inputs of
@@ -110,6 +111,15 @@ def _fold(bn: nn.Module | None) -> torch.Tensor | None:
     return k * bn.weight if bn.weight is not None else k
 
 
+def _frozen_statistics(module: nn.Module, args) -> None:
+    """Per-tensor QAT: the BatchNorm normalizes with (and keeps) its running statistics, the
+    ones ORT folds. Left to update, a channel whose rounded weights are all zero gets a running
+    variance near 0, so its folding factor ``1 / sqrt(var + eps)`` explodes, sets the one scale
+    of the whole tensor, and rounds every other channel to zero: the fine-tuning collapsed to
+    chance on a MobileNetV3 that way."""
+    module.training = False
+
+
 def _qat_weight(layer: nn.Module) -> torch.Tensor:
     return fake_weight(layer.weight, per_channel=layer._qat_per_channel, fold=_fold(layer.__dict__.get("_qat_bn")))
 
@@ -194,7 +204,9 @@ def prepare(model: nn.Module, per_channel: bool = True) -> nn.Module:
             m.__class__ = SWAPS[type(m)]
             m._qat_input = _Range()
             m._qat_per_channel = per_channel
-            m.__dict__["_qat_bn"] = batchnorms.get(id(m))  # not a submodule: state_dict keys stay as they were
+            m.__dict__["_qat_bn"] = bn = batchnorms.get(id(m))  # not a submodule: state_dict keys stay the same
+            if bn is not None and not per_channel:
+                bn.register_forward_pre_hook(_frozen_statistics)
             swapped += 1
         elif isinstance(m, nn.modules.conv._ConvNd | nn.Linear) and type(m) not in SWAPS.values():
             left.append(name)  # transposed or custom convolutions: trained in float, quantized as ORT can
@@ -221,6 +233,8 @@ def release(model: nn.Module) -> nn.Module:
             m.__class__ = back[type(m)]
             del m._qat_input, m._qat_per_channel
             m.__dict__.pop("_qat_bn", None)
+        for key in [k for k, f in m._forward_pre_hooks.items() if f is _frozen_statistics]:
+            del m._forward_pre_hooks[key]
         for hooks, hook, attr in ((m._forward_pre_hooks, _round_input, "_qat_act_input"),
                                   (m._forward_hooks, _round_output, "_qat_output")):
             for key in [k for k, f in hooks.items() if f is hook]:
