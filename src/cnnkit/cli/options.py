@@ -12,14 +12,14 @@ from typing import Any
 import click
 
 from cnnkit.core.choices import ATTENTION, ILLUMINATION, POOLS
-from cnnkit.engine.config import AMP_MODES, OPTIMIZERS, SCHEDULES
+from cnnkit.engine.config import AMP_MODES, OPTIMIZERS, QAT_WEIGHTS, SCHEDULES
 
 CHOICES: dict[str, tuple[str, ...]] = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "amp": AMP_MODES,
                                        "attention": ("none", *ATTENTION), "pool": POOLS,
                                        "loss": ("ce", "sce", "gce"), "noise_type": ("symmetric", "pairflip"),
                                        "missing_mode": ("pixel", "patch"), "missing_input": ("zero", "mask"),
                                        "adv": ("pgd", "fgsm"), "illumination": ILLUMINATION,
-                                       "kd": ("logit", "feature", "both"), "qat_weights": ("per-channel", "per-tensor")}
+                                       "kd": ("logit", "feature", "both"), "qat_weights": QAT_WEIGHTS}
 
 HELP: dict[str, str] = {
     "data": "dataset: digits, shapes, or an ImageFolder path (root/train/<class>/..., optional val/ and test/)",

@@ -19,6 +19,7 @@ from cnnkit.errors import CnnkitError
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "onecycle", "step", "constant", "cyclic")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
+QAT_WEIGHTS = ("per-channel", "per-tensor")  # --qat-weights: one weight scale per output channel, or per tensor
 
 
 @dataclass
@@ -69,7 +70,7 @@ class TrainConfig:
     kd_temperature: float = 4.0
     kd_alpha: float = 0.5  # weight of the distillation term (1 - alpha: the task's own loss)
     qat: bool = False  # quantization-aware fine-tuning of --init weights; writes weights/best.int8.onnx
-    qat_weights: str = "per-channel"  # --qat: one weight scale per output channel, or one per tensor
+    qat_weights: str = "per-channel"  # --qat: one of QAT_WEIGHTS
     # run
     seed: int = 0
     device: str = "auto"
@@ -120,8 +121,8 @@ class TrainConfig:
                 raise CnnkitError(f"--kd-alpha must be in [0, 1], got {self.kd_alpha:g}")
         if self.qat and not self.init:
             raise CnnkitError("--qat fine-tunes trained weights for int8: give them with --init")
-        if self.qat_weights not in ("per-channel", "per-tensor"):
-            raise CnnkitError(f"--qat-weights must be per-channel or per-tensor, got '{self.qat_weights}'")
+        if self.qat_weights not in QAT_WEIGHTS:
+            raise CnnkitError(f"--qat-weights must be {' or '.join(QAT_WEIGHTS)}, got '{self.qat_weights}'")
         if self.qat_weights != "per-channel" and not self.qat:
             raise CnnkitError("--qat-weights needs --qat")
         if self.freeze not in (None, "", "none", "backbone", "all") and not str(self.freeze).isdigit():

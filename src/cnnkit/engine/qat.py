@@ -161,32 +161,28 @@ def _round_input(module: nn.Module, args):
     return None
 
 
+def _neighbours(model: nn.Module):
+    """Every pair of modules registered one after the other under the same parent: the order
+    ``Sequential`` runs and the usual ``conv, bn, act`` attribute order."""
+    for parent in model.modules():
+        yield from itertools.pairwise(parent.children())
+
+
 def _activation_follows(model: nn.Module) -> set[int]:
     """``id`` of every BatchNorm that an activation module follows: the next module registered
     beside it (``Sequential`` and the usual ``conv, bn, act`` attribute order), or its own
     ``act`` (timm's ``BatchNormAct2d``)."""
-    out = set()
-    for parent in model.modules():
-        kids = list(parent.children())
-        for a, b in itertools.pairwise(kids):
-            if isinstance(a, nn.modules.batchnorm._BatchNorm) and isinstance(b, REMOVABLE + ACTIVATIONS):
-                out.add(id(a))
-        act = getattr(parent, "act", None)
-        if isinstance(parent, nn.modules.batchnorm._BatchNorm) and isinstance(act, REMOVABLE + ACTIVATIONS):
-            out.add(id(parent))
-    return out
+    out = {id(a) for a, b in _neighbours(model)
+           if isinstance(a, nn.modules.batchnorm._BatchNorm) and isinstance(b, REMOVABLE + ACTIVATIONS)}
+    return out | {id(m) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                  and isinstance(getattr(m, "act", None), REMOVABLE + ACTIVATIONS)}
 
 
 def _batchnorm_after(model: nn.Module) -> dict[int, nn.Module]:
     """``{id(conv): bn}`` for each convolution that a BatchNorm of its width follows (registered
     next to it: ``Sequential`` and the ``conv, bn`` attribute order), the pairs ORT folds."""
-    out = {}
-    for parent in model.modules():
-        for a, b in itertools.pairwise(parent.children()):
-            if (isinstance(a, nn.modules.conv._ConvNd) and isinstance(b, nn.modules.batchnorm._BatchNorm)
-                    and b.num_features == a.out_channels):
-                out[id(a)] = b
-    return out
+    return {id(a): b for a, b in _neighbours(model) if isinstance(a, nn.modules.conv._ConvNd)
+            and isinstance(b, nn.modules.batchnorm._BatchNorm) and b.num_features == a.out_channels}
 
 
 def prepare(model: nn.Module, per_channel: bool = True) -> nn.Module:
