@@ -10,8 +10,9 @@ Per task (all on the built-in ``shapes`` data, one seed):
   far behind smallcnn, so it would teach nothing here); peer:
   timm's own ``timm.task.LogitDistillationTask`` (the logit KD behind ``train.py
   --kd-model-name``) driving the same student in a plain loop over cnnkit's training batches
-  (same augmentation, epochs, batch, AdamW and learning rate, warmup + cosine, label smoothing
-  0.1, the same T and weights).
+  (same augmentation, epochs, batch, AdamW and learning rate, label smoothing 0.1, the same T
+  and weights), with warmup + cosine and no EMA, as a plain loop is written (cnnkit's classify
+  defaults are one-cycle with EMA, so the two differ in that too).
 - detect: teacher fastdet ``--width 16`` (3.0 M), student ``--width 7`` (0.74 M), at
   ``--det-imgsz`` with 3 classes and up to 4 objects per scene; the student distils with
   ``--kd logit`` (class and box-distribution KD) and ``--kd both`` (plus the deepest stage).
