@@ -2,6 +2,7 @@
 parameters, trained alone and distilled, for the same epochs.
 
     python benchmarks/distill.py [--tasks classify,detect,segment] [--epochs 15] [--teacher-epochs 15]
+        [--kd-temperature 4] [--kd-alpha 0.5] [--report]
 
 Per task (all on the built-in ``shapes`` data, one seed):
 
@@ -138,8 +139,11 @@ def main() -> None:
     ap.add_argument("--report", action="store_true",
                     help="add the pruned teacher and time every variant in fp32 and int8 (cnnkit benchmark)")
     ap.add_argument("--runs", type=int, default=20, help="--report: timed calls per model, format and batch")
+    ap.add_argument("--kd-temperature", type=float, default=KD["kd_temperature"], help="T of every distilled run")
+    ap.add_argument("--kd-alpha", type=float, default=KD["kd_alpha"], help="weight of the KD term")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
+    KD.update(kd_temperature=args.kd_temperature, kd_alpha=args.kd_alpha)
 
     import cnnkit
 
