@@ -229,12 +229,11 @@ def release(model: nn.Module) -> nn.Module:
             m.__class__ = back[type(m)]
             del m._qat_input, m._qat_per_channel
             m.__dict__.pop("_qat_bn", None)
-        for key in [k for k, f in m._forward_pre_hooks.items() if f is _frozen_statistics]:
-            del m._forward_pre_hooks[key]
-        for hooks, hook, attr in ((m._forward_pre_hooks, _round_input, "_qat_act_input"),
+        for hooks, hook, attr in ((m._forward_pre_hooks, _frozen_statistics, None),
+                                  (m._forward_pre_hooks, _round_input, "_qat_act_input"),
                                   (m._forward_hooks, _round_output, "_qat_output")):
             for key in [k for k, f in hooks.items() if f is hook]:
                 del hooks[key]
-            if hasattr(m, attr):
+            if attr and hasattr(m, attr):
                 delattr(m, attr)
     return model
