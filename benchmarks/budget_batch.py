@@ -1,6 +1,6 @@
 """Which batch a time budget wants (issue 19, part 1): ``--time M`` with each batch size.
 
-    python benchmarks/budget_batch.py [--data opencv shapes] [--minutes 0.5 2] [--batches 8 16 32 64] [--seed 0]
+    python benchmarks/budget_batch.py [--data opencv shapes] [--minutes 0.5 2] [--batches 8 16 32 64 auto] [--seed 0]
 
 Each (data, budget, batch) trains ``cnnkit classify train --data D --time M --batch B`` with
 every other option at its default (the learning rate too) and reports the test top-1 of the
@@ -9,7 +9,8 @@ best-on-val weights and the epochs the budget allowed. Data:
 ``techniques.opencv_folder``; Debian opencv-doc via ``make bench-data``), ``shapes`` the
 built-in shapes classification set (64 px). The question is whether a short budget is better
 spent on more, smaller steps than the default batch takes, and from which budget on the default
-wins: the answer decides whether ``--time`` should fit the batch.
+wins: the answer decided that ``--time`` fits the batch. ``auto`` leaves ``--batch`` out, so the
+rule in ``cnnkit/engine/budget.py`` picks it (the row names the batch it chose).
 
 ``--time`` counts wall-clock time, so run this alone on the machine: anything running beside it
 cuts the epochs each budget allows and changes the figures.
@@ -22,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
 from _common import save
 
 
@@ -31,7 +33,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", nargs="+", default=["opencv", "shapes"])
     ap.add_argument("--minutes", type=float, nargs="+", default=[0.5, 2.0])
-    ap.add_argument("--batches", type=int, nargs="+", default=[8, 16, 32, 64])
+    ap.add_argument("--batches", nargs="+", default=["8", "16", "32", "64", "auto"],
+                    help="batch sizes; auto: --batch left out, the budget rule picks it")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
@@ -47,9 +50,14 @@ def main() -> None:
                 for batch in args.batches:
                     out = Path(d) / f"{data}-{minutes}-{batch}"
                     t0 = time.perf_counter()
-                    r = cnnkit.train("classify", data=source, time=minutes, batch=batch, seed=args.seed, out=str(out),
-                                     verbose=False)
+                    r = cnnkit.train("classify", data=source, time=minutes, seed=args.seed, out=str(out),
+                                     verbose=False, **({} if batch == "auto" else {"batch": int(batch)}))
                     seconds = time.perf_counter() - t0
+                    if batch == "auto":
+                        chose = yaml.safe_load((out / "config.yaml").read_text())["batch"]
+                        batch = f"auto ({chose})"
+                    else:
+                        batch = int(batch)
                     epochs = len((out / "metrics.csv").read_text().strip().splitlines()) - 1
                     test = r.test_metrics or r.metrics
                     row = {"data": data, "minutes": minutes, "batch": batch, "test_top1": round(test["top1"], 4),

@@ -34,7 +34,8 @@ HELP: dict[str, str] = {
     "linear_probe": "train only a linear head on frozen features (the backbone and its BN statistics stay fixed)",
     "epochs": "number of epochs",
     "batch": "batch size; default: the task's (classify and multilabel 32, detect, instance and segment 16, "
-             "medical 4), halved for a small training set of your own so that an epoch takes at least 20 steps",
+             "medical 4), halved for a small training set of your own so that an epoch takes at least 20 steps, "
+             "and with --time halved until the budget buys about 1000 steps (timed on a few steps first)",
     "lr": "peak learning rate; default: the task's (2e-3; segment, instance and medical 1e-3)",
     "optimizer": "optimizer (sgd uses Nesterov momentum)",
     "weight_decay": "weight decay (not applied to biases and norm layers)",
@@ -49,7 +50,8 @@ HELP: dict[str, str] = {
     "amp": "mixed precision; auto is bf16 on a CUDA GPU that supports it (else fp16), off on CPU",
     "channels_last": "use the channels_last memory format (faster convolutions on recent GPUs)",
     "time": "training time budget in minutes (validation included): after each epoch the number of epochs "
-            "that fit is set and the LR schedule stretched to it; 0 is off",
+            "that fit is set and the LR schedule stretched to it (with --batch left out, a short budget gets "
+            "a smaller batch); 0 is off",
     "patience": "stop after N epochs without improvement; 0 turns early stopping off",
     "snapshots": "snapshot ensemble: with --schedule cyclic, N cosine cycles and weights/snapshotK.safetensors "
                  "saved at the end of each (ensemble them with val --weights)",

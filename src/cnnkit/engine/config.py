@@ -42,7 +42,7 @@ class TrainConfig:
     linear_probe: bool = False  # frozen backbone (BN statistics too) + a trained linear head
     # optimization
     epochs: int = 20
-    batch: int | None = None  # None: the task's DEFAULT_BATCH, smaller for a user's small training set
+    batch: int | None = None  # None: the task's DEFAULT_BATCH, smaller for a small user set or a short --time
     lr: float | None = None  # None: the task's DEFAULT_LR
     optimizer: str = "adamw"
     weight_decay: float = 0.05

@@ -137,11 +137,7 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(self.model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum,
                                          cfg.layer_decay)
-        self.steps_per_epoch = max(1, math.ceil(len(train_loader) / cfg.accumulate))
-        self.scheduler = build_scheduler(
-            self.optimizer, cfg.schedule, cfg.epochs * self.steps_per_epoch,
-            int(round(cfg.warmup_epochs * self.steps_per_epoch)), cfg.step_size * self.steps_per_epoch, cfg.gamma,
-            cycles=max(1, cfg.snapshots))
+        self._schedule()
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.ema = None
         if cfg.ema > 0:
@@ -168,7 +164,23 @@ class Trainer:
         self.nonfinite_steps = 0
         self._good_state = self._snapshot()
 
+    def _schedule(self) -> None:
+        cfg = self.cfg
+        self.steps_per_epoch = max(1, math.ceil(len(self.train_loader) / cfg.accumulate))
+        self.scheduler = build_scheduler(
+            self.optimizer, cfg.schedule, cfg.epochs * self.steps_per_epoch,
+            int(round(cfg.warmup_epochs * self.steps_per_epoch)), cfg.step_size * self.steps_per_epoch, cfg.gamma,
+            cycles=max(1, cfg.snapshots))
+
     # ---- public API -------------------------------------------------------------------
+    def use_train_loader(self, loader: DataLoader) -> None:
+        """Train from ``loader`` instead (another batch size): the LR schedule is rebuilt for its
+        steps per epoch. Only before training starts."""
+        if self.global_step:
+            raise RuntimeError("the training loader can only be replaced before the first step")
+        self.train_loader = loader
+        self._schedule()
+
     @property
     def eval_model(self) -> nn.Module:
         """The model that is evaluated and saved: the EMA copy when EMA is on."""

@@ -296,6 +296,7 @@ def train(spec: WorkflowSpec, cfg: TrainConfig | None = None, *, resume: str | P
 
     con = console()
     cfg, ckpt, run = resolve_config(spec.config, spec.name, cfg, resume, overrides, verbose)
+    batch_left_out = cfg.batch is None  # the data and a --time budget may pick it
     device = select_device(cfg.device)
     seed_everything(cfg.seed)
     s = spec.setup(cfg, device, verbose, ckpt is not None)
@@ -305,11 +306,6 @@ def train(spec: WorkflowSpec, cfg: TrainConfig | None = None, *, resume: str | P
         apply(s.model, init_record(cfg.init))
     if getattr(s.model, RECORD, None) is not None:  # the card rebuilds the pruned network
         s.card.extra["pruned"] = getattr(s.model, RECORD)
-    if verbose and s.derived:
-        con.print("defaults from the data (written to config.yaml; pass the option to override):")
-        for name, d in s.derived.items():
-            con.print(f"  --{name.replace('_', '-')} {d.value}: {d.reason}")
-    run = open_run(cfg, spec.name, run, {k: d.reason for k, d in s.derived.items()})
     hooks = list(s.hooks)
     task = s.task
     if cfg.teacher:
@@ -331,8 +327,19 @@ def train(spec: WorkflowSpec, cfg: TrainConfig | None = None, *, resume: str | P
         from cnnkit.engine.adversarial import AdversarialTraining
 
         hooks.append(AdversarialTraining.from_train_config(cfg, s.card))
-    trainer = Trainer(task, s.model, s.train_loader, s.val_loader, cfg, device, run.root, s.card.to_dict(),
-                      standard_hooks(cfg, run, verbose, hooks), s.batch_transforms, s.model_transforms)
+    trainer = Trainer(task, s.model, s.train_loader, s.val_loader, cfg, device, None, s.card.to_dict(), hooks,
+                      s.batch_transforms, s.model_transforms)
+    if batch_left_out and cfg.time > 0 and ckpt is None:
+        from cnnkit.data.defaults import adopt
+        from cnnkit.engine.budget import fit_batch_to_budget
+
+        adopt(cfg, s.derived, "batch", fit_batch_to_budget(trainer, cfg.time))
+    if verbose and s.derived:
+        con.print("defaults from the data (written to config.yaml; pass the option to override):")
+        for name, d in s.derived.items():
+            con.print(f"  --{name.replace('_', '-')} {d.value}: {d.reason}")
+    run = open_run(cfg, spec.name, run, {k: d.reason for k, d in s.derived.items()})
+    trainer.run_dir, trainer.hooks = run.root, standard_hooks(cfg, run, verbose, hooks)
     train_time = run_trainer(trainer, ckpt, run, spec.name, verbose)
     t0 = time.perf_counter()
     spec.after_fit(cfg, run, s, trainer, device, verbose)
