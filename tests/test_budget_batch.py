@@ -29,7 +29,8 @@ def test_the_largest_batch_with_enough_steps(cost, minutes, default, want, steps
     assert choose(cost, minutes * 60, default) == (want, steps)
 
 
-def _trainer(batch: int = 32, ema: float = 0.99):
+def _trainer(batch: int = 32, ema: float = 0.99, adv: bool = False):
+    from cnnkit.engine.adversarial import AdversarialTraining, AttackConfig
     from cnnkit.engine.config import TrainConfig
     from cnnkit.engine.trainer import Trainer
     from cnnkit.tasks.classify.task import ClassifyTask
@@ -42,20 +43,23 @@ def _trainer(batch: int = 32, ema: float = 0.99):
     net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3))
     cfg = TrainConfig(epochs=2, batch=batch, lr=0.05, ema=ema, warmup_epochs=0.5)
-    return Trainer(ClassifyTask(["a", "b", "c"]), net, loader, loader, cfg, torch.device("cpu"))
+    # adversarial training: a hook whose random starts must not be consumed by the timing
+    hooks = [AdversarialTraining(AttackConfig("pgd", 0.03, 2, seed=0))] if adv else []
+    return Trainer(ClassifyTask(["a", "b", "c"]), net, loader, loader, cfg, torch.device("cpu"), hooks=hooks)
 
 
 def test_timing_leaves_no_trace_on_the_training_that_follows():
     """A budget too short for 1000 steps at any batch picks the smallest (8); the timed steps are
-    undone, so training from there gives bit for bit what a trainer built at batch 8 gives."""
-    timed = _trainer()
+    undone (weights, BN statistics, optimizer, EMA, schedule, random state, an adversarial hook's
+    random starts), so training from there gives bit for bit what a trainer built at batch 8 gives."""
+    timed = _trainer(adv=True)
     before = {k: v.clone() for k, v in timed.model.state_dict().items()}
     choice = fit_batch_to_budget(timed, minutes=0.001)
     assert choice is not None and choice.value == 8 and "--time 0.001: batch 32 would take about" in choice.reason
     assert all(torch.equal(before[k], v) for k, v in timed.model.state_dict().items())  # BN statistics too
     assert timed.global_step == 0 and timed.lr_history == [] and not timed.optimizer.state
     assert timed.train_loader.batch_size == 8 and timed.steps_per_epoch == 12  # 96 images
-    plain = _trainer(batch=8)
+    plain = _trainer(batch=8, adv=True)
     timed.fit()
     plain.fit()
     assert timed.lr_history == plain.lr_history  # the schedule was rebuilt for 12 steps an epoch

@@ -191,6 +191,13 @@ class AdversarialTraining(Hook):
         self.std = None if std is None else torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         self.generator = torch.Generator().manual_seed(cfg.seed)
 
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}  # the random starts replay after --resume
+
+    def load_state_dict(self, state: dict) -> None:
+        if "generator" in state:
+            self.generator.set_state(state["generator"])
+
     @classmethod
     def from_train_config(cls, tc, card) -> AdversarialTraining:
         """From a training config's ``adv``, ``adv_eps`` and ``adv_steps`` and the card's

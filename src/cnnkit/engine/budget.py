@@ -129,7 +129,7 @@ def fit_batch_to_budget(trainer, minutes: float) -> Derived | None:
     default = trainer.train_loader.batch_size
     if default is None or default // 2 < MIN_BATCH or minutes <= 0:
         return None
-    rng, state = get_rng_state(), trainer._snapshot()
+    rng, state, hooks = get_rng_state(), trainer._snapshot(), [h.state_dict() for h in trainer.hooks]
     t = time.perf_counter()
     try:
         cost = measure(trainer, (default, default // 2))
@@ -143,6 +143,8 @@ def fit_batch_to_budget(trainer, minutes: float) -> Derived | None:
         trainer.skipped.clear()
         trainer.optimizer.zero_grad(set_to_none=True)
         set_rng_state(rng)
+        for h, hook_state in zip(trainer.hooks, hooks, strict=True):  # (an attack's random starts)
+            h.load_state_dict(hook_state)
         trainer.use_train_loader(trainer.train_loader)  # a fresh schedule
     timed = time.perf_counter() - t
     batch, steps = choose(cost, minutes * 60.0, default)
