@@ -21,6 +21,7 @@ DIGITS = StepCost(0.03, 0.0005, 1.0, 3000)  # 16 px: the fixed cost of a step do
     (DIGITS, 2, 32, 32, {32: 2117, 16: 2769, 8: 3272}),
     (SHAPES, 2, 16, 8, {16: 476, 8: 916}),  # segmentation's and detection's 16
     (SHAPES, 2, 4, 4, {4: 1702}),  # volumes' batch 4: nothing to halve
+    (StepCost(0.01, 0.012, 5.0, 1600, accumulate=2), 4, 32, 8, {32: 242, 16: 476, 8: 916}),  # 2 batches a step
 ])
 def test_the_largest_batch_with_enough_steps(cost, minutes, default, want, steps):
     """Per step ``fixed + per_image * b`` plus the epoch's validation shared by its ``n / b``

@@ -12,8 +12,8 @@ to :data:`~cnnkit.data.defaults.MIN_BATCH`) takes in the budget: it keeps the la
 with at least :data:`MIN_BUDGET_STEPS` of them (or, when none gets there, the smallest).
 
 The timing runs the real training step (task loss, distillation teacher, fake quantization,
-adversarial examples, EMA) on the real model, then puts the weights, optimizer, EMA, schedule
-and random state back, so the training that follows is the one the chosen batch would give
+adversarial examples, EMA) on the real model, then puts the weights, optimizer, EMA, schedule,
+loss scale, hook state and random state back, so the training that follows is the one the chosen batch would give
 without the timing. It takes a few seconds before the budget starts counting.
 """
 
@@ -34,18 +34,20 @@ TIMED_STEPS = 2  # timed steps per batch size, after one untimed warm-up step
 
 @dataclass(frozen=True)
 class StepCost:
-    """Seconds a training step takes at ``batch`` images: ``fixed + per_image * batch``, and
-    ``val`` seconds of validation an epoch of ``n_train`` images adds."""
+    """Seconds a training batch takes at ``batch`` images: ``fixed + per_image * batch``, and
+    ``val`` seconds of validation an epoch of ``n_train`` images adds; ``accumulate`` batches
+    make one optimizer step."""
 
     fixed: float
     per_image: float
     val: float
     n_train: int
+    accumulate: int = 1
 
     def steps(self, batch: int, budget_s: float) -> int:
         """Optimizer steps at ``batch`` that fit in ``budget_s`` seconds, validation included."""
-        per_step = self.fixed + self.per_image * batch + self.val * batch / max(1, self.n_train)
-        return int(budget_s / max(per_step, 1e-9))
+        per_batch = self.fixed + self.per_image * batch + self.val * batch / max(1, self.n_train)
+        return int(budget_s / max(per_batch, 1e-9) / self.accumulate)
 
 
 def rebatch(loader: DataLoader, batch: int) -> DataLoader:
@@ -116,7 +118,7 @@ def measure(trainer, batches: tuple[int, int]) -> StepCost:
             _sync(device)
         val = (time.perf_counter() - t) * len(trainer.val_loader)
         trainer.model.train()
-    return StepCost(fixed, per_image, val, len(trainer.train_loader.dataset))
+    return StepCost(fixed, per_image, val, len(trainer.train_loader.dataset), trainer.cfg.accumulate)
 
 
 def fit_batch_to_budget(trainer, minutes: float) -> Derived | None:
@@ -130,6 +132,7 @@ def fit_batch_to_budget(trainer, minutes: float) -> Derived | None:
     if default is None or default // 2 < MIN_BATCH or minutes <= 0:
         return None
     rng, state, hooks = get_rng_state(), trainer._snapshot(), [h.state_dict() for h in trainer.hooks]
+    scaler = trainer.scaler.state_dict()  # (fp16 on a GPU: the loss scale)
     t = time.perf_counter()
     try:
         cost = measure(trainer, (default, default // 2))
@@ -143,6 +146,7 @@ def fit_batch_to_budget(trainer, minutes: float) -> Derived | None:
         trainer.skipped.clear()
         trainer.optimizer.zero_grad(set_to_none=True)
         set_rng_state(rng)
+        trainer.scaler.load_state_dict(scaler)
         for h, hook_state in zip(trainer.hooks, hooks, strict=True):  # (an attack's random starts)
             h.load_state_dict(hook_state)
         trainer.use_train_loader(trainer.train_loader)  # a fresh schedule
