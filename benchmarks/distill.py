@@ -2,7 +2,7 @@
 parameters, trained alone and distilled, for the same epochs.
 
     python benchmarks/distill.py [--tasks classify,detect,segment] [--epochs 15] [--teacher-epochs 15]
-        [--kd-temperature 4] [--kd-alpha 0.5] [--report]
+        [--kd logit|feature|both] [--kd-temperature 4] [--kd-alpha 0.5] [--report]
 
 Per task (all on the built-in ``shapes`` data, one seed):
 
@@ -141,6 +141,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=20, help="--report: timed calls per model, format and batch")
     ap.add_argument("--kd-temperature", type=float, default=KD["kd_temperature"], help="T of every distilled run")
     ap.add_argument("--kd-alpha", type=float, default=KD["kd_alpha"], help="weight of the KD term")
+    ap.add_argument("--kd", choices=["logit", "feature", "both"], default="logit",
+                    help="what the distilled student learns from (detect also runs --kd both)")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
     KD.update(kd_temperature=args.kd_temperature, kd_alpha=args.kd_alpha)
@@ -173,8 +175,9 @@ def main() -> None:
             run("teacher", args.teacher_epochs, **spec["teacher"])
             run("student alone", args.epochs, **spec["student"])
             teacher = str(root / "teacher")
-            run("student + logit KD", args.epochs, teacher=teacher, kd="logit", **KD, **spec["student"])
-            if task == "detect":
+            kd_name = {"logit": "logit", "feature": "feature", "both": "logit and feature"}[args.kd]
+            run(f"student + {kd_name} KD", args.epochs, teacher=teacher, kd=args.kd, **KD, **spec["student"])
+            if task == "detect" and args.kd != "both":
                 run("student + logit and feature KD", args.epochs, teacher=teacher, kd="both", **KD,
                     **spec["student"])
             if task == "classify":
