@@ -53,9 +53,10 @@ class StepCost:
 def rebatch(loader: DataLoader, batch: int) -> DataLoader:
     """``loader`` at another batch size: the same dataset, sampler and seeded generator (an
     epoch's order is the same), collate function and workers."""
-    return DataLoader(loader.dataset, batch_size=batch, sampler=loader.sampler, num_workers=loader.num_workers,
-                      collate_fn=loader.collate_fn, generator=loader.generator, drop_last=loader.drop_last,
-                      pin_memory=loader.pin_memory, worker_init_fn=loader.worker_init_fn, persistent_workers=False)
+    from cnnkit.data.classification import make_loader
+
+    return make_loader(loader.dataset, batch, False, loader.num_workers, loader.collate_fn, loader.generator,
+                       loader.drop_last, loader.pin_memory, sampler=loader.sampler)
 
 
 def choose(cost: StepCost, budget_s: float, default: int) -> tuple[int, dict[int, int]]:
@@ -137,10 +138,7 @@ def fit_batch_to_budget(trainer, minutes: float) -> Derived | None:
     try:
         cost = measure(trainer, (default, default // 2))
     finally:  # the timed steps leave no trace: weights, optimizer, EMA, schedule, counters, random state
-        trainer.model.load_state_dict(state["model"])
-        trainer.optimizer.load_state_dict(state["optimizer"])
-        if trainer.ema is not None:
-            trainer.ema.load_state_dict(state["ema"])
+        trainer._restore(state)
         trainer.global_step, trainer.lr_history, trainer.nonfinite_steps = 0, [], 0
         trainer._metric_sum, trainer._metric_count, trainer.step_metric = 0.0, 0, None
         trainer.skipped.clear()

@@ -312,16 +312,20 @@ class Trainer:
             "ema": copy.deepcopy(self.ema.state_dict()) if self.ema is not None else None,
         }
 
+    def _restore(self, state: dict[str, Any]) -> None:
+        """Put back the weights, optimizer and EMA of a :meth:`_snapshot`."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+
     def _on_nonfinite(self) -> None:
         """Skip the step; if the weights themselves went bad, roll back to the last good epoch."""
         self.nonfinite_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
         bad_weights = any(not torch.isfinite(p).all() for p in self.model.parameters())
         if bad_weights:
-            self.model.load_state_dict(self._good_state["model"])
-            self.optimizer.load_state_dict(self._good_state["optimizer"])
-            if self.ema is not None:
-                self.ema.load_state_dict(self._good_state["ema"])
+            self._restore(self._good_state)
         limit = max(10, len(self.train_loader) // 4)
         if self.nonfinite_steps > limit:
             where = f"; the last good weights are in {self.run_dir / 'weights'}" if self.run_dir else ""
