@@ -2,7 +2,7 @@
 parameters, trained alone and distilled, for the same epochs.
 
     python benchmarks/distill.py [--tasks classify,detect,segment] [--epochs 15] [--teacher-epochs 15]
-        [--kd logit|feature|both] [--kd-temperature 4] [--kd-alpha 0.5] [--report]
+        [--kd logit|feature|both] [--kd-temperature 4] [--kd-alpha 0.5] [--kd-dense pixel|channel] [--report]
 
 Per task (all on the built-in ``shapes`` data, one seed):
 
@@ -18,7 +18,8 @@ Per task (all on the built-in ``shapes`` data, one seed):
   ``--det-imgsz`` with 3 classes and up to 4 objects per scene; the student distils with
   ``--kd logit`` (class and box-distribution KD) and ``--kd both`` (plus the deepest stage).
 - segment: teacher U-Net with a resnet18 encoder (14.3 M), student U-Net with the smallcnn
-  encoder (0.83 M), at ``--seg-imgsz``.
+  encoder (0.83 M), at ``--seg-imgsz``; its logit KD is per pixel, or with ``--kd-dense channel``
+  channel-wise (each class map's softmax over the image).
 
 With ``--report``, each task also gets the one table of issue 17: the teacher pruned by half
 (``cnnkit prune``, then fine-tuned for the student's epochs) joins the students, and ``cnnkit
@@ -143,6 +144,8 @@ def main() -> None:
     ap.add_argument("--kd-alpha", type=float, default=KD["kd_alpha"], help="weight of the KD term")
     ap.add_argument("--kd", choices=["logit", "feature", "both"], default="logit",
                     help="what the distilled student learns from (detect also runs --kd both)")
+    ap.add_argument("--kd-dense", choices=["pixel", "channel"], default="pixel",
+                    help="segment: per-pixel or channel-wise logit KD")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
     KD.update(kd_temperature=args.kd_temperature, kd_alpha=args.kd_alpha)
@@ -163,7 +166,8 @@ def main() -> None:
 
             def checkpoint() -> None:
                 # After every run, so a long benchmark that is stopped keeps what it finished.
-                save("distill" + args.tag, {"epochs": args.epochs, "teacher_epochs": args.teacher_epochs, "kd": KD,
+                save("distill" + args.tag, {"epochs": args.epochs, "teacher_epochs": args.teacher_epochs,
+                                            "kd": {**KD, "kd_dense": args.kd_dense},
                                             "results": results})
 
             def run(name: str, epochs: int, task=task, spec=spec, rows=rows, root=root, common=common, **opts):
@@ -176,7 +180,10 @@ def main() -> None:
             run("student alone", args.epochs, **spec["student"])
             teacher = str(root / "teacher")
             kd_name = {"logit": "logit", "feature": "feature", "both": "logit and feature"}[args.kd]
-            run(f"student + {kd_name} KD", args.epochs, teacher=teacher, kd=args.kd, **KD, **spec["student"])
+            dense = {"kd_dense": args.kd_dense} if task == "segment" else {}
+            if dense and args.kd_dense == "channel" and args.kd != "feature":
+                kd_name = kd_name.replace("logit", "channel-wise logit")
+            run(f"student + {kd_name} KD", args.epochs, teacher=teacher, kd=args.kd, **KD, **dense, **spec["student"])
             if task == "detect" and args.kd != "both":
                 run("student + logit and feature KD", args.epochs, teacher=teacher, kd="both", **KD,
                     **spec["student"])

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from cnnkit.engine.distill import kd_sigmoid, kd_softmax
+from cnnkit.engine.distill import kd_channel, kd_sigmoid, kd_softmax
 
 
 def test_kd_softmax_is_t_squared_kl_of_the_soft_targets():
@@ -29,6 +29,28 @@ def test_kd_softmax_is_t_squared_kl_of_the_soft_targets():
     mean_p = (torch.softmax(a / 3, 1) + torch.softmax(b / 3, 1)) / 2
     logit_of_mean = mean_p.log()
     assert kd_softmax(logit_of_mean * 3, [a, b], 3.0).item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_kd_channel_is_t_squared_kl_of_each_class_map_over_the_image():
+    """Channel-wise KD: one distribution over the pixels per (sample, class), the KL divergences
+    averaged over samples and classes; per-pixel KD differs on the same scores."""
+    temp = 2.0
+    s = torch.tensor([[[[1.0, 0.0], [0.0, -1.0]], [[0.5, 0.5], [0.0, 2.0]]]])  # (1, 2 classes, 2, 2)
+    t = torch.tensor([[[[3.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [1.0, 1.0]]]])
+    want = 0.0
+    for c in range(2):
+        sp = [math.exp(v / temp) for v in s[0, c].flatten().tolist()]
+        tp = [math.exp(v / temp) for v in t[0, c].flatten().tolist()]
+        q = [v / sum(sp) for v in sp]
+        p = [v / sum(tp) for v in tp]
+        want += sum(pi * math.log(pi / qi) for pi, qi in zip(p, q)) / 2
+    assert kd_channel(s, [t], temp).item() == pytest.approx(temp * temp * want, rel=1e-5)
+    assert kd_channel(s, [t], temp).item() != pytest.approx(kd_softmax(s, [t], temp).item(), rel=1e-2)
+    # a map shifted by a constant is the same distribution over the image; volumes work alike
+    assert kd_channel(t + torch.tensor([5.0, -3.0]).view(1, 2, 1, 1), [t], temp).item() == pytest.approx(0, abs=1e-6)
+    v = torch.randn(2, 3, 4, 4, 4)
+    assert kd_channel(v, [v], temp).item() == pytest.approx(0.0, abs=1e-6)
+    assert kd_channel(torch.randn(2, 3, 4, 4, 4), [v], temp).item() > 0
 
 
 def test_kd_sigmoid_is_t_squared_bce_against_the_soft_labels():
@@ -100,9 +122,13 @@ def test_multilabel_and_segment_students_train_from_their_teachers(multilabel_ru
     assert main(["segment", "train", "--data", str(seg_data), "--imgsz", "64", "--epochs", "1", "--batch", "8",
                  "--encoder", "smallcnn", "--teacher", str(seg_run), "--kd-temperature", "2", "--out",
                  str(tmp_path / "seg")]) == 0
-    for run in ("ml", "seg"):
+    assert main(["segment", "train", "--data", str(seg_data), "--imgsz", "64", "--epochs", "1", "--batch", "8",
+                 "--encoder", "smallcnn", "--teacher", str(seg_run), "--kd-dense", "channel", "--out",
+                 str(tmp_path / "cwd")]) == 0
+    for run in ("ml", "seg", "cwd"):
         card = json.loads((tmp_path / run / "weights" / "best.json").read_text())
         assert card["provenance"]["kd"] == "logit"
+    assert card["provenance"]["kd_dense"] == "channel"
 
 
 @pytest.mark.parametrize("args, words", [
@@ -111,6 +137,7 @@ def test_multilabel_and_segment_students_train_from_their_teachers(multilabel_ru
     (["--data", "digits", "--teacher", "{digits}", "--kd-alpha", "1.5"], "--kd-alpha must be in [0, 1]"),
     (["--data", "digits", "--teacher", "{digits}", "--kd-temperature", "0"], "--kd-temperature must be above 0"),
     (["--data", "digits", "--teacher", "{seg}"], "not classify"),
+    (["--data", "digits", "--teacher", "{digits}", "--kd-dense", "channel"], "distils the class maps of segmenters"),
 ])
 def test_teacher_errors_are_one_sentence(cli, digits_run, seg_run, tmp_path, args, words):
     args = [a.format(digits=digits_run, seg=seg_run) for a in args]

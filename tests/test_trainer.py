@@ -270,3 +270,38 @@ def test_before_step_after_backward_hooks_and_model_transforms():
     assert isinstance(trainer.model, Freeze) and spy.batches == spy.backwards == 8
     assert torch.equal(net[1].weight, before) and not torch.equal(net[1].bias, bias)
     assert trainer.model.scale.item() != 1.0  # the transform's parameter was optimized
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_the_optimizer_is_fused_and_steps_as_torch_default(name):
+    """On CPU the optimizer runs torch's fused kernel; its update equals torch's default loop on
+    the same groups (weight decay off for biases and norm weights), step after step."""
+    from cnnkit.engine.schedule import build_optimizer
+    from cnnkit.models import create_model
+
+    torch.manual_seed(0)
+    a = create_model("smallcnn", 4, 3)
+    b = create_model("smallcnn", 4, 3)
+    b.load_state_dict(a.state_dict())
+    fused = build_optimizer(a, name, 1e-2, 0.05, 0.9)
+    assert all(g["fused"] for g in fused.param_groups)
+    plain = type(fused)([{k: v for k, v in g.items() if k != "fused"} | {"params": list(pb)}
+                         for g, pb in zip(fused.param_groups, _same_groups(fused, a, b))], lr=1e-2, fused=False)
+    assert {g["weight_decay"] for g in plain.param_groups} == {0.0, 0.05}
+    for i in range(3):
+        x = torch.randn(8, 3, 16, 16)
+        for m, opt in ((a, fused), (b, plain)):
+            opt.zero_grad()
+            torch.manual_seed(i)  # the same dropout masks
+            m(x).square().mean().backward()
+            opt.step()
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=2e-5, msg=n)  # rounding, amplified by Adam near 0
+    assert any(not torch.equal(p, q0) for p, q0 in zip(a.parameters(), create_model("smallcnn", 4, 3).parameters()))
+
+
+def _same_groups(opt, a, b):
+    """``opt``'s parameter groups (over ``a``) as lists of ``b``'s parameters of the same names."""
+    by_id = {id(p): n for n, p in a.named_parameters()}
+    of_b = dict(b.named_parameters())
+    return [[of_b[by_id[id(p)]] for p in g["params"]] for g in opt.param_groups]

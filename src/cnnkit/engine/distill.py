@@ -41,9 +41,11 @@ import torch.nn.functional as F
 from cnnkit.errors import CnnkitError
 
 KD_KINDS = ("logit", "feature", "both")
+KD_DENSE = ("pixel", "channel")  # a segmenter's logit KD: softmax over the classes at each pixel, or over each class map
 ADAPTERS = "kd_adapters"  # the student's attribute holding the feature adapters (left out of its state_dict)
 SOFTMAX_TASKS = ("classify", "segment", "medical")
 SIGMOID_TASKS = ("multilabel",)
+DENSE_TASKS = ("segment", "medical")
 RCNN_ARCHS = ("fasterrcnn", "maskrcnn")  # torchvision detectors with a region box head
 
 
@@ -53,6 +55,21 @@ def kd_softmax(student: torch.Tensor, teachers: list[torch.Tensor], t: float) ->
     p = torch.stack([F.softmax(x.float() / t, 1) for x in teachers]).mean(0)
     log_q = F.log_softmax(student.float() / t, 1)
     kl = (p * (p.clamp_min(1e-12).log() - log_q)).sum(1)
+    return kl.mean() * t * t
+
+
+def kd_channel(student: torch.Tensor, teachers: list[torch.Tensor], t: float) -> torch.Tensor:
+    """Channel-wise distillation (Shu et al., ICCV 2021) of dense class scores ``(B, C, *space)``:
+    ``T^2 * KL(mean_i softmax(teacher_i / T) || softmax(student / T))`` where each softmax runs over
+    the positions of one class map, averaged over samples and classes.
+
+    Per-pixel KD (:func:`kd_softmax` over dim 1) weighs every pixel alike, so the background
+    that covers most of an image drives it; here each class map is one distribution over the
+    image, so a class on a few pixels counts as much as the background, and the student learns
+    where the teacher puts each class rather than how sure it is at each pixel."""
+    log_q = F.log_softmax(student.float().flatten(2) / t, -1)
+    p = torch.stack([F.softmax(x.float().flatten(2) / t, -1) for x in teachers]).mean(0)
+    kl = (p * (p.clamp_min(1e-12).log() - log_q)).sum(-1)  # (B, C)
     return kl.mean() * t * t
 
 
@@ -280,14 +297,14 @@ class DistilledTask:
     other attribute is the wrapped task's."""
 
     def __init__(self, task, teacher: Teacher, temperature: float, alpha: float, kind: str = "logit",
-                 features: FeatureKD | None = None, regions: RegionCatch | None = None):
+                 features: FeatureKD | None = None, regions: RegionCatch | None = None, dense: str = "pixel"):
         name = teacher.card.task
         if name not in SOFTMAX_TASKS + SIGMOID_TASKS and not teacher.fastdet and not teacher.torchvision:
             raise CnnkitError(f"--teacher is not there yet for {name} models (distillation covers classify, "
                               "multilabel, detect, instance, segment and medical)")
         self.regions = regions
         self.task, self.teacher, self.t, self.alpha = task, teacher, float(temperature), float(alpha)
-        self.kd = kd_sigmoid if name in SIGMOID_TASKS else kd_softmax
+        self.kd = kd_sigmoid if name in SIGMOID_TASKS else kd_channel if dense == "channel" else kd_softmax
         self.kind, self.features = kind, features
         self._training = False
 
@@ -331,6 +348,13 @@ def distil(task, card, cfg, device: torch.device, model: torch.nn.Module | None 
     or ``both`` the adapters are attached to the student ``model``."""
     if cfg.kd not in KD_KINDS:
         raise CnnkitError(f"--kd must be one of {', '.join(KD_KINDS)}, got '{cfg.kd}'")
+    if cfg.kd_dense not in KD_DENSE:
+        raise CnnkitError(f"--kd-dense must be one of {', '.join(KD_DENSE)}, got '{cfg.kd_dense}'")
+    if cfg.kd_dense == "channel" and card.task not in DENSE_TASKS:
+        raise CnnkitError(f"--kd-dense channel distils the class maps of segmenters ({', '.join(DENSE_TASKS)}); "
+                          f"a {card.task} student takes --kd-dense pixel")
+    if cfg.kd_dense == "channel" and cfg.kd == "feature":
+        raise CnnkitError("--kd-dense channel shapes the logit term; add it to --kd logit or --kd both, not --kd feature")
     torchvision = card.task in ("detect", "instance") and card.arch != "fastdet"
     if torchvision and cfg.kd != "feature" and card.arch not in RCNN_ARCHS:
         raise CnnkitError(f"--kd {cfg.kd} for torchvision detectors distils the R-CNN region classifier "
@@ -349,4 +373,4 @@ def distil(task, card, cfg, device: torch.device, model: torch.nn.Module | None 
         names = [n.strip() for n in str(cfg.kd_layers or "").split(",") if n.strip()] or None
         features = FeatureKD(model, card, teacher, names)
         features.attach(model)
-    return DistilledTask(task, teacher, cfg.kd_temperature, cfg.kd_alpha, cfg.kd, features, regions)
+    return DistilledTask(task, teacher, cfg.kd_temperature, cfg.kd_alpha, cfg.kd, features, regions, cfg.kd_dense)

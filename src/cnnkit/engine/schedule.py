@@ -62,6 +62,12 @@ def build_optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay: 
                     momentum: float, layer_decay: float = 1.0) -> torch.optim.Optimizer:
     """SGD (Nesterov) or AdamW; no weight decay on biases and normalization weights.
 
+    Where every parameter is a CPU or CUDA floating-point tensor the optimizer runs torch's
+    fused kernels (``fused=True``: one pass over the tensors in C++ instead of Python's loop
+    over them). The update is the same formula; for a 14 M-parameter U-Net on this project's
+    2-core CPU an AdamW step takes about a sixth of the time (benchmarks/optimizer_step.py),
+    which is 2-4% of a training step at batch 8-16 there, and more for small models.
+
     Every parameter is in the optimizer, frozen ones too (they have no gradient, so no step
     touches them), which is what lets ``--unfreeze-at`` turn them on mid-run. With
     ``layer_decay < 1`` each depth group below the head gets ``layer_decay`` times the LR of
@@ -78,6 +84,15 @@ def build_optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay: 
         buckets.setdefault((no_decay, scales.get(n, 1.0)), []).append(p)
     groups = [{"params": ps, "weight_decay": 0.0 if nd else weight_decay, "lr": lr * scale}
               for (nd, scale), ps in sorted(buckets.items(), key=lambda kv: (kv[0][1] != 1.0, kv[0]))]
+    fused = _fusable(model)
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0)
-    return torch.optim.AdamW(groups, lr=lr)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0, fused=fused)
+    return torch.optim.AdamW(groups, lr=lr, fused=fused)
+
+
+def _fusable(model: torch.nn.Module) -> bool | None:
+    """True where torch's fused optimizer kernels take every parameter (CPU or CUDA floats);
+    None (torch's own choice) elsewhere, e.g. MPS or integer parameters."""
+    params = list(model.parameters())
+    ok = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return True if ok else None
