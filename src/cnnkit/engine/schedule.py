@@ -65,8 +65,8 @@ def build_optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay: 
     Where every parameter is a CPU or CUDA floating-point tensor the optimizer runs torch's
     fused kernels (``fused=True``: one pass over the tensors in C++ instead of Python's loop
     over them). The update is the same formula; for a 14 M-parameter U-Net on this project's
-    2-core CPU an AdamW step takes about a sixth of the time (benchmarks/optimizer_step.py),
-    which is 2-4% of a training step at batch 8-16 there, and more for small models.
+    2-core CPU an AdamW step takes a third of the time (benchmarks/optimizer_step.py),
+    which is 2-3% of a training step at batch 8 there.
 
     Every parameter is in the optimizer, frozen ones too (they have no gradient, so no step
     touches them), which is what lets ``--unfreeze-at`` turn them on mid-run. With
