@@ -2,7 +2,7 @@
 parameters, trained alone and distilled, for the same epochs.
 
     python benchmarks/distill.py [--tasks classify,detect,segment] [--epochs 15] [--teacher-epochs 15]
-        [--kd logit|feature|both] [--kd-temperature 4] [--kd-alpha 0.5] [--kd-dense pixel|channel] [--report]
+        [--kd logit|feature|both] [--kd-temperature 4] [--kd-alpha 0.5] [--kd-dense channel|pixel] [--report]
 
 Per task (all on the built-in ``shapes`` data, one seed):
 
@@ -18,8 +18,9 @@ Per task (all on the built-in ``shapes`` data, one seed):
   ``--det-imgsz`` with 3 classes and up to 4 objects per scene; the student distils with
   ``--kd logit`` (class and box-distribution KD) and ``--kd both`` (plus the deepest stage).
 - segment: teacher U-Net with a resnet18 encoder (14.3 M), student U-Net with the smallcnn
-  encoder (0.83 M), at ``--seg-imgsz``; its logit KD is per pixel, or with ``--kd-dense channel``
-  channel-wise (each class map's softmax over the image).
+  encoder (0.83 M), at ``--seg-imgsz``; its logit KD is channel-wise (each class map's softmax
+  over the image, cnnkit's default for segmenters), or per pixel with ``--kd-dense pixel`` (the
+  default before 2026-12-07, which the first segmentation figures used).
 
 With ``--report``, each task also gets the one table of issue 17: the teacher pruned by half
 (``cnnkit prune``, then fine-tuned for the student's epochs) joins the students, and ``cnnkit
@@ -144,8 +145,8 @@ def main() -> None:
     ap.add_argument("--kd-alpha", type=float, default=KD["kd_alpha"], help="weight of the KD term")
     ap.add_argument("--kd", choices=["logit", "feature", "both"], default="logit",
                     help="what the distilled student learns from (detect also runs --kd both)")
-    ap.add_argument("--kd-dense", choices=["pixel", "channel"], default="pixel",
-                    help="segment: per-pixel or channel-wise logit KD")
+    ap.add_argument("--kd-dense", choices=["channel", "pixel"], default="channel",
+                    help="segment: channel-wise or per-pixel logit KD")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
     KD.update(kd_temperature=args.kd_temperature, kd_alpha=args.kd_alpha)

@@ -113,8 +113,8 @@ def test_a_distilled_student_beats_its_undistilled_twin(digits_run, tmp_path):
 
 
 def test_multilabel_and_segment_students_train_from_their_teachers(multilabel_run, seg_run, seg_data, tmp_path):
-    """A multi-label student (sigmoid soft labels) and a segmenter (soft targets per pixel)
-    train with --teacher; the loss they log includes the distillation term."""
+    """A multi-label student (sigmoid soft labels) and a segmenter (channel-wise soft targets by
+    default, per pixel with --kd-dense pixel) train with --teacher, recorded in their cards."""
     from cnnkit.cli.main import main
 
     assert main(["multilabel", "train", "--data", str(multilabel_run.parent / "data"), "--imgsz", "24", "--epochs",
@@ -123,12 +123,13 @@ def test_multilabel_and_segment_students_train_from_their_teachers(multilabel_ru
                  "--encoder", "smallcnn", "--teacher", str(seg_run), "--kd-temperature", "2", "--out",
                  str(tmp_path / "seg")]) == 0
     assert main(["segment", "train", "--data", str(seg_data), "--imgsz", "64", "--epochs", "1", "--batch", "8",
-                 "--encoder", "smallcnn", "--teacher", str(seg_run), "--kd-dense", "channel", "--out",
-                 str(tmp_path / "cwd")]) == 0
-    for run in ("ml", "seg", "cwd"):
-        card = json.loads((tmp_path / run / "weights" / "best.json").read_text())
-        assert card["provenance"]["kd"] == "logit"
-    assert card["provenance"]["kd_dense"] == "channel"
+                 "--encoder", "smallcnn", "--teacher", str(seg_run), "--kd-dense", "pixel", "--out",
+                 str(tmp_path / "pixel")]) == 0
+    cards = {run: json.loads((tmp_path / run / "weights" / "best.json").read_text())["provenance"]
+             for run in ("ml", "seg", "pixel")}
+    assert {c["kd"] for c in cards.values()} == {"logit"}
+    assert "kd_dense" not in cards["ml"]
+    assert (cards["seg"]["kd_dense"], cards["pixel"]["kd_dense"]) == ("channel", "pixel")  # channel-wise by default
 
 
 @pytest.mark.parametrize("args, words", [
@@ -137,7 +138,7 @@ def test_multilabel_and_segment_students_train_from_their_teachers(multilabel_ru
     (["--data", "digits", "--teacher", "{digits}", "--kd-alpha", "1.5"], "--kd-alpha must be in [0, 1]"),
     (["--data", "digits", "--teacher", "{digits}", "--kd-temperature", "0"], "--kd-temperature must be above 0"),
     (["--data", "digits", "--teacher", "{seg}"], "not classify"),
-    (["--data", "digits", "--teacher", "{digits}", "--kd-dense", "channel"], "distils the class maps of segmenters"),
+    (["--data", "digits", "--teacher", "{digits}", "--kd-dense", "channel"], "a classify student has none"),
 ])
 def test_teacher_errors_are_one_sentence(cli, digits_run, seg_run, tmp_path, args, words):
     args = [a.format(digits=digits_run, seg=seg_run) for a in args]

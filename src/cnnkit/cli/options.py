@@ -19,7 +19,7 @@ CHOICES: dict[str, tuple[str, ...]] = {"optimizer": OPTIMIZERS, "schedule": SCHE
                                        "loss": ("ce", "sce", "gce"), "noise_type": ("symmetric", "pairflip"),
                                        "missing_mode": ("pixel", "patch"), "missing_input": ("zero", "mask"),
                                        "adv": ("pgd", "fgsm"), "illumination": ILLUMINATION,
-                                       "kd": ("logit", "feature", "both"), "kd_dense": ("pixel", "channel"),
+                                       "kd": ("logit", "feature", "both"), "kd_dense": ("channel", "pixel"),
                                        "qat_weights": QAT_WEIGHTS}
 
 HELP: dict[str, str] = {
@@ -70,9 +70,9 @@ HELP: dict[str, str] = {
     "kd_temperature": "--teacher: the softmax temperature T of the soft targets (high T with --kd-alpha 1: "
                       "defensive distillation)",
     "kd_alpha": "--teacher: weight of the distillation term; 1 - alpha weighs the task's own loss",
-    "kd_dense": "--kd logit for segment and medical: pixel (the classes' softmax at each pixel) or channel "
-                "(channel-wise distillation: each class map's softmax over the image, so small objects count as "
-                "much as the background)",
+    "kd_dense": "--kd logit for segment and medical: channel (the default: channel-wise distillation, each class "
+                "map's softmax over the image, so small objects count as much as the background) or pixel (the "
+                "classes' softmax at each pixel)",
     "qat": "quantization-aware training: fine-tune the --init weights with int8 rounding simulated (per-channel "
            "weights, per-tensor activations), then write weights/best.int8.onnx (ONNX Runtime QDQ) and its metric",
     "qat_weights": "--qat: one weight scale per output channel (per-channel, the finer) or one per tensor "

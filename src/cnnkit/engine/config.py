@@ -69,7 +69,7 @@ class TrainConfig:
     kd_layers: str | None = None  # --kd feature: the student's stages (comma-separated); default the deepest
     kd_temperature: float = 4.0
     kd_alpha: float = 0.5  # weight of the distillation term (1 - alpha: the task's own loss)
-    kd_dense: str = "pixel"  # a segmenter's --kd logit: softmax over classes per pixel, or channel-wise over each map
+    kd_dense: str | None = None  # segment/medical --kd logit: channel (each class map's softmax; default) or pixel
     qat: bool = False  # quantization-aware fine-tuning of --init weights; writes weights/best.int8.onnx
     qat_weights: str = "per-channel"  # --qat: one of QAT_WEIGHTS
     # run

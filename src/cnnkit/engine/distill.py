@@ -11,7 +11,10 @@ std and illumination). The loss becomes
 (Hinton et al., 2015; the T^2 keeps the soft term's gradients at the hard term's scale). KD
 compares class scores the way the task reads them: the KL divergence from the teachers'
 softmax at temperature T (averaged over teachers: an ensemble teacher) for single-label
-classifiers, per pixel for segmenters and per voxel for medical segmenters; binary
+classifiers; for segmenters and medical segmenters by default channel-wise (``--kd-dense
+channel``, Shu et al., 2021: each class map's softmax over its pixels or voxels, so a small
+object's class weighs as much as the background; on ``shapes`` it lifted a U-Net student far
+above itself alone where per-pixel KD cost it), or per pixel / voxel (``--kd-dense pixel``); binary
 cross-entropy against the teachers' sigmoid at T, label by label, for multi-label
 classifiers. A fastdet student learns from a fastdet teacher at every anchor point: its class
 scores (sigmoid, as for multi-label) and its box-side distributions (the KL divergence of each
@@ -41,7 +44,7 @@ import torch.nn.functional as F
 from cnnkit.errors import CnnkitError
 
 KD_KINDS = ("logit", "feature", "both")
-KD_DENSE = ("pixel", "channel")  # a segmenter's logit KD: softmax over the classes at each pixel, or over each class map
+KD_DENSE = ("channel", "pixel")  # a segmenter's logit KD: softmax over each class map (the default), or per pixel
 ADAPTERS = "kd_adapters"  # the student's attribute holding the feature adapters (left out of its state_dict)
 SOFTMAX_TASKS = ("classify", "segment", "medical")
 SIGMOID_TASKS = ("multilabel",)
@@ -297,13 +300,14 @@ class DistilledTask:
     other attribute is the wrapped task's."""
 
     def __init__(self, task, teacher: Teacher, temperature: float, alpha: float, kind: str = "logit",
-                 features: FeatureKD | None = None, regions: RegionCatch | None = None, dense: str = "pixel"):
+                 features: FeatureKD | None = None, regions: RegionCatch | None = None, dense: str | None = None):
         name = teacher.card.task
         if name not in SOFTMAX_TASKS + SIGMOID_TASKS and not teacher.fastdet and not teacher.torchvision:
             raise CnnkitError(f"--teacher is not there yet for {name} models (distillation covers classify, "
                               "multilabel, detect, instance, segment and medical)")
         self.regions = regions
         self.task, self.teacher, self.t, self.alpha = task, teacher, float(temperature), float(alpha)
+        self.dense = dense  # segment/medical: "channel" or "pixel" (see dense_kd)
         self.kd = kd_sigmoid if name in SIGMOID_TASKS else kd_channel if dense == "channel" else kd_softmax
         self.kind, self.features = kind, features
         self._training = False
@@ -348,13 +352,14 @@ def distil(task, card, cfg, device: torch.device, model: torch.nn.Module | None 
     or ``both`` the adapters are attached to the student ``model``."""
     if cfg.kd not in KD_KINDS:
         raise CnnkitError(f"--kd must be one of {', '.join(KD_KINDS)}, got '{cfg.kd}'")
-    if cfg.kd_dense not in KD_DENSE:
+    if cfg.kd_dense is not None and cfg.kd_dense not in KD_DENSE:
         raise CnnkitError(f"--kd-dense must be one of {', '.join(KD_DENSE)}, got '{cfg.kd_dense}'")
-    if cfg.kd_dense == "channel" and card.task not in DENSE_TASKS:
-        raise CnnkitError(f"--kd-dense channel distils the class maps of segmenters ({', '.join(DENSE_TASKS)}); "
-                          f"a {card.task} student takes --kd-dense pixel")
-    if cfg.kd_dense == "channel" and cfg.kd == "feature":
-        raise CnnkitError("--kd-dense channel shapes the logit term; add it to --kd logit or --kd both, not --kd feature")
+    if cfg.kd_dense is not None and card.task not in DENSE_TASKS:
+        raise CnnkitError(f"--kd-dense chooses how the class maps of segmenters ({', '.join(DENSE_TASKS)}) are "
+                          f"distilled; a {card.task} student has none")
+    if cfg.kd_dense is not None and cfg.kd == "feature":
+        raise CnnkitError(f"--kd-dense {cfg.kd_dense} shapes the logit term; give it with --kd logit or --kd both, "
+                          "not --kd feature")
     torchvision = card.task in ("detect", "instance") and card.arch != "fastdet"
     if torchvision and cfg.kd != "feature" and card.arch not in RCNN_ARCHS:
         raise CnnkitError(f"--kd {cfg.kd} for torchvision detectors distils the R-CNN region classifier "
@@ -373,4 +378,11 @@ def distil(task, card, cfg, device: torch.device, model: torch.nn.Module | None 
         names = [n.strip() for n in str(cfg.kd_layers or "").split(",") if n.strip()] or None
         features = FeatureKD(model, card, teacher, names)
         features.attach(model)
-    return DistilledTask(task, teacher, cfg.kd_temperature, cfg.kd_alpha, cfg.kd, features, regions, cfg.kd_dense)
+    return DistilledTask(task, teacher, cfg.kd_temperature, cfg.kd_alpha, cfg.kd, features, regions,
+                         dense_kd(cfg.kd_dense, card.task) if cfg.kd != "feature" else None)
+
+
+def dense_kd(choice: str | None, task: str) -> str | None:
+    """``--kd-dense`` as used: a segmenter's choice, else channel-wise (measured far ahead of
+    per-pixel KD on ``shapes``: BENCHMARKS.md, segmentation students); None for other tasks."""
+    return (choice or "channel") if task in DENSE_TASKS else None

@@ -313,7 +313,8 @@ def train(spec: WorkflowSpec, cfg: TrainConfig | None = None, *, resume: str | P
 
         task = distil(s.task, s.card, cfg, device, s.model)
         s.card.provenance.update(teacher=cfg.teacher, kd=cfg.kd, kd_temperature=cfg.kd_temperature,
-                                 kd_alpha=cfg.kd_alpha, kd_dense=cfg.kd_dense, **({"kd_layers": list(task.features.pairs.items())}
+                                 kd_alpha=cfg.kd_alpha, **({"kd_dense": task.dense} if task.dense else {}),
+                                 **({"kd_layers": list(task.features.pairs.items())}
                                                           if task.features is not None else {}))
     if cfg.qat:
         from functools import partial
