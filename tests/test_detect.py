@@ -234,7 +234,9 @@ def test_time_budget_sets_epochs():
     from cnnkit.engine.schedule import WarmupSchedule
 
     class FakeTrainer:
-        epoch, steps_per_epoch, should_stop, stop_reason = 1, 10, False, ""
+        epoch, steps_per_epoch, global_step, epoch_steps, max_steps = 1, 10, 10, 10, None
+        should_stop, stop_reason = False, ""
+        history = [{"train_time_s": 10.9}]
 
         class cfg:
             epochs = 30
@@ -243,11 +245,11 @@ def test_time_budget_sets_epochs():
             lr_lambdas = [WarmupSchedule("cosine", 300, 10)]
 
     hook = TimeBudget(1.0)  # one minute
-    hook.used = 0.0
-    hook._t0 = __import__("time").perf_counter() - 11.9  # the first epoch took 11.9 s
+    hook._start = __import__("time").perf_counter() - 11.9  # the first epoch took 11.9 s, 1 s of it outside the steps
     hook.after_epoch(FakeTrainer)
+    # 4 more whole epochs take 47.6 of the 48.1 s left; a shorter fifth would not have time for its validation
     assert FakeTrainer.cfg.epochs == 5 and FakeTrainer.scheduler.lr_lambdas[0].total == 50
-    assert not FakeTrainer.should_stop
+    assert not FakeTrainer.should_stop and FakeTrainer.max_steps is None
 
 
 def test_soft_nms_decays_overlaps_and_keeps_classes_apart():

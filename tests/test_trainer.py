@@ -272,6 +272,50 @@ def test_before_step_after_backward_hooks_and_model_transforms():
     assert trainer.model.scale.item() != 1.0  # the transform's parameter was optimized
 
 
+def test_time_budget_fills_the_budget_with_a_shorter_last_epoch(monkeypatch):
+    """Under a fake clock (a step takes 1 s, an epoch 2 s more outside its 8 steps) a 54 s
+    budget trains five whole epochs and a sixth of 2 steps, ending on the budget with the LR
+    schedule at its end; the old whole-epoch rule stopped after five (50 s). The plan survives
+    a resume through the hook's state."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from cnnkit.engine.config import TrainConfig
+    from cnnkit.engine.hooks import Hook, TimeBudget
+    from cnnkit.engine.trainer import Trainer
+
+    now = [1000.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+
+    class Clock(Hook):
+        def after_step(self, trainer):
+            now[0] += 1.0
+
+        def after_epoch(self, trainer):  # validation, checkpoints
+            now[0] += 2.0
+
+    torch.manual_seed(0)
+    x, y = torch.rand(64, 1, 4, 4), torch.randint(0, 2, (64,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0),
+                        collate_fn=lambda items: {"images": torch.stack([i[0] for i in items]),
+                                                  "targets": torch.stack([i[1] for i in items])})
+    budget = TimeBudget(0.9)
+    cfg = TrainConfig(epochs=100, batch=8, lr=0.1, warmup_epochs=0, ema=0.0, schedule="cosine")
+    trainer = Trainer(ClassifyTask(["a", "b"]), torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2)),
+                      loader, None, cfg, torch.device("cpu"), hooks=[Clock(), budget])
+    start = now[0]
+    trainer.fit()
+    assert trainer.epoch == 6 and trainer.global_step == 42 and trainer.epoch_steps == 2
+    assert now[0] - start == pytest.approx(54.0) and budget.used == pytest.approx(54.0)
+    assert "the last one 2 of its 8 steps" in trainer.stop_reason
+    assert trainer.scheduler.lr_lambdas[0].total == 42  # the cosine ends on the last step
+    assert trainer.lr_history[-1] < 0.1 * 0.01 and len(trainer.lr_history) == 42
+
+    resumed = TimeBudget(0.9)
+    resumed.load_state_dict({**budget.state_dict(), "max_steps": 42})
+    resumed.before_train(trainer)
+    assert trainer.max_steps == 42 and resumed.used == budget.used
+
+
 @pytest.mark.parametrize("name", ["adamw", "sgd"])
 def test_the_optimizer_is_fused_and_steps_as_torch_default(name):
     """On CPU the optimizer runs torch's fused kernel; its update equals torch's default loop on

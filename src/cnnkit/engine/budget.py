@@ -14,7 +14,7 @@ with at least :data:`MIN_BUDGET_STEPS` of them (or, when none gets there, the sm
 The timing runs the real training step (task loss, distillation teacher, fake quantization,
 adversarial examples, EMA) on the real model, then puts the weights, optimizer, EMA, schedule,
 loss scale, hook state and random state back, so the training that follows is the one the chosen batch would give
-without the timing. It takes a few seconds before the budget starts counting.
+without the timing. It takes a few seconds, which count in the budget.
 """
 
 from __future__ import annotations

@@ -127,35 +127,63 @@ class Snapshots(Hook):
 
 
 class TimeBudget(Hook):
-    """Hook for ``--time``: after each epoch, set the number of epochs that fit in the budget
-    (mean epoch time so far, validation included) and stretch the LR schedule to it, as
-    Ultralytics' ``time=`` does; stop when the budget is spent."""
+    """Hook for ``--time``: after each epoch, fit the rest of the run into the budget and
+    stretch the LR schedule to it, as Ultralytics' ``time=`` does, except that the run ends on
+    the optimizer step that fills the budget, not on the last whole epoch that fits: the
+    seconds a whole epoch would overshoot go to a last, shorter epoch (validated and saved like
+    any other) instead of being left unused, which was up to one epoch in eight at 9 minutes.
 
-    def __init__(self, minutes: float):
+    The plan uses the mean seconds of an optimizer step and the mean seconds an epoch spends
+    outside its steps (validation, checkpoints) so far. ``spent`` is time the budget already
+    paid before training (the workflow's timing of the batch for the budget).
+    """
+
+    MIN_LAST = 0.1  # a last epoch shorter than this share of an epoch is not worth its validation
+
+    def __init__(self, minutes: float, spent: float = 0.0):
         self.budget = minutes * 60.0
-        self.used = 0.0
-        self._t0 = 0.0
+        self.used = spent  # seconds of the budget spent: before training, then wall-clock since
+        self.before = spent  # of which before training
+        self.train_s = 0.0  # of which in training steps
+        self.max_steps: int | None = None  # the planned last step, kept for a resume
+        self._base = self._start = 0.0
 
     def before_train(self, trainer) -> None:
-        self._t0 = time.perf_counter()
-
-    def before_epoch(self, trainer) -> None:
-        self._t0 = time.perf_counter()
+        self._base, self._start = self.used, time.perf_counter()
+        trainer.max_steps = self.max_steps
 
     def after_epoch(self, trainer) -> None:
-        self.used += time.perf_counter() - self._t0
-        per_epoch = self.used / max(1, trainer.epoch)
-        epochs = max(trainer.epoch, int(self.budget / per_epoch))
-        if self.used >= self.budget or epochs <= trainer.epoch:
+        self.used = self._base + time.perf_counter() - self._start
+        self.train_s += float(trainer.history[-1].get("train_time_s", 0.0)) if trainer.history else 0.0
+        steps_per_epoch = trainer.steps_per_epoch
+        per_step = self.train_s / max(1, trainer.global_step)
+        per_epoch = max(0.0, self.used - self.before - self.train_s) / max(1, trainer.epoch)  # outside the steps
+        left = self.budget - self.used
+        whole = int(max(0.0, left) // (steps_per_epoch * per_step + per_epoch))
+        rest = left - whole * (steps_per_epoch * per_step + per_epoch) - per_epoch
+        last = min(steps_per_epoch - 1, int(max(0.0, rest) // per_step)) if per_step > 0 else 0
+        if last < self.MIN_LAST * steps_per_epoch:
+            last = 0
+        cut = trainer.max_steps is not None and trainer.epoch_steps < steps_per_epoch
+        if left <= 0 or cut or (whole == 0 and last == 0):
             trainer.should_stop = True
-            trainer.stop_reason = f"time budget of {self.budget / 60:.1f} min spent after {trainer.epoch} epochs"
-            epochs = trainer.epoch
-        trainer.cfg.epochs = epochs
+            trainer.stop_reason = (f"time budget of {self.budget / 60:.1f} min spent after {trainer.epoch} epochs"
+                                   + (f" (the last one {trainer.epoch_steps} of its {steps_per_epoch} steps)"
+                                      if cut else ""))
+            trainer.cfg.epochs = trainer.epoch
+            self.max_steps = trainer.max_steps = None
+            return
+        total = trainer.global_step + whole * steps_per_epoch + last
+        trainer.cfg.epochs = trainer.epoch + whole + (last > 0)
+        self.max_steps = trainer.max_steps = total if last else None
         for fn in trainer.scheduler.lr_lambdas:
-            fn.total = max(1, epochs * trainer.steps_per_epoch)
+            fn.total = max(1, total)
 
     def state_dict(self) -> dict:
-        return {"used": self.used}
+        return {"used": self.used, "before": self.before, "train_s": self.train_s, "max_steps": self.max_steps}
 
     def load_state_dict(self, state: dict) -> None:
         self.used = float(state.get("used", 0.0))
+        self.before = float(state.get("before", 0.0))
+        self.train_s = float(state.get("train_s", 0.0))
+        self.max_steps = state.get("max_steps")

@@ -64,15 +64,16 @@ def open_run(cfg: TrainConfig, task: str, run: RunDir | None, notes: dict[str, s
     return run
 
 
-def standard_hooks(cfg: TrainConfig, run: RunDir, verbose: bool, extra: list[Hook] | None = None) -> list[Hook]:
-    """Progress bar (when verbose), freezing, ``extra`` hooks, the ``--time`` budget,
-    ``metrics.csv``, early stopping, snapshots."""
+def standard_hooks(cfg: TrainConfig, run: RunDir, verbose: bool, extra: list[Hook] | None = None,
+                   budget_spent: float = 0.0) -> list[Hook]:
+    """Progress bar (when verbose), freezing, ``extra`` hooks, the ``--time`` budget (of which
+    ``budget_spent`` seconds went before training), ``metrics.csv``, early stopping, snapshots."""
     hooks: list[Hook] = [ProgressHook(console())] if verbose else []
     if cfg.freeze not in (None, "", "none") or cfg.linear_probe:
         hooks.append(Freeze("backbone" if cfg.linear_probe else cfg.freeze, cfg.unfreeze_at))
     hooks += list(extra or [])
     if cfg.time > 0:
-        hooks.append(TimeBudget(cfg.time))
+        hooks.append(TimeBudget(cfg.time, budget_spent))
     hooks.append(MetricsCSV(run.metrics_csv))
     if cfg.patience:
         hooks.append(EarlyStopping(cfg.patience))

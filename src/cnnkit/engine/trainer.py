@@ -155,6 +155,8 @@ class Trainer:
         self.improved = False
         self.should_stop = False
         self.stop_reason = ""
+        self.max_steps: int | None = None  # an epoch ends early at this optimizer step (a --time budget's last epoch)
+        self.epoch_steps = 0  # optimizer steps of the epoch running or just run
         self.last_metrics: dict[str, Any] = {}
         self.step_loss = float("nan")
         self.step_images = 0
@@ -216,6 +218,7 @@ class Trainer:
         loss_sum, n_images, n_batches = 0.0, 0, len(self.train_loader)
         self._metric_sum, self._metric_count, self.step_metric = 0.0, 0, None
         self.optimizer.zero_grad(set_to_none=True)
+        self.epoch_steps = 0
         for i, batch in enumerate(self.train_loader):
             for path, reason in batch.get("skipped", []):
                 self.skipped[path] = reason
@@ -228,10 +231,13 @@ class Trainer:
                     n_images += bs
             if boundary:
                 self._optimizer_step()
+                self.epoch_steps += 1
             self.step_loss = loss_sum / max(1, n_images)
             self.step_images = bs
             for h in self.hooks:
                 h.after_step(self)
+            if boundary and self.max_steps is not None and self.global_step >= self.max_steps:
+                break  # the budget's last, shorter epoch
         train_time = time.perf_counter() - t0
         self.epoch += 1
         row: dict[str, Any] = {"epoch": self.epoch, "train_loss": loss_sum / max(1, n_images)}

@@ -330,17 +330,20 @@ def train(spec: WorkflowSpec, cfg: TrainConfig | None = None, *, resume: str | P
         hooks.append(AdversarialTraining.from_train_config(cfg, s.card))
     trainer = Trainer(task, s.model, s.train_loader, s.val_loader, cfg, device, None, s.card.to_dict(), hooks,
                       s.batch_transforms, s.model_transforms)
+    budget_spent = 0.0  # seconds of a --time budget spent before training: timing the batch for it
     if batch_left_out and cfg.time > 0 and ckpt is None:
         from cnnkit.data.defaults import adopt
         from cnnkit.engine.budget import fit_batch_to_budget
 
+        t = time.perf_counter()
         adopt(cfg, s.derived, "batch", fit_batch_to_budget(trainer, cfg.time))
+        budget_spent = time.perf_counter() - t
     if verbose and s.derived:
         con.print("defaults from the data (written to config.yaml; pass the option to override):")
         for name, d in s.derived.items():
             con.print(f"  --{name.replace('_', '-')} {d.value}: {d.reason}")
     run = open_run(cfg, spec.name, run, {k: d.reason for k, d in s.derived.items()})
-    trainer.run_dir, trainer.hooks = run.root, standard_hooks(cfg, run, verbose, hooks)
+    trainer.run_dir, trainer.hooks = run.root, standard_hooks(cfg, run, verbose, hooks, budget_spent)
     train_time = run_trainer(trainer, ckpt, run, spec.name, verbose)
     t0 = time.perf_counter()
     spec.after_fit(cfg, run, s, trainer, device, verbose)
