@@ -21,7 +21,8 @@ TRAIN_HELP = {
            "over objects), ... or none; default: flip,scale=0.7:1.3,translate=0.1,color=0.3",
     "mosaic": "share of training images made of four images in a 2x2 mosaic, cropped around a random centre",
     "time": "training time budget in minutes (validation included); sets the number of epochs after each "
-            "epoch and stretches the LR schedule to it; 0 is off",
+            "epoch and stretches the LR schedule to it, the last epoch shorter where a whole one would overrun; "
+            "0 is off",
     "iou": "NMS IoU threshold during validation",
     "nms": "NMS during validation: hard, or soft (Gaussian soft-NMS: overlapping boxes keep a lowered score)",
     "max_det": "detections kept per image",

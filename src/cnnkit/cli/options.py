@@ -51,8 +51,8 @@ HELP: dict[str, str] = {
     "amp": "mixed precision; auto is bf16 on a CUDA GPU that supports it (else fp16), off on CPU",
     "channels_last": "use the channels_last memory format (faster convolutions on recent GPUs)",
     "time": "training time budget in minutes (validation included): after each epoch the number of epochs "
-            "that fit is set and the LR schedule stretched to it (with --batch left out, a short budget gets "
-            "a smaller batch); 0 is off",
+            "that fit is set and the LR schedule stretched to it, the last epoch shorter where a whole one "
+            "would overrun (with --batch left out, a short budget gets a smaller batch); 0 is off",
     "patience": "stop after N epochs without improvement; 0 turns early stopping off",
     "snapshots": "snapshot ensemble: with --schedule cyclic, N cosine cycles and weights/snapshotK.safetensors "
                  "saved at the end of each (ensemble them with val --weights)",
