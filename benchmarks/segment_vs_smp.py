@@ -75,7 +75,8 @@ def finish_cnnkit(work: Path, proc, cmd: list[str]) -> dict:
     ips = [float(r["images_per_s"]) for r in rows if r.get("images_per_s")]
     return {"miou": round(res["miou"], 4), "dice": round(res["dice"], 4), "epochs": res["epochs_run"],
             "best_epoch": res["best_epoch"], "train_images_per_s": round(sum(ips) / len(ips), 2),
-            "train_time_s": res["train_time_s"], "command": "cnnkit " + " ".join(cmd),
+            "train_time_s": res["train_time_s"], "stop_reason": res.get("stop_reason", ""),
+            "command": "cnnkit " + " ".join(cmd),
             "curve": [round(float(r["miou"]), 4) for r in rows if r.get("miou")],
             "train_loss": [round(float(r["train_loss"]), 4) for r in rows if r.get("train_loss")],
             "derived": [ln.strip() for ln in (out / "config.yaml").read_text().splitlines() if "derived" in ln]}
