@@ -159,8 +159,9 @@ class TimeBudget(Hook):
         per_step = self.train_s / max(1, trainer.global_step)
         per_epoch = max(0.0, self.used - self.before - self.train_s) / max(1, trainer.epoch)  # outside the steps
         left = self.budget - self.used
-        whole = int(max(0.0, left) // (steps_per_epoch * per_step + per_epoch))
-        rest = left - whole * (steps_per_epoch * per_step + per_epoch) - per_epoch
+        epoch_s = max(1e-9, steps_per_epoch * per_step + per_epoch)
+        whole = int(max(0.0, left) // epoch_s)
+        rest = left - whole * epoch_s - per_epoch
         last = min(steps_per_epoch - 1, int(max(0.0, rest) // per_step)) if per_step > 0 else 0
         if last < self.MIN_LAST * steps_per_epoch:
             last = 0
