@@ -144,7 +144,6 @@ class TimeBudget(Hook):
         self.budget = minutes * 60.0
         self.used = spent  # seconds of the budget spent: before training, then wall-clock since
         self.before = spent  # of which before training
-        self.train_s = 0.0  # of which in training steps
         self.max_steps: int | None = None  # the planned last step, kept for a resume
         self._base = self._start = 0.0
 
@@ -154,10 +153,10 @@ class TimeBudget(Hook):
 
     def after_epoch(self, trainer) -> None:
         self.used = self._base + time.perf_counter() - self._start
-        self.train_s += float(trainer.history[-1].get("train_time_s", 0.0)) if trainer.history else 0.0
+        train_s = sum(float(row.get("train_time_s", 0.0)) for row in trainer.history)  # in training steps
         steps_per_epoch = trainer.steps_per_epoch
-        per_step = self.train_s / max(1, trainer.global_step)
-        per_epoch = max(0.0, self.used - self.before - self.train_s) / max(1, trainer.epoch)  # outside the steps
+        per_step = train_s / max(1, trainer.global_step)
+        per_epoch = max(0.0, self.used - self.before - train_s) / max(1, trainer.epoch)  # outside the steps
         left = self.budget - self.used
         epoch_s = max(1e-9, steps_per_epoch * per_step + per_epoch)
         whole = int(max(0.0, left) // epoch_s)
@@ -181,10 +180,9 @@ class TimeBudget(Hook):
             fn.total = max(1, total)
 
     def state_dict(self) -> dict:
-        return {"used": self.used, "before": self.before, "train_s": self.train_s, "max_steps": self.max_steps}
+        return {"used": self.used, "before": self.before, "max_steps": self.max_steps}
 
     def load_state_dict(self, state: dict) -> None:
         self.used = float(state.get("used", 0.0))
         self.before = float(state.get("before", 0.0))
-        self.train_s = float(state.get("train_s", 0.0))
         self.max_steps = state.get("max_steps")
