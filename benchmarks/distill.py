@@ -80,6 +80,15 @@ def prune_to_quarter(teacher: str, out: Path) -> dict:
     return dict(res, ratio=ratio)
 
 
+def kd_label(kd: str, dense: dict) -> str:
+    """The row name of a ``--kd`` kind: "logit", "feature", "logit and feature"; a segmenter's
+    logit KD is "channel-wise logit" unless ``dense`` asks for per-pixel KD."""
+    name = {"logit": "logit", "feature": "feature", "both": "logit and feature"}[kd]
+    if dense.get("kd_dense") == "channel" and kd != "feature":
+        name = name.replace("logit", "channel-wise logit")
+    return name
+
+
 def train_row(task: str, metric: str, out: Path, epochs: int, common: dict, opts: dict) -> dict:
     """One ``cnnkit.train`` run: its test metric (val without a test split), parameters, time."""
     import cnnkit
@@ -198,11 +207,8 @@ def main() -> None:
             run("teacher", args.teacher_epochs, **spec["teacher"])
             run("student alone", args.epochs, **spec["student"])
             teacher = str(root / "teacher")
-            kd_name = {"logit": "logit", "feature": "feature", "both": "logit and feature"}[args.kd]
             dense = {"kd_dense": args.kd_dense} if task == "segment" else {}
-            if dense and args.kd_dense == "channel" and args.kd != "feature":
-                kd_name = kd_name.replace("logit", "channel-wise logit")
-            run(f"student + {kd_name} KD", args.epochs, teacher=teacher, kd=args.kd, **KD, **dense, **spec["student"])
+            run(f"student + {kd_label(args.kd, dense)} KD", args.epochs, teacher=teacher, kd=args.kd, **KD, **dense, **spec["student"])
             if task == "detect" and args.kd != "both":
                 run("student + logit and feature KD", args.epochs, teacher=teacher, kd="both", **KD,
                     **spec["student"])
@@ -221,10 +227,7 @@ def main() -> None:
                 # Prune, then distil: the same pruned network fine-tuned for the same epochs with its
                 # unpruned teacher's KD (the student's best kind: logit and feature KD for fastdet).
                 kd = "both" if task == "detect" else args.kd
-                name = {"logit": "logit", "feature": "feature", "both": "logit and feature"}[kd]
-                if dense and args.kd_dense == "channel" and kd != "feature":
-                    name = name.replace("logit", "channel-wise logit")
-                run(f"teacher pruned {share}, fine-tuned with {name} KD", args.epochs, init=pruned["file"],
+                run(f"teacher pruned {share}, fine-tuned with {kd_label(kd, dense)} KD", args.epochs, init=pruned["file"],
                     teacher=teacher, kd=kd, **KD, **dense, **spec["teacher"])
                 from cnnkit.methods.benchmark import benchmark
 
