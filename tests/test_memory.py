@@ -60,6 +60,12 @@ def test_freed_memory_is_reused_inside_and_returned_after():
         assert not on and memory._depth == 0
 
 
+def test_the_environment_can_turn_it_off(monkeypatch):
+    monkeypatch.setenv("CNNKIT_KEEP_FREED_MEMORY", "0")
+    with memory.keep_freed_memory() as on:
+        assert not on and memory._depth == 0
+
+
 def test_cpu_training_runs_inside_the_setting_and_leaves_it():
     from torch.utils.data import DataLoader, TensorDataset
 

@@ -14,13 +14,15 @@ reused, and afterwards puts glibc's defaults back and returns the free memory to
 (``malloc_trim``). The process's memory stays at its peak while training, which a training
 step reaches anyway. PyTorch's own CPU launcher (``python -m torch.backends.xeon.run_cpu``)
 swaps in jemalloc or tcmalloc for the same reason; this needs no preloaded library. Outside
-glibc (macOS, Windows, musl) it does nothing.
+glibc (macOS, Windows, musl) it does nothing, and ``CNNKIT_KEEP_FREED_MEMORY=0`` in the
+environment turns it off (``benchmarks/train_memory.py`` compares the two).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import threading
 from collections.abc import Iterator
 
@@ -45,8 +47,10 @@ def _glibc():
 @contextlib.contextmanager
 def keep_freed_memory(enabled: bool = True) -> Iterator[bool]:
     """Within the block, memory the process frees is kept for reuse instead of being returned
-    to the kernel (glibc only); yields whether the setting is in effect."""
+    to the kernel (glibc only, unless ``CNNKIT_KEEP_FREED_MEMORY=0``); yields whether the
+    setting is in effect."""
     global _depth
+    enabled = enabled and os.environ.get("CNNKIT_KEEP_FREED_MEMORY", "1") != "0"
     libc = _glibc() if enabled else None
     if libc is None:
         yield False
