@@ -3,9 +3,11 @@
     python benchmarks/step_phases.py [--data photo|shapes] [--epochs 2] [--rounds 2] [--threads 1]
     python benchmarks/step_phases.py --data photo -- --batch 16      # options after -- go to cnnkit
 
-Why: on the photographs of benchmarks/photo_scenes.py, ``segment_vs_smp.py`` measures cnnkit's
+Why: on the photographs of benchmarks/photo_scenes.py, ``segment_vs_smp.py`` measured cnnkit's
 training at 0.92-0.94x the images/s of smp's U-Net in a plain loop, even at the same batch, so at
-equal time cnnkit sees fewer epochs. This script says which part of a step the gap is in.
+equal time cnnkit saw fewer epochs. This script says which part of a step a gap is in; it found
+this one in the network's forward and backward, with five times the peer's page faults (fixed by
+``cnnkit.utils.memory.keep_freed_memory``; BENCHMARKS.md, "Where the photographs' 8% went").
 
 Both sides run in this one process, one after the other with the same number of torch threads,
 ``--rounds`` times in alternation (cnnkit, peer, cnnkit, peer, ...), so a machine that slows down
@@ -25,6 +27,8 @@ for a minute slows both. Each side trains ``--epochs`` epochs on the same data:
 minus the phases: the Python between them. Figures are milliseconds per training image, so two
 batch sizes compare; the first epoch of every run is left out (allocator and thread-pool warm-up).
 Validation and checkpoints happen after an epoch's clock stops, on both sides, and are not counted.
+``page_faults``: the process's minor page faults per training image inside those loops
+(``getrusage``), memory the kernel had to map and zero for the step.
 """
 
 from __future__ import annotations
