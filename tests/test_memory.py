@@ -80,14 +80,15 @@ def test_cpu_training_runs_inside_the_setting_and_leaves_it():
                                                   "targets": torch.stack([i[1] for i in items])})
 
     class Depth(Hook):
-        seen: list[int] = []
+        def __init__(self):
+            self.seen: list[int] = []
 
         def after_step(self, trainer):
             self.seen.append(memory._depth)
 
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 2))
     trainer = Trainer(ClassifyTask(["a", "b"]), net, loader, None, TrainConfig(epochs=1, batch=8, lr=0.01, ema=0.0),
-                      torch.device("cpu"), hooks=[Depth()])
+                      torch.device("cpu"), hooks=[depth := Depth()])
     trainer.fit()
     expected = 1 if memory._glibc() is not None else 0
-    assert Depth.seen == [expected, expected] and memory._depth == 0
+    assert depth.seen == [expected, expected] and memory._depth == 0

@@ -6,7 +6,8 @@ kernel and unmapped when freed, and free memory at the top of the heap is handed
 passes the trim threshold. A training step frees its activations and gradients and allocates
 the same sizes again a moment later, so every step pays the kernel to map and zero those pages
 again: on the U-Net at 128 px and batch 16 (one thread), about 5,000 minor page faults per
-training image, and about 10% of the step's time (``benchmarks/step_phases.py`` counts them).
+training image (``benchmarks/step_phases.py`` counts them); keeping the memory makes CPU
+training 7.5-14% faster on segment, detect and classify (``benchmarks/train_memory.py``).
 
 :func:`keep_freed_memory` turns both off for the duration of training (``mallopt``:
 ``M_MMAP_MAX`` 0, ``M_TRIM_THRESHOLD`` -1), so freed blocks stay in the process and are
