@@ -194,6 +194,28 @@ def test_networks_give_full_size_scores_and_gradients(arch, encoder):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.encoder.parameters())
 
 
+def test_unet_decoder_starts_where_smp_starts_it():
+    """The U-Net's decoder convolutions are Kaiming-uniform for ReLU (std sqrt(2 / fan_in)),
+    its score head Xavier-uniform, as in segmentation_models_pytorch; PyTorch's default would
+    be sqrt(6) times narrower. The encoder keeps its own (timm's) initialization."""
+    import math
+
+    torch.manual_seed(0)
+    m = build_segmenter("unet", 5, 3, "resnet18")
+    convs = [c for c in m.blocks.modules() if isinstance(c, torch.nn.Conv2d)]
+    assert len(convs) == 10
+    for c in convs:
+        fan_in = c.weight[0].numel()
+        assert abs(float(c.weight.std()) / math.sqrt(2 / fan_in) - 1) < 0.05
+    w = m.head.weight
+    fan_in, fan_out = w[0].numel(), w.shape[0] * w[0, 0].numel()
+    assert abs(float(w.std()) / math.sqrt(2 / (fan_in + fan_out)) - 1) < 0.1
+    assert not m.head.bias.any()
+    stem = m.encoder.features.body.conv1.weight  # timm's ResNet: Kaiming-normal, fan_out
+    fan_out = stem.shape[0] * stem[0, 0].numel()
+    assert abs(float(stem.std()) / math.sqrt(2 / fan_out) - 1) < 0.1
+
+
 def test_unknown_model_suggests():
     from cnnkit.errors import ModelError
 

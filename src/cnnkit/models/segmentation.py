@@ -62,6 +62,31 @@ def unzero_residual_norms(model: nn.Module) -> int:
     return n
 
 
+def init_decoder(decoder: nn.Module, head: nn.Module) -> None:
+    """Initialize a decoder built here as segmentation_models_pytorch does: convolutions
+    Kaiming-uniform for ReLU (``fan_in``), normalizations at one and zero, the score head
+    Xavier-uniform, biases at zero.
+
+    PyTorch's default for ``nn.Conv2d`` (Kaiming-uniform with ``a = sqrt(5)``) draws weights
+    ``sqrt(6)`` times smaller. Behind BatchNorm the forward pass does not see the scale, but
+    AdamW's steps have a fixed size, so smaller weights turn by a larger angle per step: the
+    decoder trained as if at a higher learning rate than the encoder.
+    """
+    for m in decoder.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_uniform_(m.weight, mode="fan_in", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.modules.batchnorm._NormBase) and m.weight is not None:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    for m in head.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
 class Encoder(nn.Module):
     """Registry model -> list of maps, one per distinct stride (shallow first), and the
     strides and channels of each."""
@@ -149,6 +174,7 @@ class UNet(nn.Module):
             cin = cout
         self.blocks = nn.ModuleList(blocks)
         self.head = nn.Conv2d(cin, num_classes, 3, padding=1)
+        init_decoder(self.blocks, self.head)
         self.num_classes = num_classes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
