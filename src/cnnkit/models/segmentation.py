@@ -62,7 +62,7 @@ def unzero_residual_norms(model: nn.Module) -> int:
     return n
 
 
-def init_decoder(decoder: nn.Module, head: nn.Module) -> None:
+def init_decoder(decoder: nn.Module, head: nn.Conv2d) -> None:
     """Initialize a decoder built here as segmentation_models_pytorch does: convolutions
     Kaiming-uniform for ReLU (``fan_in``), normalizations at one and zero, the score head
     Xavier-uniform, biases at zero.
@@ -72,19 +72,14 @@ def init_decoder(decoder: nn.Module, head: nn.Module) -> None:
     AdamW's steps have a fixed size, so smaller weights turn by a larger angle per step: the
     decoder trained as if at a higher learning rate than the encoder.
     """
-    for m in decoder.modules():
+    for m in decoder.modules():  # normalizations start at one and zero in PyTorch already
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_uniform_(m.weight, mode="fan_in", nonlinearity="relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.modules.batchnorm._NormBase) and m.weight is not None:
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-    for m in head.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+    nn.init.xavier_uniform_(head.weight)
+    if head.bias is not None:
+        nn.init.zeros_(head.bias)
 
 
 class Encoder(nn.Module):
